@@ -1,0 +1,51 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Everything else is a building block they call.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Stamp the venv with the pyproject it was built from, so editing dependencies
+# reinstalls and an unchanged checkout costs nothing.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: venv demo test test-fast lint controlplane cluster bench crd clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -e '.[compressor,operator,serving,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Kubernetes control plane + helm, built from the Go module proxy and cached
+# outside the checkout (first run on a machine: see README for the time).
+controlplane:
+	scripts/build-controlplane.sh
+
+demo: venv
+	$(BIN)/python examples/digits/build.py --out out/demo/data
+	$(BIN)/edgeslim compress examples/digits/digits.yaml --output out/demo
+
+test: venv controlplane
+	$(BIN)/ruff check edgeslim tests bench examples
+	$(BIN)/pytest -ra
+
+# Everything except the control-plane tests; for a quick loop while editing.
+test-fast: venv
+	$(BIN)/pytest -ra -m "not cluster"
+
+lint: venv
+	$(BIN)/ruff check edgeslim tests bench examples
+	$(BIN)/ruff format --check edgeslim tests bench examples
+
+# A control plane, node agent and S3 server in the foreground for trying the
+# operator by hand; Ctrl-C stops everything.
+cluster: venv controlplane
+	$(BIN)/python -m tests.cluster
+
+bench: venv
+	$(BIN)/python bench/compression.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The CompressedModel resource as pydantic models (spec, status, results)."""

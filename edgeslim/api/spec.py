@@ -1,0 +1,290 @@
+"""The CompressedModel resource: the single source of truth for its schema.
+
+The CLI parses specs with these models, the operator reads objects with them
+and the CRD's openAPIV3Schema is generated from them, so a field description
+written here is what `kubectl explain` shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from edgeslim.api.base import WireModel
+
+SHA256_PATTERN = r"^[a-f0-9]{64}$"
+# s3://bucket/key, file:///abs/path or a plain filesystem path.
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+Uri = Annotated[str, Field(min_length=1, max_length=1024, pattern=URI_PATTERN)]
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+
+class Metric(StrEnum):
+    accuracy = "accuracy"
+    top5 = "top5"
+    agreement = "agreement"
+    cosine = "cosine"
+    mse = "mse"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self is not Metric.mse
+
+    @property
+    def needs_labels(self) -> bool:
+        return self in (Metric.accuracy, Metric.top5)
+
+
+class Source(WireModel):
+    """Where the model to compress lives."""
+
+    uri: Uri
+    """Model location: s3://bucket/key, file:///path or a path. ONNX or TorchScript."""
+    sha256: Sha256 | None = None
+    """Expected sha256 of the file; the download is refused when it differs."""
+    credentials_secret: str | None = Field(default=None, pattern=DNS_LABEL, max_length=253)
+    """Secret (same namespace) holding AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    optionally AWS_ENDPOINT_URL / AWS_REGION for s3:// URIs. Used by the operator only."""
+
+
+class Evaluation(WireModel):
+    """How the compressed model is proven good enough."""
+
+    dataset: Uri
+    """An .npz file: one array per model input (named after it; `x` for a single-input
+    model), first axis = samples, optional labels `y`."""
+    dataset_sha256: Sha256 | None = None
+    """Expected sha256 of the dataset file."""
+    metric: Metric = Metric.accuracy
+    """accuracy and top5 need labels `y`; agreement (same top-1 as the source model),
+    cosine (output similarity to the source model) and mse compare with the source model."""
+    max_metric_drop: float = Field(default=0.01, ge=0, le=1e6)
+    """The gate: a result whose metric is worse than the source model's by more than
+    this is Rejected and never deployed. Absolute, in the metric's own units."""
+    samples: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Evaluate on the first N samples only (default: all)."""
+    latency_runs: int = Field(default=100, ge=5, le=100_000)
+    """Batch-1 inference runs timed per model (after warm-up) for p50/p95 latency."""
+
+
+class SimplifyConfig(WireModel):
+    """Graph clean-up with onnxslim: constant folding, dead-node removal, fusion."""
+
+
+class PruneMethod(StrEnum):
+    magnitude = "magnitude"
+    structured = "structured"
+
+
+class Criterion(StrEnum):
+    l1 = "l1"
+    l2 = "l2"
+
+
+class PruneScope(StrEnum):
+    global_ = "global"
+    layer = "layer"
+
+
+class PruneConfig(WireModel):
+    """Remove weights (magnitude) or whole channels and neurons (structured)."""
+
+    method: PruneMethod = PruneMethod.structured
+    """structured removes output channels of Conv and neurons of Gemm/MatMul layers and
+    shrinks the layers that consume them (smaller and faster); magnitude zeroes single
+    weights (smaller download once compressed, same latency)."""
+    sparsity: float = Field(ge=0, lt=1)
+    """Target share of weights (magnitude) or of prunable channels (structured) removed."""
+    criterion: Criterion = Criterion.l1
+    """Importance of a weight or channel: L1 or L2 norm."""
+    scope: PruneScope = PruneScope.layer
+    """magnitude only: one threshold for all layers (global) or the same sparsity in
+    every layer (layer)."""
+    exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000)
+    """Node names whose weights are never pruned."""
+
+
+class DistillConfig(WireModel):
+    """Fine-tune the current model to match the source model's soft outputs."""
+
+    dataset: Uri
+    """Training .npz, same format as the evaluation dataset; labels `y` optional."""
+    dataset_sha256: Sha256 | None = None
+    epochs: int = Field(default=5, ge=1, le=1000)
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    """Softmax temperature for the teacher's soft targets."""
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    """Weight of the soft-target loss; 1 - alpha goes to cross-entropy on labels `y`
+    (when the dataset has none, only soft targets are used)."""
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    seed: int = Field(default=0, ge=0)
+    student: Source | None = None
+    """Train this model instead of the current one (e.g. a smaller architecture)."""
+
+
+class QuantizeMode(StrEnum):
+    dynamic = "dynamic"
+    static = "static"
+    fp16 = "fp16"
+
+
+class CalibrationMethod(StrEnum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class QuantizeConfig(WireModel):
+    """Lower precision with onnxruntime.quantization: int8 dynamic, int8 static (QDQ) or fp16."""
+
+    mode: QuantizeMode = QuantizeMode.static
+    calibration_samples: int = Field(default=256, ge=1, le=1_000_000)
+    """static only: samples fed through the model to choose activation ranges."""
+    calibration_method: CalibrationMethod = CalibrationMethod.minmax
+    calibration_dataset: Uri | None = None
+    """static only: defaults to the last distill dataset, else the evaluation dataset."""
+    per_channel: bool = True
+    """One scale per output channel of a weight: usually more accurate for Conv."""
+    op_types: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9]*$")]] = Field(
+        default_factory=list, max_length=200
+    )
+    """Quantize only these operator types (e.g. [Conv, Gemm, MatMul]); empty = all supported."""
+    exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000)
+    """Node names kept in float."""
+
+
+STEP_TYPES = ("simplify", "prune", "distill", "quantize")
+
+
+class PipelineStep(WireModel):
+    """One step, written as a one-key mapping: `- prune: {sparsity: 0.5}`."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    simplify: SimplifyConfig | None = None
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
+    quantize: QuantizeConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_known_key(cls, data: Any) -> Any:
+        if isinstance(data, str) and data in STEP_TYPES:
+            return {data: {}}  # `- simplify` is accepted as shorthand
+        if not isinstance(data, dict):
+            raise ValueError(f"a step is a one-key mapping such as {{prune: {{...}}}}, got {data!r}")
+        unknown = [k for k in data if k not in STEP_TYPES]
+        if unknown:
+            raise ValueError(f"unknown step {unknown[0]!r}; known steps: {', '.join(STEP_TYPES)}")
+        if len(data) != 1:
+            raise ValueError(f"a step has exactly one key, got {sorted(data)}")
+        key = next(iter(data))
+        if data[key] is None:  # `- simplify:` with nothing after it
+            return {key: {}}
+        return data
+
+    @property
+    def type(self) -> str:
+        return next(k for k in STEP_TYPES if getattr(self, k) is not None)
+
+    @property
+    def config(self) -> WireModel:
+        return getattr(self, self.type)
+
+
+class Output(WireModel):
+    uri: Uri
+    """Prefix under which <name>/<spec-hash>/model.onnx and manifest.json are written."""
+
+
+class ResourceRequirements(WireModel):
+    """Kubernetes resource requests and limits, e.g. {cpu: "2", memory: 4Gi}."""
+
+    requests: dict[str, str | int] = Field(default_factory=dict)
+    limits: dict[str, str | int] = Field(default_factory=dict)
+
+
+class Toleration(WireModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class DeploymentSpec(WireModel):
+    """Serve the compressed model on edge nodes once it passes the gate."""
+
+    replicas: int = Field(default=1, ge=0, le=10_000)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    resources: ResourceRequirements | None = None
+    progress_deadline_seconds: int = Field(default=300, ge=10, le=86_400)
+    """Pods of a new artifact not ready by then are rolled back to the last good one."""
+    threads: int = Field(default=1, ge=1, le=256)
+    """onnxruntime intra-op threads per replica (small edge CPUs)."""
+
+
+class CompressedModelSpec(WireModel):
+    source: Source
+    evaluation: Evaluation
+    pipeline: list[PipelineStep] = Field(min_length=1, max_length=32)
+    """Ordered steps, applied one after the other."""
+    output: Output | None = None
+    """Where artifacts go; required for a deployment (the CLI may pass --output instead)."""
+    resources: ResourceRequirements | None = None
+    """Resources of the compressor Job's pod."""
+    active_deadline_seconds: int = Field(default=3600, ge=60, le=7 * 86_400)
+    """The compressor Job is stopped and marked Failed after this long."""
+    deployment: DeploymentSpec | None = None
+
+    @model_validator(mode="after")
+    def _pipeline_order(self) -> CompressedModelSpec:
+        types = [s.type for s in self.pipeline]
+        if types.count("quantize") > 1:
+            raise ValueError("pipeline: quantize may appear at most once")
+        if "quantize" in types:
+            after = types[types.index("quantize") + 1 :]
+            if any(t in ("prune", "distill") for t in after):
+                raise ValueError("pipeline: prune and distill cannot follow quantize")
+        if self.deployment is not None and self.output is None:
+            raise ValueError("output: a deployment needs an output location")
+        return self
+
+    def spec_hash(self) -> str:
+        """Content hash of everything that changes the artifact (not the deployment)."""
+        payload = self.model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude={"deployment", "resources"}
+        )
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class ObjectMeta(WireModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL)
+    namespace: str | None = None
+    generation: int | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class CompressedModel(WireModel):
+    """The object a platform team applies: the same YAML works with kubectl and the CLI."""
+
+    model_config = ConfigDict(extra="ignore")  # status and server fields are not input
+
+    api_version: Literal["edgeslim.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["CompressedModel"]
+    metadata: ObjectMeta
+    spec: CompressedModelSpec
+
