@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Builds the binaries the cluster tests need -- etcd, kube-apiserver,
+# kube-controller-manager, kubectl and helm -- from the Go module proxy, using
+# the small tools modules under tools/, and caches them outside the checkout:
+#
+#   ${EDGESLIM_TOOLS_CACHE:-$HOME/.cache/edgeslim/tools}/<name>-<version>/
+#
+# Versions live in tools/versions.env (tests/cluster/tools.py reads the same
+# file). Idempotent: anything already cached is skipped, so a warm run takes
+# well under a second. The first run on a machine compiles Kubernetes, which
+# takes a while (see the README for a measured time).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=../tools/versions.env
+source "$root/tools/versions.env"
+cache="${EDGESLIM_TOOLS_CACHE:-$HOME/.cache/edgeslim/tools}"
+
+# Never fetch a different Go toolchain; static binaries like upstream's release.
+export GOTOOLCHAIN=local CGO_ENABLED=0
+# Keep the compiled output small; -trimpath also keeps paths out of binaries.
+ldflags_common="-s -w"
+
+log() { printf '[build-controlplane] %s\n' "$*" >&2; }
+
+# Every tools/<name>/go.mod must pin the version versions.env names, or the
+# cache key would lie about what was built.
+check_pin() { # <tools dir> <module path> <version>
+  if ! grep -qE "^(require )?[[:space:]]*$2 $3( // indirect)?\$" "$root/tools/$1/go.mod"; then
+    log "tools/$1/go.mod does not require $2 $3 (tools/versions.env); fix one of them"
+    exit 1
+  fi
+}
+
+# Builds <packages...> in tools/<dir> into <cache>/<key>/ unless every named
+# binary is already there. Builds into a temporary directory and renames it, so
+# an interrupted build never leaves a half-filled cache entry behind.
+build() { # <tools dir> <cache key> <ldflags> <binary=package>...
+  local dir="$1" key="$2" ldflags="$3"
+  shift 3
+  local dest="$cache/$key" missing=0 spec
+  for spec in "$@"; do
+    [[ -x "$dest/${spec%%=*}" ]] || missing=1
+  done
+  if [[ $missing == 0 ]]; then
+    return 0
+  fi
+  local tmp="$cache/.$key.tmp.$$" pkgs=() start=$SECONDS
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  for spec in "$@"; do pkgs+=("${spec#*=}"); done
+  log "building ${pkgs[*]} (tools/$dir) ..."
+  (cd "$root/tools/$dir" && go build -trimpath -ldflags="$ldflags_common $ldflags" -o "$tmp/" "${pkgs[@]}")
+  for spec in "$@"; do
+    # go build names a binary after its package's last path element.
+    local built
+    built="$(basename "${spec#*=}")"
+    if [[ "$built" != "${spec%%=*}" ]]; then mv "$tmp/$built" "$tmp/${spec%%=*}"; fi
+  done
+  rm -rf "$dest" && mv "$tmp" "$dest"
+  log "built $key in $((SECONDS - start))s"
+}
+
+mkdir -p "$cache"
+# One build at a time per cache (make test and make cluster may race).
+exec 9>"$cache/.lock"
+flock 9
+
+check_pin k8s k8s.io/kubernetes "$KUBERNETES_VERSION"
+check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
+
+# Stamp the version the way upstream's hack/lib/version.sh does; otherwise the
+# API server reports v0.0.0-master and version-gated clients (helm's
+# kubeVersion checks) misbehave.
+k8s_minor="${KUBERNETES_VERSION#v*.}"
+k8s_minor="${k8s_minor%%.*}"
+k8s_ldflags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  k8s_ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1"
+  k8s_ldflags+=" -X $pkg.gitMinor=$k8s_minor -X $pkg.gitTreeState=clean"
+done
+
+build etcd "etcd-$ETCD_VERSION" \
+  "-X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
+  etcd=edgeslim/tools/etcd
+build k8s "kubernetes-$KUBERNETES_VERSION" "$k8s_ldflags" \
+  kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
+  kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+  kubectl=k8s.io/kubernetes/cmd/kubectl
+build helm "helm-$HELM_VERSION" \
+  "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+  helm=helm.sh/helm/v3/cmd/helm
+
+echo "etcd:                    $cache/etcd-$ETCD_VERSION/etcd"
+echo "kube-apiserver:          $cache/kubernetes-$KUBERNETES_VERSION/kube-apiserver"
+echo "kube-controller-manager: $cache/kubernetes-$KUBERNETES_VERSION/kube-controller-manager"
+echo "kubectl:                 $cache/kubernetes-$KUBERNETES_VERSION/kubectl"
+echo "helm:                    $cache/helm-$HELM_VERSION/helm"
