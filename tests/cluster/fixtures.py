@@ -1,0 +1,126 @@
+"""pytest fixtures for tests that need a real Kubernetes control plane.
+
+Loaded by the root conftest (``pytest_plugins = ["tests.cluster.fixtures"]``).
+
+* ``control_plane`` (session) -- a started :class:`ControlPlane`; fails, with
+  the fix, when the binaries have not been built (``make controlplane``).
+* ``node_agent`` (session) -- the :class:`NodeAgent` running pods for it.
+* ``kubeconfig`` (session) -- path of the admin kubeconfig (node agent running).
+* ``k8s`` (session) -- a :class:`K8s` bundle of API clients for the admin user.
+* ``namespace`` (function) -- a fresh namespace, deleted after the test.
+
+Every test using them should be marked ``@pytest.mark.cluster``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.node_agent import NodeAgent
+from tests.cluster.processes import wait_until
+from tests.cluster.tools import MissingBinariesError, require_binaries
+
+
+@dataclass
+class K8s:
+    """The API groups tests use, sharing one connection pool."""
+
+    api_client: client.ApiClient
+    kubeconfig: Path
+    core: client.CoreV1Api = field(init=False)
+    batch: client.BatchV1Api = field(init=False)
+    apps: client.AppsV1Api = field(init=False)
+    rbac: client.RbacAuthorizationV1Api = field(init=False)
+    custom: client.CustomObjectsApi = field(init=False)
+    apiextensions: client.ApiextensionsV1Api = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.apps = client.AppsV1Api(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.apiextensions = client.ApiextensionsV1Api(self.api_client)
+
+    @classmethod
+    def from_control_plane(cls, cp: ControlPlane) -> K8s:
+        api = cp.api_client()
+        # Parallel pod workers and watches share this client.
+        api.configuration.connection_pool_maxsize = 32
+        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
+        return cls(api, cp.kubeconfig)
+
+
+def start_cluster(work_dir: Path | None = None) -> tuple[ControlPlane, NodeAgent]:
+    """A control plane with the edge node agent running against it."""
+    cp = ControlPlane(work_dir=work_dir).start()
+    try:
+        api = K8s.from_control_plane(cp).api_client
+        version = cp.binaries.versions["KUBERNETES_VERSION"]
+        agent = NodeAgent(api, kubelet_version=version).start()
+    except BaseException:
+        cp.stop()
+        raise
+    return cp, agent
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    try:
+        require_binaries()
+    except MissingBinariesError as e:
+        # Fail, not skip: a silently skipped cluster suite looks green.
+        pytest.fail(str(e), pytrace=False)
+    cp = ControlPlane().start()
+    yield cp
+    cp.stop()
+
+
+@pytest.fixture(scope="session")
+def node_agent(control_plane: ControlPlane) -> Iterator[NodeAgent]:
+    api = K8s.from_control_plane(control_plane).api_client
+    version = control_plane.binaries.versions["KUBERNETES_VERSION"]
+    agent = NodeAgent(api, kubelet_version=version).start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(control_plane: ControlPlane, node_agent: NodeAgent) -> Path:
+    return control_plane.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def k8s(control_plane: ControlPlane, node_agent: NodeAgent) -> K8s:
+    return K8s.from_control_plane(control_plane)
+
+
+def _namespace_name(test_name: str) -> str:
+    stem = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    return f"t-{stem}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def namespace(k8s: K8s, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = _namespace_name(request.node.name)
+    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+
+    # The ServiceAccount admission plugin rejects pods until the controller
+    # manager has created the namespace's "default" ServiceAccount.
+    def has_default_sa() -> bool:
+        accounts = k8s.core.list_namespaced_service_account(name).items
+        return any(sa.metadata.name == "default" for sa in accounts)
+
+    wait_until(has_default_sa, 30, 0.05, f"ServiceAccount {name}/default")
+    yield name
+    # Not waited for: the namespace controller and node agent finish the
+    # cleanup (pods stopped, objects removed) while the next test runs.
+    k8s.core.delete_namespace(name, propagation_policy="Background")

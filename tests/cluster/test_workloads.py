@@ -1,0 +1,266 @@
+"""Jobs and Deployments run end to end: real controllers, pods as local processes."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.fixtures import K8s
+from tests.cluster.node_agent import NodeAgent, PodOutcome
+from tests.cluster.processes import pid_alive, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def python_job(name: str, code: str, *, backoff_limit: int = 0, **container: Any) -> client.V1Job:
+    return client.V1Job(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1JobSpec(
+            backoff_limit=backoff_limit,
+            template=client.V1PodTemplateSpec(
+                spec=client.V1PodSpec(
+                    restart_policy="Never",
+                    node_selector={"node-role.kubernetes.io/edge": ""},
+                    containers=[
+                        client.V1Container(
+                            name="main",
+                            image="edgeslim:test",
+                            command=["python", "-c", code],
+                            **container,
+                        )
+                    ],
+                )
+            ),
+        ),
+    )
+
+
+def job_condition(k8s: K8s, namespace: str, name: str) -> str | None:
+    """The type of the Job's first true Complete/Failed condition, if any."""
+    job = k8s.batch.read_namespaced_job(name, namespace)
+    for cond in job.status.conditions or []:
+        if cond.type in ("Complete", "Failed") and cond.status == "True":
+            return str(cond.type)
+    return None
+
+
+def job_pods(k8s: K8s, namespace: str, name: str) -> list[client.V1Pod]:
+    return k8s.core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+
+
+WRITE_MESSAGE = """
+import json, os
+path = os.environ["EDGESLIM_TERMINATION_LOG"]
+with open(path, "w") as f:
+    json.dump({"accuracy": 0.97, "pod": os.environ["POD_NAME"]}, f)
+"""
+
+
+def test_job_completes_and_its_termination_message_is_in_the_pod_status(
+    k8s: K8s, namespace: str
+) -> None:
+    env = [
+        client.V1EnvVar(
+            name="POD_NAME",
+            value_from=client.V1EnvVarSource(
+                field_ref=client.V1ObjectFieldSelector(field_path="metadata.name")
+            ),
+        )
+    ]
+    k8s.batch.create_namespaced_job(namespace, python_job("ok", WRITE_MESSAGE, env=env))
+    assert wait_until(lambda: job_condition(k8s, namespace, "ok"), 60) == "Complete"
+    assert k8s.batch.read_namespaced_job("ok", namespace).status.succeeded == 1
+    [pod] = job_pods(k8s, namespace, "ok")
+    assert pod.status.phase == "Succeeded"
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 0
+    assert json.loads(terminated.message) == {"accuracy": 0.97, "pod": pod.metadata.name}
+
+
+def test_failing_job_fails_after_its_backoff_limit(k8s: K8s, namespace: str) -> None:
+    code = "import sys; print('loading model'); print('boom: bad input'); sys.exit(3)"
+    job = python_job(
+        "bad", code, backoff_limit=1, termination_message_policy="FallbackToLogsOnError"
+    )
+    k8s.batch.create_namespaced_job(namespace, job)
+    assert wait_until(lambda: job_condition(k8s, namespace, "bad"), 120) == "Failed"
+    job_status = k8s.batch.read_namespaced_job("bad", namespace).status
+    assert job_status.failed == 2
+    failed = next(c for c in job_status.conditions if c.type == "Failed")
+    assert failed.reason == "BackoffLimitExceeded"
+    pods = job_pods(k8s, namespace, "bad")
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod.status.phase == "Failed"
+        terminated = pod.status.container_statuses[0].state.terminated
+        assert terminated.exit_code == 3
+        # No termination-log content, so the log tail stands in for it.
+        assert terminated.message.splitlines()[-1] == "boom: bad input"
+
+
+def test_pod_environment_comes_from_the_api(
+    k8s: K8s, namespace: str, node_agent: NodeAgent
+) -> None:
+    k8s.core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(metadata=client.V1ObjectMeta(name="creds"), string_data={"key": "s3cr3t"}),
+    )
+    k8s.core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="settings"),
+            data={"MODE": "edge", "LEVEL": "3"},
+        ),
+    )
+
+    def var(name: str, **source: Any) -> client.V1EnvVar:
+        return client.V1EnvVar(name=name, value_from=client.V1EnvVarSource(**source))
+
+    env = [
+        var("POD_IP", field_ref=client.V1ObjectFieldSelector(field_path="status.podIP")),
+        var("NS", field_ref=client.V1ObjectFieldSelector(field_path="metadata.namespace")),
+        var("SECRET", secret_key_ref=client.V1SecretKeySelector(name="creds", key="key")),
+        var("MODE", config_map_key_ref=client.V1ConfigMapKeySelector(name="settings", key="MODE")),
+        client.V1EnvVar(name="GREETING", value="mode=$(MODE)"),
+    ]
+    code = """
+import json, os, pathlib, sys
+scratch = pathlib.Path(os.environ["EDGESLIM_MOUNT_SCRATCH"])
+(scratch / "out.txt").write_text("written")
+keys = ["POD_IP", "NS", "SECRET", "MODE", "GREETING", "CFG_LEVEL", "EDGESLIM_MOUNT_SCRATCH"]
+report = {k: os.environ.get(k) for k in keys}
+report["argv"] = sys.argv[1:]
+report["PATH0"] = os.environ["PATH"].split(":")[0]
+open(os.environ["EDGESLIM_TERMINATION_LOG"], "w").write(json.dumps(report))
+"""
+    job = python_job(
+        "env",
+        code,
+        env=env,
+        args=["$(NS)", "$$(NS)"],
+        env_from=[
+            client.V1EnvFromSource(
+                prefix="CFG_", config_map_ref=client.V1ConfigMapEnvSource(name="settings")
+            )
+        ],
+        volume_mounts=[client.V1VolumeMount(name="scratch", mount_path="/scratch")],
+    )
+    job.spec.template.spec.volumes = [
+        client.V1Volume(name="scratch", empty_dir=client.V1EmptyDirVolumeSource())
+    ]
+    k8s.batch.create_namespaced_job(namespace, job)
+    assert wait_until(lambda: job_condition(k8s, namespace, "env"), 60) == "Complete"
+    [pod] = job_pods(k8s, namespace, "env")
+    report = json.loads(pod.status.container_statuses[0].state.terminated.message)
+    assert report["POD_IP"] == pod.status.pod_ip
+    assert pod.status.pod_ip.startswith("127.0.") and pod.status.pod_ip != "127.0.0.1"
+    assert report["NS"] == namespace
+    assert report["SECRET"] == "s3cr3t"
+    assert report["MODE"] == "edge"
+    assert report["GREETING"] == "mode=edge"
+    assert report["CFG_LEVEL"] == "3"
+    assert report["argv"] == [namespace, "$(NS)"]
+    assert report["PATH0"].endswith("/bin")
+    with open(f"{report['EDGESLIM_MOUNT_SCRATCH']}/out.txt") as f:
+        assert f.read() == "written"
+    assert node_agent.log_path(namespace, pod.metadata.name).exists()
+
+
+def test_pod_hook_completes_pods_without_running_them(
+    k8s: K8s, namespace: str, node_agent: NodeAgent
+) -> None:
+    seen: list[str] = []
+
+    def complete_at_once(pod: dict[str, Any]) -> PodOutcome | None:
+        if pod["metadata"]["namespace"] != namespace:
+            return None
+        seen.append(pod["metadata"]["name"])
+        return PodOutcome(exit_code=0, message='{"result": "hooked"}')
+
+    with node_agent.hooked(complete_at_once):
+        job = python_job("hooked", "import sys; sys.exit(1)")
+        k8s.batch.create_namespaced_job(namespace, job)
+        assert wait_until(lambda: job_condition(k8s, namespace, "hooked"), 60) == "Complete"
+    [pod] = job_pods(k8s, namespace, "hooked")
+    assert seen == [pod.metadata.name]
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.message) == (0, '{"result": "hooked"}')
+    worker = node_agent.worker(namespace, pod.metadata.name)
+    assert worker is not None and worker.pids == []
+
+
+def http_deployment(name: str, replicas: int) -> client.V1Deployment:
+    labels = {"app": name}
+    container = client.V1Container(
+        name="web",
+        image="edgeslim:test",
+        command=["python", "-m", "http.server", "--bind", "$(POD_IP)", "8000"],
+        env=[
+            client.V1EnvVar(
+                name="POD_IP",
+                value_from=client.V1EnvVarSource(
+                    field_ref=client.V1ObjectFieldSelector(field_path="status.podIP")
+                ),
+            )
+        ],
+        ports=[client.V1ContainerPort(name="http", container_port=8000)],
+        readiness_probe=client.V1Probe(
+            http_get=client.V1HTTPGetAction(path="/", port="http"), period_seconds=1
+        ),
+    )
+    return client.V1Deployment(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1DeploymentSpec(
+            replicas=replicas,
+            selector=client.V1LabelSelector(match_labels=labels),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=labels),
+                spec=client.V1PodSpec(
+                    containers=[container],
+                    termination_grace_period_seconds=5,
+                ),
+            ),
+        ),
+    )
+
+
+def test_deployment_becomes_available_serves_and_stops(
+    k8s: K8s, namespace: str, node_agent: NodeAgent
+) -> None:
+    k8s.apps.create_namespaced_deployment(namespace, http_deployment("web", 2))
+
+    def available() -> bool:
+        status = k8s.apps.read_namespaced_deployment("web", namespace).status
+        conditions = {c.type: c.status for c in status.conditions or []}
+        return conditions.get("Available") == "True" and status.ready_replicas == 2
+
+    wait_until(available, 60, what="Deployment web Available")
+    pods = k8s.core.list_namespaced_pod(namespace, label_selector="app=web").items
+    assert len(pods) == 2
+    ips = {p.status.pod_ip for p in pods}
+    assert len(ips) == 2
+    pids: list[int] = []
+    for pod in pods:
+        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/", timeout=5) as resp:
+            assert resp.status == 200
+        worker = node_agent.worker(namespace, pod.metadata.name)
+        assert worker is not None
+        pids += worker.pids
+    assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+    [replica_set] = k8s.apps.list_namespaced_replica_set(namespace).items
+
+    # Background propagation: the garbage collector deletes the ReplicaSet,
+    # then its pods, which the node agent stops.
+    k8s.apps.delete_namespaced_deployment("web", namespace, propagation_policy="Background")
+    wait_until(
+        lambda: not k8s.core.list_namespaced_pod(namespace, label_selector="app=web").items,
+        60,
+        what="the Deployment's pods to be deleted",
+    )
+    assert not [pid for pid in pids if pid_alive(pid)]
+    names = [rs.metadata.name for rs in k8s.apps.list_namespaced_replica_set(namespace).items]
+    assert replica_set.metadata.name not in names
