@@ -1,0 +1,102 @@
+"""manifest.json, the result contract (kind CompressionResult).
+
+Users, the operator, dashboards and scripts read it, so its keys are stable and
+camelCase; `status.results` of a CompressedModel reuses the same names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from edgeslim.api.base import GROUP_VERSION, OpenWireModel
+
+
+class ModelFigures(OpenWireModel):
+    """Static facts about one model file."""
+
+    uri: str = ""
+    sha256: str = ""
+    size_bytes: int = 0
+    gzip_size_bytes: int = 0
+    """What a fleet downloads: unstructured sparsity only pays off here."""
+    parameters: int = 0
+    """Weight elements in initializers (float and integer), subgraphs included."""
+    sparsity: float = 0.0
+    """Share of weight elements that are exactly zero."""
+
+
+class StepRecord(OpenWireModel):
+    type: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    before: ModelFigures
+    after: ModelFigures
+    seconds: float
+    changed: bool
+    """False when the step left the weights and graph as they were."""
+    grew: bool = False
+    """True when the step made the file bigger; never counted as compression."""
+    notes: list[str] = Field(default_factory=list)
+    """What the step did or could not do, in words (e.g. layers skipped and why)."""
+
+
+class EvaluationFigures(OpenWireModel):
+    metric: str
+    samples: int
+    baseline: float
+    compressed: float
+    drop: float
+    """baseline - compressed (compressed - baseline for mse): positive means worse."""
+
+
+class LatencyFigures(OpenWireModel):
+    source_p50_ms: float
+    source_p95_ms: float
+    compressed_p50_ms: float
+    compressed_p95_ms: float
+    speedup: float
+    """source p50 / compressed p50 at batch 1."""
+    slower: bool
+    """The compressed model is slower than its source (e.g. int8 on a CPU without VNNI)."""
+
+
+class MemoryFigures(OpenWireModel):
+    source_peak_rss_bytes: int
+    compressed_peak_rss_bytes: int
+
+
+class GateVerdict(OpenWireModel):
+    passed: bool
+    max_metric_drop: float
+    reason: str
+
+
+class CompressionResult(OpenWireModel):
+    api_version: Literal["edgeslim.io/v1alpha1"] = Field(default=GROUP_VERSION, alias="apiVersion")
+    kind: Literal["CompressionResult"] = "CompressionResult"
+    name: str
+    spec_hash: str
+    source: ModelFigures
+    artifact: ModelFigures
+    steps: list[StepRecord]
+    evaluation: EvaluationFigures
+    latency: LatencyFigures
+    memory: MemoryFigures
+    compression_ratio: float
+    download_ratio: float
+    gate: GateVerdict
+    versions: dict[str, str]
+
+    def summary(self) -> dict[str, Any]:
+        """A compact form (< 4 KiB) for the pod's termination message and status."""
+        return {
+            "name": self.name,
+            "specHash": self.spec_hash,
+            "artifact": self.artifact.wire(),
+            "compressionRatio": round(self.compression_ratio, 4),
+            "downloadRatio": round(self.download_ratio, 4),
+            "evaluation": self.evaluation.wire(),
+            "latency": self.latency.wire(),
+            "gate": self.gate.wire(),
+        }

@@ -1,0 +1,114 @@
+"""`edgeslim` command line: the same CompressedModel YAML as `kubectl apply`, run locally.
+
+Exit codes: 0 the result passed the gate, 3 the gate rejected it, 2 bad input
+(one line naming the field or file at fault), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from edgeslim import __version__
+from edgeslim.api.spec import CompressedModel
+from edgeslim.errors import BadInput, StorageUnavailable
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """'spec.pipeline[0].prune.sparsity: Input should be less than 1' for the first error."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ""
+        for item in err["loc"]:
+            if isinstance(item, int):
+                loc += f"[{item}]"
+            elif not str(item).startswith(("function-", "model-")):
+                loc += f".{item}" if loc else str(item)
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def load_spec(path: Path) -> CompressedModel:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read the spec ({exc.strerror})") from exc
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise BadInput(f"{path}: expected exactly one CompressedModel object, found {len(docs)} documents")
+    try:
+        return CompressedModel.model_validate(docs[0])
+    except ValidationError as exc:
+        raise BadInput(f"{path}: {format_validation_error(exc)}") from exc
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from edgeslim.clitable import RichProgress, console, print_result
+    from edgeslim.compressor.pipeline import compress, write_termination_message
+
+    obj = load_spec(args.spec)
+    with tempfile.TemporaryDirectory(prefix="edgeslim-", dir=args.workdir) as tmp:
+        with RichProgress(quiet=args.quiet) as progress:
+            outcome = compress(obj, output=args.output, workdir=Path(tmp), progress=progress,
+                               log=progress.log)
+    write_termination_message(outcome.result, outcome)
+    if not args.quiet:
+        print_result(outcome)
+    else:
+        console.print(outcome.manifest_uri)
+    return EXIT_OK if outcome.result.gate.passed else EXIT_REJECTED
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    obj = load_spec(args.spec)
+    print(f"{obj.metadata.name}: valid, spec hash {obj.spec.spec_hash()}, "
+          f"{len(obj.spec.pipeline)} steps ({', '.join(s.type for s in obj.spec.pipeline)})")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeslim", description="Compress ML models for edge fleets.")
+    p.add_argument("--version", action="version", version=f"edgeslim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="run a CompressedModel spec locally")
+    c.add_argument("spec", type=Path, help="CompressedModel YAML (the same file kubectl applies)")
+    c.add_argument("--output", help="output location; overrides spec.output.uri")
+    c.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: system temp)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    c.set_defaults(func=cmd_compress)
+
+    v = sub.add_parser("validate", help="check a spec without running it")
+    v.add_argument("spec", type=Path)
+    v.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BadInput as exc:
+        print(f"edgeslim: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StorageUnavailable as exc:
+        print(f"edgeslim: storage unavailable: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The prune step: zero single weights (magnitude) or remove whole channels (structured).
+
+Works on the ONNX graph directly, so it needs neither torch nor the model's
+source code. Magnitude pruning keeps every shape and only makes weights zero
+(the file compresses better, latency is unchanged); structured pruning makes
+layers narrower and is implemented in `prune_structured`.
+
+Weights inside If/Loop/Scan bodies are never touched, only reported: their
+consumers live in another scope, which this step does not trace.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeslim.api.spec import Criterion, PruneConfig, PruneMethod, PruneScope
+from edgeslim.compressor import graph as g
+from edgeslim.compressor import prune_structured as ps
+from edgeslim.compressor.steps import StepContext, StepOutput
+from edgeslim.errors import BadInput
+
+MAGNITUDE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# Below this a weight is a bias-like vector or a toy kernel: pruning it saves
+# nothing and can wreck a layer.
+MIN_PRUNABLE = 16
+
+
+class Prune:
+    def __init__(self, config: PruneConfig) -> None:
+        self.config = config
+
+    def run(self, model: onnx.ModelProto, ctx: StepContext | None = None) -> StepOutput:
+        """Prune a copy of `model`; `ctx` is not needed (any value, None included)."""
+        excluded = set(self.config.exclude_nodes)
+        check_excludes(model, excluded)
+
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        notes: list[str] = []
+        converted = g.constants_to_initializers(work)
+        if converted:
+            notes.append(f"{converted} Constant nodes turned into initializers")
+        in_subgraphs = g.subgraph_weight_count(work)
+        if in_subgraphs:
+            notes.append(
+                f"{in_subgraphs:,} weight elements inside If/Loop/Scan bodies were not pruned"
+            )
+
+        if self.config.method is PruneMethod.magnitude:
+            changed = prune_magnitude(work, self.config, excluded, notes)
+        else:
+            changed = prune_structured(work, self.config, excluded, notes)
+        if not changed:
+            return StepOutput(model=model, notes=notes)
+
+        g.strip_value_info(work)  # intermediate shapes are stale after structured pruning
+        validate(work, model)
+        return StepOutput(model=work, notes=notes)
+
+
+def check_excludes(model: onnx.ModelProto, excluded: set[str]) -> None:
+    """A misspelt exclude would silently prune the layer it meant to protect."""
+    names = {node.name for graph in g.iter_graphs(model.graph) for node in graph.node}
+    unknown = sorted(excluded - names)
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, names, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise BadInput(f"prune.excludeNodes: no node named {', '.join(hints)} in the model")
+
+
+def validate(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The pruned model must pass the full checker, unless the source never did."""
+    try:
+        onnx.checker.check_model(result, full_check=True)
+    except Exception as err:
+        try:
+            onnx.checker.check_model(original, full_check=True)
+        except Exception:
+            return  # not ours to judge: the source fails the same checks
+        raise RuntimeError(f"prune produced an invalid model: {err}") from err
+
+
+# ---------------------------------------------------------------------------
+# Magnitude (unstructured) pruning
+
+
+@dataclass
+class Target:
+    """One weight initializer and the nodes that read it as their weight."""
+
+    name: str
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+
+def weight_input(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The name of the node's weight initializer (never its bias), if any."""
+    if node.op_type not in MAGNITUDE_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "MatMul":
+        # Either side may be the constant; a 1-D operand is a vector, not a weight.
+        for name in reversed(node.input[:2]):
+            if name in inits and len(inits[name].dims) >= 2:
+                return name
+        return None
+    name = node.input[1] if len(node.input) > 1 else ""
+    return name if name in inits else None
+
+
+def magnitude_targets(
+    graph: onnx.GraphProto, excluded: set[str], notes: list[str]
+) -> list[Target]:
+    """Prunable weights of the main graph, each once even when shared."""
+    inits = g.initializer_map(graph)
+    found: dict[str, Target] = {}
+    for node in graph.node:
+        name = weight_input(node, inits)
+        if name:
+            found.setdefault(name, Target(name)).nodes.append(node)
+
+    targets, tiny, skipped_excluded, not_float = [], [], 0, 0
+    for t in found.values():
+        init = inits[t.name]
+        if any(n.name in excluded for n in t.nodes):
+            skipped_excluded += 1  # shared with an excluded node: the exclusion wins
+        elif init.data_type not in ps.FLOAT_TYPES:
+            not_float += 1
+        elif int(np.prod(init.dims)) < MIN_PRUNABLE:
+            tiny.append(ps.label(t.nodes[0]))
+        else:
+            targets.append(t)
+    if skipped_excluded:
+        notes.append(f"{skipped_excluded} excluded weights left as they were")
+    if not_float:
+        notes.append(f"{not_float} non-float (already quantized?) weights left as they were")
+    if tiny:
+        notes.append(
+            f"{len(tiny)} weights under {MIN_PRUNABLE} elements not pruned: {', '.join(tiny[:5])}"
+            + (" ..." if len(tiny) > 5 else "")
+        )
+    return targets
+
+
+def smallest(magnitudes: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of exactly the k smallest entries (ties broken arbitrarily)."""
+    mask = np.zeros(magnitudes.size, dtype=bool)
+    if k >= magnitudes.size:
+        mask[:] = True
+    elif k > 0:
+        mask[np.argpartition(magnitudes, k - 1)[:k]] = True
+    return mask
+
+
+def prune_magnitude(
+    model: onnx.ModelProto, config: PruneConfig, excluded: set[str], notes: list[str]
+) -> bool:
+    """Zero the smallest weights; True when any weight changed.
+
+    l1 ranks by |w| and l2 by w^2: the same order for single weights, so both
+    use |w|. Exactly round(sparsity * n) weights end up in the zeroed set
+    (weights that were already zero count towards it).
+    """
+    graph = model.graph
+    targets = magnitude_targets(graph, excluded, notes)
+    if not targets:
+        notes.append("magnitude: no Conv/Gemm/MatMul weight to prune")
+        return False
+    arrays = [numpy_helper.to_array(g.initializer_map(graph)[t.name]) for t in targets]
+    mags = [np.abs(a).astype(np.float32).reshape(-1) for a in arrays]
+
+    if config.scope is PruneScope.global_:
+        total = sum(m.size for m in mags)
+        mask = smallest(np.concatenate(mags), round(config.sparsity * total))
+        masks = np.split(mask, np.cumsum([m.size for m in mags])[:-1])
+    else:
+        masks = [smallest(m, round(config.sparsity * m.size)) for m in mags]
+
+    zeros_before = sum(a.size - np.count_nonzero(a) for a in arrays)
+    pruned = []
+    for t, arr, mask in zip(targets, arrays, masks, strict=True):
+        new = np.where(mask.reshape(arr.shape), np.zeros((), arr.dtype), arr)
+        g.replace_initializer(graph, t.name, new)
+        pruned.append(new)
+    total = sum(a.size for a in pruned)
+    zeros = sum(a.size - np.count_nonzero(a) for a in pruned)
+    scope = "global" if config.scope is PruneScope.global_ else "layer"
+    if zeros == zeros_before:
+        notes.append(
+            f"magnitude: nothing to zero at sparsity {config.sparsity:.1%} "
+            f"({zeros / total:.1%} of {total:,} weights already zero)"
+        )
+        return False
+    notes.append(
+        f"magnitude: {zeros / total:.1%} of {total:,} weights zeroed ({scope} scope, "
+        f"{len(targets)} layers)"
+    )
+    if config.scope is PruneScope.global_:
+        per_layer = [
+            f"{ps.label(t.nodes[0])} {1 - np.count_nonzero(a) / a.size:.1%}"
+            for t, a in zip(targets, pruned, strict=True)
+        ]
+        notes.append("per layer: " + ", ".join(per_layer[:20]) + (" ..." * (len(per_layer) > 20)))
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Structured pruning (tracing and surgery live in prune_structured)
+
+
+def prune_structured(
+    model: onnx.ModelProto, config: PruneConfig, excluded: set[str], notes: list[str]
+) -> bool:
+    """Remove the weakest channels layer by layer, in graph order; True when any was removed.
+
+    Layers are planned one at a time against the already-pruned graph, so a
+    layer's scores see the input channels its predecessor already removed.
+    """
+    before, _ = g.weight_stats(model)
+    m = ps.Model.of(model, excluded)
+    l2 = config.criterion is Criterion.l2
+    pruned = candidates = 0
+    for node in list(model.graph.node):
+        layer = ps.candidate(m, node, l2)
+        if layer is None:
+            continue
+        candidates += 1
+        if node.name in excluded:
+            notes.append(f"kept {ps.label(node)}: excluded")
+            continue
+        removed = ps.channels_to_remove(layer, config.sparsity)
+        if not removed:
+            continue
+        try:
+            edits = ps.plan_layer(m, layer, removed)
+        except ps.Unsupported as why:
+            notes.append(f"skipped {ps.label(node)}: {why}")
+            continue
+        ps.apply_edits(m, edits)
+        pruned += 1
+        unit = "channels" if node.op_type == "Conv" else "neurons"
+        notes.append(f"removed {len(removed)}/{layer.out_channels} {unit} of {ps.label(node)}")
+
+    if not pruned:
+        if not candidates:
+            notes.append("structured: no Conv/Gemm/MatMul layer with a constant weight")
+        elif not any(n.startswith(("skipped", "kept")) for n in notes):
+            notes.append(f"structured: sparsity {config.sparsity:.1%} removes no channel")
+        notes.append("structured: no layer could be pruned; model unchanged")
+        return False
+    after, _ = g.weight_stats(model)
+    notes.append(
+        f"structured: {pruned}/{candidates} layers pruned, parameters {before:,} -> {after:,}"
+    )
+    return True

@@ -1,0 +1,142 @@
+"""Lower precision through onnxruntime.quantization: int8 dynamic, int8 static QDQ, fp16.
+
+Static quantization writes QDQ (QuantizeLinear/DequantizeLinear pairs around
+standard ops), the format every current runtime understands, with uint8
+activations and int8 weights: onnxruntime's recommended pairing on x86 CPUs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgeslim.api.spec import CalibrationMethod, QuantizeConfig, QuantizeMode
+from edgeslim.compressor.datasets import Dataset
+from edgeslim.compressor.graph import constants_to_initializers
+from edgeslim.compressor.steps import StepContext, StepOutput
+from edgeslim.errors import BadInput
+
+
+class Quantize:
+    def __init__(self, config: QuantizeConfig) -> None:
+        self.config = config
+
+    def run(self, model: onnx.ModelProto, ctx: StepContext) -> StepOutput:
+        model = _copy(model)
+        notes = []
+        if converted := constants_to_initializers(model):
+            notes.append(f"{converted} Constant nodes turned into initializers first")
+        names = {n.name for n in model.graph.node}
+        unknown = [n for n in self.config.exclude_nodes if n not in names]
+        if unknown:
+            raise BadInput(f"quantize.excludeNodes: no node named {', '.join(map(repr, unknown))} in the model")
+        ops_present = {n.op_type for n in model.graph.node}
+        if self.config.op_types and not set(self.config.op_types) & ops_present:
+            raise BadInput(
+                f"quantize.opTypes {self.config.op_types}: none of these operators is in the model "
+                f"(it has {', '.join(sorted(ops_present))})"
+            )
+        mode = self.config.mode
+        with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            onnx.save(model, src)
+            if mode is QuantizeMode.fp16:
+                out = self._fp16(model, ops_present)
+                halves = sum(1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+                notes.append(f"fp16: {halves} initializers stored as float16, inputs/outputs kept float32")
+            else:
+                notes += _pre_process(src)
+            if mode is QuantizeMode.dynamic:
+                self._dynamic(src, dst)
+                out = onnx.load(dst)
+            elif mode is QuantizeMode.static:
+                uri = self.config.calibration_dataset or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
+                data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
+                notes.append(f"calibrated on {len(data)} samples of {uri} ({self.config.calibration_method.value})")
+                self._static(src, dst, data, ctx)
+                out = onnx.load(dst)
+        quantized = sum(1 for n in out.graph.node if n.op_type in ("DequantizeLinear", "MatMulInteger",
+                                                                   "ConvInteger", "DynamicQuantizeLinear"))
+        if mode is not QuantizeMode.fp16:
+            notes.append(f"{mode.value} int8: {quantized} quantization nodes inserted")
+        return StepOutput(model=out, notes=notes)
+
+    def _common(self) -> dict:
+        return {
+            "op_types_to_quantize": self.config.op_types or None,
+            "nodes_to_exclude": self.config.exclude_nodes or None,
+            "per_channel": self.config.per_channel,
+        }
+
+    def _dynamic(self, src: Path, dst: Path) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, **self._common())
+
+    def _static(self, src: Path, dst: Path, data: Dataset, ctx: StepContext) -> None:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod as OrtMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.index = 0
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                if self.index >= len(data):
+                    return None
+                self.index += 1
+                bar.advance()
+                return data.batch(self.index - 1, self.index)
+
+        method = {
+            CalibrationMethod.minmax: OrtMethod.MinMax,
+            CalibrationMethod.entropy: OrtMethod.Entropy,
+            CalibrationMethod.percentile: OrtMethod.Percentile,
+        }[self.config.calibration_method]
+        with ctx.progress.task("calibrate", total=len(data)) as bar:
+            quantize_static(
+                src, dst, Reader(), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method, **self._common(),
+            )
+
+    def _fp16(self, model: onnx.ModelProto, ops_present: set[str]) -> onnx.ModelProto:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        blocked = sorted(ops_present - set(self.config.op_types)) if self.config.op_types else None
+        # keep_io_types: callers keep sending float32; casts happen inside the graph.
+        return convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=blocked,
+            node_block_list=self.config.exclude_nodes or None,
+        )
+
+
+def _pre_process(path: Path) -> list[str]:
+    """onnxruntime's recommended preparation (shape inference, basic fusions), in place.
+
+    Quantization picks better ranges and fuses more with full shape information;
+    a graph the symbolic shape inferencer cannot handle is quantized as it is.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    staged = path.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(path, staged)
+    except Exception as exc:  # the inferencer raises bare Exceptions on unusual graphs
+        return [f"pre-processing skipped: {type(exc).__name__}: {str(exc)[:200]}"]
+    staged.replace(path)
+    return []
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out

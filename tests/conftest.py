@@ -1,0 +1,45 @@
+"""Shared fixtures: the digits example model (built once, cached between runs),
+a real S3 endpoint (tests/fixtures_s3.py) and the Kubernetes control plane
+(tests/cluster/fixtures.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# TEMP until fixtures_s3 lands
+pytest_plugins = [p for p in ("tests.fixtures_s3", "tests.cluster.fixtures") if (ROOT / (p.replace(".", "/") + ".py")).exists()]
+BUILD_SCRIPT = ROOT / "examples" / "digits" / "build.py"
+# Fewer epochs than the demo: the teacher still reaches ~98% and the suite stays quick.
+TEST_EPOCHS = 15
+
+
+@dataclass(frozen=True)
+class Digits:
+    dir: Path
+    model_path: Path
+    train: Path
+    val: Path
+
+    def model(self) -> onnx.ModelProto:
+        return onnx.load(str(self.model_path))
+
+
+@pytest.fixture(scope="session")
+def digits(request: pytest.FixtureRequest) -> Digits:
+    """The digits CNN and its train/val splits, rebuilt only when build.py changes."""
+    key = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]
+    out = Path(request.config.cache.mkdir(f"digits-{key}-{TEST_EPOCHS}"))
+    if not (out / "val.npz").exists():
+        subprocess.run(
+            [sys.executable, str(BUILD_SCRIPT), "--out", str(out), "--epochs", str(TEST_EPOCHS)],
+            check=True, capture_output=True,
+        )
+    return Digits(out, out / "cnn.onnx", out / "train.npz", out / "val.npz")
