@@ -114,9 +114,7 @@ def weight_input(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> st
     return name if name in inits else None
 
 
-def magnitude_targets(
-    graph: onnx.GraphProto, excluded: set[str], notes: list[str]
-) -> list[Target]:
+def magnitude_targets(graph: onnx.GraphProto, excluded: set[str], notes: list[str]) -> list[Target]:
     """Prunable weights of the main graph, each once even when shared."""
     inits = g.initializer_map(graph)
     found: dict[str, Target] = {}

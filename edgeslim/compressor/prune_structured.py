@@ -51,7 +51,7 @@ REDUCES = {
 }  # fmt: skip
 
 
-class Unsupported(Exception):  # noqa: N818 - a verdict on a layer, not a failure of ours
+class Unsupported(Exception):
     """The pruned tensor reaches something we cannot rewrite: the layer is skipped."""
 
 
@@ -344,9 +344,7 @@ class Tracer:
     # -- pass-through ops ---------------------------------------------------
 
     def _unary(self, node: onnx.NodeProto, name: str, cut: Cut) -> list[tuple[str, Cut]]:
-        if node.input[0] != name or any(
-            self._size(i) != 1 for i in node.input[1:] if i
-        ):
+        if node.input[0] != name or any(self._size(i) != 1 for i in node.input[1:] if i):
             raise Unsupported(f"{node.op_type} {label(node)} has non-scalar extra inputs")
         # Dropout's mask has the data's shape too, so it carries the same cut.
         return [(out, cut) for out in node.output if out]
