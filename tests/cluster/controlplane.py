@@ -16,12 +16,13 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import yaml
+from kubernetes import config
+from kubernetes.client import ApiClient, Configuration
 
 from tests.cluster.certs import CertificateAuthority, KeyPair, service_account_keys
 from tests.cluster.processes import free_port, spawn, stop_group, tail, wait_until
@@ -110,11 +111,16 @@ class ControlPlane:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def api_client(self):  # type: ignore[no-untyped-def]
-        """A ``kubernetes.client.ApiClient`` for the admin user."""
-        from kubernetes import config
+    def api_client(self, pool_size: int = 32) -> ApiClient:
+        """A ``kubernetes.client.ApiClient`` for the admin user.
 
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
+        The pool is larger than the default 4 because the node agent's pod
+        workers and watch share one client with the test.
+        """
+        configuration = Configuration()
+        config.load_kube_config(str(self.kubeconfig), client_configuration=configuration)
+        configuration.connection_pool_maxsize = pool_size
+        return ApiClient(configuration)
 
     # -- pieces ----------------------------------------------------------
 
@@ -280,10 +286,3 @@ class ControlPlane:
             lambda: self.get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
             "the default ServiceAccount",
         )
-
-
-def wait_for_stop(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    """Waits until every process in ``procs`` has exited (helper for tests)."""
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.wait(timeout=max(0.1, deadline - time.monotonic()))

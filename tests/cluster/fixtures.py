@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from tests.cluster.cluster import start_node_agent
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
@@ -52,24 +53,7 @@ class K8s:
 
     @classmethod
     def from_control_plane(cls, cp: ControlPlane) -> K8s:
-        api = cp.api_client()
-        # Parallel pod workers and watches share this client.
-        api.configuration.connection_pool_maxsize = 32
-        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
-        return cls(api, cp.kubeconfig)
-
-
-def start_cluster(work_dir: Path | None = None) -> tuple[ControlPlane, NodeAgent]:
-    """A control plane with the edge node agent running against it."""
-    cp = ControlPlane(work_dir=work_dir).start()
-    try:
-        api = K8s.from_control_plane(cp).api_client
-        version = cp.binaries.versions["KUBERNETES_VERSION"]
-        agent = NodeAgent(api, kubelet_version=version).start()
-    except BaseException:
-        cp.stop()
-        raise
-    return cp, agent
+        return cls(cp.api_client(), cp.kubeconfig)
 
 
 @pytest.fixture(scope="session")
@@ -86,9 +70,7 @@ def control_plane() -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="session")
 def node_agent(control_plane: ControlPlane) -> Iterator[NodeAgent]:
-    api = K8s.from_control_plane(control_plane).api_client
-    version = control_plane.binaries.versions["KUBERNETES_VERSION"]
-    agent = NodeAgent(api, kubelet_version=version).start()
+    agent = start_node_agent(control_plane)
     yield agent
     agent.stop()
 

@@ -14,6 +14,7 @@ with a given exit code and termination message instead of running it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -39,6 +40,7 @@ __all__ = ["EDGE_LABELS", "NodeAgent", "PodHook", "PodOutcome"]
 
 EDGE_LABELS = {"node-role.kubernetes.io/edge": ""}
 DEFAULT_CAPACITY = {"cpu": "8", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 WATCH_SECONDS = 10  # also the period of the full resync
 
 
@@ -145,6 +147,8 @@ class NodeAgent:
     # -- lifecycle -------------------------------------------------------
 
     def start(self) -> NodeAgent:
+        # Backstop: pod processes live in their own sessions and would outlive us.
+        atexit.register(self.stop)
         node = self._register_node()
         self.materialiser = Materialiser(self.core, node)
         self._thread = threading.Thread(target=self._watch_loop, name="node-agent", daemon=True)
@@ -153,6 +157,7 @@ class NodeAgent:
 
     def stop(self) -> None:
         """Kills every pod's processes (no API calls) and stops watching."""
+        atexit.unregister(self.stop)
         self._stop.set()
         for worker in list(self.workers.values()):
             worker.vanished()
@@ -262,7 +267,19 @@ class NodeAgent:
             },
         }
         resp = self.core.patch_node_status(self.name, {"status": status}, _preload_content=False)
-        return json.loads(resp.data)
+        node = json.loads(resp.data)
+        # The TaintNodesByCondition admission plugin taints every new node
+        # not-ready; the node-lifecycle controller (off here) would lift it.
+        taints = (node.get("spec") or {}).get("taints") or []
+        kept = [t for t in taints if t["key"] not in NOT_READY_TAINTS]
+        if kept != taints:
+            resp = self.core.patch_node(
+                self.name,
+                [{"op": "add", "path": "/spec/taints", "value": kept}],
+                _preload_content=False,
+            )
+            node = json.loads(resp.data)
+        return node
 
     # -- pods ------------------------------------------------------------
 

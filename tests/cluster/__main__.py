@@ -1,0 +1,103 @@
+"""``make cluster``: a control plane, the edge node agent and an S3 server in
+the foreground, for trying the operator by hand. Ctrl-C (or SIGTERM) stops
+everything and leaves no process behind.
+
+    .venv/bin/python -m tests.cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from types import FrameType
+
+from tests.cluster.cluster import start_cluster
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.node_agent import NodeAgent
+from tests.cluster.processes import free_port
+from tests.cluster.tools import MissingBinariesError, binaries, require_binaries
+
+S3_ACCESS_KEY = "testing"
+S3_SECRET_KEY = "testing"
+S3_REGION = "us-east-1"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same clean-up path as Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def _describe(cp: ControlPlane, agent: NodeAgent, s3_endpoint: str | None) -> str:
+    kubectl = binaries().kubectl
+    lines = [
+        "",
+        "edgeslim test cluster is up (Ctrl-C to stop)",
+        f"  API server:  {cp.server}",
+        f"  kubeconfig:  {cp.kubeconfig}",
+        f"  edge node:   {agent.name} (pods run as local processes; logs under {agent.dir})",
+    ]
+    if kubectl.exists():
+        lines.append(f"  kubectl:     {kubectl}")
+    lines += ["", f"export KUBECONFIG={cp.kubeconfig}"]
+    if s3_endpoint:
+        lines += [
+            f"export AWS_ENDPOINT_URL={s3_endpoint}",
+            f"export AWS_ACCESS_KEY_ID={S3_ACCESS_KEY}",
+            f"export AWS_SECRET_ACCESS_KEY={S3_SECRET_KEY}",
+            f"export AWS_DEFAULT_REGION={S3_REGION}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
+    parser.add_argument("--no-s3", action="store_true", help="do not start the S3 server")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        require_binaries()
+    except MissingBinariesError as e:
+        print(e, file=sys.stderr)
+        return 2
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cp: ControlPlane | None = None
+    agent: NodeAgent | None = None
+    s3 = None
+    try:
+        started = time.monotonic()
+        cp, agent = start_cluster()
+        endpoint = None
+        if not args.no_s3:
+            from moto.server import ThreadedMotoServer
+
+            port = free_port()
+            # moto listens on every interface unless told otherwise.
+            s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            s3.start()
+            endpoint = f"http://127.0.0.1:{port}"
+        print(f"started in {time.monotonic() - started:.1f}s", flush=True)
+        print(_describe(cp, agent, endpoint), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if s3 is not None:
+            s3.stop()
+        if agent is not None:
+            agent.stop()
+        if cp is not None:
+            cp.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
