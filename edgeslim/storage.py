@@ -80,7 +80,9 @@ _COPY_MULTIPART_THRESHOLD = 5 * GiB
 _COPY_PART_SIZE = 256 * MiB
 _MAX_KEY_BYTES = 1024  # S3's limit on key length
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+# Characters only; length (AWS wants 3-63) is left to the store, so short
+# names in examples and tests (s3://b/k) parse and the server has the last word.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 # Error codes S3 and S3-compatible stores use, grouped by whose problem they are.
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -137,7 +139,7 @@ def parse(uri: str) -> tuple[str, str, str]:
         if not _BUCKET_RE.match(bucket) or ".." in bucket:
             raise BadInput(
                 f"{uri}: {bucket!r} is not a valid bucket name "
-                "(3-63 letters, digits, '.', '-'; starting and ending with a letter or digit)"
+                "(letters, digits, '.', '-'; starting and ending with a letter or digit)"
             )
         if len(key.encode()) > _MAX_KEY_BYTES:
             raise BadInput(f"{uri}: key is longer than S3's {_MAX_KEY_BYTES}-byte limit")
