@@ -12,7 +12,9 @@ from rich.table import Table
 
 from edgeslim.api.result import ModelFigures
 
-console = Console(stderr=False)
+console = Console()
+if not console.is_terminal:  # logs and CI: don't squeeze the tables into 80 columns
+    console.width = 120
 
 
 class _Task:
@@ -71,8 +73,8 @@ def _ratio(a: float, b: float) -> str:
 def print_result(outcome) -> None:  # noqa: ANN001 - pipeline.Outcome, imported lazily
     r = outcome.result
     steps = Table(title="Pipeline steps", title_justify="left")
-    for col in ("step", "params", "size", "gzip", "sparsity", "seconds", "notes"):
-        steps.add_column(col, justify="left" if col in ("step", "notes") else "right")
+    for col in ("step", "params", "size", "gzip", "sparsity", "seconds"):
+        steps.add_column(col, justify="left" if col == "step" else "right")
     for s in r.steps:
         flag = "" if s.changed else " [yellow](no change)[/]"
         flag += " [red](grew)[/]" if s.grew else ""
@@ -80,9 +82,12 @@ def print_result(outcome) -> None:  # noqa: ANN001 - pipeline.Outcome, imported 
             s.type + flag, f"{s.before.parameters:,} → {s.after.parameters:,}",
             f"{_mb(s.before.size_bytes)} → {_mb(s.after.size_bytes)}",
             f"{_mb(s.before.gzip_size_bytes)} → {_mb(s.after.gzip_size_bytes)}",
-            f"{s.after.sparsity:.1%}", f"{s.seconds:.1f}", "; ".join(s.notes),
+            f"{s.after.sparsity:.1%}", f"{s.seconds:.1f}",
         )
     console.print(steps)
+    for i, s in enumerate(r.steps):
+        for note in s.notes:
+            console.print(f"  {i + 1}. {s.type}: {note}", highlight=False)
 
     table = Table(title=f"{r.name}: source vs compressed", title_justify="left")
     for col in ("", "source", "compressed", "change"):
@@ -94,7 +99,8 @@ def print_result(outcome) -> None:  # noqa: ANN001 - pipeline.Outcome, imported 
 
     row("file size", src.size_bytes, art.size_bytes, _mb, f"{r.compression_ratio:.2f}x smaller")
     row("download (gzip)", src.gzip_size_bytes, art.gzip_size_bytes, _mb, f"{r.download_ratio:.2f}x smaller")
-    row("parameters", src.parameters, art.parameters, lambda v: f"{v:,}", _ratio(src.parameters, art.parameters))
+    row("parameters", src.parameters, art.parameters, lambda v: f"{v:,}",
+        _ratio(src.parameters, art.parameters) + " fewer")
     row("sparsity", src.sparsity, art.sparsity, lambda v: f"{v:.1%}", "")
     ev = r.evaluation
     row(f"{ev.metric} ({ev.samples} samples)", ev.baseline, ev.compressed, lambda v: f"{v:.4f}",

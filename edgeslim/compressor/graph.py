@@ -75,9 +75,14 @@ def weight_stats(model: onnx.ModelProto) -> tuple[int, int]:
     """
     params = zeros = 0
     for graph in iter_graphs(model.graph):
+        # Per-channel scales and zero points of quantized weights are bookkeeping too.
+        qparams = {
+            name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+            for name in node.input[1:]
+        }
         for init in graph.initializer:
             n = int(np.prod(init.dims)) if init.dims else 1
-            if n < 16 or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.STRING):
+            if n < 16 or init.name in qparams or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.STRING):
                 continue
             arr = numpy_helper.to_array(init)
             params += n

@@ -23,8 +23,21 @@ def main() -> None:
         feed = {k: npz[k] for k in npz.files}
     for _ in range(3):
         sess.run(None, feed)
-    # ru_maxrss is in KiB on Linux.
-    print(json.dumps({"peakRssBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peakRssBytes": peak_rss_bytes()}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's own high-water mark.
+
+    Not getrusage's ru_maxrss: Linux carries that across fork+exec, so a probe
+    started by a parent holding torch would report the parent's peak.
+    VmHWM belongs to this process's address space alone.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # non-Linux fallback
 
 
 if __name__ == "__main__":
