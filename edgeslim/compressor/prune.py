@@ -220,22 +220,25 @@ def prune_structured(
     Layers are planned one at a time against the already-pruned graph, so a
     layer's scores see the input channels its predecessor already removed.
     """
+    if config.sparsity == 0:
+        notes.append("structured: sparsity 0 removes no channel; model unchanged")
+        return False
     before, _ = g.weight_stats(model)
     m = ps.Model.of(model, excluded)
     l2 = config.criterion is Criterion.l2
     pruned = candidates = 0
     for node in list(model.graph.node):
-        layer = ps.candidate(m, node, l2)
-        if layer is None:
-            continue
-        candidates += 1
-        if node.name in excluded:
-            notes.append(f"kept {ps.label(node)}: excluded")
-            continue
-        removed = ps.channels_to_remove(layer, config.sparsity)
-        if not removed:
-            continue
         try:
+            layer = ps.candidate(m, node, l2)
+            if layer is None:
+                continue
+            candidates += 1
+            if node.name in excluded:
+                notes.append(f"kept {ps.label(node)}: excluded")
+                continue
+            removed = ps.channels_to_remove(layer, config.sparsity)
+            if not removed:
+                continue
             edits = ps.plan_layer(m, layer, removed)
         except ps.Unsupported as why:
             notes.append(f"skipped {ps.label(node)}: {why}")

@@ -199,11 +199,15 @@ def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
 
 
 def candidate(m: Model, node: onnx.NodeProto, l2: bool) -> Layer | None:
-    """The layer's prunable shape, or None when it is not a Conv/Gemm/MatMul we handle."""
+    """The layer's prunable shape, or None when it is not a Conv/Gemm/MatMul with a
+    constant float weight; raises Unsupported for grouped Convs."""
     if node.op_type == "Conv" and len(node.input) > 1:
         w = m.float_weight(node.input[1])
-        if w is None or w.ndim < 3 or attr(node, "group", 1) != 1:
+        if w is None or w.ndim < 3:
             return None
+        if attr(node, "group", 1) != 1:
+            # Removing output channels of a grouped Conv would unbalance its groups.
+            raise Unsupported("grouped/depthwise Conv")
         return Layer(node, w.shape[0], _norms(w, 0, l2), 1, 0, _opt(node, 2), -(w.ndim - 1), w.ndim)
     if node.op_type == "Gemm":
         w = m.float_weight(node.input[1])
@@ -246,7 +250,10 @@ def plan_layer(m: Model, layer: Layer, removed: tuple[int, ...]) -> list[Edit]:
     node = layer.node
     if node.output[0] in m.outputs:
         raise Unsupported("its output is a graph output")
-    if m.uses(node.input[layer.weight_index]) > 1:
+    weight = node.input[layer.weight_index]
+    if weight in m.graph_inputs:
+        raise Unsupported("its weight is also a graph input (overridable at run time)")
+    if m.uses(weight) > 1:
         raise Unsupported("its weight is shared with other nodes")
     cut = Cut(layer.out_axis, layer.out_channels, removed, layer.out_rank)
     edits = [Edit(node, layer.weight_index, layer.weight_axis, cut.keep())]
@@ -294,7 +301,7 @@ class Tracer:
 
     def _check_escape(self, name: str) -> None:
         if name in self.m.outputs:
-            raise Unsupported(f"its output reaches graph output {name}")
+            raise Unsupported(f"its output reaches graph output {name!r}")
         if name in self.m.subgraph_refs:
             raise Unsupported(f"its output is used inside an If/Loop/Scan body ({name})")
 
@@ -423,7 +430,7 @@ class Tracer:
             raise Unsupported(f"shape of {name} unknown at {where}")
         rank = len(shape)
         channel = rank + cut.axis
-        axis = axis % rank if rank else 0
+        axis = axis + rank if axis < 0 else axis
         if channel < axis:
             raise Unsupported(f"{where} folds the channels into the leading axis")
         before, after = shape[axis:channel], shape[channel + 1 :]
@@ -551,7 +558,7 @@ def _broadcast_edit(node: onnx.NodeProto, index: int, arr: np.ndarray, cut: Cut)
 
 def apply_edits(m: Model, edits: list[Edit]) -> None:
     """Slice the initializers; a constant also read elsewhere is copied first."""
-    names = {t.name for t in m.graph.initializer} | set(m.producers)
+    names = {t.name for t in m.graph.initializer} | set(m.producers) | m.graph_inputs
     for edit in edits:
         name = edit.node.input[edit.index]
         if m.uses(name) > 1:
