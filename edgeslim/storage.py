@@ -38,6 +38,7 @@ from typing import IO, Any
 from urllib.parse import unquote
 
 import boto3
+import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -387,6 +388,10 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
 def _translate(exc: Exception, what: str, uri: str) -> Exception:
     """Maps a boto3/botocore failure onto BadInput or StorageUnavailable.
 
@@ -397,7 +402,7 @@ def _translate(exc: Exception, what: str, uri: str) -> Exception:
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        status = _status(exc)
         message = _one_line(err.get("Message") or code or status)
         if code in _NO_BUCKET:
             bucket = parse(uri)[1]
@@ -441,6 +446,12 @@ def _s3_errors(what: str, uri: str) -> Iterator[None]:
         yield
     except _BOTO_ERRORS as exc:
         raise _translate(exc, what, uri) from exc
+    except boto3.exceptions.S3UploadFailedError as exc:
+        # upload_file wraps the ClientError that says what actually went wrong.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, _BOTO_ERRORS):
+            raise _translate(cause, what, uri) from exc
+        raise
 
 
 def _head(client: Any, bucket: str, key: str, what: str, uri: str) -> dict[str, Any]:
@@ -452,12 +463,11 @@ def _head(client: Any, bucket: str, key: str, what: str, uri: str) -> dict[str, 
     try:
         return client.head_object(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 404:
+        if _status(exc) == 404:
             try:
                 client.head_bucket(Bucket=bucket)
             except botocore.exceptions.ClientError as bexc:
-                if bexc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                if _status(bexc) == 404:
                     raise BadInput(f"{what} {uri}: bucket {bucket!r} does not exist") from exc
             raise BadInput(f"{what} {uri}: not found") from exc
         raise
@@ -629,7 +639,7 @@ def exists(uri: str) -> bool:
         try:
             client.head_object(Bucket=bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            if _status(exc) == 404:
                 return False
             raise
     return True
@@ -694,6 +704,11 @@ def _s3_put_staged(
         except BaseException:
             try:
                 client.delete_object(Bucket=bucket, Key=tmp_key)
+            except botocore.exceptions.ClientError as cleanup:
+                if _status(cleanup) != 404:  # no bucket, no leftover
+                    log.warning(
+                        "could not delete staging object s3://%s/%s: %s", bucket, tmp_key, cleanup
+                    )
             except Exception as cleanup:  # the original error matters more
                 log.warning(
                     "could not delete staging object s3://%s/%s: %s", bucket, tmp_key, cleanup
@@ -801,6 +816,8 @@ def delete_prefix(uri: str) -> int:
         root = Path(key)
         if root.resolve() == Path("/") or not key.strip("/"):
             raise BadInput(f"delete {uri}: refusing to delete the filesystem root")
+        if Path.cwd().resolve().is_relative_to(root.resolve()):
+            raise BadInput(f"delete {uri}: refusing to delete the working directory or a parent")
         if not root.is_dir():
             return 0
         count = 0

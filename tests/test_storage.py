@@ -209,8 +209,10 @@ def test_s3_missing_bucket(s3: str, tmp_path: Path) -> None:
     assert str(err.value) == f"source model {uri}: bucket 'no-such-bucket-edgeslim' does not exist"
     assert not storage.exists(uri)
     assert not storage.exists("s3://no-such-bucket-edgeslim/prefix/")
-    with pytest.raises(BadInput, match="does not exist"):
+    with pytest.raises(BadInput, match=f"destination {uri}: bucket .* does not exist"):
         storage.put_bytes(b"x", uri)
+    with pytest.raises(BadInput, match=f"destination {uri}: bucket .* does not exist"):
+        storage.put_file(write(tmp_path / "m.onnx", b"x"), uri)
 
 
 def test_s3_uri_must_name_an_object(s3: str, tmp_path: Path) -> None:
@@ -387,6 +389,12 @@ def test_unreachable_endpoint_is_retryable(
     assert os.listdir(tmp_path / "dl") == []
     with pytest.raises(StorageUnavailable, match="storage unreachable"):
         storage.put_bytes(b"x", uri)
+    with pytest.raises(StorageUnavailable, match="storage unreachable"):
+        storage.put_file(write(tmp_path / "m.onnx", b"x"), uri)
+    with pytest.raises(StorageUnavailable, match="storage unreachable"):
+        storage.exists(uri)
+    with pytest.raises(StorageUnavailable, match="storage unreachable"):
+        storage.delete_prefix(f"s3://{s3}/m/")
 
 
 def test_endpoint_must_be_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -549,3 +557,5 @@ def test_local_delete_prefix(tmp_path: Path) -> None:
     assert storage.delete_prefix(str(root / "cnn")) == 0
     with pytest.raises(BadInput, match="filesystem root"):
         storage.delete_prefix("file:///")
+    with pytest.raises(BadInput, match="working directory"):
+        storage.delete_prefix(".")
