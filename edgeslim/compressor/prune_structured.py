@@ -157,7 +157,7 @@ class Model:
         return self.array(name) if init is not None and init.data_type in FLOAT_TYPES else None
 
     def uses(self, name: str) -> int:
-        """How many places read this tensor besides node inputs counted once each."""
+        """Readers of a tensor: node inputs, graph inputs/outputs, If/Loop/Scan bodies."""
         extra = (name in self.outputs) + (name in self.graph_inputs) + (name in self.subgraph_refs)
         return len(self.consumers.get(name, [])) + extra
 
@@ -208,22 +208,44 @@ def candidate(m: Model, node: onnx.NodeProto, l2: bool) -> Layer | None:
         if attr(node, "group", 1) != 1:
             # Removing output channels of a grouped Conv would unbalance its groups.
             raise Unsupported("grouped/depthwise Conv")
-        return Layer(node, w.shape[0], _norms(w, 0, l2), 1, 0, _opt(node, 2), -(w.ndim - 1), w.ndim)
+        # [N, C, *spatial]: the channel axis is -(number of spatial dims + 1).
+        return _layer(node, w, 0, l2, _opt(node, 2), out_axis=-(w.ndim - 1), out_rank=w.ndim)
     if node.op_type == "Gemm":
         w = m.float_weight(node.input[1])
         if w is None or w.ndim != 2 or m.array(node.input[0]) is not None:
             return None
-        axis = 0 if attr(node, "transB", 0) else 1
-        return Layer(node, w.shape[axis], _norms(w, axis, l2), 1, axis, _opt(node, 2), -1, 2)
+        axis = 0 if attr(node, "transB", 0) else 1  # B is [N, K] with transB, else [K, N]
+        return _layer(node, w, axis, l2, _opt(node, 2), out_axis=-1, out_rank=2)
     if node.op_type == "MatMul":
         w = m.float_weight(node.input[1])
         if w is None or w.ndim < 2 or m.array(node.input[0]) is not None:
             return None
         shape = m.shapes.get(node.output[0])
         rank = len(shape) if shape else None
-        axis = w.ndim - 1
-        return Layer(node, w.shape[axis], _norms(w, axis, l2), 1, axis, None, -1, rank)
+        # The bias, if any, is a separate Add: the trace slices it as a per-channel constant.
+        return _layer(node, w, w.ndim - 1, l2, None, out_axis=-1, out_rank=rank)
     return None
+
+
+def _layer(
+    node: onnx.NodeProto,
+    w: np.ndarray,
+    axis: int,
+    l2: bool,
+    bias_index: int | None,
+    out_axis: int,
+    out_rank: int | None,
+) -> Layer:
+    return Layer(
+        node=node,
+        out_channels=w.shape[axis],
+        scores=_norms(w, axis, l2),
+        weight_index=1,
+        weight_axis=axis,
+        bias_index=bias_index,
+        out_axis=out_axis,
+        out_rank=out_rank,
+    )
 
 
 def _opt(node: onnx.NodeProto, index: int) -> int | None:
