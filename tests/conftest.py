@@ -13,9 +13,9 @@ from pathlib import Path
 import onnx
 import pytest
 
+pytest_plugins = ["tests.fixtures_s3", "tests.cluster.fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
-# TEMP until fixtures_s3 lands
-pytest_plugins = [p for p in ("tests.fixtures_s3", "tests.cluster.fixtures") if (ROOT / (p.replace(".", "/") + ".py")).exists()]
 BUILD_SCRIPT = ROOT / "examples" / "digits" / "build.py"
 # Fewer epochs than the demo: the teacher still reaches ~98% and the suite stays quick.
 TEST_EPOCHS = 15
