@@ -28,6 +28,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
+from urllib3 import HTTPResponse
 
 from tests.cluster.pod_env import Materialiser
 from tests.cluster.pod_worker import PodHook, PodOutcome, PodWorker
@@ -142,6 +143,7 @@ class NodeAgent:
         self._ips = IPPool()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stream: HTTPResponse | None = None
         self.materialiser: Materialiser
 
     # -- lifecycle -------------------------------------------------------
@@ -163,8 +165,13 @@ class NodeAgent:
             worker.vanished()
         for worker in list(self.workers.values()):
             worker.join(timeout=15)
+        stream = self._stream
+        if stream is not None:
+            # Unblocks the watch thread's read instead of waiting out the watch.
+            with contextlib.suppress(Exception):
+                stream.shutdown()
         if self._thread is not None:
-            self._thread.join(timeout=WATCH_SECONDS + 5)
+            self._thread.join(timeout=5)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -309,6 +316,7 @@ class NodeAgent:
             _preload_content=False,
             _request_timeout=WATCH_SECONDS + 5,
         )
+        self._stream = stream
         try:
             for line in stream:
                 if self._stop.is_set():
@@ -321,6 +329,7 @@ class NodeAgent:
                 if event["type"] != "BOOKMARK":
                     self._sync(event["type"], event["object"])
         finally:
+            self._stream = None
             stream.release_conn()
 
     def _sync(self, kind: str, pod: Obj) -> None:

@@ -1,0 +1,95 @@
+"""``make cluster`` (python -m tests.cluster): everything up, then Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from kubernetes import client, config
+
+from tests.cluster.processes import pid_alive
+from tests.cluster.tools import REPO_ROOT, require_binaries
+
+pytestmark = pytest.mark.cluster
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (control-plane children start new sessions,
+    so the process tree, not the process group, is what links them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_make_cluster_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    require_binaries()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        output = ""
+        deadline = time.monotonic() + 120
+        while "AWS_DEFAULT_REGION" not in output and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output += line
+        kubeconfig = re.search(r"^export KUBECONFIG=(\S+)$", output, re.M)
+        endpoint = re.search(r"^export AWS_ENDPOINT_URL=(\S+)$", output, re.M)
+        assert kubeconfig and endpoint, output
+
+        api = config.new_client_from_config(config_file=kubeconfig.group(1))
+        nodes = client.CoreV1Api(api).list_node().items
+        assert [n.metadata.name for n in nodes] == ["edge-node-0"]
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint.group(1),
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="models")
+        assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["models"]
+
+        children = descendants(proc.pid)
+        assert len(children) >= 3  # etcd, kube-apiserver, kube-controller-manager
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+        assert rest.strip().endswith("stopped")
+        assert not [pid for pid in children if pid_alive(pid)]
+    finally:
+        if proc.poll() is None:
+            # SIGTERM runs the same clean-up as Ctrl-C; SIGKILL would orphan
+            # the control plane.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
