@@ -7,6 +7,7 @@ Exit codes: 0 the result passed the gate, 3 the gate rejected it, 2 bad input
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -54,13 +55,27 @@ def load_spec(path: Path) -> CompressedModel:
         raise BadInput(f"{path}: {format_validation_error(exc)}") from exc
 
 
+def load_spec_from_env(name: str) -> CompressedModel:
+    """The spec as JSON in an environment variable: how the operator hands it to a Job."""
+    text = os.environ.get(name)
+    if not text:
+        raise BadInput(f"environment variable {name} holding the spec is not set")
+    try:
+        return CompressedModel.model_validate_json(text)
+    except ValidationError as exc:
+        raise BadInput(f"{name}: {format_validation_error(exc)}") from exc
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
-    from edgeslim.clitable import RichProgress, console, print_result
+    from edgeslim.clitable import LineProgress, RichProgress, console, print_result
     from edgeslim.compressor.pipeline import compress, write_termination_message
 
-    obj = load_spec(args.spec)
+    if (args.spec is None) == (args.spec_env is None):
+        raise BadInput("give a spec file or --spec-env NAME, not both or neither")
+    obj = load_spec(args.spec) if args.spec else load_spec_from_env(args.spec_env)
+    bars = console.is_terminal or args.quiet
     with tempfile.TemporaryDirectory(prefix="edgeslim-", dir=args.workdir) as tmp:
-        with RichProgress(quiet=args.quiet) as progress:
+        with RichProgress(quiet=args.quiet) if bars else LineProgress() as progress:
             outcome = compress(obj, output=args.output, workdir=Path(tmp), progress=progress,
                                log=progress.log)
     write_termination_message(outcome.result, outcome)
@@ -84,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="run a CompressedModel spec locally")
-    c.add_argument("spec", type=Path, help="CompressedModel YAML (the same file kubectl applies)")
+    c.add_argument("spec", type=Path, nargs="?", help="CompressedModel YAML (the same file kubectl applies)")
+    c.add_argument("--spec-env", metavar="NAME", help="read the spec as JSON from this environment variable")
     c.add_argument("--output", help="output location; overrides spec.output.uri")
     c.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: system temp)")
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")

@@ -62,6 +62,39 @@ class RichProgress:
             self.progress.console.log(message)
 
 
+class _LineTask:
+    def __init__(self, description: str, total: float | None) -> None:
+        self.description, self.total, self.done, self.shown, self.status = description, total, 0.0, -1, ""
+
+    def advance(self, amount: float = 1) -> None:
+        self.done += amount
+        if self.total:
+            tenth = int(10 * self.done / self.total)
+            if tenth > self.shown:
+                self.shown = tenth
+                console.print(f"{self.description}: {10 * tenth}% {self.status}".rstrip(), highlight=False)
+
+    def note(self, text: str) -> None:
+        self.status = text
+
+
+class LineProgress:
+    """steps.Progress as plain log lines every 10%: for pod logs and CI, where bars garble."""
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    @contextmanager
+    def task(self, description: str, total: float | None) -> Iterator[_LineTask]:
+        yield _LineTask(description, total)
+
+    def log(self, message: str) -> None:
+        console.print(message, highlight=False)
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
