@@ -9,10 +9,15 @@ contract is translated into environment variables:
 * ``EDGESLIM_MOUNT_<PATH>`` -- for each ``volumeMount``, the local directory
   backing it; ``<PATH>`` is the mount path upper-cased with every run of
   non-alphanumerics turned into ``_`` (``/work/models`` ->
-  ``EDGESLIM_MOUNT_WORK_MODELS``). emptyDir, configMap and secret volumes are
-  materialised in the pod's directory; a hostPath is used as is; other volume
-  kinds are not backed and get no variable.
+  ``EDGESLIM_MOUNT_WORK_MODELS``). emptyDir, configMap, secret, downwardAPI
+  and projected volumes are materialised in the pod's directory; a hostPath is
+  used as is; other kinds (PVCs, ...) are not backed and get no variable.
 * ``EDGESLIM_POD_DIR`` -- the pod's scratch directory (also ``HOME``).
+* ``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT`` -- the API server
+  itself (loopback). With the injected service-account volume materialised
+  (bound token, ``ca.crt``, ``namespace``), a process can use in-cluster
+  config as its ServiceAccount: the files are under the directory named by
+  ``EDGESLIM_MOUNT_VAR_RUN_SECRETS_KUBERNETES_IO_SERVICEACCOUNT``.
 
 The image is ignored: ``PATH`` starts with the test interpreter's bin directory,
 so a container running ``edgeslim ...`` or ``python ...`` uses the project's venv.
@@ -29,6 +34,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
@@ -76,6 +82,19 @@ def expand(text: str, env: Mapping[str, str]) -> str:
 def mount_env_name(mount_path: str) -> str:
     """``/work/models`` -> ``EDGESLIM_MOUNT_WORK_MODELS``."""
     return MOUNT_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]+", "_", mount_path).strip("_").upper()
+
+
+def service_environment(api_host: str) -> dict[str, str]:
+    """``KUBERNETES_SERVICE_HOST``/``_PORT`` as a kubelet sets them, except that
+    they name the API server's loopback address: there is no kube-proxy to
+    route the ``kubernetes`` Service's ClusterIP."""
+    url = urlsplit(api_host)
+    port = str(url.port or 443)
+    return {
+        "KUBERNETES_SERVICE_HOST": url.hostname or "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": port,
+        "KUBERNETES_SERVICE_PORT_HTTPS": port,
+    }
 
 
 def base_environment(pod_dir: Path) -> dict[str, str]:
@@ -202,21 +221,70 @@ class Materialiser:
             elif "hostPath" in volume:
                 target = Path(volume["hostPath"]["path"])
             elif "configMap" in volume or "secret" in volume:
-                kind = "configmap" if "configMap" in volume else "secret"
-                source = volume.get("configMap") or volume["secret"]
-                ref_name = source.get("name") or source.get("secretName")
-                data = self._data(kind, namespace, ref_name, bool(source.get("optional")))
                 target.mkdir(parents=True, exist_ok=True)
-                items = source.get("items") or [{"key": k, "path": k} for k in data]
-                for item in items:
-                    if item["key"] in data:
-                        file = target / item["path"]
-                        file.parent.mkdir(parents=True, exist_ok=True)
-                        file.write_bytes(data[item["key"]])
+                self._object_files(namespace, volume, target)
+            elif "downwardAPI" in volume:
+                target.mkdir(parents=True, exist_ok=True)
+                self._downward_files(pod, volume["downwardAPI"], target)
+            elif "projected" in volume:
+                # What the ServiceAccount admission plugin injects for API
+                # access: a bound token, kube-root-ca.crt and the namespace.
+                target.mkdir(parents=True, exist_ok=True)
+                for source in volume["projected"].get("sources") or []:
+                    if "serviceAccountToken" in source:
+                        token = source["serviceAccountToken"]
+                        _write(target / token["path"], self._token(pod, token).encode())
+                    elif "downwardAPI" in source:
+                        self._downward_files(pod, source["downwardAPI"], target)
+                    else:
+                        self._object_files(namespace, source, target)
             else:
                 continue
             paths[name] = target
         return paths
+
+    def _object_files(self, namespace: str, volume: Obj, target: Path) -> None:
+        """A configMap or secret volume (or projection): one file per key."""
+        kind = "configmap" if "configMap" in volume else "secret"
+        source = volume.get("configMap") or volume.get("secret")
+        if source is None:
+            return
+        ref_name = source.get("name") or source.get("secretName")
+        data = self._data(kind, namespace, ref_name, bool(source.get("optional")))
+        for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+            if item["key"] in data:
+                _write(target / item["path"], data[item["key"]])
+
+    def _downward_files(self, pod: Obj, source: Obj, target: Path) -> None:
+        for item in source.get("items") or []:
+            if "fieldRef" in item:
+                _write(
+                    target / item["path"], field_value(pod, item["fieldRef"]["fieldPath"]).encode()
+                )
+
+    def _token(self, pod: Obj, projection: Obj) -> str:
+        """A token bound to the pod, from the TokenRequest API as a kubelet gets it."""
+        meta = pod["metadata"]
+        spec: Obj = {
+            "audiences": [projection["audience"]] if projection.get("audience") else [],
+            "expirationSeconds": projection.get("expirationSeconds", 3600),
+            "boundObjectRef": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
+        }
+        account = pod["spec"].get("serviceAccountName") or "default"
+        resp = self.core.create_namespaced_service_account_token(
+            account, meta["namespace"], {"spec": spec}, _preload_content=False
+        )
+        return str(json.loads(resp.data)["status"]["token"])
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def mount_environment(container: Obj, volumes: Mapping[str, Path]) -> dict[str, str]:

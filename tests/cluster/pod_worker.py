@@ -418,6 +418,7 @@ class PodWorker(threading.Thread):
             c.restart_at = None
             return True
         extra = pod_env.base_environment(self.dir)
+        extra.update(pod_env.service_environment(self.agent.core.api_client.configuration.host))
         extra[pod_env.TERMINATION_LOG_ENV] = str(c.termination_log)
         extra.update(pod_env.mount_environment(c.spec, volumes))
         try:

@@ -264,3 +264,30 @@ def test_deployment_becomes_available_serves_and_stops(
     assert not [pid for pid in pids if pid_alive(pid)]
     names = [rs.metadata.name for rs in k8s.apps.list_namespaced_replica_set(namespace).items]
     assert replica_set.metadata.name not in names
+
+
+WHO_AM_I = """
+import json, os, ssl, urllib.request
+secrets = os.environ["EDGESLIM_MOUNT_VAR_RUN_SECRETS_KUBERNETES_IO_SERVICEACCOUNT"]
+host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+token = open(os.path.join(secrets, "token")).read()
+ctx = ssl.create_default_context(cafile=os.path.join(secrets, "ca.crt"))
+review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+request = urllib.request.Request(
+    f"https://{host}:{port}/apis/authentication.k8s.io/v1/selfsubjectreviews",
+    data=json.dumps(review).encode(),
+    headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+)
+with urllib.request.urlopen(request, context=ctx) as resp:
+    user = json.load(resp)["status"]["userInfo"]["username"]
+namespace = open(os.path.join(secrets, "namespace")).read()
+open(os.environ["EDGESLIM_TERMINATION_LOG"], "w").write(f"{user} {namespace}")
+"""
+
+
+def test_pod_reaches_the_api_as_its_service_account(k8s: K8s, namespace: str) -> None:
+    k8s.batch.create_namespaced_job(namespace, python_job("whoami", WHO_AM_I))
+    assert wait_until(lambda: job_condition(k8s, namespace, "whoami"), 60) == "Complete"
+    [pod] = job_pods(k8s, namespace, "whoami")
+    message = pod.status.container_statuses[0].state.terminated.message
+    assert message == f"system:serviceaccount:{namespace}:default {namespace}"
