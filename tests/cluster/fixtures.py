@@ -27,7 +27,7 @@ from tests.cluster.cluster import start_node_agent
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
-from tests.cluster.tools import MissingBinariesError, require_binaries
+from tests.cluster.tools import Binaries, MissingBinariesError, require_binaries
 
 
 @dataclass
@@ -56,14 +56,22 @@ class K8s:
         return cls(cp.api_client(), cp.kubeconfig)
 
 
+def binaries_or_fail(*names: str) -> Binaries:
+    """The cached binaries, or a test failure that says to run ``make controlplane``.
+
+    Fail, not skip: a silently skipped cluster suite looks green.
+    """
+    try:
+        return require_binaries(*names)
+    except MissingBinariesError as e:
+        message = str(e)
+    # Outside the except block, so the report shows the message once, unchained.
+    pytest.fail(message, pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
-    try:
-        require_binaries()
-    except MissingBinariesError as e:
-        # Fail, not skip: a silently skipped cluster suite looks green.
-        pytest.fail(str(e), pytrace=False)
-    cp = ControlPlane().start()
+    cp = ControlPlane(binaries=binaries_or_fail()).start()
     yield cp
     cp.stop()
 

@@ -11,10 +11,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.fixtures import K8s
+from tests.cluster.fixtures import K8s, binaries_or_fail
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import group_alive, pid_alive
-from tests.cluster.tools import REPO_ROOT, require_binaries
+from tests.cluster.tools import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
@@ -68,7 +68,7 @@ def test_rbac_is_enforced_for_a_service_account(k8s: K8s, namespace: str) -> Non
 
 
 def test_build_script_is_fast_when_everything_is_cached() -> None:
-    found = require_binaries("kubectl", "helm")
+    found = binaries_or_fail("kubectl", "helm")
     started = time.monotonic()
     result = subprocess.run(
         [REPO_ROOT / "scripts" / "build-controlplane.sh"],

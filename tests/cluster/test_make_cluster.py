@@ -14,8 +14,9 @@ import boto3
 import pytest
 from kubernetes import client, config
 
+from tests.cluster.fixtures import binaries_or_fail
 from tests.cluster.processes import pid_alive
-from tests.cluster.tools import REPO_ROOT, require_binaries
+from tests.cluster.tools import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
@@ -41,7 +42,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def test_make_cluster_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    require_binaries()
+    binaries_or_fail()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.cluster"],
         cwd=REPO_ROOT,
