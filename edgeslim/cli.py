@@ -48,7 +48,9 @@ def load_spec(path: Path) -> CompressedModel:
     except yaml.YAMLError as exc:
         raise BadInput(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
     if len(docs) != 1 or not isinstance(docs[0], dict):
-        raise BadInput(f"{path}: expected exactly one CompressedModel object, found {len(docs)} documents")
+        raise BadInput(
+            f"{path}: expected exactly one CompressedModel object, found {len(docs)} documents"
+        )
     try:
         return CompressedModel.model_validate(docs[0])
     except ValidationError as exc:
@@ -74,10 +76,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise BadInput("give a spec file or --spec-env NAME, not both or neither")
     obj = load_spec(args.spec) if args.spec else load_spec_from_env(args.spec_env)
     bars = console.is_terminal or args.quiet
-    with tempfile.TemporaryDirectory(prefix="edgeslim-", dir=args.workdir) as tmp:
-        with RichProgress(quiet=args.quiet) if bars else LineProgress() as progress:
-            outcome = compress(obj, output=args.output, workdir=Path(tmp), progress=progress,
-                               log=progress.log)
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeslim-", dir=args.workdir) as tmp,
+        RichProgress(quiet=args.quiet) if bars else LineProgress() as progress,
+    ):
+        outcome = compress(
+            obj, output=args.output, workdir=Path(tmp), progress=progress, log=progress.log
+        )
     write_termination_message(outcome.result, outcome)
     if not args.quiet:
         print_result(outcome)
@@ -88,8 +93,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     obj = load_spec(args.spec)
-    print(f"{obj.metadata.name}: valid, spec hash {obj.spec.spec_hash()}, "
-          f"{len(obj.spec.pipeline)} steps ({', '.join(s.type for s in obj.spec.pipeline)})")
+    print(
+        f"{obj.metadata.name}: valid, spec hash {obj.spec.spec_hash()}, "
+        f"{len(obj.spec.pipeline)} steps ({', '.join(s.type for s in obj.spec.pipeline)})"
+    )
+    return EXIT_OK
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from edgeslim.api.crd import render_crd
+
+    text = render_crd()
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
     return EXIT_OK
 
 
@@ -99,16 +118,26 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="run a CompressedModel spec locally")
-    c.add_argument("spec", type=Path, nargs="?", help="CompressedModel YAML (the same file kubectl applies)")
-    c.add_argument("--spec-env", metavar="NAME", help="read the spec as JSON from this environment variable")
+    c.add_argument(
+        "spec", type=Path, nargs="?", help="CompressedModel YAML (the same file kubectl applies)"
+    )
+    c.add_argument(
+        "--spec-env", metavar="NAME", help="read the spec as JSON from this environment variable"
+    )
     c.add_argument("--output", help="output location; overrides spec.output.uri")
-    c.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: system temp)")
+    c.add_argument(
+        "--workdir", type=Path, default=None, help="scratch folder (default: system temp)"
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
     c.set_defaults(func=cmd_compress)
 
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec", type=Path)
     v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")
+    d.add_argument("--output", type=Path, default=None, help="write it to this file instead")
+    d.set_defaults(func=cmd_crd)
     return p
 
 

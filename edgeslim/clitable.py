@@ -36,9 +36,14 @@ class RichProgress:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.progress = Progress(
-            TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
-            disable=quiet, transient=False,
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=quiet,
+            transient=False,
         )
 
     def __enter__(self) -> RichProgress:
@@ -54,8 +59,11 @@ class RichProgress:
         try:
             yield _Task(self.progress, task_id)
         finally:
-            self.progress.update(task_id, completed=total if total is not None else 1,
-                                 total=total if total is not None else 1)
+            self.progress.update(
+                task_id,
+                completed=total if total is not None else 1,
+                total=total if total is not None else 1,
+            )
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -64,7 +72,13 @@ class RichProgress:
 
 class _LineTask:
     def __init__(self, description: str, total: float | None) -> None:
-        self.description, self.total, self.done, self.shown, self.status = description, total, 0.0, -1, ""
+        self.description, self.total, self.done, self.shown, self.status = (
+            description,
+            total,
+            0.0,
+            -1,
+            "",
+        )
 
     def advance(self, amount: float = 1) -> None:
         self.done += amount
@@ -72,7 +86,9 @@ class _LineTask:
             tenth = int(10 * self.done / self.total)
             if tenth > self.shown:
                 self.shown = tenth
-                console.print(f"{self.description}: {10 * tenth}% {self.status}".rstrip(), highlight=False)
+                console.print(
+                    f"{self.description}: {10 * tenth}% {self.status}".rstrip(), highlight=False
+                )
 
     def note(self, text: str) -> None:
         self.status = text
@@ -103,7 +119,7 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def print_result(outcome) -> None:  # noqa: ANN001 - pipeline.Outcome, imported lazily
+def print_result(outcome) -> None:
     r = outcome.result
     steps = Table(title="Pipeline steps", title_justify="left")
     for col in ("step", "params", "size", "gzip", "sparsity", "seconds"):
@@ -112,10 +128,12 @@ def print_result(outcome) -> None:  # noqa: ANN001 - pipeline.Outcome, imported 
         flag = "" if s.changed else " [yellow](no change)[/]"
         flag += " [red](grew)[/]" if s.grew else ""
         steps.add_row(
-            s.type + flag, f"{s.before.parameters:,} → {s.after.parameters:,}",
+            s.type + flag,
+            f"{s.before.parameters:,} → {s.after.parameters:,}",
             f"{_mb(s.before.size_bytes)} → {_mb(s.after.size_bytes)}",
             f"{_mb(s.before.gzip_size_bytes)} → {_mb(s.after.gzip_size_bytes)}",
-            f"{s.after.sparsity:.1%}", f"{s.seconds:.1f}",
+            f"{s.after.sparsity:.1%}",
+            f"{s.seconds:.1f}",
         )
     console.print(steps)
     for i, s in enumerate(r.steps):
@@ -127,25 +145,57 @@ def print_result(outcome) -> None:  # noqa: ANN001 - pipeline.Outcome, imported 
         table.add_column(col, justify="left" if not col else "right")
     src, art = r.source, r.artifact
 
-    def row(label: str, a: ModelFigures | float, b: float, fmt, change: str) -> None:  # noqa: ANN001
+    def row(label: str, a: ModelFigures | float, b: float, fmt, change: str) -> None:
         table.add_row(label, fmt(a), fmt(b), change)
 
     row("file size", src.size_bytes, art.size_bytes, _mb, f"{r.compression_ratio:.2f}x smaller")
-    row("download (gzip)", src.gzip_size_bytes, art.gzip_size_bytes, _mb, f"{r.download_ratio:.2f}x smaller")
-    row("parameters", src.parameters, art.parameters, lambda v: f"{v:,}",
-        _ratio(src.parameters, art.parameters) + " fewer")
+    row(
+        "download (gzip)",
+        src.gzip_size_bytes,
+        art.gzip_size_bytes,
+        _mb,
+        f"{r.download_ratio:.2f}x smaller",
+    )
+    row(
+        "parameters",
+        src.parameters,
+        art.parameters,
+        lambda v: f"{v:,}",
+        _ratio(src.parameters, art.parameters) + " fewer",
+    )
     row("sparsity", src.sparsity, art.sparsity, lambda v: f"{v:.1%}", "")
     ev = r.evaluation
-    row(f"{ev.metric} ({ev.samples} samples)", ev.baseline, ev.compressed, lambda v: f"{v:.4f}",
-        f"drop {ev.drop:+.4f}")
+    row(
+        f"{ev.metric} ({ev.samples} samples)",
+        ev.baseline,
+        ev.compressed,
+        lambda v: f"{v:.4f}",
+        f"drop {ev.drop:+.4f}",
+    )
     lat = r.latency
     slow = " [red]SLOWER than source[/]" if lat.slower else ""
-    row("latency p50 (batch 1)", lat.source_p50_ms, lat.compressed_p50_ms, lambda v: f"{v:.3f} ms",
-        f"{lat.speedup:.2f}x faster{slow}")
-    row("latency p95 (batch 1)", lat.source_p95_ms, lat.compressed_p95_ms, lambda v: f"{v:.3f} ms", "")
+    row(
+        "latency p50 (batch 1)",
+        lat.source_p50_ms,
+        lat.compressed_p50_ms,
+        lambda v: f"{v:.3f} ms",
+        f"{lat.speedup:.2f}x faster{slow}",
+    )
+    row(
+        "latency p95 (batch 1)",
+        lat.source_p95_ms,
+        lat.compressed_p95_ms,
+        lambda v: f"{v:.3f} ms",
+        "",
+    )
     mem = r.memory
-    row("peak RSS", mem.source_peak_rss_bytes, mem.compressed_peak_rss_bytes, _mb,
-        _ratio(mem.source_peak_rss_bytes, mem.compressed_peak_rss_bytes) + " smaller")
+    row(
+        "peak RSS",
+        mem.source_peak_rss_bytes,
+        mem.compressed_peak_rss_bytes,
+        _mb,
+        _ratio(mem.source_peak_rss_bytes, mem.compressed_peak_rss_bytes) + " smaller",
+    )
     console.print(table)
     verdict = "[green]PASSED[/]" if r.gate.passed else "[red]REJECTED[/]"
     console.print(f"gate {verdict}: {r.gate.reason}")

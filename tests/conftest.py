@@ -40,6 +40,7 @@ def digits(request: pytest.FixtureRequest) -> Digits:
     if not (out / "val.npz").exists():
         subprocess.run(
             [sys.executable, str(BUILD_SCRIPT), "--out", str(out), "--epochs", str(TEST_EPOCHS)],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
     return Digits(out, out / "cnn.onnx", out / "train.npz", out / "val.npz")

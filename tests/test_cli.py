@@ -19,7 +19,7 @@ from edgeslim.compressor import datasets, evaluate
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits" / "digits.yaml"
 
 
-def spec_for(digits, tmp_path: Path, pipeline: list | None = None, **spec_updates) -> dict:  # noqa: ANN001
+def spec_for(digits, tmp_path: Path, pipeline: list | None = None, **spec_updates) -> dict:
     doc = yaml.safe_load(EXAMPLE.read_text())
     spec = doc["spec"]
     spec["source"]["uri"] = str(digits.model_path)
@@ -48,7 +48,9 @@ def written(tmp_path: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_demo_spec_passes_the_gate_and_writes_a_content_addressed_result(
-    digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    digits,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     term = tmp_path / "termination-log"
     monkeypatch.setenv("EDGESLIM_TERMINATION_LOG", str(term))
@@ -68,20 +70,24 @@ def test_demo_spec_passes_the_gate_and_writes_a_content_addressed_result(
     assert [s["type"] for s in manifest["steps"]] == ["simplify", "prune", "distill", "quantize"]
     assert manifest["downloadRatio"] >= 10, manifest["downloadRatio"]
     assert manifest["compressionRatio"] == pytest.approx(
-        manifest["source"]["sizeBytes"] / manifest["artifact"]["sizeBytes"], rel=1e-3)
+        manifest["source"]["sizeBytes"] / manifest["artifact"]["sizeBytes"], rel=1e-3
+    )
     assert manifest["evaluation"]["drop"] <= 0.01
     assert manifest["memory"]["compressedPeakRssBytes"] > 10_000_000  # a real process was measured
     assert set(manifest["versions"]) >= {"edgeslim", "torch", "onnx", "onnxruntime"}
 
     prune = manifest["steps"][1]
-    assert prune["after"]["parameters"] < prune["before"]["parameters"] / 3  # channels really removed
+    assert (
+        prune["after"]["parameters"] < prune["before"]["parameters"] / 3
+    )  # channels really removed
     model = onnx.load(str(folder / "model.onnx"))
     assert TensorProto.INT8 in {t.data_type for t in model.graph.initializer}
     # The artifact itself is as accurate as the manifest says.
     data = datasets.load(digits.val, model)
     out = evaluate.run_batched(evaluate.session(model), data)
     assert evaluate.metric(evaluate.Metric.accuracy, out, out, data.labels) == pytest.approx(
-        manifest["evaluation"]["compressed"], abs=1e-6)
+        manifest["evaluation"]["compressed"], abs=1e-6
+    )
 
     summary = json.loads(term.read_text())
     assert len(term.read_bytes()) <= 4096
@@ -89,39 +95,49 @@ def test_demo_spec_passes_the_gate_and_writes_a_content_addressed_result(
     assert summary["artifact"]["sha256"] == manifest["artifact"]["sha256"]
 
 
-def test_a_spec_that_destroys_accuracy_is_rejected_and_kept_marked(digits, tmp_path: Path) -> None:  # noqa: ANN001
-    doc = spec_for(digits, tmp_path, pipeline=[{"prune": {"method": "magnitude", "sparsity": 0.995}}])
+def test_a_spec_that_destroys_accuracy_is_rejected_and_kept_marked(digits, tmp_path: Path) -> None:
+    doc = spec_for(
+        digits, tmp_path, pipeline=[{"prune": {"method": "magnitude", "sparsity": 0.995}}]
+    )
     assert run(doc, tmp_path) == EXIT_REJECTED
     names = [p.name for p in written(tmp_path)]
     assert names == ["manifest.json", "model.rejected.onnx"]  # no model.onnx for anything to deploy
-    manifest = json.loads(next(p for p in written(tmp_path) if p.name == "manifest.json").read_text())
+    manifest = json.loads(
+        next(p for p in written(tmp_path) if p.name == "manifest.json").read_text()
+    )
     assert manifest["gate"]["passed"] is False and "rejected" in manifest["gate"]["reason"]
     assert manifest["evaluation"]["drop"] > 0.01
     assert manifest["artifact"]["sparsity"] >= 0.99
 
 
-def test_a_step_that_changes_nothing_says_so(digits, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_step_that_changes_nothing_says_so(digits, tmp_path: Path) -> None:
     doc = spec_for(digits, tmp_path, pipeline=[{"prune": {"method": "magnitude", "sparsity": 0.0}}])
     assert run(doc, tmp_path) == EXIT_OK
-    manifest = json.loads(next(p for p in written(tmp_path) if p.name == "manifest.json").read_text())
+    manifest = json.loads(
+        next(p for p in written(tmp_path) if p.name == "manifest.json").read_text()
+    )
     assert manifest["steps"][0]["changed"] is False
     assert manifest["compressionRatio"] == pytest.approx(1.0, abs=0.01)
 
 
 @pytest.mark.slow
-def test_s3_source_and_output_over_http(digits, tmp_path: Path, s3: str) -> None:  # noqa: ANN001
+def test_s3_source_and_output_over_http(digits, tmp_path: Path, s3: str) -> None:
     for name, path in (("cnn.onnx", digits.model_path), ("val.npz", digits.val)):
         storage.put_file(path, f"s3://{s3}/inputs/{name}")
     doc = spec_for(digits, tmp_path, pipeline=[{"quantize": {"mode": "dynamic"}}])
-    doc["spec"]["source"] = {"uri": f"s3://{s3}/inputs/cnn.onnx",
-                             "sha256": storage.sha256_file(digits.model_path)}
+    doc["spec"]["source"] = {
+        "uri": f"s3://{s3}/inputs/cnn.onnx",
+        "sha256": storage.sha256_file(digits.model_path),
+    }
     doc["spec"]["evaluation"]["dataset"] = f"s3://{s3}/inputs/val.npz"
     doc["spec"]["output"]["uri"] = f"s3://{s3}/edge/"
     assert run(doc, tmp_path) == EXIT_OK
     from edgeslim.api.spec import CompressedModel
 
     spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
-    manifest = json.loads(storage.read_bytes(f"s3://{s3}/edge/digits-cnn/{spec_hash}/manifest.json"))
+    manifest = json.loads(
+        storage.read_bytes(f"s3://{s3}/edge/digits-cnn/{spec_hash}/manifest.json")
+    )
     model = storage.read_bytes(manifest["artifact"]["uri"])
     assert manifest["artifact"]["uri"] == f"s3://{s3}/edge/digits-cnn/{spec_hash}/model.onnx"
     import hashlib
@@ -141,40 +157,65 @@ def _pickled(tmp_path: Path) -> Path:
     return path
 
 
-def _corrupt(tmp_path: Path, digits) -> Path:  # noqa: ANN001
+def _corrupt(tmp_path: Path, digits) -> Path:
     path = tmp_path / "corrupt.onnx"
     path.write_bytes(b"\x08\x07" + digits.model_path.read_bytes()[100:3000])
     return path
 
 
 BAD_INPUTS = {
-    "missing source": (lambda d, t, g: d["spec"]["source"].update(uri=str(t / "nope.onnx")),
-                       "source model"),
-    "unreachable source": (lambda d, t, g: d["spec"]["source"].update(uri="s3://no-such-bucket/m.onnx"),
-                           "source model s3://no-such-bucket/m.onnx"),
-    "wrong sha256": (lambda d, t, g: d["spec"]["source"].update(sha256="0" * 64), "sha256 mismatch"),
+    "missing source": (
+        lambda d, t, g: d["spec"]["source"].update(uri=str(t / "nope.onnx")),
+        "source model",
+    ),
+    "unreachable source": (
+        lambda d, t, g: d["spec"]["source"].update(uri="s3://no-such-bucket/m.onnx"),
+        "source model s3://no-such-bucket/m.onnx",
+    ),
+    "wrong sha256": (
+        lambda d, t, g: d["spec"]["source"].update(sha256="0" * 64),
+        "sha256 mismatch",
+    ),
     "corrupt onnx": (lambda d, t, g: d["spec"]["source"].update(uri=str(_corrupt(t, g))), "ONNX"),
-    "pickled checkpoint": (lambda d, t, g: d["spec"]["source"].update(uri=str(_pickled(t))),
-                           "unpickling runs arbitrary code"),
-    "unknown step": (lambda d, t, g: d["spec"]["pipeline"].append({"sharpen": {}}), "unknown step 'sharpen'"),
-    "sparsity 1.0": (lambda d, t, g: d["spec"]["pipeline"][1]["prune"].update(sparsity=1.0),
-                     "prune.sparsity: Input should be less than 1"),
-    "negative sparsity": (lambda d, t, g: d["spec"]["pipeline"][1]["prune"].update(sparsity=-0.5),
-                          "prune.sparsity"),
-    "dataset does not fit": (lambda d, t, g: d["spec"]["evaluation"].update(dataset=str(_bad_dataset(t))),
-                             "input 'input' has shape [10, 64], the model expects input[batch, 1, 8, 8]"),
+    "pickled checkpoint": (
+        lambda d, t, g: d["spec"]["source"].update(uri=str(_pickled(t))),
+        "unpickling runs arbitrary code",
+    ),
+    "unknown step": (
+        lambda d, t, g: d["spec"]["pipeline"].append({"sharpen": {}}),
+        "unknown step 'sharpen'",
+    ),
+    "sparsity 1.0": (
+        lambda d, t, g: d["spec"]["pipeline"][1]["prune"].update(sparsity=1.0),
+        "prune.sparsity: Input should be less than 1",
+    ),
+    "negative sparsity": (
+        lambda d, t, g: d["spec"]["pipeline"][1]["prune"].update(sparsity=-0.5),
+        "prune.sparsity",
+    ),
+    "dataset does not fit": (
+        lambda d, t, g: d["spec"]["evaluation"].update(dataset=str(_bad_dataset(t))),
+        "input 'input' has shape [10, 64], the model expects input[batch, 1, 8, 8]",
+    ),
     "distill dataset does not fit": (
         lambda d, t, g: d["spec"]["pipeline"][2]["distill"].update(dataset=str(_bad_dataset(t))),
-        "pipeline[2].distill.dataset"),
-    "quantize twice": (lambda d, t, g: d["spec"]["pipeline"].append({"quantize": {"mode": "fp16"}}),
-                       "quantize may appear at most once"),
+        "pipeline[2].distill.dataset",
+    ),
+    "quantize twice": (
+        lambda d, t, g: d["spec"]["pipeline"].append({"quantize": {"mode": "fp16"}}),
+        "quantize may appear at most once",
+    ),
     "empty pipeline": (lambda d, t, g: d["spec"].update(pipeline=[]), "spec.pipeline"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
-    case: str, digits, tmp_path: Path, s3: str, capsys: pytest.CaptureFixture  # noqa: ANN001
+    case: str,
+    digits,
+    tmp_path: Path,
+    s3: str,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     mutate, expected = BAD_INPUTS[case]
     doc = spec_for(digits, tmp_path)
@@ -186,7 +227,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     assert written(tmp_path) == []
 
 
-def test_validate_prints_the_spec_hash(digits, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+def test_validate_prints_the_spec_hash(
+    digits, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec_for(digits, tmp_path)))
     assert main(["validate", str(path)]) == EXIT_OK

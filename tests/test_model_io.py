@@ -16,12 +16,12 @@ from edgeslim.compressor import model_io
 from edgeslim.errors import BadInput
 
 
-def test_onnx_loads_and_is_fully_checked(digits) -> None:  # noqa: ANN001
+def test_onnx_loads_and_is_fully_checked(digits) -> None:
     model = model_io.load_model(digits.model_path, "src")
     assert [n.op_type for n in model.graph.node][:2] == ["Conv", "Relu"]
 
 
-def test_corrupt_onnx_is_bad_input(tmp_path: Path, digits) -> None:  # noqa: ANN001
+def test_corrupt_onnx_is_bad_input(tmp_path: Path, digits) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(digits.model_path.read_bytes()[:5000])
     with pytest.raises(BadInput, match="not a valid ONNX"):

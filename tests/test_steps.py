@@ -25,16 +25,18 @@ from edgeslim.compressor.steps import StepContext
 from edgeslim.errors import BadInput
 
 
-def context(digits, tmp_path: Path) -> StepContext:  # noqa: ANN001
+def context(digits, tmp_path: Path) -> StepContext:
     return StepContext(
-        source=digits.model(), workdir=tmp_path,
+        source=digits.model(),
+        workdir=tmp_path,
         load_dataset=lambda uri, sha, model: datasets.load(Path(uri), model, uri),
         load_model=lambda uri, sha: onnx.load(uri),
-        evaluation_dataset=str(digits.val), train_datasets=[str(digits.train)],
+        evaluation_dataset=str(digits.val),
+        train_datasets=[str(digits.train)],
     )
 
 
-def accuracy(model: onnx.ModelProto, digits) -> float:  # noqa: ANN001
+def accuracy(model: onnx.ModelProto, digits) -> float:
     data = datasets.load(digits.val, model)
     out = evaluate.run_batched(evaluate.session(model), data)
     return evaluate.metric(Metric.accuracy, out, out, data.labels)
@@ -44,27 +46,33 @@ def initializer_types(model: onnx.ModelProto) -> set[int]:
     return {t.data_type for t in model.graph.initializer}
 
 
-def test_simplify_folds_constants_and_turns_constant_nodes_into_initializers(tmp_path: Path, digits) -> None:  # noqa: ANN001
+def test_simplify_folds_constants_and_turns_constant_nodes_into_initializers(
+    tmp_path: Path, digits
+) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
     nodes = [  # w2 = w + w computed at run time, and a weight stored as a Constant node
         helper.make_node("Add", ["w", "w"], ["w2"]),
-        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((4, 4), np.float32))),
+        helper.make_node(
+            "Constant", [], ["c"], value=numpy_helper.from_array(np.ones((4, 4), np.float32))
+        ),
         helper.make_node("MatMul", ["x", "w2"], ["h"]),
         helper.make_node("MatMul", ["h", "c"], ["y"]),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     out = Simplify(SimplifyConfig()).run(model, context(digits, tmp_path)).model
     ops = [n.op_type for n in out.graph.node]
     assert "Add" not in ops and "Constant" not in ops
     feed = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
-    np.testing.assert_allclose(evaluate.session(out).run(None, feed)[0],
-                               evaluate.session(model).run(None, feed)[0])
+    np.testing.assert_allclose(
+        evaluate.session(out).run(None, feed)[0], evaluate.session(model).run(None, feed)[0]
+    )
 
 
-def test_distill_recovers_accuracy_and_keeps_pruned_weights_zero(tmp_path: Path, digits) -> None:  # noqa: ANN001
+def test_distill_recovers_accuracy_and_keeps_pruned_weights_zero(tmp_path: Path, digits) -> None:
     ctx = context(digits, tmp_path)
     pruned = Prune(PruneConfig(method="magnitude", sparsity=0.9)).run(digits.model(), ctx).model
     before_acc, (_, zeros_before) = accuracy(pruned, digits), graph.weight_stats(pruned)
@@ -75,44 +83,66 @@ def test_distill_recovers_accuracy_and_keeps_pruned_weights_zero(tmp_path: Path,
     assert any("masks" in n for n in out.notes)
 
 
-def test_distill_refuses_a_student_with_other_inputs(tmp_path: Path, digits) -> None:  # noqa: ANN001
+def test_distill_refuses_a_student_with_other_inputs(tmp_path: Path, digits) -> None:
     x = helper.make_tensor_value_info("other", TensorProto.FLOAT, ["b", 64])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 10])
     w = numpy_helper.from_array(np.zeros((64, 10), np.float32), "w")
     student = tmp_path / "student.onnx"
-    onnx.save(helper.make_model(helper.make_graph([helper.make_node("MatMul", ["other", "w"], ["y"])],
-                                                  "s", [x], [y], [w])), student)
+    onnx.save(
+        helper.make_model(
+            helper.make_graph(
+                [helper.make_node("MatMul", ["other", "w"], ["y"])], "s", [x], [y], [w]
+            )
+        ),
+        student,
+    )
     cfg = DistillConfig(dataset=str(digits.train), epochs=1, student={"uri": str(student)})
     with pytest.raises(BadInput, match="do not match the source model's inputs"):
         Distill(cfg).run(digits.model(), context(digits, tmp_path))
 
 
-def test_static_int8_stores_int8_weights_and_keeps_accuracy(tmp_path: Path, digits) -> None:  # noqa: ANN001
-    out = Quantize(QuantizeConfig(mode="static", calibration_samples=128)).run(
-        digits.model(), context(digits, tmp_path)).model
+def test_static_int8_stores_int8_weights_and_keeps_accuracy(tmp_path: Path, digits) -> None:
+    out = (
+        Quantize(QuantizeConfig(mode="static", calibration_samples=128))
+        .run(digits.model(), context(digits, tmp_path))
+        .model
+    )
     assert TensorProto.INT8 in initializer_types(out)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in out.graph.node}
     assert len(out.SerializeToString()) < len(digits.model().SerializeToString()) / 3
     assert accuracy(out, digits) >= accuracy(digits.model(), digits) - 0.02
 
 
-def test_op_types_and_exclude_nodes_restrict_quantization(tmp_path: Path, digits) -> None:  # noqa: ANN001
+def test_op_types_and_exclude_nodes_restrict_quantization(tmp_path: Path, digits) -> None:
     model = digits.model()
     gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
-    out = Quantize(QuantizeConfig(mode="static", calibration_samples=32, op_types=["Gemm"],
-                                  exclude_nodes=gemms[:1])).run(model, context(digits, tmp_path)).model
+    out = (
+        Quantize(
+            QuantizeConfig(
+                mode="static", calibration_samples=32, op_types=["Gemm"], exclude_nodes=gemms[:1]
+            )
+        )
+        .run(model, context(digits, tmp_path))
+        .model
+    )
     int8 = {t.name for t in out.graph.initializer if t.data_type == TensorProto.INT8}
     assert any("classifier.3.weight" in n for n in int8)  # the second Gemm is quantized
-    assert not any("features" in n or "classifier.1.weight" in n for n in int8)  # Conv and excluded Gemm not
+    assert not any(
+        "features" in n or "classifier.1.weight" in n for n in int8
+    )  # Conv and excluded Gemm not
 
 
-def test_dynamic_int8_quantizes_matmul_weights(tmp_path: Path, digits) -> None:  # noqa: ANN001
-    out = Quantize(QuantizeConfig(mode="dynamic")).run(digits.model(), context(digits, tmp_path)).model
+def test_dynamic_int8_quantizes_matmul_weights(tmp_path: Path, digits) -> None:
+    out = (
+        Quantize(QuantizeConfig(mode="dynamic"))
+        .run(digits.model(), context(digits, tmp_path))
+        .model
+    )
     assert TensorProto.INT8 in initializer_types(out)
     assert accuracy(out, digits) >= accuracy(digits.model(), digits) - 0.02
 
 
-def test_fp16_halves_the_weights_and_keeps_float32_io(tmp_path: Path, digits) -> None:  # noqa: ANN001
+def test_fp16_halves_the_weights_and_keeps_float32_io(tmp_path: Path, digits) -> None:
     model = digits.model()
     out = Quantize(QuantizeConfig(mode="fp16")).run(model, context(digits, tmp_path)).model
     assert TensorProto.FLOAT16 in initializer_types(out)
@@ -128,6 +158,10 @@ def test_fp16_halves_the_weights_and_keeps_float32_io(tmp_path: Path, digits) ->
         ({"op_types": ["LSTM"]}, "none of these operators is in the model"),
     ],
 )
-def test_quantize_names_what_does_not_exist(tmp_path: Path, digits, config: dict, message: str) -> None:  # noqa: ANN001
+def test_quantize_names_what_does_not_exist(
+    tmp_path: Path, digits, config: dict, message: str
+) -> None:
     with pytest.raises(BadInput, match=message):
-        Quantize(QuantizeConfig(mode="dynamic", **config)).run(digits.model(), context(digits, tmp_path))
+        Quantize(QuantizeConfig(mode="dynamic", **config)).run(
+            digits.model(), context(digits, tmp_path)
+        )

@@ -17,7 +17,7 @@ def ort_run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, feed)[0]
 
 
-def test_digits_outputs_match_onnxruntime(digits) -> None:  # noqa: ANN001
+def test_digits_outputs_match_onnxruntime(digits) -> None:
     model = digits.model()
     x = np.load(digits.val)["x"][:64]
     with torch.no_grad():
@@ -25,15 +25,19 @@ def test_digits_outputs_match_onnxruntime(digits) -> None:  # noqa: ANN001
     np.testing.assert_allclose(got, ort_run(model, {"input": x}), rtol=1e-4, atol=1e-4)
 
 
-def test_weights_are_parameters_and_write_back_round_trips(digits) -> None:  # noqa: ANN001
+def test_weights_are_parameters_and_write_back_round_trips(digits) -> None:
     model = digits.model()
     module = OnnxModule(model)
     assert set(module.weights()) == {t.name for t in model.graph.initializer}
     with torch.no_grad():
         module.weights()["classifier.3.bias"].add_(1.0)
     updated = module.write_back(model)
-    bias = {t.name: numpy_helper.to_array(t) for t in updated.graph.initializer}["classifier.3.bias"]
-    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["classifier.3.bias"]
+    bias = {t.name: numpy_helper.to_array(t) for t in updated.graph.initializer}[
+        "classifier.3.bias"
+    ]
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}[
+        "classifier.3.bias"
+    ]
     np.testing.assert_allclose(bias, original + 1.0)
     assert [n.name for n in updated.graph.node] == [n.name for n in model.graph.node]
 
@@ -59,8 +63,10 @@ def test_transformer_style_ops_match_onnxruntime() -> None:
         helper.make_node("MatMul", ["q2", "kt"], ["s"]),
         helper.make_node("Softmax", ["s"], ["out"], axis=-1),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "t", [ids], [out], inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "t", [ids], [out], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     onnx.checker.check_model(model, full_check=True)
     feed = rng.integers(0, 20, size=(3, 6)).astype(np.int64)
     with torch.no_grad():
@@ -71,7 +77,10 @@ def test_transformer_style_ops_match_onnxruntime() -> None:
 def test_unsupported_operator_is_named() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    model = helper.make_model(helper.make_graph([helper.make_node("Einsum", ["x"], ["y"], name="mix",
-                                                                  equation="ij->ij")], "g", [x], [y]))
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Einsum", ["x"], ["y"], name="mix", equation="ij->ij")], "g", [x], [y]
+        )
+    )
     with pytest.raises(UnsupportedModel, match=r"Einsum \(node 'mix'\)"):
         OnnxModule(model)

@@ -179,7 +179,9 @@ class PipelineStep(WireModel):
         if isinstance(data, str) and data in STEP_TYPES:
             return {data: {}}  # `- simplify` is accepted as shorthand
         if not isinstance(data, dict):
-            raise ValueError(f"a step is a one-key mapping such as {{prune: {{...}}}}, got {data!r}")
+            raise ValueError(
+                f"a step is a one-key mapping such as {{prune: {{...}}}}, got {data!r}"
+            )
         unknown = [k for k in data if k not in STEP_TYPES]
         if unknown:
             raise ValueError(f"unknown step {unknown[0]!r}; known steps: {', '.join(STEP_TYPES)}")
@@ -287,4 +289,3 @@ class CompressedModel(WireModel):
     kind: Literal["CompressedModel"]
     metadata: ObjectMeta
     spec: CompressedModelSpec
-

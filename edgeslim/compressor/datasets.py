@@ -45,7 +45,9 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in tensor.shape.dim
         )
-        specs.append(InputSpec(inp.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
+        specs.append(
+            InputSpec(inp.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+        )
     return specs
 
 
@@ -75,7 +77,9 @@ def load(path: Path, model: onnx.ModelProto, source: str | None = None) -> Datas
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(f"dataset {where}: not a readable .npz without pickled objects ({exc})") from exc
+        raise BadInput(
+            f"dataset {where}: not a readable .npz without pickled objects ({exc})"
+        ) from exc
     return bind(arrays, model, where)
 
 
@@ -98,7 +102,9 @@ def bind(arrays: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> D
     for spec in specs:
         arr = arrays[spec.name]
         if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d > 0 and d != got for i, (d, got) in enumerate(zip(spec.shape, arr.shape, strict=False)) if i > 0
+            isinstance(d, int) and d > 0 and d != got
+            for i, (d, got) in enumerate(zip(spec.shape, arr.shape, strict=False))
+            if i > 0
         ):
             raise BadInput(
                 f"dataset {where}: input {spec.name!r} has shape {list(arr.shape)}, "
@@ -109,12 +115,15 @@ def bind(arrays: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> D
                 arr = arr.astype(spec.dtype)
             else:
                 raise BadInput(
-                    f"dataset {where}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}"
+                    f"dataset {where}: input {spec.name!r} is {arr.dtype}, "
+                    f"the model expects {spec.dtype}"
                 )
         bound[spec.name] = arr
         counts.add(len(arr))
     if labels is not None:
         counts.add(len(labels))
     if len(counts) != 1 or 0 in counts:
-        raise BadInput(f"dataset {where}: arrays disagree on the number of samples or are empty: {found}")
+        raise BadInput(
+            f"dataset {where}: arrays disagree on the number of samples or are empty: {found}"
+        )
     return Dataset(bound, labels, where)

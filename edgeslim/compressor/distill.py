@@ -42,7 +42,9 @@ class Distill:
             notes.append(f"student from {cfg.student.uri} replaces the current model")
 
         data = ctx.load_dataset(cfg.dataset, cfg.dataset_sha256, student_model)
-        teacher_out = run_batched(session(ctx.source, threads=os.cpu_count() or 1), data, cfg.batch_size)
+        teacher_out = run_batched(
+            session(ctx.source, threads=os.cpu_count() or 1), data, cfg.batch_size
+        )
 
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(os.cpu_count() or 1)
@@ -66,15 +68,23 @@ class Distill:
 
         n = len(data)
         loss_value = 0.0
-        with ctx.progress.task(f"distill ({cfg.epochs} epochs)", total=cfg.epochs * -(-n // cfg.batch_size)) as bar:
+        with ctx.progress.task(
+            f"distill ({cfg.epochs} epochs)", total=cfg.epochs * -(-n // cfg.batch_size)
+        ) as bar:
             for epoch in range(cfg.epochs):
                 order = torch.randperm(n)
                 total, count = 0.0, 0
                 for start, stop in batches(n, cfg.batch_size):
                     idx = order[start:stop]
                     logits = student(*(t[idx] for t in inputs))[0]
-                    loss = _loss(logits, targets[idx], None if labels is None else labels[idx],
-                                 cfg.temperature, cfg.alpha, classification)
+                    loss = _loss(
+                        logits,
+                        targets[idx],
+                        None if labels is None else labels[idx],
+                        cfg.temperature,
+                        cfg.alpha,
+                        classification,
+                    )
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
@@ -91,15 +101,16 @@ class Distill:
         return StepOutput(model=student.write_back(student_model), notes=notes)
 
 
-def _loss(logits, teacher, labels, temperature: float, alpha: float, classification: bool):  # noqa: ANN001
+def _loss(logits, teacher, labels, temperature: float, alpha: float, classification: bool):
     import torch.nn.functional as F
 
     if not classification:
         return F.mse_loss(logits, teacher)
     t = temperature
     # Hinton et al.: scale the soft loss by T^2 so its gradients keep their size as T grows.
-    soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.softmax(teacher / t, dim=1),
-                    reduction="batchmean") * (t * t)
+    soft = F.kl_div(
+        F.log_softmax(logits / t, dim=1), F.softmax(teacher / t, dim=1), reduction="batchmean"
+    ) * (t * t)
     if labels is None:
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(logits, labels)
@@ -112,7 +123,7 @@ def _check_same_interface(teacher: onnx.ModelProto, student: onnx.ModelProto, wh
     s_in = [i.name for i in model_inputs(student)]
     if t_in != s_in or len(teacher.graph.output) != len(student.graph.output):
         raise BadInput(
-            f"distill.student {where}: inputs {s_in} and {len(student.graph.output)} outputs do not match "
+            f"distill.student {where}: inputs {s_in} and {len(student.graph.output)} outputs "
+            "do not match "
             f"the source model's inputs {t_in} and {len(teacher.graph.output)} outputs"
         )
-

@@ -27,7 +27,7 @@ from edgeslim.errors import BadInput
 WARMUP_RUNS = 10
 
 
-def session(model: onnx.ModelProto | bytes | Path, threads: int = 1):  # noqa: ANN201
+def session(model: onnx.ModelProto | bytes | Path, threads: int = 1):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -36,17 +36,23 @@ def session(model: onnx.ModelProto | bytes | Path, threads: int = 1):  # noqa: A
     opts.log_severity_level = 3
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+    )
 
 
-def _batch_size(sess, wanted: int) -> int:  # noqa: ANN001
+def _batch_size(sess, wanted: int) -> int:
     first = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
     return first if isinstance(first, int) and first > 0 else wanted
 
 
-def run_batched(sess, data: Dataset, batch_size: int = 256, progress: Progress | None = None,
-                label: str = "evaluate") -> np.ndarray:  # noqa: ANN001
+def run_batched(
+    sess,
+    data: Dataset,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+    label: str = "evaluate",
+) -> np.ndarray:
     """The first output of `sess` over the whole dataset, concatenated."""
     size = _batch_size(sess, batch_size)
     outputs = []
@@ -58,7 +64,9 @@ def run_batched(sess, data: Dataset, batch_size: int = 256, progress: Progress |
     return np.concatenate(outputs).astype(np.float32)
 
 
-def metric(kind: Metric, out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
+def metric(
+    kind: Metric, out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
+) -> float:
     """The metric of `out`; `reference` is the source model's output on the same data."""
     flat, ref = out.reshape(len(out), -1), reference.reshape(len(reference), -1)
     if kind is Metric.accuracy:
@@ -75,16 +83,22 @@ def metric(kind: Metric, out: np.ndarray, reference: np.ndarray, labels: np.ndar
     return float(np.mean((flat - ref) ** 2))
 
 
-def evaluation_figures(cfg: Evaluation, data: Dataset, source_out: np.ndarray,
-                       compressed_out: np.ndarray) -> EvaluationFigures:
+def evaluation_figures(
+    cfg: Evaluation, data: Dataset, source_out: np.ndarray, compressed_out: np.ndarray
+) -> EvaluationFigures:
     if cfg.metric.needs_labels and data.labels is None:
         raise BadInput(f"evaluation.metric {cfg.metric.value} needs labels y in {data.source}")
     labels = None if data.labels is None else data.labels.astype(np.int64).reshape(-1)
     baseline = metric(cfg.metric, source_out, source_out, labels)
     compressed = metric(cfg.metric, compressed_out, source_out, labels)
     drop = baseline - compressed if cfg.metric.higher_is_better else compressed - baseline
-    return EvaluationFigures(metric=cfg.metric.value, samples=len(data), baseline=round(baseline, 6),
-                             compressed=round(compressed, 6), drop=round(drop, 6))
+    return EvaluationFigures(
+        metric=cfg.metric.value,
+        samples=len(data),
+        baseline=round(baseline, 6),
+        compressed=round(compressed, 6),
+        drop=round(drop, 6),
+    )
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,7 @@ class Latency:
     p95_ms: float
 
 
-def latency(sess, data: Dataset, runs: int) -> Latency:  # noqa: ANN001
+def latency(sess, data: Dataset, runs: int) -> Latency:
     """Batch-1 latency percentiles, cycling over the first samples."""
     samples = [data.batch(i, i + 1) for i in range(min(len(data), 32))]
     for i in range(WARMUP_RUNS):
@@ -109,8 +123,10 @@ def latency(sess, data: Dataset, runs: int) -> Latency:  # noqa: ANN001
 def latency_figures(source: Latency, compressed: Latency) -> LatencyFigures:
     speedup = source.p50_ms / compressed.p50_ms if compressed.p50_ms > 0 else 0.0
     return LatencyFigures(
-        source_p50_ms=round(source.p50_ms, 4), source_p95_ms=round(source.p95_ms, 4),
-        compressed_p50_ms=round(compressed.p50_ms, 4), compressed_p95_ms=round(compressed.p95_ms, 4),
+        source_p50_ms=round(source.p50_ms, 4),
+        source_p95_ms=round(source.p95_ms, 4),
+        compressed_p50_ms=round(compressed.p50_ms, 4),
+        compressed_p95_ms=round(compressed.p95_ms, 4),
         speedup=round(speedup, 3),
         # 5% slack: timing noise on a busy machine should not cry wolf.
         slower=speedup < 0.95,
@@ -121,14 +137,19 @@ def peak_rss_bytes(model_path: Path, sample_path: Path) -> int:
     """Peak resident memory of a fresh process that loads the model and runs one sample."""
     proc = subprocess.run(
         [sys.executable, "-m", "edgeslim.compressor.memprobe", str(model_path), str(sample_path)],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed for {model_path}: {proc.stderr.strip()[-500:]}")
     return int(json.loads(proc.stdout)["peakRssBytes"])
 
 
-def memory_figures(source_path: Path, compressed_path: Path, data: Dataset, workdir: Path) -> MemoryFigures:
+def memory_figures(
+    source_path: Path, compressed_path: Path, data: Dataset, workdir: Path
+) -> MemoryFigures:
     sample = workdir / "memprobe-sample.npz"
     np.savez(sample, **data.batch(0, 1))
     return MemoryFigures(

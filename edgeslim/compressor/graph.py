@@ -77,12 +77,18 @@ def weight_stats(model: onnx.ModelProto) -> tuple[int, int]:
     for graph in iter_graphs(model.graph):
         # Per-channel scales and zero points of quantized weights are bookkeeping too.
         qparams = {
-            name for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+            name
+            for node in graph.node
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear")
             for name in node.input[1:]
         }
         for init in graph.initializer:
             n = int(np.prod(init.dims)) if init.dims else 1
-            if n < 16 or init.name in qparams or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.STRING):
+            if (
+                n < 16
+                or init.name in qparams
+                or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.STRING)
+            ):
                 continue
             arr = numpy_helper.to_array(init)
             params += n
@@ -90,7 +96,9 @@ def weight_stats(model: onnx.ModelProto) -> tuple[int, int]:
     return params, zeros
 
 
-def figures(model_bytes: bytes, model: onnx.ModelProto | None = None, uri: str = "") -> ModelFigures:
+def figures(
+    model_bytes: bytes, model: onnx.ModelProto | None = None, uri: str = ""
+) -> ModelFigures:
     """Size, gzip size, sha256, parameters and sparsity of a serialized model."""
     model = model if model is not None else onnx.load_from_string(model_bytes)
     params, zeros = weight_stats(model)

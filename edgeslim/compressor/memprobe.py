@@ -1,4 +1,7 @@
-"""Measure a model's peak RSS in a clean process: `python -m edgeslim.compressor.memprobe MODEL SAMPLE`.
+"""Measure a model's peak RSS in a clean process.
+
+    python -m edgeslim.compressor.memprobe MODEL SAMPLE_NPZ
+
 
 Run as a subprocess by evaluate.py; prints {"peakRssBytes": N}. Only the
 serving stack (onnxruntime, numpy) is imported, as on an edge device.

@@ -58,10 +58,14 @@ def _check_external_data(model: onnx.ModelProto, base: Path, where: str) -> None
             location = ExternalDataInfo(tensor).location
             target = (root / location).resolve()
             if Path(location).is_absolute() or not target.is_relative_to(root):
-                raise BadInput(f"{where}: external data {location!r} of tensor {tensor.name!r} points "
-                               "outside the model's folder")
+                raise BadInput(
+                    f"{where}: external data {location!r} of tensor {tensor.name!r} points "
+                    "outside the model's folder"
+                )
             if not target.is_file():
-                raise BadInput(f"{where}: external data file {location!r} of tensor {tensor.name!r} is missing")
+                raise BadInput(
+                    f"{where}: external data file {location!r} of tensor {tensor.name!r} is missing"
+                )
 
 
 def load_onnx(path: Path, where: str) -> onnx.ModelProto:
@@ -98,16 +102,25 @@ def load_torchscript(path: Path, where: str, example: dict[str, np.ndarray]) -> 
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                module, args, buffer, input_names=names, output_names=["output"],
+                module,
+                args,
+                buffer,
+                input_names=names,
+                output_names=["output"],
                 dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
-                opset_version=17, dynamo=False,
+                opset_version=17,
+                dynamo=False,
             )
         except Exception as exc:
-            raise BadInput(f"{where}: TorchScript model could not be converted to ONNX: {exc}") from exc
+            raise BadInput(
+                f"{where}: TorchScript model could not be converted to ONNX: {exc}"
+            ) from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
-def load_model(path: Path, where: str, example: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+def load_model(
+    path: Path, where: str, example: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
     """A checked ONNX model from an ONNX or TorchScript file; BadInput for anything else."""
     kind = sniff(path)
     if kind == "pickle":

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from edgeslim import __version__, storage
-from edgeslim.api.result import CompressionResult, GateVerdict, ModelFigures, StepRecord
+from edgeslim.api.result import CompressionResult, GateVerdict, StepRecord
 from edgeslim.api.spec import CompressedModel, Evaluation
 from edgeslim.compressor import evaluate, graph, model_io, steps
 from edgeslim.compressor.datasets import Dataset
@@ -56,7 +56,9 @@ class Workspace:
     def dataset(self, uri: str, sha256: str | None, model: onnx.ModelProto) -> Dataset:
         return load_dataset(self.fetch(uri, sha256, "dataset"), model, source=uri)
 
-    def model(self, uri: str, sha256: str | None, example_from: str | None = None) -> onnx.ModelProto:
+    def model(
+        self, uri: str, sha256: str | None, example_from: str | None = None
+    ) -> onnx.ModelProto:
         path = self.fetch(uri, sha256, "model")
         example = model_io.read_npz_example(self.files[example_from]) if example_from else None
         return model_io.load_model(path, uri, example)
@@ -71,7 +73,9 @@ def _datasets_in(obj: CompressedModel) -> list[tuple[str, str | None, str]]:
         if step.type == "distill":
             found.append((cfg.dataset, cfg.dataset_sha256, f"pipeline[{i}].distill.dataset"))
         if step.type == "quantize" and cfg.calibration_dataset:
-            found.append((cfg.calibration_dataset, None, f"pipeline[{i}].quantize.calibrationDataset"))
+            found.append(
+                (cfg.calibration_dataset, None, f"pipeline[{i}].quantize.calibrationDataset")
+            )
     return found
 
 
@@ -94,9 +98,12 @@ def compress(
 
     log(f"fetching {spec.source.uri}")
     source_path = ws.fetch(spec.source.uri, spec.source.sha256, "source model")
-    ev_path = ws.fetch(spec.evaluation.dataset, spec.evaluation.dataset_sha256, "evaluation dataset")
-    source = model_io.load_model(source_path, f"source model {spec.source.uri}",
-                                 model_io.read_npz_example(ev_path))
+    ev_path = ws.fetch(
+        spec.evaluation.dataset, spec.evaluation.dataset_sha256, "evaluation dataset"
+    )
+    source = model_io.load_model(
+        source_path, f"source model {spec.source.uri}", model_io.read_npz_example(ev_path)
+    )
     graph.constants_to_initializers(source)
     # Pre-flight: every dataset must fit the model before any step spends time.
     for uri, sha, field in _datasets_in(obj):
@@ -107,8 +114,10 @@ def compress(
     eval_data = ws.dataset(spec.evaluation.dataset, None, source).head(spec.evaluation.samples)
 
     ctx = steps.StepContext(
-        source=source, workdir=workdir,
-        load_dataset=ws.dataset, load_model=lambda uri, sha: ws.model(uri, sha, spec.evaluation.dataset),
+        source=source,
+        workdir=workdir,
+        load_dataset=ws.dataset,
+        load_model=lambda uri, sha: ws.model(uri, sha, spec.evaluation.dataset),
         evaluation_dataset=spec.evaluation.dataset,
         train_datasets=[s.config.dataset for s in spec.pipeline if s.type == "distill"],
         progress=progress,
@@ -128,35 +137,61 @@ def compress(
             raise BadInput(f"pipeline[{i}].{entry.type}: {exc}") from exc
         data = out.model.SerializeToString()
         after = graph.figures(data, out.model)
-        records.append(StepRecord(
-            type=entry.type, config=entry.config.wire(), before=current, after=after,
-            seconds=round(time.perf_counter() - started, 3),
-            changed=after.sha256 != current.sha256, grew=after.size_bytes > current.size_bytes,
-            notes=out.notes,
-        ))
+        records.append(
+            StepRecord(
+                type=entry.type,
+                config=entry.config.wire(),
+                before=current,
+                after=after,
+                seconds=round(time.perf_counter() - started, 3),
+                changed=after.sha256 != current.sha256,
+                grew=after.size_bytes > current.size_bytes,
+                notes=out.notes,
+            )
+        )
         model, current = out.model, after
 
     log("evaluating")
     result_bytes = model.SerializeToString()
-    ev_fig, lat_fig, mem_fig = _measure(spec.evaluation, source, model, eval_data, workdir, progress)
+    ev_fig, lat_fig, mem_fig = _measure(
+        spec.evaluation, source, model, eval_data, workdir, progress
+    )
     passed = ev_fig.drop <= spec.evaluation.max_metric_drop
-    gate = GateVerdict(passed=passed, max_metric_drop=spec.evaluation.max_metric_drop,
-                       reason=_gate_reason(ev_fig.metric, ev_fig.baseline, ev_fig.compressed,
-                                           ev_fig.drop, spec.evaluation.max_metric_drop, passed))
+    gate = GateVerdict(
+        passed=passed,
+        max_metric_drop=spec.evaluation.max_metric_drop,
+        reason=_gate_reason(
+            ev_fig.metric,
+            ev_fig.baseline,
+            ev_fig.compressed,
+            ev_fig.drop,
+            spec.evaluation.max_metric_drop,
+            passed,
+        ),
+    )
     model_uri = storage.join(prefix, MODEL_FILE if passed else REJECTED_MODEL_FILE)
     manifest_uri = storage.join(prefix, MANIFEST_FILE)
     artifact = graph.figures(result_bytes, model, uri=model_uri)
     result = CompressionResult(
-        name=obj.metadata.name, spec_hash=spec_hash, source=source_fig, artifact=artifact,
-        steps=records, evaluation=ev_fig, latency=lat_fig, memory=mem_fig,
+        name=obj.metadata.name,
+        spec_hash=spec_hash,
+        source=source_fig,
+        artifact=artifact,
+        steps=records,
+        evaluation=ev_fig,
+        latency=lat_fig,
+        memory=mem_fig,
         compression_ratio=round(source_fig.size_bytes / artifact.size_bytes, 4),
         download_ratio=round(source_fig.gzip_size_bytes / artifact.gzip_size_bytes, 4),
-        gate=gate, versions=_versions(),
+        gate=gate,
+        versions=_versions(),
     )
     log(f"writing {prefix}")
     # The model goes first and the manifest last: a manifest's presence means a complete result.
     storage.put_bytes(result_bytes, model_uri)
-    storage.put_bytes(json.dumps(result.wire(), indent=2).encode(), manifest_uri, "application/json")
+    storage.put_bytes(
+        json.dumps(result.wire(), indent=2).encode(), manifest_uri, "application/json"
+    )
     return Outcome(result=result, model_uri=model_uri, manifest_uri=manifest_uri)
 
 
@@ -165,8 +200,14 @@ def _counts(model: onnx.ModelProto) -> dict:
     return {"parameters": params, "sparsity": round(zeros / params, 6) if params else 0.0}
 
 
-def _measure(cfg: Evaluation, source: onnx.ModelProto, result: onnx.ModelProto, data: Dataset,
-             workdir: Path, progress: steps.Progress):  # noqa: ANN202
+def _measure(
+    cfg: Evaluation,
+    source: onnx.ModelProto,
+    result: onnx.ModelProto,
+    data: Dataset,
+    workdir: Path,
+    progress: steps.Progress,
+):
     src_sess, out_sess = evaluate.session(source), evaluate.session(result)
     src_out = evaluate.run_batched(src_sess, data, progress=progress, label="evaluate source")
     out_out = evaluate.run_batched(out_sess, data, progress=progress, label="evaluate compressed")
@@ -183,8 +224,9 @@ def _measure(cfg: Evaluation, source: onnx.ModelProto, result: onnx.ModelProto, 
     return ev_fig, evaluate.latency_figures(src_lat, out_lat), mem
 
 
-def _gate_reason(metric: str, baseline: float, compressed: float, drop: float, limit: float,
-                 passed: bool) -> str:
+def _gate_reason(
+    metric: str, baseline: float, compressed: float, drop: float, limit: float, passed: bool
+) -> str:
     change = f"{metric} {baseline:.4f} -> {compressed:.4f} (drop {drop:+.4f})"
     if passed:
         return f"{change} is within maxMetricDrop {limit:g}"
@@ -197,9 +239,14 @@ def _versions() -> dict[str, str]:
     import onnxslim
     import torch
 
-    return {"edgeslim": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "onnxslim": onnxslim.__version__,
-            "numpy": numpy.__version__}
+    return {
+        "edgeslim": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxslim": onnxslim.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def write_termination_message(result: CompressionResult, outcome: Outcome) -> Path | None:

@@ -32,7 +32,9 @@ class Quantize:
         names = {n.name for n in model.graph.node}
         unknown = [n for n in self.config.exclude_nodes if n not in names]
         if unknown:
-            raise BadInput(f"quantize.excludeNodes: no node named {', '.join(map(repr, unknown))} in the model")
+            raise BadInput(
+                f"quantize.excludeNodes: no node named {', '.join(map(repr, unknown))} in the model"
+            )
         ops_present = {n.op_type for n in model.graph.node}
         if self.config.op_types and not set(self.config.op_types) & ops_present:
             raise BadInput(
@@ -45,21 +47,35 @@ class Quantize:
             onnx.save(model, src)
             if mode is QuantizeMode.fp16:
                 out = self._fp16(model, ops_present)
-                halves = sum(1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
-                notes.append(f"fp16: {halves} initializers stored as float16, inputs/outputs kept float32")
+                halves = sum(
+                    1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
+                )
+                notes.append(
+                    f"fp16: {halves} initializers stored as float16, inputs/outputs kept float32"
+                )
             else:
                 notes += _pre_process(src)
             if mode is QuantizeMode.dynamic:
                 self._dynamic(src, dst)
                 out = onnx.load(dst)
             elif mode is QuantizeMode.static:
-                uri = self.config.calibration_dataset or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
+                uri = (
+                    self.config.calibration_dataset
+                    or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
+                )
                 data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
-                notes.append(f"calibrated on {len(data)} samples of {uri} ({self.config.calibration_method.value})")
+                notes.append(
+                    f"calibrated on {len(data)} samples of {uri} "
+                    f"({self.config.calibration_method.value})"
+                )
                 self._static(src, dst, data, ctx)
                 out = onnx.load(dst)
-        quantized = sum(1 for n in out.graph.node if n.op_type in ("DequantizeLinear", "MatMulInteger",
-                                                                   "ConvInteger", "DynamicQuantizeLinear"))
+        quantized = sum(
+            1
+            for n in out.graph.node
+            if n.op_type
+            in ("DequantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")
+        )
         if mode is not QuantizeMode.fp16:
             notes.append(f"{mode.value} int8: {quantized} quantization nodes inserted")
         return StepOutput(model=out, notes=notes)
@@ -79,10 +95,12 @@ class Quantize:
     def _static(self, src: Path, dst: Path, data: Dataset, ctx: StepContext) -> None:
         from onnxruntime.quantization import (
             CalibrationDataReader,
-            CalibrationMethod as OrtMethod,
             QuantFormat,
             QuantType,
             quantize_static,
+        )
+        from onnxruntime.quantization import (
+            CalibrationMethod as OrtMethod,
         )
 
         class Reader(CalibrationDataReader):
@@ -103,9 +121,14 @@ class Quantize:
         }[self.config.calibration_method]
         with ctx.progress.task("calibrate", total=len(data)) as bar:
             quantize_static(
-                src, dst, Reader(), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=method, **self._common(),
+                src,
+                dst,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                **self._common(),
             )
 
     def _fp16(self, model: onnx.ModelProto, ops_present: set[str]) -> onnx.ModelProto:
@@ -114,7 +137,9 @@ class Quantize:
         blocked = sorted(ops_present - set(self.config.op_types)) if self.config.op_types else None
         # keep_io_types: callers keep sending float32; casts happen inside the graph.
         return convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=blocked,
+            model,
+            keep_io_types=True,
+            op_block_list=blocked,
             node_block_list=self.config.exclude_nodes or None,
         )
 

@@ -29,7 +29,9 @@ class Simplify:
         slimmed = onnxslim.slim(model)
         converted = constants_to_initializers(slimmed)
         after = Counter(n.op_type for n in slimmed.graph.node)
-        removed = {op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)}
+        removed = {
+            op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)
+        }
         notes = [f"nodes {sum(before.values())} -> {sum(after.values())}"]
         if removed:
             notes.append("removed " + ", ".join(f"{n} {op}" for op, n in sorted(removed.items())))

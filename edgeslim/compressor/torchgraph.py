@@ -61,8 +61,13 @@ def _conv(x: list[Tensor | None], a: Attrs) -> Tensor:
         inp, pads = F.pad(inp, pads), [0] * spatial
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return conv(
-        inp, w, b, stride=a.get("strides", 1), padding=pads,
-        dilation=a.get("dilations", 1), groups=a.get("group", 1),
+        inp,
+        w,
+        b,
+        stride=a.get("strides", 1),
+        padding=pads,
+        dilation=a.get("dilations", 1),
+        groups=a.get("group", 1),
     )
 
 
@@ -82,8 +87,15 @@ def _pool(kind: str) -> OpFn:
             fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
             return fn(inp, kernel, strides, pads, a.get("dilations", 1), ceil_mode=ceil)
         fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-        return fn(inp, kernel, strides, pads, ceil_mode=ceil,
-                  count_include_pad=bool(a.get("count_include_pad", 0)))
+        return fn(
+            inp,
+            kernel,
+            strides,
+            pads,
+            ceil_mode=ceil,
+            count_include_pad=bool(a.get("count_include_pad", 0)),
+        )
+
     return run
 
 
@@ -139,6 +151,7 @@ def _reduce(fn: str) -> OpFn:
         t = x[0]
         dims = tuple(range(t.dim())) if not axes else tuple(axes)
         return getattr(t, fn)(dim=dims, keepdim=keep)
+
     return run
 
 
@@ -171,7 +184,9 @@ def _slice(x: list[Tensor | None], a: Attrs) -> Tensor:
     for s, e, ax, st in zip(starts, ends, axes, steps, strict=True):
         if st < 0:
             raise UnsupportedModel("Slice with negative steps is not supported")
-        index[ax] = slice(int(max(min(s, 2**62), -(2**62))), int(max(min(e, 2**62), -(2**62))), int(st))
+        index[ax] = slice(
+            int(max(min(s, 2**62), -(2**62))), int(max(min(e, 2**62), -(2**62))), int(st)
+        )
     return t[tuple(index)]
 
 
@@ -226,7 +241,9 @@ OPS: dict[str, OpFn] = {
     "LeakyRelu": lambda x, a: F.leaky_relu(x[0], a.get("alpha", 0.01)),
     "HardSigmoid": lambda x, a: torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1),
     "HardSwish": _unary(F.hardswish),
-    "Gelu": lambda x, a: F.gelu(x[0], approximate="tanh" if a.get("approximate") in (b"tanh", "tanh") else "none"),
+    "Gelu": lambda x, a: F.gelu(
+        x[0], approximate="tanh" if a.get("approximate") in (b"tanh", "tanh") else "none"
+    ),
     "Clip": _clip,
     "Softmax": _softmax(torch.softmax),
     "LogSoftmax": _softmax(torch.log_softmax),
@@ -244,7 +261,9 @@ OPS: dict[str, OpFn] = {
     "Squeeze": _squeeze,
     "Gather": _gather,
     "Slice": _slice,
-    "Shape": lambda x, a: torch.tensor(x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64),
+    "Shape": lambda x, a: torch.tensor(
+        x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64
+    ),
     "Expand": lambda x, a: x[0] * torch.ones([int(s) for s in x[1].tolist()], dtype=x[0].dtype),
     "Cast": _cast,
     "ReduceMean": _reduce("mean"),
@@ -259,17 +278,20 @@ def _is_float(tensor: onnx.TensorProto) -> bool:
 
 def check_supported(model: onnx.ModelProto) -> None:
     """Raise UnsupportedModel naming every operator the bridge cannot run."""
-    bad = sorted({
-        f"{n.op_type} (node {n.name or n.output[0]!r})"
-        for n in model.graph.node
-        if n.op_type not in OPS or n.domain not in ("", "ai.onnx")
-    })
+    bad = sorted(
+        {
+            f"{n.op_type} (node {n.name or n.output[0]!r})"
+            for n in model.graph.node
+            if n.op_type not in OPS or n.domain not in ("", "ai.onnx")
+        }
+    )
     if bad:
         raise UnsupportedModel(
             "the torch bridge used for training cannot run operator "
             + ", ".join(bad[:5])
             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            + "; supported: " + ", ".join(sorted(OPS))
+            + "; supported: "
+            + ", ".join(sorted(OPS))
         )
 
 
@@ -281,11 +303,17 @@ class OnnxModule(nn.Module):
         check_supported(model)
         graph = model.graph
         self.nodes = list(graph.node)
-        self.attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes]
-        self.input_names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+        self.attrs = [
+            {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes
+        ]
+        self.input_names = [
+            i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}
+        ]
         self.output_names = [o.name for o in graph.output]
         weight_inputs = {
-            name for n in graph.node if n.op_type in WEIGHT_OPS | {"BatchNormalization", "LayerNormalization", "Add", "Mul"}
+            name
+            for n in graph.node
+            if n.op_type in WEIGHT_OPS | {"BatchNormalization", "LayerNormalization", "Add", "Mul"}
             for name in n.input[1:]
         }
         self.param_names: dict[str, str] = {}  # onnx initializer name -> parameter key
@@ -324,7 +352,9 @@ class OnnxModule(nn.Module):
         """A copy of `model` with this module's trained weights in its initializers."""
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        trained = {name: self.params[key].detach().cpu().numpy() for name, key in self.param_names.items()}
+        trained = {
+            name: self.params[key].detach().cpu().numpy() for name, key in self.param_names.items()
+        }
         for init in out.graph.initializer:
             if init.name in trained:
                 dtype = helper.tensor_dtype_to_np_dtype(init.data_type)

@@ -28,11 +28,14 @@ class Settings:
     serving_image: str = "ghcr.io/edgeslim/serving:0.1.0"
     """Image of edge-serving Deployments (EDGESLIM_SERVING_IMAGE)."""
     max_concurrent_jobs: int = 4
-    """Cluster-wide limit of running compressor Jobs; 0 = unlimited (EDGESLIM_MAX_CONCURRENT_JOBS)."""
+    """Cluster-wide limit of running compressor Jobs; 0 = unlimited
+    (EDGESLIM_MAX_CONCURRENT_JOBS)."""
     kueue_queue: str | None = None
-    """When set, Jobs carry kueue.x-k8s.io/queue-name and Kueue admits them (EDGESLIM_KUEUE_QUEUE)."""
+    """When set, Jobs carry kueue.x-k8s.io/queue-name and Kueue admits them
+    (EDGESLIM_KUEUE_QUEUE)."""
     job_backoff_limit: int = 2
-    """Retries of a compressor pod that failed for a reason other than bad input (EDGESLIM_JOB_BACKOFF_LIMIT)."""
+    """Retries of a compressor pod that failed for a reason other than bad input
+    (EDGESLIM_JOB_BACKOFF_LIMIT)."""
     job_ttl_seconds: int = 3600
     """Finished Jobs are garbage-collected after this long (EDGESLIM_JOB_TTL_SECONDS)."""
     metrics_port: int = 8080
