@@ -18,6 +18,11 @@ cache="${EDGESLIM_TOOLS_CACHE:-$HOME/.cache/edgeslim/tools}"
 
 # Never fetch a different Go toolchain; static binaries like upstream's release.
 export GOTOOLCHAIN=local CGO_ENABLED=0
+if ! command -v go >/dev/null; then
+  if [[ -x /usr/local/go/bin/go ]]; then
+    export PATH="/usr/local/go/bin:$PATH"
+  fi
+fi
 # Keep the compiled output small; -trimpath also keeps paths out of binaries.
 ldflags_common="-s -w"
 
@@ -59,6 +64,19 @@ build() { # <tools dir> <cache key> <ldflags> <binary=package>...
   rm -rf "$dest" && mv "$tmp" "$dest"
   log "built $key in $((SECONDS - start))s"
 }
+
+all_cached() {
+  [[ -x "$cache/etcd-$ETCD_VERSION/etcd" && -x "$cache/helm-$HELM_VERSION/helm" ]] || return 1
+  local b
+  for b in kube-apiserver kube-controller-manager kubectl; do
+    [[ -x "$cache/kubernetes-$KUBERNETES_VERSION/$b" ]] || return 1
+  done
+}
+
+if ! all_cached && ! command -v go >/dev/null; then
+  log "Go is needed to build the control plane the first time (go1.26 or newer on PATH)"
+  exit 1
+fi
 
 mkdir -p "$cache"
 # One build at a time per cache (make test and make cluster may race).

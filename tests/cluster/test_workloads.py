@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+import uuid
 from typing import Any
 
 import pytest
@@ -291,3 +292,43 @@ def test_pod_reaches_the_api_as_its_service_account(k8s: K8s, namespace: str) ->
     [pod] = job_pods(k8s, namespace, "whoami")
     message = pod.status.container_statuses[0].state.terminated.message
     assert message == f"system:serviceaccount:{namespace}:default {namespace}"
+
+
+def test_finished_job_is_deleted_after_its_ttl(k8s: K8s, namespace: str) -> None:
+    job = python_job("short-lived", "print('done')")
+    job.spec.ttl_seconds_after_finished = 0
+    k8s.batch.create_namespaced_job(namespace, job)
+
+    def deleted() -> bool:
+        return not k8s.batch.list_namespaced_job(namespace).items
+
+    wait_until(deleted, 60, what="the TTL-after-finished controller to delete the Job")
+
+
+def test_deleting_a_namespace_stops_its_pods(k8s: K8s, node_agent: NodeAgent) -> None:
+    name = f"doomed-{uuid.uuid4().hex[:6]}"
+    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_until(lambda: k8s.core.list_namespaced_service_account(name).items, 30, what="default SA")
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="sleeper"),
+        spec=client.V1PodSpec(
+            containers=[client.V1Container(name="main", image="x", command=["sleep", "300"])],
+            termination_grace_period_seconds=2,
+        ),
+    )
+    k8s.core.create_namespaced_pod(name, pod)
+    wait_until(
+        lambda: k8s.core.read_namespaced_pod("sleeper", name).status.phase == "Running",
+        30,
+        what="the pod to run",
+    )
+    pids = node_agent.live_pids(name)
+    assert len(pids) == 1
+
+    k8s.core.delete_namespace(name)
+
+    def namespace_gone() -> bool:
+        return name not in [ns.metadata.name for ns in k8s.core.list_namespace().items]
+
+    wait_until(namespace_gone, 90, interval=0.5, what=f"namespace {name} to be deleted")
+    assert not [pid for pid in pids if pid_alive(pid)]
