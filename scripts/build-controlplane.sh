@@ -54,7 +54,7 @@ build() { # <tools dir> <cache key> <ldflags> <binary=package>...
   rm -rf "$tmp" && mkdir -p "$tmp"
   for spec in "$@"; do pkgs+=("${spec#*=}"); done
   log "building ${pkgs[*]} (tools/$dir) ..."
-  (cd "$root/tools/$dir" && go build -trimpath -ldflags="$ldflags_common $ldflags" -o "$tmp/" "${pkgs[@]}")
+  (cd "$root/tools/$dir" && go build -trimpath -buildvcs=false -ldflags="$ldflags_common $ldflags" -o "$tmp/" "${pkgs[@]}")
   for spec in "$@"; do
     # go build names a binary after its package's last path element.
     local built
