@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 import yaml
 from onnx import TensorProto
 
@@ -234,3 +235,65 @@ def test_validate_prints_the_spec_hash(
     path.write_text(yaml.safe_dump(spec_for(digits, tmp_path)))
     assert main(["validate", str(path)]) == EXIT_OK
     assert "valid, spec hash" in capsys.readouterr().out
+
+
+class _TinyEncoder(torch.nn.Module):
+    """A transformer-shaped model: token + mask inputs, embedding, attention-like mixing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(self.emb(input_ids)))
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def test_multi_input_model_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(96, 12)).astype(np.int64)
+    mask = (rng.random((96, 12)) > 0.2).astype(np.int64)
+    model_path = tmp_path / "encoder.onnx"
+    torch.onnx.export(
+        _TinyEncoder().eval(),
+        (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])),
+        str(model_path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "b"}, "attention_mask": {0: "b"}, "logits": {0: "b"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    np.savez(tmp_path / "text.npz", input_ids=ids, attention_mask=mask)
+    doc = {
+        "apiVersion": "edgeslim.io/v1alpha1",
+        "kind": "CompressedModel",
+        "metadata": {"name": "encoder"},
+        "spec": {
+            "source": {"uri": str(model_path)},
+            "evaluation": {
+                "dataset": str(tmp_path / "text.npz"),
+                "metric": "cosine",
+                "maxMetricDrop": 0.05,
+                "latencyRuns": 10,
+            },
+            "pipeline": [
+                {"prune": {"method": "magnitude", "sparsity": 0.3}},
+                {"distill": {"dataset": str(tmp_path / "text.npz"), "epochs": 2}},
+                {"quantize": {"mode": "dynamic"}},
+            ],
+            "output": {"uri": str(tmp_path / "out")},
+        },
+    }
+    assert run(doc, tmp_path) == EXIT_OK
+    manifest = json.loads(
+        next(p for p in written(tmp_path) if p.name == "manifest.json").read_text()
+    )
+    assert manifest["evaluation"]["metric"] == "cosine" and manifest["evaluation"]["samples"] == 96
+    assert manifest["evaluation"]["compressed"] > 0.95
+    assert [s["changed"] for s in manifest["steps"]] == [True, True, True]
