@@ -112,6 +112,18 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_crd(args: argparse.Namespace) -> int:
+    from edgeslim.api.crd import render_crd
+
+    text = render_crd()
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeslim", description="Compress ML models for edge fleets.")
     p.add_argument("--version", action="version", version=f"edgeslim {__version__}")
@@ -134,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec", type=Path)
     v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")
+    d.add_argument("--output", type=Path, default=None, help="write it to this file instead")
+    d.set_defaults(func=cmd_crd)
 
     d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")
     d.add_argument("--output", type=Path, default=None, help="write it to this file instead")

@@ -152,18 +152,11 @@ IN_CLUSTER_URI = _rule(
     "in a cluster only s3:// URIs work: the compressor pod cannot read local paths or file:// URIs",
 )
 
+_STEP_RANKS = "self.map(s, has(s.quantize) ? 2 : (has(s.prune) || has(s.distill) ? 1 : 0))"
+
 # Rules the pydantic validators enforce in code; here the API server enforces
 # them at `kubectl apply` time. Keyed by the dotted path of the node they sit on.
 CEL_RULES: dict[str, list[Schema]] = {
-    "": [
-        _rule(
-            f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-            f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the names of the "
-            "Job, Deployment and Service made for it add a suffix",
-            fieldPath=".metadata.name",
-            reason="FieldValueTooLong",
-        ),
-    ],
     "spec": [
         _rule(
             "!has(self.deployment) || has(self.output)",
@@ -178,11 +171,12 @@ CEL_RULES: dict[str, list[Schema]] = {
             "self.filter(s, has(s.quantize)).size() <= 1",
             "pipeline: quantize may appear at most once",
         ),
-        # One letter per step (Q quantize, T a training step, - the rest), then
-        # a regex: CEL has no indexed iteration over lists in every version.
+        # Each step as a number (2 quantize, 1 a training step, 0 the rest): the
+        # last training step must come before the quantize step, if there is one.
+        # (cel.bind is not available to CRD rules, hence the repeated map.)
         _rule(
-            "!self.map(s, has(s.quantize) ? 'Q' : (has(s.prune) || has(s.distill) ? 'T' : '-'))"
-            ".join('').matches('Q.*T')",
+            f"!self.exists(s, has(s.quantize)) || {_STEP_RANKS}.lastIndexOf(1)"
+            f" < {_STEP_RANKS}.indexOf(2)",
             "pipeline: prune and distill cannot follow quantize",
         ),
     ],
@@ -227,7 +221,11 @@ def _openapi_schema() -> Schema:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # The only metadata a CRD schema may constrain is name / generateName.
+            "metadata": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": MAX_NAME_LENGTH}},
+            },
             "spec": spec,
             "status": status,
         },

@@ -1,0 +1,359 @@
+"""The generated CompressedModel CRD: in sync with the models, structural, and
+enforced by a real API server (schema, CEL rules, defaults, kubectl explain)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from edgeslim.api.base import API_GROUP, API_VERSION, PLURAL
+from edgeslim.api.crd import CRD_NAME, MAX_NAME_LENGTH, build_crd, render_crd
+from tests.cluster.fixtures import K8s
+from tests.cluster.processes import wait_until
+from tests.cluster.tools import binaries
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD_FILE = ROOT / "crds" / "compressedmodel.yaml"
+EXAMPLE = ROOT / "examples" / "digits" / "digits-s3.yaml"
+
+
+def _schema() -> dict[str, Any]:
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from _nodes(child, f"{path}.{name}")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}.*")
+    if "items" in node:
+        yield from _nodes(node["items"], f"{path}[]")
+
+
+# --- the file and the schema, no cluster -----------------------------------------
+
+
+def test_committed_crd_matches_the_models() -> None:
+    assert CRD_FILE.read_text() == render_crd(), (
+        "crds/compressedmodel.yaml is out of date with edgeslim/api; "
+        "run `edgeslim crd --output crds/compressedmodel.yaml` and commit it"
+    )
+
+
+def test_schema_is_structural() -> None:
+    for path, node in _nodes(_schema()):
+        assert not {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"} & set(node), path
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        assert node.get("default", "") is not None, f"{path} has default: null"
+        assert node.get("additionalProperties") is not False, path
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert node.get(bound, True) is True, f"{path}.{bound} must be a boolean flag"
+
+
+def test_field_descriptions_reach_the_schema() -> None:
+    props = _schema()["properties"]["spec"]["properties"]
+    assert props["pipeline"]["description"] == "Ordered steps, applied one after the other."
+    prune = props["pipeline"]["items"]["properties"]["prune"]
+    assert prune["properties"]["sparsity"]["description"].startswith("Target share of weights")
+    # docstring line breaks are unwrapped: kubectl explain re-wraps the text itself
+    assert "\n" not in props["evaluation"]["properties"]["dataset"]["description"]
+
+
+def test_crd_names_avoid_kubectl_clashes() -> None:
+    names = build_crd()["spec"]["names"]
+    assert "cm" not in names["shortNames"]  # configmaps
+    assert names["categories"] == ["edgeslim"]
+
+
+# --- a real API server ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crd(k8s: K8s) -> dict[str, Any]:
+    """The committed CRD, installed (or replaced) and Established.
+
+    Left installed afterwards: other tests in the session may use the same CRD.
+    """
+    body = yaml.safe_load(CRD_FILE.read_text())
+    try:
+        k8s.apiextensions.create_custom_resource_definition(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = k8s.apiextensions.read_custom_resource_definition(CRD_NAME)
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        k8s.apiextensions.replace_custom_resource_definition(CRD_NAME, body)
+
+    def established() -> bool:
+        status = k8s.apiextensions.read_custom_resource_definition(CRD_NAME).status
+        return any(c.type == "Established" and c.status == "True" for c in status.conditions or [])
+
+    wait_until(established, 30, what="the CompressedModel CRD to be established")
+    return body
+
+
+@pytest.fixture(scope="module")
+def cm_namespace(k8s: K8s, crd: dict[str, Any]) -> Iterator[str]:
+    """One namespace for the whole module: most objects here are rejected, so
+    they never need cleaning up, and a namespace per case would be slow."""
+    name = f"t-crd-{uuid.uuid4().hex[:6]}"
+    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    k8s.core.delete_namespace(name, propagation_policy="Background")
+
+
+def _example(name: str | None = None) -> dict[str, Any]:
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"] = {"name": name or f"m-{uuid.uuid4().hex[:8]}"}
+    return obj
+
+
+def _create(k8s: K8s, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+    # Strict is what kubectl sends by default since 1.27: unknown fields are errors.
+    return k8s.custom.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, obj, field_validation="Strict"
+    )
+
+
+@pytest.mark.cluster
+def test_valid_example_is_accepted_and_defaulted(k8s: K8s, cm_namespace: str) -> None:
+    created = _create(k8s, cm_namespace, _example())
+    spec = created["spec"]
+    assert spec["activeDeadlineSeconds"] == 3600
+    assert spec["evaluation"]["latencyRuns"] == 100
+    prune = spec["pipeline"][1]["prune"]
+    assert (prune["scope"], prune["sparsity"]) == ("layer", 0.5)
+    assert spec["pipeline"][2]["distill"]["batchSize"] == 64
+    assert spec["pipeline"][3]["quantize"]["perChannel"] is True
+    assert spec["deployment"]["threads"] == 1
+    assert spec["deployment"]["progressDeadlineSeconds"] == 300
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation setting spec.<path> (dotted, integers index lists); DELETE removes it."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        node: Any = obj
+        for part in parents:
+            node = node[part]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = copy.deepcopy(value)
+
+    return mutate
+
+
+DELETE = object()
+QUANTIZE = {"quantize": {"mode": "dynamic"}}
+PRUNE = {"prune": {"sparsity": 0.3}}
+
+# (id, mutation, substrings the API server's message must contain)
+REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
+    (
+        "sparsity-one",
+        _set("spec.pipeline.1.prune.sparsity", 1.0),
+        ["spec.pipeline[1].prune.sparsity", "less than 1"],
+    ),
+    (
+        "sparsity-negative",
+        _set("spec.pipeline.1.prune.sparsity", -0.1),
+        ["spec.pipeline[1].prune.sparsity", "greater than or equal to 0"],
+    ),
+    (
+        "unknown-method",
+        _set("spec.pipeline.1.prune.method", "random"),
+        ["spec.pipeline[1].prune.method", 'Unsupported value: "random"', '"structured"'],
+    ),
+    ("bad-sha256", _set("spec.source.sha256", "ABC123"), ["spec.source.sha256", "should match"]),
+    ("missing-source", _set("spec.source", DELETE), ["spec.source", "Required value"]),
+    (
+        "unknown-step",
+        _set("spec.pipeline.0", {"sparsify": {}}),
+        ['unknown field "spec.pipeline[0].sparsify"'],
+    ),
+    (
+        "unknown-option",
+        _set("spec.pipeline.1.prune.ratio", 0.5),
+        ['unknown field "spec.pipeline[1].prune.ratio"'],
+    ),
+    (
+        "two-keys-in-a-step",
+        _set("spec.pipeline.0", {"simplify": {}, **PRUNE}),
+        ["spec.pipeline[0]", "Too many: 2: must have at most 1 item"],
+    ),
+    (
+        "negative-replicas",
+        _set("spec.deployment.replicas", -1),
+        ["spec.deployment.replicas", "greater than or equal to 0"],
+    ),
+    (
+        "zero-epochs",
+        _set("spec.pipeline.2.distill.epochs", 0),
+        ["spec.pipeline[2].distill.epochs", "greater than or equal to 1"],
+    ),
+    (
+        "negative-max-drop",
+        _set("spec.evaluation.maxMetricDrop", -0.01),
+        ["spec.evaluation.maxMetricDrop", "greater than or equal to 0"],
+    ),
+    (
+        "bad-op-type",
+        _set("spec.pipeline.3.quantize.opTypes", ["Conv", "1x1"]),
+        ["spec.pipeline[3].quantize.opTypes[1]", "should match"],
+    ),
+    # CEL rules
+    (
+        "quantize-twice",
+        _set("spec.pipeline", [PRUNE, QUANTIZE, QUANTIZE]),
+        ["spec.pipeline", "quantize may appear at most once"],
+    ),
+    (
+        "prune-after-quantize",
+        _set("spec.pipeline", [QUANTIZE, {"simplify": {}}, PRUNE]),
+        ["spec.pipeline", "prune and distill cannot follow quantize"],
+    ),
+    (
+        "distill-after-quantize",
+        _set("spec.pipeline", [QUANTIZE, {"distill": {"dataset": "s3://data/train.npz"}}]),
+        ["spec.pipeline", "prune and distill cannot follow quantize"],
+    ),
+    (
+        "deployment-without-output",
+        _set("spec.output", DELETE),
+        ["spec.output", "a deployment needs an output location"],
+    ),
+    (
+        "empty-pipeline",
+        _set("spec.pipeline", []),
+        ["spec.pipeline", "pipeline needs at least one step"],
+    ),
+    (
+        "local-path-in-cluster",
+        _set("spec.source.uri", "out/demo/data/cnn.onnx"),
+        ["spec.source.uri", "only s3:// URIs work"],
+    ),
+    (
+        "file-uri-in-cluster",
+        _set("spec.output.uri", "file:///srv/models"),
+        ["spec.output.uri", "only s3:// URIs work"],
+    ),
+    (
+        "name-too-long",
+        _set("metadata.name", "m" * (MAX_NAME_LENGTH + 1)),
+        ["metadata.name", f"may not be more than {MAX_NAME_LENGTH} bytes"],
+    ),
+]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    ("mutate", "expected"), [c[1:] for c in REJECTED], ids=[c[0] for c in REJECTED]
+)
+def test_malformed_object_is_rejected_naming_the_field(
+    k8s: K8s, cm_namespace: str, mutate: Callable[[dict[str, Any]], None], expected: list[str]
+) -> None:
+    obj = _example()
+    mutate(obj)
+    with pytest.raises(ApiException) as err:
+        _create(k8s, cm_namespace, obj)
+    message = json.loads(err.value.body)["message"]
+    assert err.value.status in (400, 422), message
+    missing = [s for s in expected if s not in message]
+    assert not missing, f"{missing} not in the API server's message: {message}"
+
+
+def _kubectl(kubeconfig: Path, cache: Path, *args: str) -> str:
+    done = subprocess.run(
+        [str(binaries().kubectl), f"--kubeconfig={kubeconfig}", f"--cache-dir={cache}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _eventually(fn: Callable[[], str], seconds: float = 20) -> str:
+    """The API server publishes a new CRD's OpenAPI a moment after it is Established."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.cluster
+def test_kubectl_explain_shows_the_field_docs(
+    k8s: K8s, crd: dict[str, Any], tmp_path: Path
+) -> None:
+    pipeline = _eventually(
+        lambda: _kubectl(k8s.kubeconfig, tmp_path, "explain", "compressedmodel.spec.pipeline")
+    )
+    assert "Ordered steps, applied one after the other." in pipeline
+    assert "quantize" in pipeline and "prune" in pipeline
+    sparsity = _kubectl(k8s.kubeconfig, tmp_path, "explain", "cmodel.spec.pipeline.prune.sparsity")
+    assert "Target share of weights" in sparsity
+
+
+@pytest.mark.cluster
+def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: Path) -> None:
+    name = f"cols-{uuid.uuid4().hex[:6]}"
+    _create(k8s, cm_namespace, _example(name))
+    k8s.custom.patch_namespaced_custom_object_status(
+        API_GROUP,
+        API_VERSION,
+        cm_namespace,
+        PLURAL,
+        name,
+        {
+            "status": {
+                "phase": "Ready",
+                "artifact": {"uri": "s3://m/a/model.onnx", "sha256": "a" * 64, "sizeBytes": 10},
+                "results": {
+                    "compressionRatio": 3.9,
+                    "downloadRatio": 4.25,
+                    "evaluation": {
+                        "metric": "accuracy",
+                        "samples": 10,
+                        "baseline": 0.98,
+                        "compressed": 0.975,
+                        "drop": 0.005,
+                    },
+                    "gate": {"passed": True, "maxMetricDrop": 0.01, "reason": "within"},
+                },
+            }
+        },
+    )
+    out = _kubectl(k8s.kubeconfig, tmp_path, "get", "cmodels", "-n", cm_namespace, "-o", "wide")
+    header, row = next(
+        (lines[0], line) for lines in [out.splitlines()] for line in lines if name in line
+    )
+    assert header.split() == [
+        "NAME",
+        "PHASE",
+        "RATIO",
+        "DROP",
+        "AGE",
+        "SIZE-RATIO",
+        "SPEEDUP",
+        "ARTIFACT",
+        "JOB",
+    ]
+    assert row.split()[1:4] == ["Ready", "4.25", "0.005"]
