@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -112,16 +113,19 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_crd(args: argparse.Namespace) -> int:
-    from edgeslim.api.crd import render_crd
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here: the serving stack (onnxruntime, uvicorn) is an extra of its own.
+    from edgeslim.serving.server import ServeOptions, serve
 
-    text = render_crd()
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-    return EXIT_OK
+    if args.threads < 0 or args.max_body_bytes <= 0 or not 0 < args.port < 65536:
+        raise BadInput("--threads must be >= 0, --max-body-bytes > 0, --port in 1..65535")
+    if args.sha256 and not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", args.sha256.strip()):
+        raise BadInput(f"--sha256 {args.sha256!r}: expected 64 hexadecimal characters")
+    return serve(ServeOptions(
+        model=args.model, name=args.name, host=args.host, port=args.port, sha256=args.sha256,
+        threads=args.threads, max_body_bytes=args.max_body_bytes,
+        graceful_timeout=args.graceful_timeout, workdir=args.workdir, log_level=args.log_level,
+    ))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -151,9 +155,23 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--output", type=Path, default=None, help="write it to this file instead")
     d.set_defaults(func=cmd_crd)
 
-    d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")
-    d.add_argument("--output", type=Path, default=None, help="write it to this file instead")
-    d.set_defaults(func=cmd_crd)
+    s = sub.add_parser("serve", help="serve an ONNX model over the Open Inference Protocol v2")
+    s.add_argument("--model", required=True, help="model URI: s3://bucket/key, file:// or a path")
+    s.add_argument("--name", required=True, help="model name in /v2/models/{name}")
+    s.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--sha256",
+                   help="expected sha256 of the model; the server stays unready on a mismatch")
+    s.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads (default 0: one per core; "
+                        "pass the pod's CPU limit)")
+    s.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                   help="larger request bodies get 413 (default 16 MiB)")
+    s.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    s.add_argument("--workdir", type=Path, default=None, help="where s3:// models are downloaded")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
     return p
 
 

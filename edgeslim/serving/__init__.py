@@ -1,0 +1,11 @@
+"""The edge model server: ONNX Runtime behind the Open Inference Protocol v2 (REST).
+
+Deliberately light: onnxruntime, numpy, uvicorn, prometheus-client and
+:mod:`edgeslim.storage` only. No torch and no onnx package, so the serving
+image stays small (``tests/test_serving.py`` checks this in a subprocess).
+Nothing is imported here, so ``import edgeslim.serving`` costs nothing.
+
+Modules: :mod:`.protocol` (JSON <-> tensors), :mod:`.model` (fetch, load,
+validate, run), :mod:`.metrics`, :mod:`.app` (the ASGI app),
+:mod:`.server` (uvicorn, signals, ``edgeslim serve``).
+"""

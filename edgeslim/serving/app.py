@@ -1,0 +1,347 @@
+"""The ASGI app: Open Inference Protocol v2 routes, health, metrics.
+
+Written against raw ASGI rather than starlette: a request here is a handful of
+fixed routes and one JSON body, and skipping the framework's Request/Response
+objects and router takes a measurable share off every request (see
+``bench/serving.py``). Anything uvicorn can run serves it.
+
+Loading happens in a background thread started at lifespan startup, so the
+HTTP server is up at once: liveness answers 200 from the first second and
+readiness 503 until the model is loaded. A model that cannot load (wrong
+sha256, corrupt or missing file) leaves the server up and unready with the
+reason in the log, in ``/v2/health/ready`` and in metrics, rather than exiting:
+a restart would fail the same way, and a pod that stays unready keeps the old
+ReplicaSet serving during a rollout. Storage outages are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from edgeslim import __version__
+from edgeslim.errors import BadInput, StorageUnavailable
+from edgeslim.serving import protocol
+from edgeslim.serving.metrics import ServingMetrics
+from edgeslim.serving.model import LoadedModel
+from edgeslim.serving.protocol import RequestError
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Loader = Callable[[], LoadedModel]
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+# A request runs on the event loop itself when it is small and the model is fast:
+# handing it to a thread costs more than the work (tens of microseconds of
+# wake-ups against a sub-millisecond inference). Anything bigger goes to a
+# worker thread, so probes and metrics stay answered while it computes.
+INLINE_MAX_BODY_BYTES = 64 * 1024
+INLINE_MAX_RUN_SECONDS = 0.002
+
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+class ModelState:
+    """Holds the model once loaded; loads it in a background thread."""
+
+    def __init__(self, name: str, metrics: ServingMetrics) -> None:
+        self.name = name
+        self.model: LoadedModel | None = None  # set once, only when fully loaded
+        self.state = "loading"  # loading | ready | failed
+        self.reason = ""
+        self._metrics = metrics
+
+    def start(self, loader: Loader) -> threading.Thread:
+        # Daemon: a SIGTERM during a long download must not wait for it.
+        thread = threading.Thread(target=self._load, args=(loader,), name="model-loader",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self, loader: Loader) -> None:
+        delay = _RETRY_FIRST_S
+        while True:
+            start = time.perf_counter()
+            try:
+                model = loader()
+            except StorageUnavailable as exc:
+                self._metrics.model_load_failures.inc()
+                self.reason = f"storage unavailable: {exc}"
+                log.warning("model %s: %s; retrying in %.0f s", self.name, self.reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            except BadInput as exc:
+                self._fail(str(exc))
+                return
+            except Exception as exc:  # a bug or an environment problem: same outcome, with trace
+                log.exception("model %s: loading failed", self.name)
+                self._fail(f"{type(exc).__name__}: {exc}")
+                return
+            seconds = time.perf_counter() - start
+            self._metrics.model_info.info({"name": self.name, "sha256": model.sha256})
+            self._metrics.model_load_seconds.set(seconds)
+            self.model = model
+            self.state, self.reason = "ready", ""
+            self._metrics.model_ready.set(1)
+            log.info("model %s ready: %s sha256 %s, loaded in %.2f s", self.name, model.path,
+                     model.sha256, seconds)
+            return
+
+    def _fail(self, reason: str) -> None:
+        self._metrics.model_load_failures.inc()
+        self.state, self.reason = "failed", reason
+        log.error("model %s failed to load, staying unready: %s", self.name, reason)
+
+
+class ServingApp:
+    """The ASGI callable. ``loader`` builds the model; it is started at lifespan startup."""
+
+    def __init__(
+        self,
+        name: str,
+        loader: Loader,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        workers: int = 2,
+    ) -> None:
+        self.name = name
+        self.metrics = ServingMetrics()
+        self.state = ModelState(name, self.metrics)
+        self.max_body_bytes = max_body_bytes
+        self._loader = loader
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+        self._started = False
+
+    # ---------------------------------------------------------------- ASGI entry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # Requests have drained by now (the server waits for them first).
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def start(self) -> None:
+        """Starts loading the model; idempotent. Called at lifespan startup."""
+        if not self._started:
+            self._started = True
+            self.state.start(self._loader)
+
+    # ------------------------------------------------------------------ routing
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        route, version = _route(path)
+        headers = _JSON
+        try:
+            if route == "other":
+                raise RequestError(f"no route {path}; see /v2 (Open Inference Protocol)", 404)
+            if route == "metrics":
+                _allow(method, "GET")
+                body, content_type = self.metrics.exposition()
+                status, headers = 200, [(b"content-type", content_type.encode())]
+            else:
+                status, body = await self._v2(route, method, path, version, scope, receive)
+        except RequestError as exc:
+            status, body = exc.status, protocol.dumps({"error": str(exc)})
+            if status == 405:
+                headers = [*_JSON, (b"allow", exc.args[1].encode())]
+            elif status == 413:  # the unread body is still on the wire: don't reuse it
+                headers = [*_JSON, (b"connection", b"close")]
+        self.metrics.count(route, status)
+        await _respond(send, status, body, headers)
+
+    async def _v2(
+        self, route: str, method: str, path: str, version: str | None, scope: Scope,
+        receive: Receive,
+    ) -> tuple[int, bytes]:
+        if route == "server_live":
+            _allow(method, "GET")
+            return 200, protocol.dumps({"live": True})
+        if route == "server_ready":
+            _allow(method, "GET")
+            return self._readiness()
+        if route == "server_metadata":
+            _allow(method, "GET")
+            return 200, protocol.dumps({"name": "edgeslim", "version": __version__,
+                                        "extensions": []})
+        name = path.split("/")[3]
+        if name != self.name:
+            raise RequestError(f"unknown model {name!r}; this server serves {self.name!r}", 404)
+        if version is not None:
+            self._check_version(version)
+        if route == "infer":
+            _allow(method, "POST")
+            return await self._infer(scope, receive)
+        _allow(method, "GET")
+        if route == "model_ready":
+            return self._readiness()
+        return 200, protocol.dumps(self._ready_model().metadata())
+
+    def _readiness(self) -> tuple[int, bytes]:
+        st = self.state
+        if st.model is not None:
+            return 200, protocol.dumps({"ready": True})
+        return 503, protocol.dumps({"ready": False, "state": st.state, "reason": st.reason})
+
+    def _ready_model(self) -> LoadedModel:
+        model = self.state.model
+        if model is None:
+            detail = f": {self.state.reason}" if self.state.reason else ""
+            raise RequestError(f"model {self.name!r} is not ready ({self.state.state}{detail})",
+                               503)
+        return model
+
+    def _check_version(self, version: str) -> None:
+        model = self._ready_model()
+        if version != model.version:
+            raise RequestError(
+                f"model {self.name!r} has no version {version!r}; it serves {model.version!r}", 404
+            )
+
+    # ---------------------------------------------------------------- inference
+
+    async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            model = self._ready_model()
+            body = await _read_body(scope, receive, self.max_body_bytes)
+            if len(body) <= INLINE_MAX_BODY_BYTES and model.warmup_seconds < INLINE_MAX_RUN_SECONDS:
+                result = self._handle(model, body)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, self._handle, model, body)
+            return 200, result
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.request_duration.observe(time.perf_counter() - start)
+
+    def _handle(self, model: LoadedModel, body: bytes) -> bytes:
+        """Decode, validate, run, encode: everything between the bytes in and out."""
+        request = protocol.parse_infer_request(body)
+        feed = model.feed(request)
+        names = model.output_names(request.outputs)
+        start = time.perf_counter()
+        outputs = model.run(feed, names)
+        self.metrics.inference_duration.observe(time.perf_counter() - start)
+        return protocol.encode_infer_response(model.name, model.version, request.id, outputs)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _route(path: str) -> tuple[str, str | None]:
+    """``(route, version)`` for a path; route is one of metrics.ROUTES.
+
+    Matched on split segments rather than regexes: the set is small and fixed,
+    and this runs on every request.
+    """
+    if path == "/metrics":
+        return "metrics", None
+    parts = path.split("/")  # "/v2/models/m/infer" -> ["", "v2", "models", "m", "infer"]
+    n = len(parts)
+    if n < 2 or parts[0] or parts[1] != "v2":
+        return "other", None
+    if n == 2 or (n == 3 and not parts[2]):
+        return "server_metadata", None
+    if n == 4 and parts[2] == "health":
+        return {"live": ("server_live", None), "ready": ("server_ready", None)}.get(
+            parts[3], ("other", None))
+    if parts[2] != "models" or n < 4 or not parts[3]:
+        return "other", None
+    rest, version = parts[4:], None
+    if len(rest) >= 2 and rest[0] == "versions":
+        version, rest = rest[1], rest[2:]
+    if not rest:
+        return "model_metadata", version
+    if len(rest) == 1 and rest[0] in ("ready", "infer"):
+        return ("model_ready" if rest[0] == "ready" else "infer"), version
+    return "other", None
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise RequestError(f"method {method} not allowed here; use {allowed}", 405, allowed)
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError("client disconnected before sending the whole body", 400)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:  # chunked uploads carry no Content-Length: count as we go
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
+        f"request body exceeds the {limit}-byte limit (--max-body-bytes); "
+        "send a smaller batch", 413,
+    )
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [*headers, (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    model_uri: str,
+    name: str,
+    *,
+    workdir: Path,
+    sha256: str | None = None,
+    threads: int = 0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> ServingApp:
+    """The app for one model; it fetches ``model_uri`` into ``workdir`` once started."""
+    from edgeslim.serving.model import load
+
+    def loader() -> LoadedModel:
+        return load(model_uri, name, workdir=workdir, sha256=sha256, threads=threads)
+
+    return ServingApp(name, loader, max_body_bytes=max_body_bytes)
