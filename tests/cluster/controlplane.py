@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import tempfile
 import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -25,7 +25,15 @@ from kubernetes import config
 from kubernetes.client import ApiClient, Configuration
 
 from tests.cluster.certs import CertificateAuthority, KeyPair, service_account_keys
-from tests.cluster.processes import free_port, spawn, stop_group, tail, wait_until
+from tests.cluster.processes import (
+    free_port,
+    keep_dirs,
+    spawn,
+    stop_group,
+    tail,
+    urlopen_direct,
+    wait_until,
+)
 from tests.cluster.tools import Binaries, require_binaries
 
 SERVICE_CIDR = "10.0.0.0/24"
@@ -83,7 +91,7 @@ class ControlPlane:
         atexit.unregister(self.stop)
         for name in reversed(list(self.processes)):
             stop_group(self.processes[name], grace=10.0)
-        if self._own_dir:
+        if self._own_dir and not keep_dirs():
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> ControlPlane:
@@ -106,7 +114,7 @@ class ControlPlane:
         ctx = ssl.create_default_context(cafile=str(self.ca.cert_path))
         ctx.load_cert_chain(str(self.admin.cert), str(self.admin.key))
         try:
-            with urllib.request.urlopen(self.server + path, context=ctx, timeout=timeout) as r:
+            with urlopen_direct(self.server + path, context=ctx, timeout=timeout) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
@@ -120,6 +128,8 @@ class ControlPlane:
         configuration = Configuration()
         config.load_kube_config(str(self.kubeconfig), client_configuration=configuration)
         configuration.connection_pool_maxsize = pool_size
+        # The server is on loopback; never route it through an *_proxy.
+        configuration.no_proxy = "*"
         return ApiClient(configuration)
 
     # -- pieces ----------------------------------------------------------
@@ -181,7 +191,7 @@ class ControlPlane:
                 f"{name} exited with {proc.returncode}; log tail:\n{tail(self.log_path(name))}"
             )
 
-    def _wait(self, name: str, predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    def _wait(self, name: str, predicate: Callable[[], object], what: str) -> None:
         """Waits for ``predicate`` while failing fast if ``name`` dies."""
 
         def check() -> bool:
@@ -219,7 +229,7 @@ class ControlPlane:
         )
 
         def healthy() -> bool:
-            with urllib.request.urlopen(client + "/health", timeout=2) as r:
+            with urlopen_direct(client + "/health", timeout=2) as r:
                 return r.status == 200
 
         self._wait("etcd", healthy, "etcd /health")

@@ -32,7 +32,7 @@ from urllib3 import HTTPResponse
 
 from tests.cluster.pod_env import Materialiser
 from tests.cluster.pod_worker import PodHook, PodOutcome, PodWorker
-from tests.cluster.processes import pid_alive, tail
+from tests.cluster.processes import keep_dirs, pid_alive, tail
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class NodeAgent:
                 stream.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._own_dir:
+        if self._own_dir and not keep_dirs():
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> NodeAgent:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import pod_env
-from tests.cluster.processes import signal_group, tail
+from tests.cluster.processes import signal_group, tail, urlopen_direct
 
 if TYPE_CHECKING:
     from tests.cluster.node_agent import NodeAgent
@@ -244,7 +244,7 @@ def run_probe(probe: Obj, container: Obj, pod_ip: str, env: dict[str, str]) -> b
             ctx = ssl._create_unverified_context() if scheme == "https" else None
             request = urllib.request.Request(url, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=timeout, context=ctx) as resp:
+                with urlopen_direct(request, timeout=timeout, context=ctx) as resp:
                     return 200 <= resp.status < 400
             except urllib.error.HTTPError as e:
                 return 200 <= e.code < 400

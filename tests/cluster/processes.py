@@ -10,9 +10,12 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
+from http.client import HTTPResponse
 from pathlib import Path
 from typing import TypeVar
 
@@ -120,3 +123,24 @@ def tail(path: Path, max_bytes: int = 4000) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def urlopen_direct(
+    url: str | urllib.request.Request,
+    *,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> HTTPResponse:
+    """``urlopen`` that never goes through an ``*_proxy`` from the environment:
+    everything this harness talks to is on loopback."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    response: HTTPResponse = urllib.request.build_opener(*handlers).open(url, timeout=timeout)
+    return response
+
+
+def keep_dirs() -> bool:
+    """``EDGESLIM_KEEP_CLUSTER_DIRS=1`` keeps control-plane and pod directories
+    (component logs, pod logs) after shutdown, for debugging a failed run."""
+    return os.environ.get("EDGESLIM_KEEP_CLUSTER_DIRS", "") not in ("", "0")

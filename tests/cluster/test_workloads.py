@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 import uuid
 from typing import Any
 
@@ -12,7 +11,7 @@ from kubernetes import client
 
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent, PodOutcome
-from tests.cluster.processes import pid_alive, wait_until
+from tests.cluster.processes import pid_alive, urlopen_direct, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -246,7 +245,7 @@ def test_deployment_becomes_available_serves_and_stops(
     assert len(ips) == 2
     pids: list[int] = []
     for pod in pods:
-        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/", timeout=5) as resp:
+        with urlopen_direct(f"http://{pod.status.pod_ip}:8000/", timeout=5) as resp:
             assert resp.status == 200
         worker = node_agent.worker(namespace, pod.metadata.name)
         assert worker is not None
