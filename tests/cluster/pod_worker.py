@@ -283,6 +283,7 @@ class PodWorker(threading.Thread):
             Container(c, self.dir, self.uid) for c in spec.get("initContainers") or []
         ]
         self.containers = [Container(c, self.dir, self.uid) for c in spec["containers"]]
+        self.sidecars = [c for c in self.init_containers if c.spec.get("restartPolicy") == "Always"]
         self.start_time = now()
         self.phase = "Pending"
         self.initialized = not self.init_containers
@@ -341,15 +342,23 @@ class PodWorker(threading.Thread):
         if volumes is None:
             return
         if not self._run_init_containers(volumes):
-            self._await_deletion()
+            if self._delete_grace is not None:
+                self._terminate()
+            else:
+                self._await_deletion()
             return
         self.phase = "Running"
         while True:
             if self._delete_grace is not None:
                 self._terminate()
                 return
-            changed = self._step(self.containers, volumes)
+            changed = self._step(self.sidecars + self.containers, volumes)
             if self._all_done(self.containers):
+                # Sidecars stop once the main containers are done.
+                self._kill_all(grace=0)
+                for c in self.sidecars:
+                    c.reap()
+                    c.restart_at = None
                 self.phase = "Succeeded" if self._all_succeeded() else "Failed"
                 self._write_status()
                 self.agent.release_ip(self.ip)
@@ -373,12 +382,17 @@ class PodWorker(threading.Thread):
         return None
 
     def _run_init_containers(self, volumes: dict[str, Path]) -> bool:
+        """Runs init containers in order; False if one failed for good or the pod
+        is being deleted. Sidecars (``restartPolicy: Always``) are started and
+        left running beside the ones that follow."""
         for container in self.init_containers:
+            if container in self.sidecars:
+                self._step([container], volumes)
+                continue
             while True:
                 if self._delete_grace is not None:
-                    self._terminate()
                     return False
-                changed = self._step([container], volumes)
+                changed = self._step([*self.sidecars, container], volumes)
                 if container.restart_at is None:
                     break
                 if changed:
@@ -398,10 +412,8 @@ class PodWorker(threading.Thread):
         for c in containers:
             if c.reap():
                 changed = True
-                failed = c.exit_code != 0
-                if self.restart_policy == "Always" or (
-                    self.restart_policy == "OnFailure" and failed
-                ):
+                policy = self._restart_policy(c)
+                if policy == "Always" or (policy == "OnFailure" and c.exit_code != 0):
                     c.restart_later()
                 else:
                     c.restart_at = None
@@ -410,6 +422,15 @@ class PodWorker(threading.Thread):
             if c.running:
                 changed |= c.probe(self.ip, self._envs.get(c.name, {}))
         return changed
+
+    def _restart_policy(self, c: Container) -> str:
+        if c in self.sidecars:
+            return "Always"
+        if c in self.init_containers:
+            # An init container must succeed once; it is retried on failure
+            # unless the pod never restarts anything.
+            return "Never" if self.restart_policy == "Never" else "OnFailure"
+        return self.restart_policy
 
     def _start(self, c: Container, volumes: dict[str, Path]) -> bool:
         command = c.spec.get("command") or []

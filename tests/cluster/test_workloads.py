@@ -331,3 +331,58 @@ def test_deleting_a_namespace_stops_its_pods(k8s: K8s, node_agent: NodeAgent) ->
 
     wait_until(namespace_gone, 90, interval=0.5, what=f"namespace {name} to be deleted")
     assert not [pid for pid in pids if pid_alive(pid)]
+
+
+CRASH_ONCE = """
+import os, pathlib, time
+marker = pathlib.Path(os.environ["EDGESLIM_MOUNT_DATA"]) / "crashed"
+assert (pathlib.Path(os.environ["EDGESLIM_MOUNT_DATA"]) / "init-ran").exists()
+if not marker.exists():
+    marker.write_text("x")
+    raise SystemExit(1)
+time.sleep(300)
+"""
+
+
+def test_init_containers_run_once_and_crashed_containers_restart(k8s: K8s, namespace: str) -> None:
+    data = [client.V1VolumeMount(name="data", mount_path="/data")]
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="flaky"),
+        spec=client.V1PodSpec(
+            restart_policy="Always",
+            volumes=[client.V1Volume(name="data", empty_dir=client.V1EmptyDirVolumeSource())],
+            init_containers=[
+                client.V1Container(
+                    name="prepare",
+                    image="x",
+                    command=["sh", "-c", 'touch "$EDGESLIM_MOUNT_DATA/init-ran"'],
+                    volume_mounts=data,
+                )
+            ],
+            containers=[
+                client.V1Container(
+                    name="main",
+                    image="x",
+                    command=["python", "-c", CRASH_ONCE],
+                    volume_mounts=data,
+                )
+            ],
+            termination_grace_period_seconds=1,
+        ),
+    )
+    k8s.core.create_namespaced_pod(namespace, pod)
+
+    def restarted_and_ready() -> client.V1Pod | None:
+        pod = k8s.core.read_namespaced_pod("flaky", namespace)
+        [main] = pod.status.container_statuses or [None]
+        return pod if main and main.restart_count == 1 and main.ready else None
+
+    pod = wait_until(restarted_and_ready, 60, what="the crashed container to restart")
+    assert pod.status.phase == "Running"
+    [main] = pod.status.container_statuses
+    assert main.last_state.terminated.exit_code == 1
+    assert main.state.running is not None
+    [init] = pod.status.init_container_statuses
+    assert (init.state.terminated.exit_code, init.restart_count) == (0, 0)
+    conditions = {c.type: c.status for c in pod.status.conditions}
+    assert conditions["Initialized"] == conditions["Ready"] == "True"
