@@ -102,7 +102,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from edgeslim.api.crd import render_crd
+    from edgeslim.api.crd import HELM_TEMPLATE, render_crd, render_helm_crd
 
     text = render_crd()
     if args.output is None:
@@ -110,6 +110,9 @@ def cmd_crd(args: argparse.Namespace) -> int:
     else:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
+    if args.chart is not None:
+        (args.chart / HELM_TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
+        (args.chart / HELM_TEMPLATE).write_text(render_helm_crd())
     return EXIT_OK
 
 
@@ -153,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")
     d.add_argument("--output", type=Path, default=None, help="write it to this file instead")
+    d.add_argument("--chart", type=Path, default=None, help="also write it into this Helm chart")
     d.set_defaults(func=cmd_crd)
 
     s = sub.add_parser("serve", help="serve an ONNX model over the Open Inference Protocol v2")
