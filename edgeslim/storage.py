@@ -23,6 +23,7 @@ CLI without a cluster behaves exactly like the Job inside one.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
@@ -48,6 +49,7 @@ from edgeslim.errors import BadInput, StorageUnavailable
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_BYTES_ENV",
+    "credentials",
     "delete_prefix",
     "exists",
     "fetch",
@@ -353,15 +355,39 @@ def _client_config() -> Config:
     return Config(**options)
 
 
+# Credentials given explicitly (the operator reads them from a model's Secret).
+# A context variable, not os.environ: concurrent operator handlers, each with
+# another model's Secret, must never see each other's keys.
+_EXPLICIT_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "edgeslim_storage_env", default=None
+)
+
+
+@contextlib.contextmanager
+def credentials(env: dict[str, str]) -> Iterator[None]:
+    """Within the block, S3 calls use only ``env`` (AWS_* names), not the process environment.
+
+    Scoped to the current thread / asyncio task, so handlers running side by
+    side with different Secrets stay apart.
+    """
+    token = _EXPLICIT_ENV.set(dict(env))
+    try:
+        yield
+    finally:
+        _EXPLICIT_ENV.reset(token)
+
+
 def s3_client() -> Any:
     """An S3 client for the endpoint and credentials in the environment *now*.
 
-    The environment is read on every call (the operator sets credentials per
-    model from a Secret; tests swap endpoints), but clients are cached per
+    The environment is read on every call (tests swap endpoints), or taken
+    from :func:`credentials` when the caller gave some; clients are cached per
     distinct environment: building one parses the S3 service model, ~50 ms.
     Clients are thread-safe, so sharing them is fine.
     """
-    return _cached_client(tuple(os.environ.get(name) or "" for name in _CLIENT_ENV))
+    explicit = _EXPLICIT_ENV.get()
+    source = explicit if explicit is not None else os.environ
+    return _cached_client(tuple(source.get(name) or "" for name in _CLIENT_ENV))
 
 
 @functools.lru_cache(maxsize=8)
@@ -375,7 +401,14 @@ def _cached_client(env: tuple[str, ...]) -> Any:
             "e.g. http://minio:9000"
         )
     region = values["AWS_REGION"] or values["AWS_DEFAULT_REGION"] or "us-east-1"
-    session = boto3.session.Session(region_name=region)
+    # Keys passed explicitly (None = boto3's own lookup, as before) so that
+    # credentials() works without touching the process environment.
+    session = boto3.session.Session(
+        region_name=region,
+        aws_access_key_id=values["AWS_ACCESS_KEY_ID"] or None,
+        aws_secret_access_key=values["AWS_SECRET_ACCESS_KEY"] or None,
+        aws_session_token=values["AWS_SESSION_TOKEN"] or None,
+    )
     try:
         # boto3 >= 1.34 reads AWS_ENDPOINT_URL itself; passing it keeps older
         # botocores (and AWS_ENDPOINT_URL_S3 handling) identical everywhere.

@@ -1,0 +1,181 @@
+"""kopf handlers: decorators only, each delegating to `reconcile` in a line or two.
+
+Why Job *events* (not timers or daemons) tell the operator a compression
+ended: the watch already streams every Job change, so a finished Job costs no
+polling and the result is recorded within a watch round-trip; timers would
+cost one API call per object per interval (1,000 objects -> hundreds of
+requests a minute for nothing). `on.event` handlers are not retried by kopf,
+so a periodic resync (`resync_loop`) re-reads any finished Job whose result is
+missing from its object -- cheap, because it looks at the in-memory indexes
+first and calls the API only for the gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from edgeslim import metrics
+from edgeslim.errors import BadInput, StorageUnavailable
+from edgeslim.operator import reconcile, server
+from edgeslim.operator.kube import Kube, is_transient
+from edgeslim.operator.names import (
+    API_GROUP,
+    API_VERSION,
+    CLEANUP_ANNOTATION,
+    FINALIZER,
+    MODEL_LABEL,
+    PLURAL,
+)
+from edgeslim.operator.queue import Slots
+from edgeslim.operator.settings import Settings
+
+MODELS = (API_GROUP, API_VERSION, PLURAL)
+JOBS = ("batch", "v1", "jobs")
+OURS = {MODEL_LABEL: kopf.PRESENT}
+RETRIES = 6
+RESYNC_SECONDS = 15.0
+log = logging.getLogger("edgeslim.operator")
+
+
+def backoff(retry: int) -> float:
+    """1, 2, 4, 8, 16, 32 s: quick for a blip, patient for an outage."""
+    return float(min(2**retry, 60))
+
+
+def _transient(handler: str, exc: BaseException, retry: int) -> kopf.TemporaryError:
+    metrics.reconcile_errors.labels(handler=handler).inc()
+    return kopf.TemporaryError(f"{type(exc).__name__}: {exc}", delay=backoff(retry))
+
+
+@kopf.on.startup()
+async def configure(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    model_index: kopf.Index,
+    job_index: kopf.Index,
+    **_: Any,
+) -> None:
+    # Our own group on everything kopf writes, so it reads as ours in kubectl.
+    settings.persistence.finalizer = FINALIZER
+    # Annotations, not status.kopf: status is ours, schema-checked, and GitOps
+    # tools diff it; kopf's bookkeeping has no place there.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # Load balancers and API-server restarts can leave a watch connected but
+    # silent; restart any watch that has said nothing for this long.
+    settings.watching.inactivity_timeout = 300
+    settings.watching.server_timeout = 240
+    # kopf would post every handler's INFO log as an Event; we post one Event
+    # per phase transition ourselves, so only kopf's warnings and errors go out.
+    settings.posting.level = logging.WARNING
+    # One replica (the chart uses strategy Recreate): no peering objects, no peering RBAC.
+    settings.peering.standalone = True
+    # Sync handlers run here; enough threads that 1,000 objects don't queue behind 4.
+    settings.execution.max_workers = 16
+    # The queue is served from memory; the default 1 s batching would delay
+    # each Job's result by a second for nothing.
+    settings.batching.idle_timeout = 0.1
+
+    cfg = Settings.from_env()
+    rt = reconcile.Runtime(
+        settings=cfg,
+        kube=Kube.connect(),
+        slots=Slots(cfg.max_concurrent_jobs),
+        models_index=model_index,
+        jobs_index=job_index,
+    )
+    metrics.watch_queue(rt.running_count, rt.queued_count)
+    memo.runtime = rt
+    memo.http = await server.serve(lambda: rt.ready, cfg.metrics_port)
+    memo.resync = asyncio.create_task(resync_loop(rt))
+    # kopf starts its watches as soon as startup handlers return.
+    rt.ready = True
+
+
+async def resync_loop(rt: reconcile.Runtime) -> None:
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        try:
+            await asyncio.to_thread(reconcile.resync, rt)
+        except Exception as exc:
+            metrics.reconcile_errors.labels(handler="resync").inc()
+            log.warning("resync failed: %s", exc)
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.resync
+    await memo.http.cleanup()
+
+
+# Indexes: kopf fills them from a full list before any handler runs, so after a
+# restart the queue and the running-Job count come from the cluster, not memory.
+@kopf.index(*MODELS)
+def model_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): reconcile.model_entry(dict(body))}
+
+
+@kopf.index(*JOBS, labels=OURS)
+def job_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, labels[MODEL_LABEL]): reconcile.job_entry(dict(body))}
+
+
+@kopf.on.resume(*MODELS, retries=RETRIES)
+@kopf.on.create(*MODELS, retries=RETRIES)
+@kopf.on.update(*MODELS, field="spec", retries=RETRIES)
+def reconcile_model(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    rt: reconcile.Runtime = memo.runtime
+    try:
+        reconcile.reconcile_model(rt, dict(body))
+    except reconcile.InvalidSpec as exc:
+        reconcile.fail_invalid(rt, dict(body), str(exc))
+        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    except Exception as exc:
+        if is_transient(exc):
+            raise _transient("reconcile", exc, retry) from exc
+        metrics.reconcile_errors.labels(handler="reconcile").inc()
+        raise
+
+
+@kopf.on.event(*MODELS)
+def model_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        reconcile.forget_model(
+            memo.runtime, body["metadata"]["namespace"], body["metadata"]["name"]
+        )
+    else:
+        reconcile.observe_model(memo.runtime, dict(body))
+
+
+@kopf.on.event(*JOBS, labels=OURS)
+def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        reconcile.job_changed(memo.runtime, type, dict(body))
+    except Exception as exc:
+        # Not retried by kopf: the resync loop picks the Job up again.
+        metrics.reconcile_errors.labels(handler="job").inc()
+        log.warning("Job %s: %s (the resync will retry)", body["metadata"]["name"], exc)
+
+
+@kopf.on.delete(*MODELS, annotations={CLEANUP_ANNOTATION: "true"}, retries=RETRIES)
+def cleanup_artifacts(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    try:
+        reconcile.cleanup_artifacts(memo.runtime, dict(body))
+    except (reconcile.InvalidSpec, BadInput) as exc:
+        # Never block deletion forever on what cannot be fixed (e.g. the Secret is gone).
+        metrics.reconcile_errors.labels(handler="cleanup").inc()
+        raise kopf.PermanentError(f"artifacts not deleted: {exc}") from exc
+    except (StorageUnavailable, Exception) as exc:
+        if isinstance(exc, StorageUnavailable) or is_transient(exc):
+            raise _transient("cleanup", exc, retry) from exc
+        metrics.reconcile_errors.labels(handler="cleanup").inc()
+        raise

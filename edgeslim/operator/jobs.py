@@ -1,0 +1,312 @@
+"""The compressor Job: a pure manifest builder and readers of Job/pod state.
+
+Nothing here talks to the API server; `reconcile.py` applies what these return.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from edgeslim.api.spec import CompressedModel
+from edgeslim.operator.names import (
+    CONTAINER,
+    GROUP_VERSION,
+    JOB_CONTROLLER_UID_LABEL,
+    KIND,
+    KUEUE_QUEUE_LABEL,
+    MODEL_LABEL,
+    SPEC_ENV,
+    SPEC_HASH_LABEL,
+    job_name,
+)
+from edgeslim.operator.settings import Settings
+
+Obj = dict[str, Any]
+
+# The CLI's exit codes (edgeslim/cli.py): a retry cannot change either outcome.
+EXIT_BAD_INPUT = 2
+EXIT_REJECTED = 3
+NONROOT_UID = 65532  # the distroless "nonroot" user the compressor image runs as
+
+# Secret keys handed to the compressor; the two optional ones may be absent.
+SECRET_KEYS: tuple[tuple[str, bool], ...] = (
+    ("AWS_ACCESS_KEY_ID", False),
+    ("AWS_SECRET_ACCESS_KEY", False),
+    ("AWS_ENDPOINT_URL", True),
+    ("AWS_REGION", True),
+)
+
+
+def labels(model_name: str, spec_hash: str) -> dict[str, str]:
+    return {
+        MODEL_LABEL: model_name,
+        SPEC_HASH_LABEL: spec_hash,
+        "app.kubernetes.io/name": "edgeslim",
+        "app.kubernetes.io/component": "compressor",
+        "app.kubernetes.io/managed-by": "edgeslim-operator",
+    }
+
+
+def spec_payload(model: CompressedModel) -> str:
+    """The object as the compressor reads it from EDGESLIM_SPEC: the whole resource,
+    but only name and namespace of its metadata (no uid, no annotations)."""
+    meta = {"name": model.metadata.name}
+    if model.metadata.namespace:
+        meta["namespace"] = model.metadata.namespace
+    body = {
+        "apiVersion": GROUP_VERSION,
+        "kind": KIND,
+        "metadata": meta,
+        "spec": model.spec.wire(),
+    }
+    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+
+def _env(model: CompressedModel) -> list[Obj]:
+    env: list[Obj] = [
+        {"name": SPEC_ENV, "value": spec_payload(model)},
+        # The root file system is read-only: scratch space is the /tmp emptyDir.
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    secret = model.spec.source.credentials_secret
+    if secret:
+        # By reference only: the keys never appear in the Job or the spec.
+        for key, optional in SECRET_KEYS:
+            ref: Obj = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(model: CompressedModel) -> Obj:
+    res = model.spec.resources
+    if res is None:
+        return {}
+    out: Obj = {}
+    if res.requests:
+        out["requests"] = {k: str(v) for k, v in res.requests.items()}
+    if res.limits:
+        out["limits"] = {k: str(v) for k, v in res.limits.items()}
+    return out
+
+
+def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj:
+    """The compressor Job for one spec hash of one CompressedModel."""
+    meta = model.metadata
+    if not meta.uid or not meta.namespace:
+        raise ValueError(
+            "build_job needs the object as the API server returned it (uid, namespace)"
+        )
+    name = job_name(meta.name, spec_hash)
+    job_labels = labels(meta.name, spec_hash)
+    if settings.kueue_queue:
+        job_labels[KUEUE_QUEUE_LABEL] = settings.kueue_queue
+    container: Obj = {
+        "name": CONTAINER,
+        "image": settings.compressor_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [*settings.compressor_command, "compress", "--spec-env", SPEC_ENV],
+        "env": _env(model),
+        "resources": _resources(model),
+        # A crash that wrote no result still leaves its log tail in the pod
+        # status, where the operator reads it for status.message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NONROOT_UID,
+            "runAsGroup": NONROOT_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    spec: Obj = {
+        "backoffLimit": settings.job_backoff_limit,
+        "activeDeadlineSeconds": model.spec.active_deadline_seconds,
+        "ttlSecondsAfterFinished": settings.job_ttl_seconds,
+        "podFailurePolicy": {
+            "rules": [
+                # Bad input (2) and a rejecting gate (3) give the same answer
+                # on every retry: end the Job at once.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_BAD_INPUT, EXIT_REJECTED],
+                    },
+                },
+                # An evicted or preempted pod is not the compressor's fault.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": labels(meta.name, spec_hash)},
+            "spec": {
+                "restartPolicy": "Never",  # retries are the Job's (backoffLimit), not the kubelet's
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": NONROOT_UID,
+                    "runAsGroup": NONROOT_UID,
+                    "fsGroup": NONROOT_UID,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [container],
+                "volumes": [{"name": "tmp", "emptyDir": {}}],
+            },
+        },
+    }
+    if settings.kueue_queue:
+        # Kueue un-suspends the Job when it admits the workload.
+        spec["suspend"] = True
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": meta.namespace,
+            "labels": job_labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": GROUP_VERSION,
+                    "kind": KIND,
+                    "name": meta.name,
+                    "uid": meta.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+    }
+
+
+# ------------------------------------------------------------------ reading Jobs
+
+
+class JobState(StrEnum):
+    suspended = "Suspended"
+    running = "Running"  # created or running: it holds a slot either way
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+def _condition(job: Obj, kind: str) -> Obj | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def job_state(job: Obj) -> JobState:
+    # Complete/Failed, not SuccessCriteriaMet/FailureTarget: those come first,
+    # while pods may still be terminating, and the result must be final.
+    if _condition(job, "Complete"):
+        return JobState.succeeded
+    if _condition(job, "Failed"):
+        return JobState.failed
+    if (job.get("spec") or {}).get("suspend"):
+        return JobState.suspended
+    return JobState.running
+
+
+def failure_reason(job: Obj) -> str:
+    """The Job controller's reason: BackoffLimitExceeded, DeadlineExceeded, PodFailurePolicy."""
+    cond = _condition(job, "Failed")
+    return str((cond or {}).get("reason") or "Failed")
+
+
+def duration_seconds(job: Obj) -> float | None:
+    from datetime import datetime
+
+    status = job.get("status") or {}
+    start = status.get("startTime")
+    end = status.get("completionTime") or (_condition(job, "Failed") or {}).get(
+        "lastTransitionTime"
+    )
+    if not start or not end:
+        return None
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    return max(0.0, (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds())
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Who a Job belongs to, read from its labels and owner reference."""
+
+    namespace: str
+    name: str
+    uid: str
+    model: str
+    spec_hash: str
+    owner_uid: str | None
+
+    @classmethod
+    def of(cls, job: Obj) -> JobRef:
+        meta = job["metadata"]
+        labels_ = meta.get("labels") or {}
+        owner = next(
+            (
+                o
+                for o in meta.get("ownerReferences") or []
+                if o.get("controller") and o.get("kind") == KIND
+            ),
+            None,
+        )
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            model=labels_.get(MODEL_LABEL, ""),
+            spec_hash=labels_.get(SPEC_HASH_LABEL, ""),
+            owner_uid=(owner or {}).get("uid"),
+        )
+
+
+def pod_selector(job_uid: str) -> str:
+    """Pods of exactly this Job object, not of an older Job that had its name."""
+    return f"{JOB_CONTROLLER_UID_LABEL}={job_uid}"
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How the compressor container of one pod ended."""
+
+    pod: str
+    exit_code: int
+    message: str
+    finished_at: str
+
+
+def terminations(pods: list[Obj], job_uid: str) -> list[Termination]:
+    """Terminated compressor containers of the Job's pods, oldest first.
+
+    Pods not owned by the Job (by uid) are ignored: a result is only read from
+    a pod that provably ran for this Job.
+    """
+    found = []
+    for pod in pods:
+        owners = (pod.get("metadata") or {}).get("ownerReferences") or []
+        if not any(o.get("uid") == job_uid and o.get("kind") == "Job" for o in owners):
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if cs.get("name") == CONTAINER and term:
+                found.append(
+                    Termination(
+                        pod=pod["metadata"]["name"],
+                        exit_code=int(term.get("exitCode", -1)),
+                        message=term.get("message") or "",
+                        finished_at=term.get("finishedAt") or "",
+                    )
+                )
+    return sorted(found, key=lambda t: (t.finished_at, t.pod))

@@ -1,0 +1,39 @@
+"""Names, labels and annotations the operator puts on objects: one place, so the
+Job builder, the watchers that select by them and the tests cannot drift."""
+
+from __future__ import annotations
+
+from edgeslim.api.base import API_GROUP, API_VERSION, GROUP_VERSION, KIND, PLURAL
+
+__all__ = [
+    "API_GROUP",
+    "API_VERSION",
+    "CLEANUP_ANNOTATION",
+    "CONTAINER",
+    "FINALIZER",
+    "GROUP_VERSION",
+    "KIND",
+    "KUEUE_QUEUE_LABEL",
+    "MODEL_LABEL",
+    "PLURAL",
+    "SPEC_ENV",
+    "SPEC_HASH_LABEL",
+    "job_name",
+]
+
+MODEL_LABEL = f"{API_GROUP}/model"
+SPEC_HASH_LABEL = f"{API_GROUP}/spec-hash"
+# Opt-in: deleting the object also deletes its artifacts from storage.
+CLEANUP_ANNOTATION = f"{API_GROUP}/cleanup-artifacts"
+FINALIZER = f"{API_GROUP}/cleanup-artifacts"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONTAINER = "compressor"
+SPEC_ENV = "EDGESLIM_SPEC"
+JOB_CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
+
+
+def job_name(model_name: str, spec_hash: str) -> str:
+    """`<name[:40]>-<hash[:10]>`: the same spec always maps to the same Job, so a
+    restarted operator finds (HTTP 409) the Job it already created instead of
+    starting a second one. Short enough for the `job-name` pod label (63)."""
+    return f"{model_name[:40].rstrip('-')}-{spec_hash[:10]}"

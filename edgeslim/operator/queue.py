@@ -1,0 +1,113 @@
+"""The cluster-wide limit on running compressor Jobs, first come first served.
+
+State is never the operator's own: the number of running Jobs and the list of
+Queued objects come from kopf indexes, which kopf fills from the cluster (a
+full list) before any handler runs, so a restarted operator starts from what
+the cluster says. The only in-memory part is a short-lived *reservation*: a
+slot promised to an object whose Job the API server has not echoed back yet,
+so two handlers cannot both take the last slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+ModelKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True, order=True)
+class Waiting:
+    """An object waiting for a slot. Field order is the queue order:
+    creationTimestamp (RFC 3339 sorts as text), then namespace and name."""
+
+    created: str
+    namespace: str
+    name: str
+    job: str = field(default="", compare=False)
+    """The Job the object gets when admitted (not part of the order)."""
+
+    @property
+    def key(self) -> ModelKey:
+        return (self.namespace, self.name)
+
+
+def order(waiting: Iterable[Waiting]) -> list[Waiting]:
+    return sorted(set(waiting))
+
+
+def admissible(waiting: Iterable[Waiting], running: int, limit: int) -> list[Waiting]:
+    """Who may start now: the oldest `limit - running` (all of them when limit is 0)."""
+    queue = order(waiting)
+    if limit <= 0:
+        return queue
+    return queue[: max(0, limit - running)]
+
+
+def position(waiting: Iterable[Waiting], key: ModelKey) -> int | None:
+    """1-based place of `key` in the queue."""
+    for i, w in enumerate(order(waiting), start=1):
+        if w.key == key:
+            return i
+    return None
+
+
+class Slots:
+    """Reservations on top of what the indexes show; thread-safe (handlers are sync)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._reserved: dict[ModelKey, str] = {}  # model -> job name not yet seen
+        self._waiting: dict[ModelKey, Waiting] = {}  # asked for a slot, not yet admitted
+
+    @property
+    def unlimited(self) -> bool:
+        return self.limit <= 0
+
+    def wait(self, entry: Waiting) -> None:
+        with self._lock:
+            self._waiting[entry.key] = entry
+
+    def forget(self, key: ModelKey) -> None:
+        """The object no longer waits (deleted, spec now settled, started)."""
+        with self._lock:
+            self._waiting.pop(key, None)
+            self._reserved.pop(key, None)
+
+    def release(self, key: ModelKey, job: str) -> None:
+        """The reservation for `job` is over (the index shows it, or it failed)."""
+        with self._lock:
+            if self._reserved.get(key) == job:
+                del self._reserved[key]
+
+    def take(
+        self,
+        queued: Iterable[Waiting],
+        running: dict[ModelKey, set[str]],
+    ) -> list[Waiting]:
+        """Reserves slots for the objects that may start now and returns them.
+
+        `queued`: Queued objects the index knows of; `running`: running Job
+        names per object (index). Objects already holding a running Job
+        never take a second slot.
+        """
+        with self._lock:
+            # A reservation whose Job the index now shows is counted there.
+            for key, job in list(self._reserved.items()):
+                if job in running.get(key, set()):
+                    del self._reserved[key]
+            busy = set(running) | set(self._reserved)
+            count = sum(len(jobs) for jobs in running.values()) + len(self._reserved)
+            candidates = [w for w in {*queued, *self._waiting.values()} if w.key not in busy]
+            chosen = admissible(candidates, count, self.limit)
+            for w in chosen:
+                self._reserved[w.key] = w.job
+                self._waiting.pop(w.key, None)
+            return chosen
+
+    def waiting_now(self, queued: Iterable[Waiting]) -> list[Waiting]:
+        with self._lock:
+            busy = set(self._reserved)
+            return [w for w in order({*queued, *self._waiting.values()}) if w.key not in busy]
