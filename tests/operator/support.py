@@ -1,0 +1,262 @@
+"""Helpers for the operator's cluster tests and its benchmark: the CRD, the
+operator as a real subprocess, CompressedModel bodies and a node-agent hook
+that completes compressor pods at once with a valid result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from edgeslim.api.spec import CompressedModel
+from edgeslim.operator.names import API_GROUP, API_VERSION, MODEL_LABEL, PLURAL, SPEC_ENV
+from tests.cluster.node_agent import PodOutcome
+from tests.cluster.processes import free_port, spawn, stop_group, tail, urlopen_direct, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = ROOT / "crds" / "compressedmodel.yaml"
+Obj = dict[str, Any]
+
+
+def apply_crd(k8s: Any) -> None:
+    """Applies the generated CRD (create or replace) and waits until it is served."""
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    name = crd["metadata"]["name"]
+    try:
+        k8s.apiextensions.create_custom_resource_definition(crd)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = k8s.apiextensions.read_custom_resource_definition(name)
+        crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+        k8s.apiextensions.replace_custom_resource_definition(name, crd)
+
+    def established() -> bool:
+        conds = k8s.apiextensions.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conds)
+
+    wait_until(established, 30, 0.1, "the CRD to be established")
+    # Established can precede the first successful list by a moment.
+    wait_until(lambda: _listable(k8s), 30, 0.2, "CompressedModels to be listable")
+
+
+def _listable(k8s: Any) -> bool:
+    try:
+        k8s.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, limit=1)
+        return True
+    except ApiException:
+        return False
+
+
+class Operator:
+    """`edgeslim operator` as a subprocess, watching one namespace."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str | None,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log_path = log_path
+        self.extra_env = env or {}
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            "KUBECONFIG": str(self.kubeconfig),
+            "EDGESLIM_METRICS_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        argv = [sys.executable, "-m", "edgeslim.cli", "operator"]
+        if self.namespace:
+            argv += ["--namespace", self.namespace]
+        self.proc = spawn(argv, self.log_path, env=env)
+        wait_until(self.ready, 60, 0.2, f"the operator to be ready (log: {self.log_path})")
+        return self
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            with urlopen_direct(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urlopen_direct(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers, no chance to finish what it was doing."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, grace=10)
+
+    def log_tail(self, n: int = 6000) -> str:
+        return tail(self.log_path, n)
+
+
+def model_body(
+    name: str,
+    bucket: str,
+    *,
+    pipeline: list[Obj] | None = None,
+    dataset: str = "val.npz",
+    max_drop: float = 0.05,
+    annotations: dict[str, str] | None = None,
+    secret: str = "s3-creds",
+) -> Obj:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "CompressedModel",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {
+            "source": {"uri": f"s3://{bucket}/digits/cnn.onnx", "credentialsSecret": secret},
+            "evaluation": {
+                "dataset": f"s3://{bucket}/digits/{dataset}",
+                "metric": "accuracy",
+                "maxMetricDrop": max_drop,
+                "latencyRuns": 5,
+            },
+            "pipeline": pipeline or [{"quantize": {"mode": "dynamic"}}],
+            "output": {"uri": f"s3://{bucket}/edge/"},
+        },
+    }
+
+
+def create_model(k8s: Any, namespace: str, body: Obj) -> Obj:
+    return k8s.custom.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, body
+    )
+
+
+def get_model(k8s: Any, namespace: str, name: str) -> Obj:
+    return k8s.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+
+
+def list_models(k8s: Any, namespace: str) -> list[Obj]:
+    return k8s.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)[
+        "items"
+    ]
+
+
+def wait_phase(
+    k8s: Any,
+    namespace: str,
+    name: str,
+    phases: set[str],
+    timeout: float,
+    operator: Operator | None = None,
+    generation: int | None = None,
+) -> Obj:
+    """The object once its phase is in `phases` (for `generation`, if given)."""
+
+    def done() -> Obj | None:
+        obj = get_model(k8s, namespace, name)
+        st = obj.get("status") or {}
+        gen_ok = generation is None or st.get("observedGeneration") == generation
+        return obj if st.get("phase") in phases and gen_ok else None
+
+    try:
+        return wait_until(done, timeout, 0.3, f"{name} to reach {phases}")
+    except TimeoutError as exc:
+        obj = get_model(k8s, namespace, name)
+        log = operator.log_tail() if operator else ""
+        raise AssertionError(f"{exc}; status={json.dumps(obj.get('status'))}\n{log}") from exc
+
+
+def model_jobs(k8s: Any, namespace: str, name: str | None = None) -> list[Any]:
+    selector = f"{MODEL_LABEL}={name}" if name else MODEL_LABEL
+    return k8s.batch.list_namespaced_job(namespace, label_selector=selector).items
+
+
+def condition(obj: Obj, kind: str) -> Obj:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+
+
+# ---------------------------------------------------------------- pod hook
+
+
+def result_message(spec_json: str, *, passed: bool = True) -> str:
+    """A termination message as the compressor writes it, for the spec a pod carries."""
+    model = CompressedModel.model_validate_json(spec_json)
+    h = model.spec.spec_hash()
+    out = model.spec.output.uri if model.spec.output else "s3://bench/"
+    prefix = f"{out.rstrip('/')}/{model.metadata.name}/{h}"
+    return json.dumps(
+        {
+            "name": model.metadata.name,
+            "specHash": h,
+            "artifact": {
+                "uri": f"{prefix}/model.onnx",
+                "sha256": "0" * 64,
+                "sizeBytes": 25_000,
+                "gzipSizeBytes": 20_000,
+                "parameters": 1000,
+                "sparsity": 0.0,
+            },
+            "compressionRatio": 3.9,
+            "downloadRatio": 4.1,
+            "evaluation": {
+                "metric": "accuracy",
+                "samples": 360,
+                "baseline": 0.98,
+                "compressed": 0.975,
+                "drop": 0.005,
+            },
+            "latency": {
+                "sourceP50Ms": 0.2,
+                "sourceP95Ms": 0.3,
+                "compressedP50Ms": 0.1,
+                "compressedP95Ms": 0.2,
+                "speedup": 2.0,
+                "slower": False,
+            },
+            "gate": {"passed": passed, "maxMetricDrop": 0.01, "reason": "bench"},
+            "manifestUri": f"{prefix}/manifest.json",
+        },
+        separators=(",", ":"),
+    )
+
+
+def instant_result_hook(
+    namespaces: set[str] | None = None,
+    delay: float = 0.0,
+    on_start: Callable[[Obj], None] | None = None,
+) -> Callable[[Obj], PodOutcome | None]:
+    """Completes compressor pods (of `namespaces`) with a valid passing result,
+    after `delay` seconds, instead of running the compressor."""
+
+    def hook(pod: Obj) -> PodOutcome | None:
+        if namespaces is not None and pod["metadata"]["namespace"] not in namespaces:
+            return None
+        if MODEL_LABEL not in (pod["metadata"].get("labels") or {}):
+            return None
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or []}
+        if on_start:
+            on_start(pod)
+        if delay:
+            time.sleep(delay)
+        return PodOutcome(0, result_message(env[SPEC_ENV]))
+
+    return hook
