@@ -97,8 +97,8 @@ class ModelState:
             self.model = model
             self.state, self.reason = "ready", ""
             self._metrics.model_ready.set(1)
-            log.info("model %s ready: %s sha256 %s, loaded in %.2f s", self.name, model.path,
-                     model.sha256, seconds)
+            log.info("model %s ready: %s sha256 %s, loaded in %.2f s, one sample runs in %.2f ms",
+                     self.name, model.path, model.sha256, seconds, model.warmup_seconds * 1e3)
             return
 
     def _fail(self, reason: str) -> None:
@@ -171,9 +171,13 @@ class ServingApp:
         except RequestError as exc:
             status, body = exc.status, protocol.dumps({"error": str(exc)})
             if status == 405:
-                headers = [*_JSON, (b"allow", exc.args[1].encode())]
+                headers = [*_JSON, (b"allow", exc.allow.encode())]
             elif status == 413:  # the unread body is still on the wire: don't reuse it
                 headers = [*_JSON, (b"connection", b"close")]
+        except Exception as exc:
+            # Our bug or onnxruntime failing: answer in the protocol's shape, keep the trace.
+            log.exception("%s %s failed", method, path)
+            status, body = 500, protocol.dumps({"error": f"internal error: {type(exc).__name__}"})
         self.metrics.count(route, status)
         await _respond(send, status, body, headers)
 
@@ -229,7 +233,7 @@ class ServingApp:
 
     async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         start = time.perf_counter()
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1  # only the event loop thread touches it
         try:
             model = self._ready_model()
             body = await _read_body(scope, receive, self.max_body_bytes)
@@ -240,7 +244,7 @@ class ServingApp:
                 result = await loop.run_in_executor(self._pool, self._handle, model, body)
             return 200, result
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
             self.metrics.request_duration.observe(time.perf_counter() - start)
 
     def _handle(self, model: LoadedModel, body: bytes) -> bytes:
@@ -288,7 +292,7 @@ def _route(path: str) -> tuple[str, str | None]:
 
 def _allow(method: str, allowed: str) -> None:
     if method != allowed and not (allowed == "GET" and method == "HEAD"):
-        raise RequestError(f"method {method} not allowed here; use {allowed}", 405, allowed)
+        raise RequestError(f"method {method} not allowed here; use {allowed}", 405, allow=allowed)
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:

@@ -51,10 +51,13 @@ class ServingMetrics:
             "duration is protocol overhead.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.in_flight = Gauge(
+        #: Inference requests being handled now. A plain int the app bumps, read
+        #: only at scrape time: two locked gauge updates per request cost more.
+        self.in_flight = 0
+        Gauge(
             "edgeslim_serving_requests_in_flight", "Inference requests being handled now.",
             registry=r,
-        )
+        ).set_function(lambda: self.in_flight)
         self.model_ready = Gauge(
             "edgeslim_serving_model_ready", "1 once the model is loaded and serving, else 0.",
             registry=r,

@@ -27,7 +27,11 @@ PLATFORM = "onnxruntime"
 
 # onnxruntime reports errors as exception classes generated in its pybind module.
 _ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
-_CLIENT_ORT_ERRORS: tuple[type[Exception], ...] = (_ORT_ERRORS.InvalidArgument,)
+# Inputs that satisfy the declared dims can still be inconsistent with each other
+# (two inputs with different batch sizes): onnxruntime says InvalidArgument, or
+# Fail from the kernel that trips over it. Both answer 400 with onnxruntime's
+# message; a model broken for *every* input shows up just as clearly that way.
+_CLIENT_ORT_ERRORS: tuple[type[Exception], ...] = (_ORT_ERRORS.InvalidArgument, _ORT_ERRORS.Fail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +180,6 @@ class LoadedModel:
         try:
             arrays = self.session.run(names, feed)
         except _CLIENT_ORT_ERRORS as exc:
-            # Shapes that pass the declared dims but not the graph (e.g. two
-            # inputs with different batch sizes) are still the client's to fix.
             message = " ".join(str(exc).split())
             raise RequestError(f"the model rejected the inputs: {message}") from None
         return [(n, self._outputs[n].datatype, a) for n, a in zip(names, arrays, strict=True)]

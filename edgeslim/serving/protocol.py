@@ -83,9 +83,10 @@ _GOT = {"f": "fractional numbers", "i": "integers", "u": "integers", "b": "boole
 class RequestError(Exception):
     """A client mistake; becomes HTTP ``status`` with ``{"error": str(self)}``."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, allow: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.allow = allow  # for 405: the method that would have worked
 
 
 @dataclass(frozen=True, slots=True)
