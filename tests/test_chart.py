@@ -388,6 +388,9 @@ def _server_dry_run(kubeconfig: Path, manifests: list[Manifest], tmp: Path) -> s
             f"--cache-dir={tmp / 'cache'}",
             "apply",
             "--server-side",
+            # The CRD may already exist (tests/test_crd.py), created by another field
+            # manager; a dry run only validates, so taking ownership is harmless.
+            "--force-conflicts",
             "--dry-run=server",
             "--field-manager=edgeslim-chart-test",
             "-f",
