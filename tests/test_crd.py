@@ -16,9 +16,11 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from edgeslim.api.base import API_GROUP, API_VERSION, PLURAL
 from edgeslim.api.crd import CRD_NAME, MAX_NAME_LENGTH, build_crd, render_crd
+from edgeslim.api.spec import CompressedModel
 from tests.cluster.fixtures import K8s
 from tests.cluster.processes import wait_until
 from tests.cluster.tools import binaries
@@ -257,6 +259,28 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
         ["metadata.name", f"may not be more than {MAX_NAME_LENGTH} bytes"],
     ),
 ]
+
+
+# Only the API server enforces these: the CLI reads local paths and does not
+# name child objects after the model.
+CLUSTER_ONLY = {"local-path-in-cluster", "file-uri-in-cluster", "name-too-long"}
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [c[1] for c in REJECTED if c[0] not in CLUSTER_ONLY],
+    ids=[c[0] for c in REJECTED if c[0] not in CLUSTER_ONLY],
+)
+def test_pydantic_rejects_what_the_crd_rejects(mutate: Callable[[dict[str, Any]], None]) -> None:
+    """The CRD and the models agree: nothing the API server refuses gets through the CLI."""
+    obj = _example()
+    mutate(obj)
+    with pytest.raises(ValidationError):
+        CompressedModel.model_validate(obj)
+
+
+def test_pydantic_accepts_the_cluster_example() -> None:
+    CompressedModel.model_validate(_example())
 
 
 @pytest.mark.cluster

@@ -127,6 +127,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         out["items"] = structural(node["items"], defs)
     if node.get("pattern") == URI_PATTERN:
         out["x-kubernetes-validations"] = [IN_CLUSTER_URI]
+        out["description"] = f"{out.get('description', '')} In a cluster: s3:// only.".strip()
     return _ordered(out)
 
 
