@@ -1,0 +1,144 @@
+"""End to end: CRD, operator, real compressor Jobs run by the node agent, S3 (moto).
+
+One object of each kind runs side by side to keep the suite short: a passing
+spec (then changed), a rejecting spec and a spec whose dataset does not exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.fixtures import K8s
+from tests.cluster.processes import wait_until
+from tests.operator.support import (
+    condition,
+    create_model,
+    get_model,
+    model_body,
+    model_jobs,
+    wait_phase,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+CLEANUP = {"edgeslim.io/cleanup-artifacts": "true"}
+TIMEOUT = 240  # a real compressor run, three at a time on a small machine
+
+
+def _secret(k8s: K8s, namespace: str, env: dict[str, str]) -> None:
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in env.items()}
+    k8s.core.create_namespaced_secret(
+        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), data=data)
+    )
+
+
+def _upload(s3_server, bucket: str, digits) -> None:
+    s3 = s3_server.client()
+    for path, key in (
+        (digits.model_path, "cnn.onnx"),
+        (digits.train, "train.npz"),
+        (digits.val, "val.npz"),
+    ):
+        s3.upload_file(str(path), bucket, f"digits/{key}")
+
+
+def _s3_sha(s3_server, uri: str) -> str:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    body = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return hashlib.sha256(body).hexdigest()
+
+
+def _keys(s3_server, bucket: str, prefix: str) -> list[str]:
+    resp = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for o in resp.get("Contents", [])]
+
+
+def test_compress_change_reject_fail_and_delete(
+    k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits, tmp_path: Path
+) -> None:
+    _upload(s3_server, s3, digits)
+    _secret(k8s, namespace, s3_server.env())
+    op = run_operator()
+
+    create_model(k8s, namespace, model_body("digits", s3, annotations=CLEANUP))
+    # Structured pruning of 90% of channels without distillation wrecks accuracy.
+    wrecked = [{"prune": {"method": "structured", "sparsity": 0.9}}]
+    create_model(k8s, namespace, model_body("wrecked", s3, pipeline=wrecked, max_drop=0.0))
+    create_model(k8s, namespace, model_body("missing", s3, dataset="nope.npz"))
+
+    # Seen at once: Ready is Unknown while the compressor runs.
+    first = wait_phase(k8s, namespace, "digits", {"Compressing", "Ready"}, 30, op)
+    assert condition(first, "Ready")["status"] in ("Unknown", "True")
+
+    ready = wait_phase(k8s, namespace, "digits", {"Ready"}, TIMEOUT, op)
+    st = ready["status"]
+    assert st["observedGeneration"] == ready["metadata"]["generation"]
+    assert condition(ready, "GatePassed")["status"] == "True"
+    assert condition(ready, "Compressed")["status"] == "True"
+    assert condition(ready, "Ready")["status"] == "True"
+    assert st["results"]["gate"]["passed"] is True
+    assert st["results"]["downloadRatio"] > 1 and "drop" in st["results"]["evaluation"]
+    artifact = st["artifact"]
+    assert artifact["uri"] == f"s3://{s3}/edge/digits/{st['specHash']}/model.onnx"
+    assert _s3_sha(s3_server, artifact["uri"]) == artifact["sha256"]
+    assert artifact["manifestUri"].endswith("/manifest.json")
+    [job] = model_jobs(k8s, namespace, "digits")
+    assert job.metadata.owner_references[0].uid == ready["metadata"]["uid"]
+    events = k8s.core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=digits"
+    ).items
+    assert {"Compressing", "GatePassed"} <= {e.reason for e in events}
+
+    # A spec change supersedes the result: a new Job and a new artifact.
+    patch = {"spec": {"evaluation": {"maxMetricDrop": 0.06}}}
+    changed = k8s.custom.patch_namespaced_custom_object(
+        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits", patch
+    )
+    generation = changed["metadata"]["generation"]
+    again = wait_phase(k8s, namespace, "digits", {"Ready"}, TIMEOUT, op, generation=generation)
+    assert again["status"]["specHash"] != st["specHash"]
+    assert again["status"]["artifact"]["uri"] != artifact["uri"]
+    assert (
+        _s3_sha(s3_server, again["status"]["artifact"]["uri"])
+        == again["status"]["artifact"]["sha256"]
+    )
+    job_names = {j.metadata.name for j in model_jobs(k8s, namespace, "digits")}
+    assert again["status"]["jobName"] in job_names
+
+    rejected = wait_phase(k8s, namespace, "wrecked", {"Rejected"}, TIMEOUT, op)
+    assert condition(rejected, "GatePassed")["status"] == "False"
+    assert condition(rejected, "Ready")["status"] == "False"
+    assert rejected["status"]["results"]["evaluation"]["drop"] > 0
+    assert rejected["status"]["artifact"]["uri"].endswith("/model.rejected.onnx")
+
+    failed = wait_phase(k8s, namespace, "missing", {"Failed"}, TIMEOUT, op)
+    assert condition(failed, "Ready")["reason"] == "InvalidSpec"
+    assert "nope.npz" in failed["status"]["message"]
+    [bad_job] = model_jobs(k8s, namespace, "missing")
+    pods = k8s.core.list_namespaced_pod(
+        namespace, label_selector=f"job-name={bad_job.metadata.name}"
+    ).items
+    assert len(pods) == 1, "bad input must not be retried"
+
+    # Deleting the object takes its Jobs (garbage collector) and, being
+    # annotated, its artifacts.
+    assert _keys(s3_server, s3, "edge/digits/")
+    k8s.custom.delete_namespaced_custom_object(
+        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits"
+    )
+    wait_until(lambda: not model_jobs(k8s, namespace, "digits"), 60, 0.5, "digits' Jobs to go")
+    wait_until(lambda: not _keys(s3_server, s3, "edge/digits/"), 30, 0.5, "artifacts to go")
+    assert _keys(s3_server, s3, "edge/wrecked/"), "only the annotated object's artifacts go"
+
+    def gone() -> bool:
+        try:
+            get_model(k8s, namespace, "digits")
+        except client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(gone, 30, 0.5, "the object to go")
