@@ -131,8 +131,11 @@ def _create(k8s: K8s, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.cluster
 def test_valid_example_is_accepted_and_defaulted(k8s: K8s, cm_namespace: str) -> None:
-    created = _create(k8s, cm_namespace, _example())
+    obj = _example()
+    obj["spec"]["pipeline"][0] = {"simplify": None}  # `- simplify:` with nothing after it
+    created = _create(k8s, cm_namespace, obj)
     spec = created["spec"]
+    assert spec["pipeline"][0] == {"simplify": None}
     assert spec["activeDeadlineSeconds"] == 3600
     assert spec["evaluation"]["latencyRuns"] == 100
     prune = spec["pipeline"][1]["prune"]
