@@ -32,7 +32,8 @@ test: venv controlplane
 	$(BIN)/pytest -ra
 
 # Everything except the control-plane tests; for a quick loop while editing.
-test-fast: venv
+# (The chart tests still need the cached helm binary, hence controlplane.)
+test-fast: venv controlplane
 	$(BIN)/pytest -ra -m "not cluster"
 
 lint: venv
@@ -46,6 +47,10 @@ cluster: venv controlplane
 
 bench: venv
 	$(BIN)/python bench/compression.py
+
+# Regenerate the CRD (and the chart's copy) from the pydantic models.
+crd: venv
+	$(BIN)/edgeslim crd --output crds/compressedmodel.yaml --chart charts/edgeslim
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
