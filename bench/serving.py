@@ -38,7 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +99,21 @@ async def _client(
         writer.close()
 
 
-async def _load(port: int, request: bytes, concurrency: int, seconds: float) -> Result:
+@dataclass
+class Samples:
+    """Latencies gathered over one or more measuring rounds of one cell."""
+
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: int = 0
+
+    def result(self) -> Result:
+        return summarize(self.latencies, self.seconds, self.errors)
+
+
+async def _load(port: int, request: bytes, concurrency: int, seconds: float, into: Samples) -> None:
     start = time.perf_counter()
-    warm_until = start + min(0.3, seconds / 4)  # connections open, caches warm
+    warm_until = start + min(0.2, seconds / 3)  # connections open, caches warm
     stop_at = warm_until + seconds
     latencies: list[float] = []
     budget, errors = [MAX_REQUESTS], [0]
@@ -109,16 +121,18 @@ async def _load(port: int, request: bytes, concurrency: int, seconds: float) -> 
         _client(port, request, stop_at, warm_until, latencies, budget, errors)
         for _ in range(concurrency)
     ))
-    measured = min(time.perf_counter(), stop_at) - warm_until
-    return summarize(latencies, measured, errors[0])
+    into.latencies += latencies
+    into.seconds += min(time.perf_counter(), stop_at) - warm_until
+    into.errors += errors[0]
 
 
-def load(port: int, path: str, body: bytes, concurrency: int, seconds: float) -> Result:
+def load(port: int, path: str, body: bytes, concurrency: int, seconds: float,
+         into: Samples) -> None:
     request = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    return _run(_load(port, request, concurrency, seconds))
+    _run(_load(port, request, concurrency, seconds, into))
 
 
 def _run(coro):
@@ -175,18 +189,62 @@ async def _echo_asgi(scope: dict, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def echo_main(kind: str, port: int) -> None:
+def _ort_echo_app(model: Path):
+    """Echo plus one onnxruntime run on a fixed sample: HTTP + compute, no protocol at all.
+
+    The floor for any server on this stack: a run between requests costs more
+    than in a hot loop (cold caches after the idle gap), and this row shows it.
+    """
+    from edgeslim.serving.model import LoadedModel
+
+    loaded = LoadedModel("digits", model, "0" * 64, threads=1)
+    feed = {"input": np.zeros((1, 1, 8, 8), np.float32)}
+
+    async def app(scope: dict, receive, send) -> None:
+        loaded.session.run(None, feed)
+        await _echo_asgi(scope, receive, send)
+
+    return app
+
+
+def _starlette_app(model: Path):
+    """edgeslim's own request handling behind starlette's router and Request/Response."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from edgeslim.serving.app import ServingApp
+    from edgeslim.serving.model import LoadedModel
+
+    loaded = LoadedModel("digits", model, "0" * 64, threads=1)
+    ours = ServingApp("digits", lambda: loaded)
+
+    async def infer(request: Request) -> Response:
+        body = ours._handle(loaded, await request.body())
+        return Response(body, media_type="application/json")
+
+    async def up(request: Request) -> Response:
+        return Response(b"ok")
+
+    return Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+                             Route("/", up)])
+
+
+def echo_main(kind: str, port: int, model: Path | None) -> None:
     if kind == "raw":
         async def main() -> None:
             server = await asyncio.get_running_loop().create_server(_RawEcho, "127.0.0.1", port)
             await server.serve_forever()
 
         _run(main())
-    else:
-        import uvicorn
+        return
+    import uvicorn
 
-        uvicorn.run(_echo_asgi, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
-                    lifespan="off", access_log=False, log_level="warning")
+    app = {"uvicorn": lambda: _echo_asgi, "ort-echo": lambda: _ort_echo_app(model),
+           "starlette": lambda: _starlette_app(model)}[kind]()
+    uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
+                lifespan="off", access_log=False, log_level="warning")
 
 
 # -------------------------------------------------------------------- processes
@@ -343,27 +401,46 @@ def table(rows: list[tuple[str, str, dict[int, Result] | str]]) -> str:
     return "\n".join(out)
 
 
-def sweep(port: int, path: str, body: bytes, seconds: float) -> dict[int, Result]:
-    return {c: load(port, path, body, c, seconds) for c in CONCURRENCY}
+@dataclass
+class Target:
+    server: str
+    model: str
+    port: int
+    path: str
+    samples: dict[int, Samples] = field(default_factory=lambda: {c: Samples() for c in CONCURRENCY})
+
+
+def measure(targets: list[Target], body: bytes, seconds: float, rounds: int) -> None:
+    """Short rounds, taking every target in turn: the load others put on a shared
+    machine drifts over a run, and interleaving spreads it evenly over the rows."""
+    for c in CONCURRENCY:
+        for _ in range(rounds):
+            for t in targets:
+                load(t.port, t.path, body, c, seconds / rounds, t.samples[c])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured time per cell")
+    parser.add_argument("--seconds", type=float, default=1.5, help="measured time per cell")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="split each cell into this many rounds, interleaved across servers")
     parser.add_argument("--no-mlserver", action="store_true")
     parser.add_argument("--mlserver-workers", type=int, default=0,
                         help="MLServer parallel_workers (0: inference in the server process, "
                              "its fastest for a small model; 1 is its default)")
-    parser.add_argument("--echo", choices=["raw", "uvicorn"], help=argparse.SUPPRESS)
+    parser.add_argument("--echo", choices=["raw", "uvicorn", "ort-echo", "starlette"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo:
-        echo_main(args.echo, args.port)
+        echo_main(args.echo, args.port, args.model)
         return 0
 
     began = time.monotonic()
     rows: list[tuple[str, str, dict[int, Result] | str]] = []
-    with tempfile.TemporaryDirectory(prefix="edgeslim-bench-") as tmpdir:
+    with tempfile.TemporaryDirectory(prefix="edgeslim-bench-") as tmpdir, \
+            contextlib.ExitStack() as running:
         tmp = Path(tmpdir)
         print("building the digits models...", flush=True)
         fp32, int8, sample = build_models(tmp)
@@ -376,20 +453,31 @@ def main() -> int:
             rows.append(("in-process onnxruntime", label, {1: raw}))
             rows.append(("in-process + v2 JSON codec", label, {1: codec}))
 
-        for kind in ("raw", "uvicorn"):
-            port = free_port()
-            cmd = [sys.executable, __file__, "--echo", kind, "--port", str(port)]
-            with process(cmd, f"http://127.0.0.1:{port}/"):
-                rows.append((f"HTTP echo ({kind})", "-", sweep(port, "/", body, secs)))
+        print("starting servers...", flush=True)
+        targets: list[Target] = []
+        infer = "/v2/models/digits/infer"
 
-        for label, path in models.items():
+        def start(server: str, model: str, cmd: list[str], ready: str, path: str = infer,
+                  **kwargs: object) -> None:
             port = free_port()
-            cmd = [sys.executable, "-m", "edgeslim.cli", "serve", "--model", str(path),
-                   "--name", "digits", "--host", "127.0.0.1", "--port", str(port),
-                   "--threads", "1", "--log-level", "warning"]
-            with process(cmd, f"http://127.0.0.1:{port}/v2/health/ready", cwd=ROOT):
-                rows.append(("edgeslim serve", label,
-                             sweep(port, "/v2/models/digits/infer", body, secs)))
+            cmd = [part.replace("{port}", str(port)) for part in cmd]
+            running.enter_context(process(cmd, f"http://127.0.0.1:{port}{ready}", **kwargs))
+            targets.append(Target(server, model, port, path))
+
+        bench = [sys.executable, __file__, "--port", "{port}"]
+        start("HTTP echo (raw)", "-", [*bench, "--echo", "raw"], "/")
+        start("HTTP echo (uvicorn)", "-", [*bench, "--echo", "uvicorn"], "/")
+        for kind, title in (("ort-echo", "uvicorn echo + ort.run (no protocol)"),
+                            ("starlette", "starlette + edgeslim handler")):
+            for label, path in models.items():
+                start(title, label, [*bench, "--echo", kind, "--model", str(path)], "/",
+                      cwd=ROOT)
+        for label, path in models.items():
+            start("edgeslim serve", label,
+                  [sys.executable, "-m", "edgeslim.cli", "serve", "--model", str(path),
+                   "--name", "digits", "--host", "127.0.0.1", "--port", "{port}",
+                   "--threads", "1", "--log-level", "warning"],
+                  "/v2/health/ready", cwd=ROOT)
 
         if args.no_mlserver:
             rows.append(("MLServer", "-", "skipped (--no-mlserver)"))
@@ -399,15 +487,22 @@ def main() -> int:
                 port = free_port()
                 repo = mlserver_repo(tmp, models, port, args.mlserver_workers)
                 env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "mlserver_onnx")}
-                with process([str(mlserver), "start", str(repo)],
-                             f"http://127.0.0.1:{port}/v2/models/int8/ready", timeout=120,
-                             env=env, cwd=repo):
-                    for label in models:
-                        rows.append((f"MLServer (workers={args.mlserver_workers})", label,
-                                     sweep(port, f"/v2/models/{label}/infer", body, secs)))
+                running.enter_context(process(
+                    [str(mlserver), "start", str(repo)],
+                    f"http://127.0.0.1:{port}/v2/models/int8/ready", timeout=120, env=env,
+                    cwd=repo))
+                for label in models:
+                    targets.append(Target(f"MLServer (workers={args.mlserver_workers})", label,
+                                          port, f"/v2/models/{label}/infer"))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 reason = " ".join(str(exc).split())[:160]
                 rows.append(("MLServer", "-", f"unavailable ({reason})"))
+
+        print(f"measuring {len(targets)} servers x {len(CONCURRENCY)} concurrencies...",
+              flush=True)
+        measure(targets, body, secs, args.rounds)
+        rows += [(t.server, t.model, {c: s.result() for c, s in t.samples.items()})
+                 for t in targets]
 
     print()
     print(table(rows))
@@ -427,10 +522,15 @@ def verdict(rows: list[tuple[str, str, dict[int, Result] | str]]) -> str:
     for model in ("fp32", "int8"):
         ours = found[("edgeslim serve", model)]
         floor = found[("in-process onnxruntime", model)][1].p50_ms
+        minimal = found[("uvicorn echo + ort.run (no protocol)", model)][1].p50_ms
         lines.append(
             f"{model}: p50 at c=1 is {ours[1].p50_ms / (echo + floor):.2f}x (uvicorn echo + "
-            f"in-process) and {ours[1].p50_ms / (raw_echo + floor):.2f}x (raw echo + in-process)"
+            f"in-process), {ours[1].p50_ms / (raw_echo + floor):.2f}x (raw echo + in-process), "
+            f"{ours[1].p50_ms / minimal:.2f}x (uvicorn echo + ort.run in one app)"
         )
+        star = found[("starlette + edgeslim handler", model)]
+        ratios = ", ".join(f"c={c} {ours[c].rps / star[c].rps:.2f}x" for c in CONCURRENCY)
+        lines.append(f"{model}: req/s raw ASGI vs starlette with the same handler: {ratios}")
         ml = next((r for (s, m), r in found.items() if s.startswith("MLServer") and m == model),
                   None)
         if ml is not None:
