@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -453,7 +454,7 @@ def test_serves_from_s3_and_is_unready_until_the_download_lands(
     storage.put_file(int8.path, uri)
     host, port = s3_server.endpoint.removeprefix("http://").split(":")
     proxy = GatedProxy((host, int(port)))
-    env = {**__import__("os").environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
     try:
         with serve(uri, tmp_path, "--sha256", int8.sha256, ready=False, env=env) as srv, \
                 srv.client() as c:
@@ -474,7 +475,30 @@ def test_serves_from_s3_and_is_unready_until_the_download_lands(
         proxy.close()
 
 
+def test_unreachable_storage_keeps_loading_and_retrying(tmp_path: Path) -> None:
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1"}
+    with serve("s3://models/digits/model.onnx", tmp_path, ready=False, env=env) as srv, \
+            srv.client() as c:
+        deadline = time.monotonic() + 30
+        while "retrying" not in srv.log_text():
+            assert time.monotonic() < deadline, srv.log_text()
+            time.sleep(0.1)
+        resp = c.get("/v2/health/ready")
+        assert resp.status_code == 503
+        assert resp.json()["state"] == "loading"  # not failed: the store may come back
+        assert "storage unavailable" in resp.json()["reason"]
+        assert c.get("/v2/health/live").status_code == 200
+
+
 # ---------------------------------------------------------------- process level
+
+
+def test_cli_refuses_a_malformed_sha256_before_starting(capsys: pytest.CaptureFixture) -> None:
+    from edgeslim.cli import main
+
+    assert main(["serve", "--model", "m.onnx", "--name", NAME, "--sha256", "abc"]) == 2
+    assert "--sha256 'abc': expected 64 hexadecimal characters" in capsys.readouterr().err
 
 
 def test_serving_imports_neither_torch_nor_onnx() -> None:
