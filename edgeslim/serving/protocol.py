@@ -133,22 +133,17 @@ def _json_default(value: Any) -> Any:
 # ---------------------------------------------------------------------- request
 
 
-def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+_JSON_KINDS = {str: "a string", list: "an array", dict: "an object"}
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """``obj[key]``, which must be present and of ``kind`` (str, list or dict)."""
     if key not in obj:
         raise RequestError(f"{where}: missing field {key!r}")
     value = obj[key]
     if not isinstance(value, kind):
-        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
-        raise RequestError(f"{where}: field {key!r} must be {_json_kind(names)}")
+        raise RequestError(f"{where}: field {key!r} must be {_JSON_KINDS[kind]}")
     return value
-
-
-def _json_kind(python_names: str) -> str:
-    return (
-        python_names.replace("list", "an array")
-        .replace("dict", "an object")
-        .replace("str", "a string")
-    )
 
 
 def _parse_tensor(obj: Any, index: int) -> RequestTensor:
