@@ -42,7 +42,7 @@ __all__ = ["EDGE_LABELS", "NodeAgent", "PodHook", "PodOutcome"]
 EDGE_LABELS = {"node-role.kubernetes.io/edge": ""}
 DEFAULT_CAPACITY = {"cpu": "8", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"}
 NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
-WATCH_SECONDS = 10  # also the period of the full resync
+WATCH_SECONDS = 300  # the server ends each watch after this; it is resumed
 
 
 class IPPool:
@@ -291,46 +291,60 @@ class NodeAgent:
     # -- pods ------------------------------------------------------------
 
     def _watch_loop(self) -> None:
+        """List once, then watch from the last resourceVersion seen, relisting
+        only when the watch breaks -- an informer's pattern, so the agent adds
+        little to the API server's request counts (benchmarks read them)."""
+        resource_version: str | None = None
         while not self._stop.is_set():
             try:
-                resp = self.core.list_pod_for_all_namespaces(_preload_content=False)
-                listing = json.loads(resp.data)
-                seen = set()
-                for pod in listing["items"]:
-                    seen.add(pod["metadata"]["uid"])
-                    self._sync("SYNC", pod)
-                for uid, worker in list(self.workers.items()):
-                    if uid not in seen and not worker.finished.is_set():
-                        worker.vanished()
-                self._watch(listing["metadata"]["resourceVersion"])
+                if resource_version is None:
+                    resource_version = self._relist()
+                resource_version = self._watch(resource_version)
             except Exception as e:
+                resource_version = None
                 if not self._stop.is_set():
                     log.warning("node agent watch: %s", e)
                     self._stop.wait(0.5)
 
-    def _watch(self, resource_version: str) -> None:
+    def _relist(self) -> str:
+        resp = self.core.list_pod_for_all_namespaces(_preload_content=False)
+        listing = json.loads(resp.data)
+        seen = set()
+        for pod in listing["items"]:
+            seen.add(pod["metadata"]["uid"])
+            self._sync("SYNC", pod)
+        for uid, worker in list(self.workers.items()):
+            if uid not in seen and not worker.finished.is_set():
+                worker.vanished()
+        return str(listing["metadata"]["resourceVersion"])
+
+    def _watch(self, resource_version: str) -> str | None:
+        """Streams pod events; returns where to resume, or None to relist."""
         stream = self.core.list_pod_for_all_namespaces(
             watch=True,
             resource_version=resource_version,
+            allow_watch_bookmarks=True,
             timeout_seconds=WATCH_SECONDS,
             _preload_content=False,
-            _request_timeout=WATCH_SECONDS + 5,
+            _request_timeout=WATCH_SECONDS + 30,
         )
         self._stream = stream
         try:
             for line in stream:
                 if self._stop.is_set():
-                    return
+                    return None
                 if not line.strip():
                     continue
                 event = json.loads(line)
                 if event["type"] == "ERROR":
-                    return  # e.g. 410 Gone: relist
+                    return None  # typically 410 Gone: the version is too old
+                resource_version = event["object"]["metadata"]["resourceVersion"]
                 if event["type"] != "BOOKMARK":
                     self._sync(event["type"], event["object"])
         finally:
             self._stream = None
             stream.release_conn()
+        return resource_version
 
     def _sync(self, kind: str, pod: Obj) -> None:
         meta, spec = pod["metadata"], pod["spec"]

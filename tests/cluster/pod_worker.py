@@ -13,7 +13,6 @@ then the pod object is deleted with a zero grace period, as the kubelet does.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import signal
 import socket
@@ -336,6 +335,7 @@ class PodWorker(threading.Thread):
             self.initialized = True
             self.phase = "Succeeded" if outcome.exit_code == 0 else "Failed"
             self._write_status()
+            self.agent.release_ip(self.ip)
             self._await_deletion()
             return
         volumes = self._materialise_volumes()
@@ -503,8 +503,9 @@ class PodWorker(threading.Thread):
         self._delete_object()
 
     def _await_deletion(self) -> None:
+        # request_delete() sets _delete_grace before waking us.
         while self._delete_grace is None:
-            self._wake.wait(1.0)
+            self._wake.wait(60)
         if not self._vanished:
             self._delete_object()
 
@@ -558,35 +559,23 @@ class PodWorker(threading.Thread):
         return status
 
     def _write_status(self) -> None:
-        """Replaces the pod's status, retrying on conflicts with other writers."""
-        ours = self._status()
-        owned = {c["type"] for c in ours["conditions"]}
-        for _ in range(20):
-            try:
-                resp = self.agent.core.read_namespaced_pod(
-                    self.pod_name, self.namespace, _preload_content=False
-                )
-            except ApiException as e:
-                if e.status == 404:
-                    return
-                raise
-            pod = json.loads(resp.data)
-            if pod["metadata"]["uid"] != self.uid:
-                return
-            current = pod.get("status") or {}
-            # Keep what the API server and controllers own (qosClass, and
-            # conditions such as DisruptionTarget).
-            foreign = [c for c in current.get("conditions") or [] if c["type"] not in owned]
-            pod["status"] = {**current, **ours, "conditions": ours["conditions"] + foreign}
-            try:
-                self.agent.core.replace_namespaced_pod_status(
-                    self.pod_name, self.namespace, pod, _preload_content=False
-                )
-                return
-            except ApiException as e:
-                if e.status == 404:
-                    return
-                if e.status != 409:
-                    log.warning("pod %s/%s status: %s", self.namespace, self.pod_name, e.body)
-                    return
-        log.warning("pod %s/%s: gave up writing status", self.namespace, self.pod_name)
+        """One strategic-merge patch of the pod's status, as the kubelet sends.
+
+        Conditions merge by type (others' conditions survive); the container
+        status lists have no merge key, so ours replace them whole. The uid in
+        the patch makes it fail (422), not land on a new pod that reuses the name.
+        """
+        body = {"metadata": {"uid": self.uid}, "status": self._status()}
+        try:
+            self.agent.core.patch_namespaced_pod_status(
+                self.pod_name,
+                self.namespace,
+                body,
+                _content_type="application/strategic-merge-patch+json",
+                _preload_content=False,
+            )
+        except ApiException as e:
+            # 404: gone; 422 naming metadata.uid: the name now belongs to a new pod.
+            replaced = e.status == 422 and "metadata.uid" in str(e.body)
+            if e.status != 404 and not replaced:
+                log.warning("pod %s/%s status: %s", self.namespace, self.pod_name, e.body)
