@@ -17,12 +17,8 @@ from types import FrameType
 from tests.cluster.cluster import start_cluster
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.node_agent import NodeAgent
-from tests.cluster.processes import free_port
 from tests.cluster.tools import MissingBinariesError, binaries, require_binaries
-
-S3_ACCESS_KEY = "testing"
-S3_SECRET_KEY = "testing"
-S3_REGION = "us-east-1"
+from tests.s3server import S3Server
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -30,7 +26,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _describe(cp: ControlPlane, agent: NodeAgent, s3_endpoint: str | None) -> str:
+def _describe(cp: ControlPlane, agent: NodeAgent, s3: S3Server | None) -> str:
     kubectl = binaries().kubectl
     lines = [
         "",
@@ -42,13 +38,8 @@ def _describe(cp: ControlPlane, agent: NodeAgent, s3_endpoint: str | None) -> st
     if kubectl.exists():
         lines.append(f"  kubectl:     {kubectl}")
     lines += ["", f"export KUBECONFIG={cp.kubeconfig}"]
-    if s3_endpoint:
-        lines += [
-            f"export AWS_ENDPOINT_URL={s3_endpoint}",
-            f"export AWS_ACCESS_KEY_ID={S3_ACCESS_KEY}",
-            f"export AWS_SECRET_ACCESS_KEY={S3_SECRET_KEY}",
-            f"export AWS_DEFAULT_REGION={S3_REGION}",
-        ]
+    if s3 is not None:
+        lines += [f"export {name}={value}" for name, value in s3.env().items()]
     return "\n".join(lines) + "\n"
 
 
@@ -66,21 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     cp: ControlPlane | None = None
     agent: NodeAgent | None = None
-    s3 = None
+    s3: S3Server | None = None
     try:
         started = time.monotonic()
         cp, agent = start_cluster()
-        endpoint = None
         if not args.no_s3:
-            from moto.server import ThreadedMotoServer
-
-            port = free_port()
-            # moto listens on every interface unless told otherwise.
-            s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-            s3.start()
-            endpoint = f"http://127.0.0.1:{port}"
+            s3 = S3Server(host="127.0.0.1").start()
         print(f"started in {time.monotonic() - started:.1f}s", flush=True)
-        print(_describe(cp, agent, endpoint), flush=True)
+        print(_describe(cp, agent, s3), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
