@@ -47,9 +47,14 @@ def backoff(retry: int) -> float:
     return float(min(2**retry, 60))
 
 
-def _transient(handler: str, exc: BaseException, retry: int) -> kopf.TemporaryError:
+def _transient(
+    handler: str, exc: BaseException, retry: int
+) -> kopf.PermanentError | kopf.TemporaryError:
     metrics.reconcile_errors.labels(handler=handler).inc()
-    return kopf.TemporaryError(f"{type(exc).__name__}: {exc}", delay=backoff(retry))
+    message = f"{type(exc).__name__}: {exc}"
+    if retry + 1 >= RETRIES:
+        return kopf.PermanentError(f"gave up after {RETRIES} attempts: {message}")
+    return kopf.TemporaryError(message, delay=backoff(retry))
 
 
 @kopf.on.startup()
@@ -68,6 +73,11 @@ async def configure(
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
     )
+    # After its own patch kopf waits for the watch to echo that version before
+    # handling the object again; under load (1,000 objects at once) the echo
+    # can take longer than the default 5 s, and a stale event would re-run the
+    # creation handler for nothing.
+    settings.persistence.consistency_timeout = 60
     # Load balancers and API-server restarts can leave a watch connected but
     # silent; restart any watch that has said nothing for this long.
     settings.watching.inactivity_timeout = 300
@@ -79,9 +89,6 @@ async def configure(
     settings.peering.standalone = True
     # Sync handlers run here; enough threads that 1,000 objects don't queue behind 4.
     settings.execution.max_workers = 16
-    # The queue is served from memory; the default 1 s batching would delay
-    # each Job's result by a second for nothing.
-    settings.batching.idle_timeout = 0.1
 
     cfg = Settings.from_env()
     rt = reconcile.Runtime(
@@ -140,10 +147,13 @@ def reconcile_model(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> N
         reconcile.fail_invalid(rt, dict(body), str(exc))
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
     except Exception as exc:
-        if is_transient(exc):
-            raise _transient("reconcile", exc, retry) from exc
-        metrics.reconcile_errors.labels(handler="reconcile").inc()
-        raise
+        if not is_transient(exc):
+            metrics.reconcile_errors.labels(handler="reconcile").inc()
+            raise
+        error = _transient("reconcile", exc, retry)
+        if isinstance(error, kopf.PermanentError):
+            reconcile.fail_reconcile(rt, dict(body), str(error))
+        raise error from exc
 
 
 @kopf.on.event(*MODELS)

@@ -26,7 +26,7 @@ from edgeslim.cli import format_validation_error
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.operator import events, jobs, results, status
 from edgeslim.operator.kube import Conflict, Kube, api_message
-from edgeslim.operator.names import MODEL_LABEL, job_name
+from edgeslim.operator.names import job_name
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import FINAL_PHASES, Transition
@@ -237,6 +237,17 @@ def fail_invalid(rt: Runtime, body: Obj, message: str) -> None:
     rt.slots.forget(_key(body))
 
 
+def fail_reconcile(rt: Runtime, body: Obj, message: str) -> None:
+    """Phase Failed / ReconcileError once the retries are spent (best effort:
+    the API may be what is failing)."""
+    try:
+        write_status(
+            rt, _key(body), lambda _c, _b: Transition(Phase.failed, "ReconcileError", message)
+        )
+    except Exception as exc:
+        log.warning("%s/%s: could not record the failure: %s", *_key(body), exc)
+
+
 def reconcile_model(rt: Runtime, body: Obj) -> None:
     """Create, spec change and resume: make sure the current spec gets (or has) its Job."""
     key = _key(body)
@@ -350,6 +361,11 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
         if written is None:
             rt.slots.release(key, job)
             return
+        if job in _known_jobs(rt, key):
+            # Already created (this is a re-run or a resume): the live index
+            # says so without a 409 round-trip.
+            log.info("%s/%s: adopted existing Job %s", *key, job)
+            return
         manifest = jobs.build_job(model, rt.settings, spec_hash)
         try:
             created = rt.kube.create_job(manifest)
@@ -367,6 +383,11 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
     except BaseException:
         rt.slots.release(key, entry.job)
         raise
+
+
+def _known_jobs(rt: Runtime, key: ModelKey) -> set[str]:
+    """Names of the object's Jobs the Job watch has seen (any state)."""
+    return {e.name for k, entries in snapshot(rt.jobs_index) if k == key for e in entries}
 
 
 def _adopt(rt: Runtime, key: ModelKey, job: str, model: CompressedModel) -> None:
@@ -573,19 +594,3 @@ def cleanup_artifacts(rt: Runtime, body: Obj) -> int:
         count = storage.delete_prefix(prefix)
     log.info("%s/%s: deleted %d artifact objects under %s", *_key(body), count, prefix)
     return count
-
-
-def labels_of(body: Obj) -> dict[str, str]:
-    return (body.get("metadata") or {}).get("labels") or {}
-
-
-__all__ = [
-    "MODEL_LABEL",
-    "InvalidSpec",
-    "Runtime",
-    "cleanup_artifacts",
-    "dispatch",
-    "job_changed",
-    "reconcile_model",
-    "resync",
-]

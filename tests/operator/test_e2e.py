@@ -24,7 +24,7 @@ from tests.operator.support import (
     wait_phase,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = pytest.mark.cluster
 CLEANUP = {"edgeslim.io/cleanup-artifacts": "true"}
 TIMEOUT = 240  # a real compressor run, three at a time on a small machine
 
@@ -57,6 +57,7 @@ def _keys(s3_server, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for o in resp.get("Contents", [])]
 
 
+@pytest.mark.slow
 def test_compress_change_reject_fail_and_delete(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits, tmp_path: Path
 ) -> None:
@@ -142,3 +143,17 @@ def test_compress_change_reject_fail_and_delete(
         return False
 
     wait_until(gone, 30, 0.5, "the object to go")
+
+
+def test_a_spec_pydantic_refuses_fails_at_once_without_a_job(
+    k8s: K8s, namespace: str, run_operator
+) -> None:
+    op = run_operator()
+    # The API server takes DNS-subdomain names; the models want a DNS label
+    # (the name goes into Job names and labels).
+    create_model(k8s, namespace, model_body("dotted.name", "bench"))
+    failed = wait_phase(k8s, namespace, "dotted.name", {"Failed"}, 30, op)
+    assert condition(failed, "Ready")["reason"] == "InvalidSpec"
+    assert "metadata.name" in failed["status"]["message"]
+    assert failed["status"]["observedGeneration"] == failed["metadata"]["generation"]
+    assert model_jobs(k8s, namespace) == []

@@ -10,6 +10,7 @@ import pytest
 
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
+from tests.cluster.processes import urlopen_direct, wait_until
 from tests.operator.support import (
     create_model,
     instant_result_hook,
@@ -76,3 +77,13 @@ def test_never_more_than_the_limit_run_and_all_finish(
     assert 'edgeslim_compressions_finished_total{result="passed"} 6.0' in metrics
     assert "edgeslim_compressions_started_total 6.0" in metrics
     assert 'edgeslim_models{phase="Ready"} 6.0' in metrics
+    assert "edgeslim_jobs_running 0.0" in metrics and "edgeslim_jobs_queued 0.0" in metrics
+    gauge = f'edgeslim_model_compression_ratio{{name="m0",namespace="{namespace}"}} 3.9'
+    assert gauge in metrics
+    # Per-model series go with their object.
+    k8s.custom.delete_namespaced_custom_object(
+        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "m0"
+    )
+    wait_until(lambda: gauge not in op.metrics(), 30, 0.2, "m0's gauges to go")
+    with urlopen_direct(f"http://127.0.0.1:{op.port}/healthz", timeout=5) as r:
+        assert r.status == 200
