@@ -131,6 +131,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ))
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from edgeslim.operator.main import run
+
+    return run(namespaces=args.namespace, verbose=args.verbose)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeslim", description="Compress ML models for edge fleets.")
     p.add_argument("--version", action="version", version=f"edgeslim {__version__}")
@@ -176,6 +182,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", type=Path, default=None, help="where s3:// models are downloaded")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
+
+    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    o.add_argument("--namespace", action="append", help="watch only this namespace (repeatable; "
+                   "default: EDGESLIM_NAMESPACE, else cluster-wide)")
+    o.add_argument("--verbose", action="store_true", help="kopf's verbose logging")
+    o.set_defaults(func=cmd_operator)
     return p
 
 
