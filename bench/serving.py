@@ -266,8 +266,8 @@ def process(cmd: list[str], ready_url: str, timeout: float = 60.0,
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                tail = log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {tail}")
+                raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: "
+                                   + _errors(log.read().decode(errors="replace")))
             try:
                 with urllib.request.urlopen(ready_url, timeout=1) as resp:
                     if resp.status == 200:
@@ -286,6 +286,18 @@ def process(cmd: list[str], ready_url: str, timeout: float = 60.0,
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _errors(text: str) -> str:
+    """The distinct error lines of a log (a traceback's last lines), or its tail."""
+    found: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("raise ") or line in found:
+            continue
+        if "Error" in line or "error" in line.split(":", 1)[0]:
+            found.append(line)
+    return "; ".join(found[-3:]) if found else text[-300:]
 
 
 # ----------------------------------------------------------------------- models
@@ -495,7 +507,7 @@ def main() -> int:
                     targets.append(Target(f"MLServer (workers={args.mlserver_workers})", label,
                                           port, f"/v2/models/{label}/infer"))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                reason = " ".join(str(exc).split())[:160]
+                reason = " ".join(str(exc).split())[:300]
                 rows.append(("MLServer", "-", f"unavailable ({reason})"))
 
         print(f"measuring {len(targets)} servers x {len(CONCURRENCY)} concurrencies...",
