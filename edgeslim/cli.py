@@ -122,6 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads < 0 or args.max_body_bytes <= 0 or not 0 < args.port < 65536:
         raise BadInput("--threads must be >= 0, --max-body-bytes > 0, --port in 1..65535")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        raise BadInput(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' "
+                       "(it is a path segment of /v2/models/{name})")
     if args.sha256 and not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", args.sha256.strip()):
         raise BadInput(f"--sha256 {args.sha256!r}: expected 64 hexadecimal characters")
     return serve(ServeOptions(
@@ -169,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model URI: s3://bucket/key, file:// or a path")
     s.add_argument("--name", required=True, help="model name in /v2/models/{name}")
     s.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=int, default=8080, help="default 8080, as in KServe")
     s.add_argument("--sha256",
                    help="expected sha256 of the model; the server stays unready on a mismatch")
     s.add_argument("--threads", type=int, default=0,

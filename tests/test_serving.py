@@ -502,6 +502,8 @@ def test_cli_refuses_a_malformed_sha256_before_starting(capsys: pytest.CaptureFi
 
     assert main(["serve", "--model", "m.onnx", "--name", NAME, "--sha256", "abc"]) == 2
     assert "--sha256 'abc': expected 64 hexadecimal characters" in capsys.readouterr().err
+    assert main(["serve", "--model", "m.onnx", "--name", "a/b"]) == 2
+    assert "--name 'a/b'" in capsys.readouterr().err
 
 
 def test_serving_imports_neither_torch_nor_onnx() -> None:
