@@ -46,6 +46,7 @@ DISABLED_CONTROLLERS = (
     "node-ipam-controller",
 )
 START_TIMEOUT = 90.0
+STOP_GRACE = 3.0
 
 
 class ControlPlaneError(RuntimeError):
@@ -90,7 +91,9 @@ class ControlPlane:
         self._stopped = True
         atexit.unregister(self.stop)
         for name in reversed(list(self.processes)):
-            stop_group(self.processes[name], grace=10.0)
+            # Short grace: the data is throwaway, and kube-apiserver stopped
+            # right after starting can sit in graceful shutdown for a minute.
+            stop_group(self.processes[name], grace=STOP_GRACE)
         if self._own_dir and not keep_dirs():
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -330,6 +330,10 @@ class NodeAgent:
         )
         self._stream = stream
         try:
+            # stop() sets the flag, then shuts down whatever stream it sees:
+            # checking after publishing the stream closes the gap between.
+            if self._stop.is_set():
+                return None
             for line in stream:
                 if self._stop.is_set():
                     return None
