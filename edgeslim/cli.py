@@ -176,8 +176,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sha256",
                    help="expected sha256 of the model; the server stays unready on a mismatch")
     s.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime intra-op threads (default 0: one per core; "
-                        "pass the pod's CPU limit)")
+                   help="onnxruntime intra-op threads (default 0: the CPUs this container "
+                        "may use, from its cgroup quota and affinity)")
     s.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
                    help="larger request bodies get 413 (default 16 MiB)")
     s.add_argument("--graceful-timeout", type=float, default=30.0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -547,3 +548,23 @@ def test_sigterm_lets_an_in_flight_request_finish(int8: Int8, tmp_path: Path) ->
         assert got.shape == (n, 10)
         with pytest.raises(httpx.TransportError):  # and it no longer accepts requests
             httpx.get(f"{srv.url}/v2/health/live", timeout=2)
+
+
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
+    ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files at all
+])
+def test_default_threads_follow_the_container_cpu_quota(tmp_path: Path, files: dict[str, str],
+                                                        quota: float | None) -> None:
+    from edgeslim.serving.cpus import available_cpus, cgroup_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_quota(tmp_path) == quota
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if quota is None else min(affinity, math.ceil(quota))
+    assert available_cpus(tmp_path) == expected

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from edgeslim import storage
 from edgeslim.errors import BadInput
+from edgeslim.serving.cpus import available_cpus
 from edgeslim.serving.protocol import DATATYPES, ORT_TYPES, InferRequest, RequestError, to_array
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,14 @@ class TensorSpec:
 def session_options(threads: int) -> ort.SessionOptions:
     """Options for a small, possibly shared edge CPU.
 
-    ``threads`` sets intra-op parallelism (0: onnxruntime's default, one per
-    physical core, which ignores a container's CPU limit, so pods should pass
-    their limit). Inter-op is 1 and execution sequential: these models are small
-    chains where parallel branches do not pay for the extra threads.
+    ``threads`` sets intra-op parallelism; 0 means the CPUs this container may
+    use (:func:`~edgeslim.serving.cpus.available_cpus`), not onnxruntime's own
+    default of every core on the node. Inter-op is 1 and execution sequential:
+    these models are small chains where parallel branches do not pay for the
+    extra threads.
     """
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or available_cpus()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

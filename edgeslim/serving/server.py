@@ -22,6 +22,7 @@ from types import FrameType
 import uvicorn
 
 from edgeslim.serving.app import DEFAULT_MAX_BODY_BYTES, create_app
+from edgeslim.serving.cpus import available_cpus
 
 log = logging.getLogger("edgeslim.serving")
 
@@ -78,8 +79,8 @@ def serve(opts: ServeOptions) -> int:
             timeout_keep_alive=75,
         )
         server = uvicorn.Server(config)
-        log.info("serving model %s from %s on %s:%d (threads=%s)", opts.name, opts.model,
-                 opts.host, opts.port, opts.threads or "auto")
+        log.info("serving model %s from %s on %s:%d with %d onnxruntime threads", opts.name,
+                 opts.model, opts.host, opts.port, opts.threads or available_cpus())
         received: list[int] = []
         # uvicorn re-raises the signal it caught once it has drained, so the default
         # handler would kill us with 143 after a perfectly clean shutdown; note the
