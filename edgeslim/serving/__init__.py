@@ -6,6 +6,6 @@ image stays small (``tests/test_serving.py`` checks this in a subprocess).
 Nothing is imported here, so ``import edgeslim.serving`` costs nothing.
 
 Modules: :mod:`.protocol` (JSON <-> tensors), :mod:`.model` (fetch, load,
-validate, run), :mod:`.metrics`, :mod:`.app` (the ASGI app),
-:mod:`.server` (uvicorn, signals, ``edgeslim serve``).
+validate, run), :mod:`.cpus` (default thread count), :mod:`.metrics`,
+:mod:`.app` (the ASGI app), :mod:`.server` (uvicorn, signals, ``edgeslim serve``).
 """
