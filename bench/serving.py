@@ -73,8 +73,13 @@ def summarize(latencies: list[float], seconds: float, errors: int = 0) -> Result
 
 
 async def _client(
-    port: int, request: bytes, stop_at: float, warm_until: float, out: list[float],
-    budget: list[int], errors: list[int],
+    port: int,
+    request: bytes,
+    stop_at: float,
+    warm_until: float,
+    out: list[float],
+    budget: list[int],
+    errors: list[int],
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -117,17 +122,20 @@ async def _load(port: int, request: bytes, concurrency: int, seconds: float, int
     stop_at = warm_until + seconds
     latencies: list[float] = []
     budget, errors = [MAX_REQUESTS], [0]
-    await asyncio.gather(*(
-        _client(port, request, stop_at, warm_until, latencies, budget, errors)
-        for _ in range(concurrency)
-    ))
+    await asyncio.gather(
+        *(
+            _client(port, request, stop_at, warm_until, latencies, budget, errors)
+            for _ in range(concurrency)
+        )
+    )
     into.latencies += latencies
     into.seconds += min(time.perf_counter(), stop_at) - warm_until
     into.errors += errors[0]
 
 
-def load(port: int, path: str, body: bytes, concurrency: int, seconds: float,
-         into: Samples) -> None:
+def load(
+    port: int, path: str, body: bytes, concurrency: int, seconds: float, into: Samples
+) -> None:
     request = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -184,8 +192,16 @@ async def _echo_asgi(scope: dict, receive, send) -> None:
         if not message.get("more_body"):
             break
     body = b"".join(chunks)
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -227,12 +243,14 @@ def _starlette_app(model: Path):
     async def up(request: Request) -> Response:
         return Response(b"ok")
 
-    return Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-                             Route("/", up)])
+    return Starlette(
+        routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"]), Route("/", up)]
+    )
 
 
 def echo_main(kind: str, port: int, model: Path | None) -> None:
     if kind == "raw":
+
         async def main() -> None:
             server = await asyncio.get_running_loop().create_server(_RawEcho, "127.0.0.1", port)
             await server.serve_forever()
@@ -241,10 +259,21 @@ def echo_main(kind: str, port: int, model: Path | None) -> None:
         return
     import uvicorn
 
-    app = {"uvicorn": lambda: _echo_asgi, "ort-echo": lambda: _ort_echo_app(model),
-           "starlette": lambda: _starlette_app(model)}[kind]()
-    uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
-                lifespan="off", access_log=False, log_level="warning")
+    app = {
+        "uvicorn": lambda: _echo_asgi,
+        "ort-echo": lambda: _ort_echo_app(model),
+        "starlette": lambda: _starlette_app(model),
+    }[kind]()
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http="httptools",
+        loop="uvloop",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+    )
 
 
 # -------------------------------------------------------------------- processes
@@ -257,8 +286,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], ready_url: str, timeout: float = 60.0,
-            **kwargs: object) -> Iterator[subprocess.Popen]:
+def process(
+    cmd: list[str], ready_url: str, timeout: float = 60.0, **kwargs: object
+) -> Iterator[subprocess.Popen]:
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **kwargs)  # type: ignore[call-overload]
     try:
@@ -266,8 +296,10 @@ def process(cmd: list[str], ready_url: str, timeout: float = 60.0,
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: "
-                                   + _errors(log.read().decode(errors="replace")))
+                raise RuntimeError(
+                    f"{Path(cmd[0]).name} exited with {proc.returncode}: "
+                    + _errors(log.read().decode(errors="replace"))
+                )
             try:
                 with urllib.request.urlopen(ready_url, timeout=1) as resp:
                     if resp.status == 200:
@@ -306,8 +338,18 @@ def _errors(text: str) -> str:
 def build_models(tmp: Path) -> tuple[Path, Path, np.ndarray]:
     """fp32 and int8 digits models plus one validation sample, built from scratch."""
     data = tmp / "data"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "digits" / "build.py"),
-                    "--out", str(data), "--epochs", "3"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "digits" / "build.py"),
+            "--out",
+            str(data),
+            "--epochs",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+    )
     import onnx
 
     from edgeslim.api.spec import QuantizeConfig
@@ -315,9 +357,14 @@ def build_models(tmp: Path) -> tuple[Path, Path, np.ndarray]:
     from edgeslim.compressor.steps import StepContext
 
     fp32 = data / "cnn.onnx"
-    ctx = StepContext(source=onnx.load(fp32), workdir=tmp, load_dataset=None,  # type: ignore[arg-type]
-                      load_model=None, evaluation_dataset=str(data / "val.npz"),  # type: ignore[arg-type]
-                      train_datasets=[])
+    ctx = StepContext(
+        source=onnx.load(fp32),
+        workdir=tmp,
+        load_dataset=None,  # type: ignore[arg-type]
+        load_model=None,
+        evaluation_dataset=str(data / "val.npz"),  # type: ignore[arg-type]
+        train_datasets=[],
+    )
     int8 = tmp / "int8.onnx"
     onnx.save(Quantize(QuantizeConfig(mode="dynamic")).run(onnx.load(fp32), ctx).model, int8)
     sample = np.load(data / "val.npz")["x"][:1]
@@ -325,8 +372,18 @@ def build_models(tmp: Path) -> tuple[Path, Path, np.ndarray]:
 
 
 def request_body(sample: np.ndarray) -> bytes:
-    return json.dumps({"inputs": [{"name": "input", "shape": list(sample.shape),
-                                   "datatype": "FP32", "data": sample.ravel().tolist()}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(sample.shape),
+                    "datatype": "FP32",
+                    "data": sample.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
 
 
 def in_process(
@@ -366,25 +423,42 @@ def ensure_mlserver() -> Path:
     if not mlserver.exists():
         print("installing MLServer into", MLSERVER_VENV, "(first run only)...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "mlserver", "onnxruntime"],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "mlserver", "onnxruntime"],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     return mlserver
 
 
 def mlserver_repo(tmp: Path, models: dict[str, Path], port: int, workers: int) -> Path:
     repo = tmp / "mlserver"
     repo.mkdir()
-    (repo / "settings.json").write_text(json.dumps({
-        "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
-        "host": "127.0.0.1", "debug": False, "parallel_workers": workers,
-        "load_models_at_startup": True,
-    }))
+    (repo / "settings.json").write_text(
+        json.dumps(
+            {
+                "http_port": port,
+                "grpc_port": free_port(),
+                "metrics_port": free_port(),
+                "host": "127.0.0.1",
+                "debug": False,
+                "parallel_workers": workers,
+                "load_models_at_startup": True,
+            }
+        )
+    )
     for name, path in models.items():
         (repo / name).mkdir()
-        (repo / name / "model-settings.json").write_text(json.dumps({
-            "name": name, "implementation": "runtime.OnnxRuntime",
-            "parameters": {"uri": str(path), "extra": {"threads": 1}},
-        }))
+        (repo / name / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "implementation": "runtime.OnnxRuntime",
+                    "parameters": {"uri": str(path), "extra": {"threads": 1}},
+                }
+            )
+        )
     return repo
 
 
@@ -392,8 +466,9 @@ def mlserver_repo(tmp: Path, models: dict[str, Path], port: int, workers: int) -
 
 
 def table(rows: list[tuple[str, str, dict[int, Result] | str]]) -> str:
-    head = ["server", "model"] + [f"c={c} {k}" for c in CONCURRENCY
-                                  for k in ("req/s", "p50 ms", "p99 ms")]
+    head = ["server", "model"] + [
+        f"c={c} {k}" for c in CONCURRENCY for k in ("req/s", "p50 ms", "p99 ms")
+    ]
     lines = [head]
     for server, model, results in rows:
         if isinstance(results, str):
@@ -406,8 +481,12 @@ def table(rows: list[tuple[str, str, dict[int, Result] | str]]) -> str:
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     out = []
     for n, row in enumerate(lines):
-        out.append("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                             for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        out.append(
+            "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -434,14 +513,23 @@ def measure(targets: list[Target], body: bytes, seconds: float, rounds: int) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="measured time per cell")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="split each cell into this many rounds, interleaved across servers")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="split each cell into this many rounds, interleaved across servers",
+    )
     parser.add_argument("--no-mlserver", action="store_true")
-    parser.add_argument("--mlserver-workers", type=int, default=0,
-                        help="MLServer parallel_workers (0: inference in the server process, "
-                             "its fastest for a small model; 1 is its default)")
-    parser.add_argument("--echo", choices=["raw", "uvicorn", "ort-echo", "starlette"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mlserver-workers",
+        type=int,
+        default=0,
+        help="MLServer parallel_workers (0: inference in the server process, "
+        "its fastest for a small model; 1 is its default)",
+    )
+    parser.add_argument(
+        "--echo", choices=["raw", "uvicorn", "ort-echo", "starlette"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -451,8 +539,10 @@ def main() -> int:
 
     began = time.monotonic()
     rows: list[tuple[str, str, dict[int, Result] | str]] = []
-    with tempfile.TemporaryDirectory(prefix="edgeslim-bench-") as tmpdir, \
-            contextlib.ExitStack() as running:
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeslim-bench-") as tmpdir,
+        contextlib.ExitStack() as running,
+    ):
         tmp = Path(tmpdir)
         print("building the digits models...", flush=True)
         fp32, int8, sample = build_models(tmp)
@@ -469,8 +559,9 @@ def main() -> int:
         targets: list[Target] = []
         infer = "/v2/models/digits/infer"
 
-        def start(server: str, model: str, cmd: list[str], ready: str, path: str = infer,
-                  **kwargs: object) -> None:
+        def start(
+            server: str, model: str, cmd: list[str], ready: str, path: str = infer, **kwargs: object
+        ) -> None:
             port = free_port()
             cmd = [part.replace("{port}", str(port)) for part in cmd]
             running.enter_context(process(cmd, f"http://127.0.0.1:{port}{ready}", **kwargs))
@@ -479,17 +570,37 @@ def main() -> int:
         bench = [sys.executable, __file__, "--port", "{port}"]
         start("HTTP echo (raw)", "-", [*bench, "--echo", "raw"], "/")
         start("HTTP echo (uvicorn)", "-", [*bench, "--echo", "uvicorn"], "/")
-        for kind, title in (("ort-echo", "uvicorn echo + ort.run (no protocol)"),
-                            ("starlette", "starlette + edgeslim handler")):
+        for kind, title in (
+            ("ort-echo", "uvicorn echo + ort.run (no protocol)"),
+            ("starlette", "starlette + edgeslim handler"),
+        ):
             for label, path in models.items():
-                start(title, label, [*bench, "--echo", kind, "--model", str(path)], "/",
-                      cwd=ROOT)
+                start(title, label, [*bench, "--echo", kind, "--model", str(path)], "/", cwd=ROOT)
         for label, path in models.items():
-            start("edgeslim serve", label,
-                  [sys.executable, "-m", "edgeslim.cli", "serve", "--model", str(path),
-                   "--name", "digits", "--host", "127.0.0.1", "--port", "{port}",
-                   "--threads", "1", "--log-level", "warning"],
-                  "/v2/health/ready", cwd=ROOT)
+            start(
+                "edgeslim serve",
+                label,
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeslim.cli",
+                    "serve",
+                    "--model",
+                    str(path),
+                    "--name",
+                    "digits",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "{port}",
+                    "--threads",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ],
+                "/v2/health/ready",
+                cwd=ROOT,
+            )
 
         if args.no_mlserver:
             rows.append(("MLServer", "-", "skipped (--no-mlserver)"))
@@ -499,29 +610,42 @@ def main() -> int:
                 port = free_port()
                 repo = mlserver_repo(tmp, models, port, args.mlserver_workers)
                 env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "mlserver_onnx")}
-                running.enter_context(process(
-                    [str(mlserver), "start", str(repo)],
-                    f"http://127.0.0.1:{port}/v2/models/int8/ready", timeout=120, env=env,
-                    cwd=repo))
+                running.enter_context(
+                    process(
+                        [str(mlserver), "start", str(repo)],
+                        f"http://127.0.0.1:{port}/v2/models/int8/ready",
+                        timeout=120,
+                        env=env,
+                        cwd=repo,
+                    )
+                )
                 for label in models:
-                    targets.append(Target(f"MLServer (workers={args.mlserver_workers})", label,
-                                          port, f"/v2/models/{label}/infer"))
+                    targets.append(
+                        Target(
+                            f"MLServer (workers={args.mlserver_workers})",
+                            label,
+                            port,
+                            f"/v2/models/{label}/infer",
+                        )
+                    )
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 reason = " ".join(str(exc).split())[:300]
                 rows.append(("MLServer", "-", f"unavailable ({reason})"))
 
-        print(f"measuring {len(targets)} servers x {len(CONCURRENCY)} concurrencies...",
-              flush=True)
+        print(f"measuring {len(targets)} servers x {len(CONCURRENCY)} concurrencies...", flush=True)
         measure(targets, body, secs, args.rounds)
-        rows += [(t.server, t.model, {c: s.result() for c, s in t.samples.items()})
-                 for t in targets]
+        rows += [
+            (t.server, t.model, {c: s.result() for c, s in t.samples.items()}) for t in targets
+        ]
 
     print()
     print(table(rows))
     print()
     print(verdict(rows))
-    print(f"\n(one-sample requests, {secs:g} s per cell, {os.cpu_count()} CPUs, "
-          f"total {time.monotonic() - began:.0f} s)")
+    print(
+        f"\n(one-sample requests, {secs:g} s per cell, {os.cpu_count()} CPUs, "
+        f"total {time.monotonic() - began:.0f} s)"
+    )
     return 0
 
 
@@ -543,8 +667,9 @@ def verdict(rows: list[tuple[str, str, dict[int, Result] | str]]) -> str:
         star = found[("starlette + edgeslim handler", model)]
         ratios = ", ".join(f"c={c} {ours[c].rps / star[c].rps:.2f}x" for c in CONCURRENCY)
         lines.append(f"{model}: req/s raw ASGI vs starlette with the same handler: {ratios}")
-        ml = next((r for (s, m), r in found.items() if s.startswith("MLServer") and m == model),
-                  None)
+        ml = next(
+            (r for (s, m), r in found.items() if s.startswith("MLServer") and m == model), None
+        )
         if ml is not None:
             ratios = ", ".join(f"c={c} {ours[c].rps / ml[c].rps:.1f}x" for c in CONCURRENCY)
             lines.append(f"{model}: req/s vs MLServer: {ratios}")

@@ -123,15 +123,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads < 0 or args.max_body_bytes <= 0 or not 0 < args.port < 65536:
         raise BadInput("--threads must be >= 0, --max-body-bytes > 0, --port in 1..65535")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
-        raise BadInput(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' "
-                       "(it is a path segment of /v2/models/{name})")
+        raise BadInput(
+            f"--name {args.name!r}: use letters, digits, '.', '_' and '-' "
+            "(it is a path segment of /v2/models/{name})"
+        )
     if args.sha256 and not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", args.sha256.strip()):
         raise BadInput(f"--sha256 {args.sha256!r}: expected 64 hexadecimal characters")
-    return serve(ServeOptions(
-        model=args.model, name=args.name, host=args.host, port=args.port, sha256=args.sha256,
-        threads=args.threads, max_body_bytes=args.max_body_bytes,
-        graceful_timeout=args.graceful_timeout, workdir=args.workdir, log_level=args.log_level,
-    ))
+    return serve(
+        ServeOptions(
+            model=args.model,
+            name=args.name,
+            host=args.host,
+            port=args.port,
+            sha256=args.sha256,
+            threads=args.threads,
+            max_body_bytes=args.max_body_bytes,
+            graceful_timeout=args.graceful_timeout,
+            workdir=args.workdir,
+            log_level=args.log_level,
+        )
+    )
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -173,22 +184,39 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="model name in /v2/models/{name}")
     s.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     s.add_argument("--port", type=int, default=8080, help="default 8080, as in KServe")
-    s.add_argument("--sha256",
-                   help="expected sha256 of the model; the server stays unready on a mismatch")
-    s.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime intra-op threads (default 0: the CPUs this container "
-                        "may use, from its cgroup quota and affinity)")
-    s.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
-                   help="larger request bodies get 413 (default 16 MiB)")
-    s.add_argument("--graceful-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM")
+    s.add_argument(
+        "--sha256", help="expected sha256 of the model; the server stays unready on a mismatch"
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads (default 0: the CPUs this container "
+        "may use, from its cgroup quota and affinity)",
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="larger request bodies get 413 (default 16 MiB)",
+    )
+    s.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM",
+    )
     s.add_argument("--workdir", type=Path, default=None, help="where s3:// models are downloaded")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    o.add_argument("--namespace", action="append", help="watch only this namespace (repeatable; "
-                   "default: EDGESLIM_NAMESPACE, else cluster-wide)")
+    o.add_argument(
+        "--namespace",
+        action="append",
+        help="watch only this namespace (repeatable; "
+        "default: EDGESLIM_NAMESPACE, else cluster-wide)",
+    )
     o.add_argument("--verbose", action="store_true", help="kopf's verbose logging")
     o.set_defaults(func=cmd_operator)
     return p

@@ -58,8 +58,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, proc: subprocess.Popen, log: Path, status: int = 200,
-             timeout: float = 60) -> httpx.Response:
+def wait_for(
+    url: str, proc: subprocess.Popen, log: Path, status: int = 200, timeout: float = 60
+) -> httpx.Response:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -74,16 +75,34 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, status: int = 200,
 
 
 @contextlib.contextmanager
-def serve(model: str | Path, tmp: Path, *args: str, ready: bool = True,
-          env: dict[str, str] | None = None) -> Iterator[Server]:
+def serve(
+    model: str | Path, tmp: Path, *args: str, ready: bool = True, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """`edgeslim serve` in a child process; waits for liveness (and readiness if asked)."""
     port = free_port()
     log = tmp / f"serve-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeslim.cli", "serve", "--model", str(model), "--name", NAME,
-             "--host", "127.0.0.1", "--port", str(port), "--threads", "1", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "edgeslim.cli",
+                "serve",
+                "--model",
+                str(model),
+                "--name",
+                NAME,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--threads",
+                "1",
+                *args,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -135,8 +154,12 @@ class Int8:
 def int8(digits, tmp_path_factory: pytest.TempPathFactory) -> Int8:
     tmp = tmp_path_factory.mktemp("int8")
     ctx = StepContext(
-        source=digits.model(), workdir=tmp, load_dataset=None, load_model=None,  # type: ignore[arg-type]
-        evaluation_dataset=str(digits.val), train_datasets=[],
+        source=digits.model(),
+        workdir=tmp,
+        load_dataset=None,
+        load_model=None,  # type: ignore[arg-type]
+        evaluation_dataset=str(digits.val),
+        train_datasets=[],
     )
     model = Quantize(QuantizeConfig(mode="dynamic")).run(digits.model(), ctx).model
     path = tmp / "model.onnx"
@@ -147,8 +170,14 @@ def int8(digits, tmp_path_factory: pytest.TempPathFactory) -> Int8:
 
 @pytest.fixture(scope="module")
 def server(int8: Int8, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serve(int8.path, tmp_path_factory.mktemp("serve"), "--sha256", int8.sha256,
-               "--max-body-bytes", str(BODY_LIMIT)) as srv:
+    with serve(
+        int8.path,
+        tmp_path_factory.mktemp("serve"),
+        "--sha256",
+        int8.sha256,
+        "--max-body-bytes",
+        str(BODY_LIMIT),
+    ) as srv:
         yield srv
 
 
@@ -161,13 +190,15 @@ def client(server: Server) -> Iterator[httpx.Client]:
 # ------------------------------------------------------------------ happy paths
 
 
-def test_classifies_known_digits_like_onnxruntime_in_process(client: httpx.Client,
-                                                             int8: Int8) -> None:
+def test_classifies_known_digits_like_onnxruntime_in_process(
+    client: httpx.Client, int8: Int8
+) -> None:
     x, y = int8.x[:100], int8.y[:100]
     got = logits(client.post(INFER, json={"inputs": [tensor(x)], "id": "batch-1"}))
     assert got.shape == (100, 10)
     expected = ort.InferenceSession(str(int8.path), providers=["CPUExecutionProvider"]).run(
-        None, {"input": x})[0]
+        None, {"input": x}
+    )[0]
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert (got.argmax(1) == y).mean() >= 0.95
@@ -178,9 +209,14 @@ def test_single_samples_flat_or_nested_match_the_batch(client: httpx.Client, int
     batch = logits(client.post(INFER, json={"inputs": [tensor(x)]}))
     for i in range(3):
         flat = client.post(INFER, json={"inputs": [tensor(x[i : i + 1])]})
-        nested = client.post(INFER, json={"inputs": [
-            {**tensor(x[i : i + 1]), "data": x[i : i + 1].tolist()}  # [[[[...]]]]
-        ]})
+        nested = client.post(
+            INFER,
+            json={
+                "inputs": [
+                    {**tensor(x[i : i + 1]), "data": x[i : i + 1].tolist()}  # [[[[...]]]]
+                ]
+            },
+        )
         # Dynamic int8 picks activation scales per batch, so a sample alone and in
         # a batch differ slightly; the class must not.
         assert logits(flat)[0].argmax() == batch[i].argmax()
@@ -188,10 +224,12 @@ def test_single_samples_flat_or_nested_match_the_batch(client: httpx.Client, int
         np.testing.assert_array_equal(logits(nested), logits(flat))
 
 
-def test_response_carries_model_version_id_and_requested_outputs(client: httpx.Client,
-                                                                 int8: Int8) -> None:
-    resp = client.post(INFER, json={"id": "req-7", "inputs": [tensor(int8.x[:2])],
-                                    "outputs": [{"name": "logits"}]})
+def test_response_carries_model_version_id_and_requested_outputs(
+    client: httpx.Client, int8: Int8
+) -> None:
+    resp = client.post(
+        INFER, json={"id": "req-7", "inputs": [tensor(int8.x[:2])], "outputs": [{"name": "logits"}]}
+    )
     doc = resp.json()
     assert doc["model_name"] == NAME
     assert doc["model_version"] == int8.sha256[:12]
@@ -199,8 +237,10 @@ def test_response_carries_model_version_id_and_requested_outputs(client: httpx.C
     assert [o["name"] for o in doc["outputs"]] == ["logits"]
     assert doc["outputs"][0]["shape"] == [2, 10]
     # the versioned path serves the same model
-    versioned = client.post(f"/v2/models/{NAME}/versions/{int8.sha256[:12]}/infer",
-                            json={"inputs": [tensor(int8.x[:2])]})
+    versioned = client.post(
+        f"/v2/models/{NAME}/versions/{int8.sha256[:12]}/infer",
+        json={"inputs": [tensor(int8.x[:2])]},
+    )
     np.testing.assert_array_equal(logits(versioned), logits(resp))
 
 
@@ -235,48 +275,88 @@ BAD_REQUESTS = [
     pytest.param({}, ["missing field 'inputs'"], id="no-inputs"),
     pytest.param({"inputs": []}, ["'inputs' is empty"], id="empty-inputs"),
     pytest.param({"inputs": GOOD}, ["field 'inputs' must be an array"], id="inputs-not-array"),
-    pytest.param({"inputs": [{**GOOD, "shape": "1,1,8,8"}]},
-                 ["input 'input'", "field 'shape' must be an array"], id="shape-not-array"),
-    pytest.param({"inputs": [_without("shape")]}, ["input 'input'", "missing field 'shape'"],
-                 id="no-shape"),
-    pytest.param({"inputs": [_without("data")]}, ["input 'input'", "missing field 'data'"],
-                 id="no-data"),
-    pytest.param({"inputs": [_without("datatype")]}, ["missing field 'datatype'"],
-                 id="no-datatype"),
-    pytest.param({"inputs": [_without("name")]}, ["inputs[0]", "missing field 'name'"],
-                 id="no-name"),
-    pytest.param({"inputs": [{**GOOD, "shape": [1, 64]}]},
-                 ["input 'input'", "shape [1, 64]", "model's [-1, 1, 8, 8]"], id="wrong-rank"),
-    pytest.param({"inputs": [{**GOOD, "shape": [1, 1, 4, 16]}]},
-                 ["shape [1, 1, 4, 16]", "[-1, 1, 8, 8]"], id="wrong-dims"),
-    pytest.param({"inputs": [{**GOOD, "datatype": "FP64"}]},
-                 ["input 'input'", "datatype FP64", "model's FP32"], id="wrong-datatype"),
-    pytest.param({"inputs": [{**GOOD, "datatype": "FLOAT"}]}, ["unknown datatype 'FLOAT'"],
-                 id="unknown-datatype"),
-    pytest.param({"inputs": [{**GOOD, "name": "image"}]},
-                 ["unknown input 'image'", "'input' (FP32 [-1, 1, 8, 8])"], id="unknown-input"),
+    pytest.param(
+        {"inputs": [{**GOOD, "shape": "1,1,8,8"}]},
+        ["input 'input'", "field 'shape' must be an array"],
+        id="shape-not-array",
+    ),
+    pytest.param(
+        {"inputs": [_without("shape")]}, ["input 'input'", "missing field 'shape'"], id="no-shape"
+    ),
+    pytest.param(
+        {"inputs": [_without("data")]}, ["input 'input'", "missing field 'data'"], id="no-data"
+    ),
+    pytest.param(
+        {"inputs": [_without("datatype")]}, ["missing field 'datatype'"], id="no-datatype"
+    ),
+    pytest.param(
+        {"inputs": [_without("name")]}, ["inputs[0]", "missing field 'name'"], id="no-name"
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "shape": [1, 64]}]},
+        ["input 'input'", "shape [1, 64]", "model's [-1, 1, 8, 8]"],
+        id="wrong-rank",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "shape": [1, 1, 4, 16]}]},
+        ["shape [1, 1, 4, 16]", "[-1, 1, 8, 8]"],
+        id="wrong-dims",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "datatype": "FP64"}]},
+        ["input 'input'", "datatype FP64", "model's FP32"],
+        id="wrong-datatype",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "datatype": "FLOAT"}]},
+        ["unknown datatype 'FLOAT'"],
+        id="unknown-datatype",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "name": "image"}]},
+        ["unknown input 'image'", "'input' (FP32 [-1, 1, 8, 8])"],
+        id="unknown-input",
+    ),
     pytest.param({"inputs": [GOOD, GOOD]}, ["'input' is given more than once"], id="duplicate"),
-    pytest.param({"inputs": [{**GOOD, "shape": [2, 1, 8, 8]}]},
-                 ["input 'input'", "needs 128 values, data has 64"], id="data-too-short"),
-    pytest.param({"inputs": [{**GOOD, "data": [0.0] * 65}]}, ["needs 64 values, data has 65"],
-                 id="data-too-long"),
-    pytest.param({"inputs": [{**GOOD, "data": ["0.5"] * 64}]},
-                 ["input 'input'", "FP32 expects numbers", "got strings"], id="strings"),
-    pytest.param({"inputs": [{**GOOD, "data": [[0.0] * 8] * 7 + [[0.0] * 7]}]}, ["ragged"],
-                 id="ragged"),
-    pytest.param({"inputs": [{**GOOD, "shape": [1, 1, 8, -8]}]}, ["non-negative integers"],
-                 id="negative-dim"),
-    pytest.param({"inputs": [GOOD], "outputs": [{"name": "probs"}]},
-                 ["unknown output 'probs'", "'logits'"], id="unknown-output"),
+    pytest.param(
+        {"inputs": [{**GOOD, "shape": [2, 1, 8, 8]}]},
+        ["input 'input'", "needs 128 values, data has 64"],
+        id="data-too-short",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "data": [0.0] * 65}]},
+        ["needs 64 values, data has 65"],
+        id="data-too-long",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "data": ["0.5"] * 64}]},
+        ["input 'input'", "FP32 expects numbers", "got strings"],
+        id="strings",
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "data": [[0.0] * 8] * 7 + [[0.0] * 7]}]}, ["ragged"], id="ragged"
+    ),
+    pytest.param(
+        {"inputs": [{**GOOD, "shape": [1, 1, 8, -8]}]}, ["non-negative integers"], id="negative-dim"
+    ),
+    pytest.param(
+        {"inputs": [GOOD], "outputs": [{"name": "probs"}]},
+        ["unknown output 'probs'", "'logits'"],
+        id="unknown-output",
+    ),
     pytest.param({"inputs": [GOOD], "id": 7}, ["'id' must be a string"], id="id-not-string"),
 ]
 
 
 @pytest.mark.parametrize(("body", "expected"), BAD_REQUESTS)
-def test_bad_requests_get_400_naming_what_is_wrong(client: httpx.Client, body: bytes | dict,
-                                                   expected: list[str]) -> None:
-    resp = (client.post(INFER, content=body) if isinstance(body, bytes)
-            else client.post(INFER, json=body))
+def test_bad_requests_get_400_naming_what_is_wrong(
+    client: httpx.Client, body: bytes | dict, expected: list[str]
+) -> None:
+    resp = (
+        client.post(INFER, content=body)
+        if isinstance(body, bytes)
+        else client.post(INFER, json=body)
+    )
     assert resp.status_code == 400, resp.text
     message = resp.json()["error"]
     for part in expected:
@@ -316,25 +396,45 @@ def test_integer_inputs_and_missing_inputs(tmp_path: Path) -> None:
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 2])
     k = helper.make_tensor_value_info("k", TensorProto.INT64, ["n", 1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])
-    graph = helper.make_graph([helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
-                               helper.make_node("Mul", ["a", "kf"], ["y"])], "g", [a, k], [y])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["a", "kf"], ["y"]),
+        ],
+        "g",
+        [a, k],
+        [y],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "two.onnx"
     onnx.save(model, path)
     a_t = {"name": "a", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}
     with serve(path, tmp_path) as srv, srv.client() as c:
-        ok = c.post(INFER, json={"inputs": [a_t, {"name": "k", "shape": [2, 1],
-                                                   "datatype": "INT64", "data": [2, -1]}]})
+        ok = c.post(
+            INFER,
+            json={
+                "inputs": [
+                    a_t,
+                    {"name": "k", "shape": [2, 1], "datatype": "INT64", "data": [2, -1]},
+                ]
+            },
+        )
         assert ok.status_code == 200, ok.text
         assert ok.json()["outputs"][0]["data"] == [2.0, 4.0, -3.0, -4.0]
         cases = [
             ([a_t], ["missing input 'k' (INT64 [-1, 1])"]),
-            ([a_t, {"name": "k", "shape": [2, 1], "datatype": "INT64", "data": [1.5, 2]}],
-             ["input 'k'", "INT64 expects integers", "got fractional numbers"]),
-            ([a_t, {"name": "k", "shape": [2, 1], "datatype": "INT64", "data": [True, False]}],
-             ["INT64 expects integers", "got booleans"]),
-            ([a_t, {"name": "k", "shape": [3, 1], "datatype": "INT64", "data": [1, 2, 3]}],
-             ["the model rejected the inputs"]),  # batch 2 vs 3: only the graph can tell
+            (
+                [a_t, {"name": "k", "shape": [2, 1], "datatype": "INT64", "data": [1.5, 2]}],
+                ["input 'k'", "INT64 expects integers", "got fractional numbers"],
+            ),
+            (
+                [a_t, {"name": "k", "shape": [2, 1], "datatype": "INT64", "data": [True, False]}],
+                ["INT64 expects integers", "got booleans"],
+            ),
+            (
+                [a_t, {"name": "k", "shape": [3, 1], "datatype": "INT64", "data": [1, 2, 3]}],
+                ["the model rejected the inputs"],
+            ),  # batch 2 vs 3: only the graph can tell
         ]
         for inputs, expected in cases:
             resp = c.post(INFER, json={"inputs": inputs})
@@ -375,8 +475,7 @@ def test_metrics_count_requests_and_name_the_model(server: Server, int8: Int8) -
 
 
 def test_wrong_sha256_keeps_the_server_live_but_unready(int8: Int8, tmp_path: Path) -> None:
-    with serve(int8.path, tmp_path, "--sha256", "0" * 64, ready=False) as srv, \
-            srv.client() as c:
+    with serve(int8.path, tmp_path, "--sha256", "0" * 64, ready=False) as srv, srv.client() as c:
         deadline = time.monotonic() + 30
         while (doc := c.get("/v2/health/ready").json()).get("state") == "loading":
             assert time.monotonic() < deadline
@@ -452,7 +551,10 @@ class GatedProxy:
 
 
 def test_serves_from_s3_and_is_unready_until_the_download_lands(
-    s3: str, s3_server, int8: Int8, tmp_path: Path,
+    s3: str,
+    s3_server,
+    int8: Int8,
+    tmp_path: Path,
 ) -> None:
     uri = f"s3://{s3}/models/digits/model.onnx"
     storage.put_file(int8.path, uri)
@@ -460,8 +562,10 @@ def test_serves_from_s3_and_is_unready_until_the_download_lands(
     proxy = GatedProxy((host, int(port)))
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
     try:
-        with serve(uri, tmp_path, "--sha256", int8.sha256, ready=False, env=env) as srv, \
-                srv.client() as c:
+        with (
+            serve(uri, tmp_path, "--sha256", int8.sha256, ready=False, env=env) as srv,
+            srv.client() as c,
+        ):
             deadline = time.monotonic() + 30
             while proxy.waiting == 0:  # the server is fetching, held at the gate
                 assert time.monotonic() < deadline
@@ -480,10 +584,17 @@ def test_serves_from_s3_and_is_unready_until_the_download_lands(
 
 
 def test_unreachable_storage_keeps_loading_and_retrying(tmp_path: Path) -> None:
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_REGION": "us-east-1"}
-    with serve("s3://models/digits/model.onnx", tmp_path, ready=False, env=env) as srv, \
-            srv.client() as c:
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_REGION": "us-east-1",
+    }
+    with (
+        serve("s3://models/digits/model.onnx", tmp_path, ready=False, env=env) as srv,
+        srv.client() as c,
+    ):
         deadline = time.monotonic() + 30
         while "retrying" not in srv.log_text():
             assert time.monotonic() < deadline, srv.log_text()
@@ -537,8 +648,10 @@ def test_sigterm_lets_an_in_flight_request_finish(int8: Int8, tmp_path: Path) ->
         sender.start()
         deadline = time.monotonic() + 30
         with srv.client() as c:  # big requests run off the event loop, so /metrics answers
-            while metric_samples(c.get("/metrics").text)[
-                    ("edgeslim_serving_requests_in_flight", ())] < 1:
+            while (
+                metric_samples(c.get("/metrics").text)[("edgeslim_serving_requests_in_flight", ())]
+                < 1
+            ):
                 assert time.monotonic() < deadline and sender.is_alive()
                 time.sleep(0.005)
         srv.proc.send_signal(signal.SIGTERM)
@@ -550,15 +663,19 @@ def test_sigterm_lets_an_in_flight_request_finish(int8: Int8, tmp_path: Path) ->
             httpx.get(f"{srv.url}/v2/health/live", timeout=2)
 
 
-@pytest.mark.parametrize(("files", "quota"), [
-    ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
-    ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
-    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),  # v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({}, None),  # no cgroup files at all
-])
-def test_default_threads_follow_the_container_cpu_quota(tmp_path: Path, files: dict[str, str],
-                                                        quota: float | None) -> None:
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
+        ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_default_threads_follow_the_container_cpu_quota(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
     from edgeslim.serving.cpus import available_cpus, cgroup_quota
 
     for name, text in files.items():

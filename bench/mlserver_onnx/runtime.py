@@ -25,9 +25,7 @@ class OnnxRuntime(MLModel):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(
-            params.uri, opts, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort.InferenceSession(params.uri, opts, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
         self.ready = True
         return self.ready
@@ -40,7 +38,6 @@ class OnnxRuntime(MLModel):
             model_version=self.version,
             id=payload.id,
             outputs=[
-                NumpyCodec.encode_output(n, a)
-                for n, a in zip(self._outputs, arrays, strict=True)
+                NumpyCodec.encode_output(n, a) for n, a in zip(self._outputs, arrays, strict=True)
             ],
         )

@@ -70,8 +70,9 @@ class ModelState:
 
     def start(self, loader: Loader) -> threading.Thread:
         # Daemon: a SIGTERM during a long download must not wait for it.
-        thread = threading.Thread(target=self._load, args=(loader,), name="model-loader",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self._load, args=(loader,), name="model-loader", daemon=True
+        )
         thread.start()
         return thread
 
@@ -101,8 +102,14 @@ class ModelState:
             self.model = model
             self.state, self.reason = "ready", ""
             self._metrics.model_ready.set(1)
-            log.info("model %s ready: %s sha256 %s, loaded in %.2f s, one sample runs in %.2f ms",
-                     self.name, model.path, model.sha256, seconds, model.warmup_seconds * 1e3)
+            log.info(
+                "model %s ready: %s sha256 %s, loaded in %.2f s, one sample runs in %.2f ms",
+                self.name,
+                model.path,
+                model.sha256,
+                seconds,
+                model.warmup_seconds * 1e3,
+            )
             return
 
     def _fail(self, reason: str) -> None:
@@ -186,7 +193,12 @@ class ServingApp:
         await _respond(send, status, body, headers)
 
     async def _v2(
-        self, route: str, method: str, path: str, version: str | None, scope: Scope,
+        self,
+        route: str,
+        method: str,
+        path: str,
+        version: str | None,
+        scope: Scope,
         receive: Receive,
     ) -> tuple[int, bytes]:
         if route == "server_live":
@@ -197,8 +209,9 @@ class ServingApp:
             return self._readiness()
         if route == "server_metadata":
             _allow(method, "GET")
-            return 200, protocol.dumps({"name": "edgeslim", "version": __version__,
-                                        "extensions": []})
+            return 200, protocol.dumps(
+                {"name": "edgeslim", "version": __version__, "extensions": []}
+            )
         name = path.split("/")[3]
         if name != self.name:
             raise RequestError(f"unknown model {name!r}; this server serves {self.name!r}", 404)
@@ -222,8 +235,9 @@ class ServingApp:
         model = self.state.model
         if model is None:
             detail = f": {self.state.reason}" if self.state.reason else ""
-            raise RequestError(f"model {self.name!r} is not ready ({self.state.state}{detail})",
-                               503)
+            raise RequestError(
+                f"model {self.name!r} is not ready ({self.state.state}{detail})", 503
+            )
         return model
 
     def _check_version(self, version: str) -> None:
@@ -241,8 +255,9 @@ class ServingApp:
         try:
             model = self._ready_model()
             body = await _read_body(scope, receive, self.max_body_bytes)
-            small = (len(body) <= INLINE_MAX_BODY_BYTES
-                     and model.warmup_seconds < INLINE_MAX_RUN_SECONDS)
+            small = (
+                len(body) <= INLINE_MAX_BODY_BYTES and model.warmup_seconds < INLINE_MAX_RUN_SECONDS
+            )
             if small:
                 # One turn of the loop lets requests that arrived with this one
                 # check in, so in_flight tells whether this one is alone.
@@ -287,7 +302,8 @@ def _route(path: str) -> tuple[str, str | None]:
         return "server_metadata", None
     if n == 4 and parts[2] == "health":
         return {"live": ("server_live", None), "ready": ("server_ready", None)}.get(
-            parts[3], ("other", None))
+            parts[3], ("other", None)
+        )
     if parts[2] != "models" or n < 4 or not parts[3]:
         return "other", None
     rest, version = parts[4:], None
@@ -327,19 +343,21 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 def _too_large(limit: int) -> RequestError:
     return RequestError(
-        f"request body exceeds the {limit}-byte limit (--max-body-bytes); "
-        "send a smaller batch", 413,
+        f"request body exceeds the {limit}-byte limit (--max-body-bytes); send a smaller batch",
+        413,
     )
 
 
 async def _respond(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [*headers, (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -21,12 +21,34 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 #: Routes are a fixed set so the ``route`` label stays bounded whatever paths clients send.
-ROUTES = ("infer", "model_metadata", "model_ready", "server_ready", "server_live",
-          "server_metadata", "metrics", "other")
+ROUTES = (
+    "infer",
+    "model_metadata",
+    "model_ready",
+    "server_ready",
+    "server_live",
+    "server_metadata",
+    "metrics",
+    "other",
+)
 
 # From half a millisecond (a digit on a fast core) to ten seconds (a big batch on a slow one).
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0, 10.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 class ServingMetrics:
@@ -36,30 +58,36 @@ class ServingMetrics:
         ProcessCollector(registry=r)  # RSS, CPU seconds, open fds: what an edge box runs out of
         PlatformCollector(registry=r)
         self.requests = Counter(
-            "edgeslim_serving_requests", "HTTP requests answered, by route and status code.",
-            ["route", "code"], registry=r,
+            "edgeslim_serving_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "edgeslim_serving_request_duration_seconds",
             "Time from receiving an inference request to sending its response "
             "(reading, decoding, validating, running, encoding).",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_duration = Histogram(
             "edgeslim_serving_inference_duration_seconds",
             "Time onnxruntime spent computing one request; the rest of the request "
             "duration is protocol overhead.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         #: Inference requests being handled now. A plain int the app bumps, read
         #: only at scrape time: two locked gauge updates per request cost more.
         self.in_flight = 0
         Gauge(
-            "edgeslim_serving_requests_in_flight", "Inference requests being handled now.",
+            "edgeslim_serving_requests_in_flight",
+            "Inference requests being handled now.",
             registry=r,
         ).set_function(lambda: self.in_flight)
         self.model_ready = Gauge(
-            "edgeslim_serving_model_ready", "1 once the model is loaded and serving, else 0.",
+            "edgeslim_serving_model_ready",
+            "1 once the model is loaded and serving, else 0.",
             registry=r,
         )
         self.model_load_seconds = Gauge(
@@ -68,11 +96,13 @@ class ServingMetrics:
             registry=r,
         )
         self.model_load_failures = Counter(
-            "edgeslim_serving_model_load_failures", "Failed attempts to load the model.",
+            "edgeslim_serving_model_load_failures",
+            "Failed attempts to load the model.",
             registry=r,
         )
         self.model_info = Info(
-            "edgeslim_serving_model", "The model being served; sha256 of the loaded artifact.",
+            "edgeslim_serving_model",
+            "The model being served; sha256 of the loaded artifact.",
             registry=r,
         )
         # Label children resolved once: .labels() costs a dict lookup under a lock per call.

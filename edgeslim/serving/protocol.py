@@ -76,8 +76,14 @@ ORT_TYPES: dict[str, str] = {
 # fraction where an integer is expected would be silently truncated, so it is refused.
 _ACCEPTS: dict[str, str] = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "O": "U"}
 _EXPECTS = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans", "O": "strings"}
-_GOT = {"f": "fractional numbers", "i": "integers", "u": "integers", "b": "booleans",
-        "U": "strings", "O": "nulls, objects or mixed values"}
+_GOT = {
+    "f": "fractional numbers",
+    "i": "integers",
+    "u": "integers",
+    "b": "booleans",
+    "U": "strings",
+    "O": "nulls, objects or mixed values",
+}
 
 
 class RequestError(Exception):
@@ -254,8 +260,9 @@ def encode_infer_response(
             data: Any = np.ascontiguousarray(array).ravel()
         else:  # strings and objects: orjson's numpy support covers numbers only
             data = array.ravel().tolist()
-        tensors.append({"name": name, "shape": list(array.shape), "datatype": datatype,
-                        "data": data})
+        tensors.append(
+            {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+        )
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         doc["model_version"] = model_version

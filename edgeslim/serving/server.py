@@ -59,7 +59,11 @@ def serve(opts: ServeOptions) -> int:
     configure_logging(opts.log_level)
     with tempfile.TemporaryDirectory(prefix="edgeslim-serve-", dir=opts.workdir) as tmp:
         app = create_app(
-            opts.model, opts.name, workdir=Path(tmp), sha256=opts.sha256, threads=opts.threads,
+            opts.model,
+            opts.name,
+            workdir=Path(tmp),
+            sha256=opts.sha256,
+            threads=opts.threads,
             max_body_bytes=opts.max_body_bytes,
         )
         config = uvicorn.Config(
@@ -79,14 +83,21 @@ def serve(opts: ServeOptions) -> int:
             timeout_keep_alive=75,
         )
         server = uvicorn.Server(config)
-        log.info("serving model %s from %s on %s:%d with %d onnxruntime threads", opts.name,
-                 opts.model, opts.host, opts.port, opts.threads or available_cpus())
+        log.info(
+            "serving model %s from %s on %s:%d with %d onnxruntime threads",
+            opts.name,
+            opts.model,
+            opts.host,
+            opts.port,
+            opts.threads or available_cpus(),
+        )
         received: list[int] = []
         # uvicorn re-raises the signal it caught once it has drained, so the default
         # handler would kill us with 143 after a perfectly clean shutdown; note the
         # signal instead and return an exit code that says how it went.
-        previous = {sig: signal.signal(sig, _recorder(received))
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, _recorder(received)) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             server.run()
         finally:
