@@ -134,6 +134,8 @@ class ServingApp:
         self.state = ModelState(name, self.metrics)
         self.max_body_bytes = max_body_bytes
         self._loader = loader
+        # Two workers: one computing while another decodes is where the gain is;
+        # more only contend for the GIL and the few cores of an edge box.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
         self._started = False
 
