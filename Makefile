@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # reinstalls and an unchanged checkout costs nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv demo test test-fast lint controlplane cluster bench crd clean
+.PHONY: venv demo test test-fast lint controlplane cluster bench bench-serving bench-operator crd clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,12 @@ cluster: venv controlplane
 
 bench: venv
 	$(BIN)/python bench/compression.py
+
+bench-serving: venv
+	$(BIN)/python bench/serving.py
+
+bench-operator: venv controlplane
+	$(BIN)/python bench/operator_scale.py --n 100 --n 1000
 
 # Regenerate the CRD (and the chart's copy) from the pydantic models.
 crd: venv
