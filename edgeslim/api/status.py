@@ -52,6 +52,26 @@ class ArtifactStatus(OpenWireModel):
     manifest_uri: str | None = None
 
 
+class ServedArtifact(OpenWireModel):
+    """An artifact the edge Deployment runs (or ran)."""
+
+    uri: str
+    sha256: str
+
+
+class FailedArtifact(OpenWireModel):
+    """An artifact whose rollout failed: not rolled out again for the same spec hash."""
+
+    sha256: str
+    spec_hash: str
+    """specHash that produced it; a spec with another hash may try its artifact again."""
+    reason: str
+    """Why, e.g. ProgressDeadlineExceeded."""
+
+
+MAX_FAILED_ARTIFACTS = 10
+
+
 class Results(OpenWireModel):
     """The figures of manifest.json that people look at, under the same names."""
 
@@ -73,5 +93,13 @@ class CompressedModelStatus(OpenWireModel):
     artifact: ArtifactStatus | None = None
     results: Results | None = None
     serving_artifact: str | None = None
-    """sha256 of the artifact the Deployment serves."""
+    """sha256 of the artifact the Deployment serves on all its replicas."""
     ready_replicas: int | None = None
+    """Ready pods of the serving Deployment."""
+    last_good_artifact: ServedArtifact | None = None
+    """The last artifact rolled out completely: what a failed rollout returns to."""
+    failed_artifacts: list[FailedArtifact] = Field(
+        default_factory=list, max_length=MAX_FAILED_ARTIFACTS
+    )
+    """Artifacts whose pods never became ready (newest last): never rolled out
+    again while the spec keeps the hash that produced them."""

@@ -36,6 +36,7 @@ from edgeslim.operator.settings import Settings
 
 MODELS = (API_GROUP, API_VERSION, PLURAL)
 JOBS = ("batch", "v1", "jobs")
+DEPLOYMENTS = ("apps", "v1", "deployments")
 OURS = {MODEL_LABEL: kopf.PRESENT}
 RETRIES = 6
 RESYNC_SECONDS = 15.0
@@ -174,6 +175,19 @@ def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> N
         # Not retried by kopf: the resync loop picks the Job up again.
         metrics.reconcile_errors.labels(handler="job").inc()
         log.warning("Job %s: %s (the resync will retry)", body["metadata"]["name"], exc)
+
+
+@kopf.on.event(*DEPLOYMENTS, labels=OURS)
+def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # The Deployment controller reports rollout progress (and
+    # ProgressDeadlineExceeded) in the Deployment's status: its watch is the
+    # signal to update the model's status and to roll back.
+    try:
+        reconcile.deployment_changed(memo.runtime, type, dict(body))
+    except Exception as exc:
+        # Not retried by kopf: the next Deployment event or the resync retries.
+        metrics.reconcile_errors.labels(handler="serving").inc()
+        log.warning("Deployment %s: %s", body["metadata"]["name"], exc)
 
 
 @kopf.on.delete(*MODELS, annotations={CLEANUP_ANNOTATION: "true"}, retries=RETRIES)

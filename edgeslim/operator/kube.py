@@ -21,6 +21,7 @@ from edgeslim.operator.names import API_GROUP, API_VERSION, PLURAL
 
 Obj = dict[str, Any]
 USER_AGENT = f"edgeslim-operator/{__version__}"
+FIELD_MANAGER = "edgeslim-operator"
 TIMEOUT = (5, 30)  # connect, read seconds: a hung call must not block a handler forever
 
 
@@ -53,6 +54,7 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.apps = client.AppsV1Api(api_client)
 
     @classmethod
     def connect(cls, pool_size: int = 32) -> Kube:
@@ -164,6 +166,67 @@ class Kube:
             namespace, label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
         )
         return _json(resp).get("items") or []
+
+    # -- serving: Deployments and Services -------------------------------------
+
+    def read_deployment(self, namespace: str, name: str) -> Obj | None:
+        try:
+            return _json(
+                self.apps.read_namespaced_deployment(
+                    name, namespace, _preload_content=False, _request_timeout=TIMEOUT
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def apply_deployment(self, manifest: Obj) -> Obj:
+        """Server-side apply: creates or updates; fields the operator stops
+        setting (a removed toleration) are removed, others' fields stay."""
+        meta = manifest["metadata"]
+        return _json(
+            self.apps.patch_namespaced_deployment(
+                meta["name"],
+                meta["namespace"],
+                manifest,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+        )
+
+    def apply_service(self, manifest: Obj) -> Obj:
+        meta = manifest["metadata"]
+        return _json(
+            self.core.patch_namespaced_service(
+                meta["name"],
+                meta["namespace"],
+                manifest,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+                _request_timeout=TIMEOUT,
+            )
+        )
+
+    def delete_serving(self, namespace: str, name: str) -> None:
+        """Deletes the Deployment and Service `name`; gone already is fine."""
+        for delete in (self.apps.delete_namespaced_deployment, self.core.delete_namespaced_service):
+            try:
+                delete(
+                    name,
+                    namespace,
+                    propagation_policy="Background",
+                    _preload_content=False,
+                    _request_timeout=TIMEOUT,
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     # -- Secrets and Events -------------------------------------------------
 

@@ -19,6 +19,7 @@ __all__ = [
     "SPEC_ENV",
     "SPEC_HASH_LABEL",
     "job_name",
+    "serving_name",
 ]
 
 MODEL_LABEL = f"{API_GROUP}/model"
@@ -30,6 +31,14 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER = "compressor"
 SPEC_ENV = "EDGESLIM_SPEC"
 JOB_CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
+SERVING_CONTAINER = "serving"
+SERVING_PORT = 8080
+# On the serving pod template: which artifact its pods run (a new value = a rollout).
+ARTIFACT_SHA_ANNOTATION = f"{API_GROUP}/artifact-sha256"
+ARTIFACT_URI_ANNOTATION = f"{API_GROUP}/artifact-uri"
+# On the serving Deployment: hash of what the operator last applied, so an
+# unchanged manifest costs no write.
+APPLIED_HASH_ANNOTATION = f"{API_GROUP}/applied-hash"
 
 
 def job_name(model_name: str, spec_hash: str) -> str:
@@ -37,3 +46,11 @@ def job_name(model_name: str, spec_hash: str) -> str:
     restarted operator finds (HTTP 409) the Job it already created instead of
     starting a second one. Short enough for the `job-name` pod label (63)."""
     return f"{model_name[:40].rstrip('-')}-{spec_hash[:10]}"
+
+
+def serving_name(model_name: str) -> str:
+    """Deployment and Service of a model: `<name>`, so `kubectl get deploy,svc <name>`
+    finds them. A Service name must start with a letter (DNS-1035); a model name
+    starting with a digit gets an `m-` prefix."""
+    name = model_name if model_name[:1].isalpha() else f"m-{model_name}"
+    return name[:63].rstrip("-")

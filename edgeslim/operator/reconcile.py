@@ -24,12 +24,12 @@ from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.cli import format_validation_error
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import events, jobs, results, status
+from edgeslim.operator import events, jobs, results, serving, status
 from edgeslim.operator.kube import Conflict, Kube, api_message
-from edgeslim.operator.names import job_name
+from edgeslim.operator.names import APPLIED_HASH_ANNOTATION, MODEL_LABEL, job_name, serving_name
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
 from edgeslim.operator.settings import Settings
-from edgeslim.operator.status import FINAL_PHASES, Transition
+from edgeslim.operator.status import COMPRESSED_PHASES, Transition
 
 Obj = dict[str, Any]
 log = logging.getLogger("edgeslim.operator")
@@ -120,7 +120,7 @@ def unrecorded_results(models_index: Any, jobs_index: Any) -> list[tuple[str, st
     found = []
     for key, entries in snapshot(jobs_index):
         entry = models.get(key)
-        if entry is None or entry.phase in FINAL_PHASES:
+        if entry is None or entry.phase in COMPRESSED_PHASES:
             continue
         for j in entries:
             done = j.state in (jobs.JobState.succeeded, jobs.JobState.failed)
@@ -257,11 +257,17 @@ def reconcile_model(rt: Runtime, body: Obj) -> None:
     current = status.parse(body.get("status"))
     _supersede(rt, key, spec_hash)
 
-    if current.spec_hash == spec_hash and current.phase in FINAL_PHASES:
+    if current.spec_hash == spec_hash and current.phase in COMPRESSED_PHASES:
         # Same artifact (e.g. only resources or deployment changed): keep the result.
         rt.slots.forget(key)
         generation = body["metadata"].get("generation")
         write_status(rt, key, lambda cur, _b: status.touch_generation(cur, generation), body)
+        if (
+            model.spec.deployment is not None
+            or current.serving_artifact
+            or (current.last_good_artifact)
+        ):
+            reconcile_serving(rt, key)
         return
     if current.spec_hash == spec_hash and current.phase == Phase.compressing:
         # Resumed after a restart: the Job exists (adopted on 409) or is made again.
@@ -289,7 +295,7 @@ def _mark_queued(rt: Runtime, key: ModelKey, spec_hash: str, job: str, body: Obj
     limit = rt.settings.max_concurrent_jobs
 
     def compute(cur: CompressedModelStatus, _b: Obj) -> Transition | None:
-        if cur.spec_hash == spec_hash and cur.phase in (Phase.compressing, *FINAL_PHASES):
+        if cur.spec_hash == spec_hash and cur.phase in (Phase.compressing, *COMPRESSED_PHASES):
             return None  # a dispatcher started it meanwhile
         return Transition(
             Phase.queued,
@@ -339,7 +345,7 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
         kueue = rt.settings.kueue_queue
 
         def compute(cur: CompressedModelStatus, _b: Obj) -> Transition | None:
-            if cur.spec_hash == spec_hash and cur.phase in FINAL_PHASES:
+            if cur.spec_hash == spec_hash and cur.phase in COMPRESSED_PHASES:
                 return None
             if kueue:
                 return Transition(
@@ -486,7 +492,7 @@ def _already_recorded(rt: Runtime, key: ModelKey, job: str) -> bool:
             e = entries[0]
             return (
                 e.job_name == job
-                and e.phase in FINAL_PHASES
+                and e.phase in COMPRESSED_PHASES
                 and e.generation == e.observed_generation
             )
     return False
@@ -510,11 +516,12 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
     pods = rt.kube.list_pods(ref.namespace, jobs.pod_selector(ref.uid))
     terms = jobs.terminations(pods, ref.uid)
     out = results.outcome(state, jobs.failure_reason(job_body), terms, ref, model)
+    deploy = out.phase is Phase.ready and model.spec.deployment is not None
     result = out.result
     if result is not None and not result.complete and result.manifest_uri:
         result = _with_manifest(rt, model, result)
     transition = Transition(
-        out.phase,
+        Phase.deploying if deploy else out.phase,
         out.reason,
         out.message,
         spec_hash=ref.spec_hash,
@@ -526,7 +533,7 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
     def compute(cur: CompressedModelStatus, b: Obj) -> Transition | None:
         if cur.spec_hash not in (None, ref.spec_hash):
             return None  # the spec changed since this Job started
-        if cur.job_name == ref.name and cur.phase in FINAL_PHASES:
+        if cur.job_name == ref.name and cur.phase in COMPRESSED_PHASES:
             return None
         return transition
 
@@ -536,6 +543,8 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
         if seconds is not None:
             metrics.compression_duration.observe(seconds)
         log.info("%s/%s: Job %s finished: %s (%s)", *key, ref.name, out.phase.value, out.reason)
+        if deploy:
+            _serve_quietly(rt, key)
 
 
 def _with_manifest(
@@ -564,6 +573,94 @@ def resync(rt: Runtime) -> None:
                 metrics.reconcile_errors.labels(handler="resync").inc()
                 log.warning("%s/%s: result not recorded yet: %s", namespace, name, exc)
     dispatch(rt)
+    for key, entries in snapshot(rt.models_index):
+        if entries and entries[0].phase == Phase.deploying:
+            _serve_quietly(rt, key)
+
+
+# ------------------------------------------------------------------- serving
+
+
+def deployment_changed(rt: Runtime, event_type: str | None, deployment: Obj) -> None:
+    """A serving Deployment changed (its controller reports rollout progress)."""
+    meta = deployment["metadata"]
+    key = (meta["namespace"], (meta.get("labels") or {}).get(MODEL_LABEL, ""))
+    if not key[1]:
+        return
+    reconcile_serving(rt, key, None if event_type == "DELETED" else deployment)
+
+
+def _serve_quietly(rt: Runtime, key: ModelKey) -> None:
+    """From the Job watcher and the resync: a failure here must not fail them;
+    the object stays Deploying and the resync tries again."""
+    try:
+        reconcile_serving(rt, key)
+    except Exception as exc:
+        metrics.reconcile_errors.labels(handler="serving").inc()
+        log.warning("%s/%s: serving not reconciled yet: %s", *key, exc)
+
+
+def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None) -> None:
+    """Status from the Deployment's rollout, then the Deployment the plan wants.
+
+    Status first: a rollback records the failed artifact before the Deployment
+    changes, so an operator that dies in between never rolls it out again.
+    """
+    body = rt.kube.get_model(*key)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return  # ownerReferences: the garbage collector takes Deployment and Service
+    try:
+        model = parse_model(body)
+    except InvalidSpec:
+        return  # the model handler reports this
+    namespace, name = key
+    if deployment is None:
+        deployment = rt.kube.read_deployment(namespace, serving_name(name))
+    state = serving.rollout_state(deployment)
+    if deployment is not None and state.owner_uid != model.metadata.uid:
+        # An older object's of the same name, or not ours at all: never touched.
+        raise Conflict(f"Deployment {serving_name(name)} is not owned by this object")
+    generation = body["metadata"].get("generation")
+
+    if model.spec.deployment is None:
+        if deployment is not None:
+            rt.kube.delete_serving(namespace, serving_name(name))
+            log.info("%s/%s: spec.deployment removed; deleted Deployment and Service", *key)
+        write_status(
+            rt, key, lambda cur, _b: serving.without_deployment(cur, generation, status.now()), body
+        )
+        return
+
+    spec_hash = model.spec.spec_hash()
+    decided: list[tuple[CompressedModelStatus, serving.Plan]] = []
+
+    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj:
+        p = serving.plan(cur, spec_hash, state)
+        decided[:] = [(cur, p)]
+        return serving.apply_plan(cur, generation, p, status.now())
+
+    new = write_status(rt, key, compute, body)
+    if new is None:
+        return
+    old, p = decided[0]
+    for event in serving.events_for(old, p):
+        _post_event(rt, body, event)
+    # Again on the written status: a rollback just recorded now targets the last good.
+    p = serving.plan(status.parse(new), spec_hash, state)
+    if p.target is None:
+        return
+    manifest = serving.build_deployment(model, p.target, rt.settings)
+    wanted = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+    if deployment is not None and state.applied_hash == wanted:
+        return
+    rt.kube.apply_deployment(manifest)
+    rt.kube.apply_service(serving.build_service(model))
+    log.info(
+        "%s/%s: Deployment %s runs artifact %s",
+        *key,
+        manifest["metadata"]["name"],
+        p.target.sha256[:12],
+    )
 
 
 # ------------------------------------------------------------------ deletion

@@ -22,6 +22,8 @@ from edgeslim.api.status import (
 
 Obj = dict[str, Any]
 FINAL_PHASES = frozenset({Phase.ready, Phase.rejected, Phase.failed})
+# The compression of the status' spec hash is over (Deploying: its artifact rolls out).
+COMPRESSED_PHASES = FINAL_PHASES | {Phase.deploying}
 MESSAGE_LIMIT = 4096
 
 
@@ -80,6 +82,7 @@ _CONDITIONS: dict[Phase, tuple[str, str, str]] = {
     Phase.pending: ("Unknown", "Unknown", "Unknown"),
     Phase.queued: ("Unknown", "Unknown", "Unknown"),
     Phase.compressing: ("Unknown", "Unknown", "Unknown"),
+    Phase.deploying: ("Unknown", "True", "True"),
     Phase.ready: ("True", "True", "True"),
     Phase.rejected: ("False", "True", "False"),
     Phase.failed: ("False", "False", "Unknown"),

@@ -1,0 +1,537 @@
+"""Edge serving: pure builders of the Deployment and Service, a reader of a
+Deployment's rollout, and the decision what to roll out next.
+
+Nothing here talks to the API server; `reconcile.py` applies what these return.
+
+How a rollout is decided (`plan`):
+
+* The *candidate* is the artifact of the current spec hash, once it passed the
+  gate. A rejected artifact never is one, so it is never deployed.
+* A Deployment whose template runs the candidate and whose controller reports
+  `Progressing=False / ProgressDeadlineExceeded` failed: the candidate goes
+  into `status.failedArtifacts` (with the spec hash that produced it) and the
+  Deployment goes back to `status.lastGoodArtifact`. A failed candidate is not
+  rolled out again until the spec changes to another hash.
+* Whatever a Deployment rolled out completely is good: it becomes
+  `status.lastGoodArtifact` and `status.servingArtifact`.
+
+The state lives in the object's status (last good, failed) and in the
+Deployment itself (which artifact its template runs, what its controller says
+about the rollout): both survive an operator restart, and the decision is a
+pure function of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from edgeslim.api.spec import CompressedModel, DeploymentSpec
+from edgeslim.api.status import (
+    MAX_FAILED_ARTIFACTS,
+    CompressedModelStatus,
+    ConditionType,
+    FailedArtifact,
+    Phase,
+    ServedArtifact,
+)
+from edgeslim.operator import events
+from edgeslim.operator.jobs import NONROOT_UID, SECRET_KEYS
+from edgeslim.operator.names import (
+    APPLIED_HASH_ANNOTATION,
+    ARTIFACT_SHA_ANNOTATION,
+    ARTIFACT_URI_ANNOTATION,
+    GROUP_VERSION,
+    KIND,
+    MODEL_LABEL,
+    SERVING_CONTAINER,
+    SERVING_PORT,
+    serving_name,
+)
+from edgeslim.operator.settings import Settings
+from edgeslim.operator.status import MESSAGE_LIMIT, set_condition
+
+Obj = dict[str, Any]
+DEADLINE_REASON = "ProgressDeadlineExceeded"
+# The server drains in-flight requests for up to 30 s on SIGTERM (edgeslim serve
+# --graceful-timeout); the kubelet must wait a little longer before SIGKILL.
+GRACE_SECONDS = 35
+# The serving image's entrypoint (the Dockerfile's `serving` target).
+SERVE_COMMAND = ("edgeslim", "serve")
+
+
+# ------------------------------------------------------------------ builders
+
+
+def selector_labels(model_name: str) -> dict[str, str]:
+    """The Deployment's selector (immutable) and the Service's: model + component."""
+    return {MODEL_LABEL: model_name, "app.kubernetes.io/component": "serving"}
+
+
+def labels(model_name: str) -> dict[str, str]:
+    return {
+        **selector_labels(model_name),
+        "app.kubernetes.io/name": "edgeslim",
+        "app.kubernetes.io/instance": model_name,
+        "app.kubernetes.io/managed-by": "edgeslim-operator",
+    }
+
+
+def owner_reference(model: CompressedModel) -> Obj:
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": KIND,
+        "name": model.metadata.name,
+        "uid": model.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _deployment_spec(model: CompressedModel) -> DeploymentSpec:
+    if model.spec.deployment is None:
+        raise ValueError(f"{model.metadata.name} has no spec.deployment")
+    return model.spec.deployment
+
+
+def _env(model: CompressedModel) -> list[Obj]:
+    env: list[Obj] = [
+        # Each replica binds its own pod IP, not every interface.
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # The root file system is read-only: downloads go to the /tmp emptyDir.
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    secret = model.spec.source.credentials_secret
+    if secret:
+        # The same Secret as the compressor Job, by reference only.
+        for key, optional in SECRET_KEYS:
+            ref: Obj = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(spec: DeploymentSpec) -> Obj:
+    res = spec.resources
+    out: Obj = {}
+    if res is not None and res.requests:
+        out["requests"] = {k: str(v) for k, v in res.requests.items()}
+    if res is not None and res.limits:
+        out["limits"] = {k: str(v) for k, v in res.limits.items()}
+    return out
+
+
+def _probe(path: str, period: int, failures: int) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def applied_hash(manifest: Obj) -> str:
+    """Content hash of a manifest as built (before the annotation that carries it)."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings: Settings) -> Obj:
+    """The edge-serving Deployment of `model`, running `artifact`."""
+    meta = model.metadata
+    if not meta.uid or not meta.namespace:
+        raise ValueError(
+            "build_deployment needs the object as the API server returned it (uid, namespace)"
+        )
+    spec = _deployment_spec(model)
+    command = [
+        *SERVE_COMMAND,
+        "--model",
+        artifact.uri,
+        "--sha256",
+        artifact.sha256,
+        "--name",
+        meta.name,
+        "--port",
+        str(SERVING_PORT),
+        "--host",
+        "$(POD_IP)",
+        "--threads",
+        str(spec.threads),
+    ]
+    container: Obj = {
+        "name": SERVING_CONTAINER,
+        "image": settings.serving_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "env": _env(model),
+        "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        # Ready only once the model is fetched, verified and loaded: a model that
+        # cannot load keeps its pod unready, and the rollout stops there.
+        "readinessProbe": _probe("/v2/health/ready", 2, 3),
+        "livenessProbe": {**_probe("/v2/health/live", 10, 3), "initialDelaySeconds": 10},
+        "resources": _resources(spec),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NONROOT_UID,
+            "runAsGroup": NONROOT_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: Obj = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NONROOT_UID,
+            "runAsGroup": NONROOT_UID,
+            "fsGroup": NONROOT_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.wire() for t in spec.tolerations]
+    artifact_annotations = {
+        ARTIFACT_SHA_ANNOTATION: artifact.sha256,
+        ARTIFACT_URI_ANNOTATION: artifact.uri,
+    }
+    manifest: Obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": serving_name(meta.name),
+            "namespace": meta.namespace,
+            "labels": labels(meta.name),
+            "annotations": dict(artifact_annotations),
+            "ownerReferences": [owner_reference(model)],
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(meta.name)},
+            # The controller marks the rollout failed after this; the operator
+            # then rolls back to the last good artifact.
+            "progressDeadlineSeconds": spec.progress_deadline_seconds,
+            "revisionHistoryLimit": 3,
+            # Never fewer ready replicas than asked for: an old pod goes only
+            # once a new one is ready, so an artifact that cannot load takes
+            # nothing down.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {"labels": labels(meta.name), "annotations": artifact_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+    manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION] = applied_hash(manifest)
+    return manifest
+
+
+def build_service(model: CompressedModel) -> Obj:
+    """ClusterIP Service on port 8080 in front of the model's serving pods."""
+    meta = model.metadata
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": serving_name(meta.name),
+            "namespace": meta.namespace,
+            "labels": labels(meta.name),
+            "ownerReferences": [owner_reference(model)],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(meta.name),
+            "ports": [
+                {"name": "http", "port": SERVING_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+# ------------------------------------------------------------ reading a rollout
+
+
+class Rollout(StrEnum):
+    absent = "Absent"
+    progressing = "Progressing"
+    complete = "Complete"
+    failed = "Failed"  # the controller gave up: ProgressDeadlineExceeded
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """What a serving Deployment runs and how far its rollout got."""
+
+    rollout: Rollout
+    artifact: ServedArtifact | None = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    updated_replicas: int = 0
+    applied_hash: str | None = None
+    owner_uid: str | None = None
+    message: str = ""
+
+
+def _condition(status: Obj, kind: str) -> Obj | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
+
+
+def rollout_state(deployment: Obj | None) -> RolloutState:
+    """Reads a Deployment like `kubectl rollout status` does, trusting its status
+    only once the controller has observed the current generation."""
+    if deployment is None:
+        return RolloutState(Rollout.absent)
+    meta = deployment.get("metadata") or {}
+    spec = deployment.get("spec") or {}
+    st = deployment.get("status") or {}
+    template_ann = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    sha, uri = template_ann.get(ARTIFACT_SHA_ANNOTATION), template_ann.get(ARTIFACT_URI_ANNOTATION)
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    replicas = int(spec.get("replicas", 1))
+    common: Obj = {
+        "artifact": ServedArtifact(uri=uri, sha256=sha) if sha and uri else None,
+        "replicas": replicas,
+        "ready_replicas": int(st.get("readyReplicas") or 0),
+        "updated_replicas": int(st.get("updatedReplicas") or 0),
+        "applied_hash": (meta.get("annotations") or {}).get(APPLIED_HASH_ANNOTATION),
+        "owner_uid": (owner or {}).get("uid"),
+    }
+    if int(st.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return RolloutState(Rollout.progressing, **common)
+    progressing = _condition(st, "Progressing")
+    if (
+        progressing is not None
+        and progressing.get("status") == "False"
+        and progressing.get("reason") == DEADLINE_REASON
+    ):
+        return RolloutState(Rollout.failed, message=progressing.get("message") or "", **common)
+    done = (
+        int(st.get("updatedReplicas") or 0) == replicas
+        and int(st.get("replicas") or 0) == replicas
+        and int(st.get("availableReplicas") or 0) == replicas
+    )
+    return RolloutState(Rollout.complete if done else Rollout.progressing, **common)
+
+
+# ------------------------------------------------------------------ decision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run and what the status says about serving.
+
+    `phase` None: the serving side has no say on the phase (the compression of
+    the current spec is not through the gate); only the serving fields change.
+    """
+
+    target: ServedArtifact | None
+    phase: Phase | None = None
+    available: str | None = None  # Available condition status; None = leave it
+    reason: str = ""
+    message: str = ""
+    serving: str | None = None
+    ready_replicas: int | None = None
+    last_good: ServedArtifact | None = None
+    failed: tuple[FailedArtifact, ...] = field(default_factory=tuple)
+    event: tuple[str, str, str] | None = None  # (type, reason, message) to post now
+
+
+def candidate(status: CompressedModelStatus, spec_hash: str) -> ServedArtifact | None:
+    """The current spec's artifact, if it passed the gate; else None."""
+    if status.spec_hash != spec_hash or status.artifact is None:
+        return None
+    if status.phase not in (Phase.deploying, Phase.ready, Phase.failed):
+        return None
+    gate = next((c for c in status.conditions if c.type == ConditionType.gate_passed), None)
+    if gate is None or gate.status != "True":
+        return None
+    return ServedArtifact(uri=status.artifact.uri, sha256=status.artifact.sha256)
+
+
+def is_failed(
+    failed: tuple[FailedArtifact, ...] | list[FailedArtifact], sha256: str, spec_hash: str
+) -> bool:
+    return any(f.sha256 == sha256 and f.spec_hash == spec_hash for f in failed)
+
+
+def _short(sha: str) -> str:
+    return sha[:12]
+
+
+def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> Plan:
+    """The next step for a model with spec.deployment, from its status and its Deployment."""
+    deployed = state.artifact
+    complete = state.rollout is Rollout.complete and deployed is not None
+    last_good = deployed if complete else status.last_good_artifact
+    failed = tuple(status.failed_artifacts)
+    common: Obj = {
+        "serving": last_good.sha256 if last_good and state.rollout is not Rollout.absent else None,
+        "ready_replicas": state.ready_replicas,
+        "last_good": last_good,
+        "failed": failed,
+    }
+    cand = candidate(status, spec_hash)
+
+    if cand is None:
+        # Compressing, rejected or failed: keep serving what runs (a rejected
+        # artifact never gets here), or the last good one if the Deployment went.
+        return Plan(target=deployed or last_good, **common)
+
+    event = None
+    if (
+        state.rollout is Rollout.failed
+        and deployed is not None
+        and deployed.sha256 == cand.sha256
+        and not is_failed(failed, cand.sha256, spec_hash)
+    ):
+        failed = (
+            *failed,
+            FailedArtifact(sha256=cand.sha256, spec_hash=spec_hash, reason=DEADLINE_REASON),
+        )
+        failed = failed[-MAX_FAILED_ARTIFACTS:]
+        common["failed"] = failed
+        back = (
+            f"rolling back to {_short(last_good.sha256)}"
+            if last_good
+            else "nothing to roll back to"
+        )
+        event = (
+            "Warning",
+            DEADLINE_REASON,
+            f"artifact {_short(cand.sha256)} not ready in time ({state.message}); {back}"[:1024],
+        )
+
+    if is_failed(failed, cand.sha256, spec_hash):
+        never = "it is not rolled out again until the spec changes"
+        if last_good is None or last_good.sha256 == cand.sha256:
+            # No earlier artifact: the unready pods stay for `kubectl logs`.
+            return Plan(
+                target=deployed or cand,
+                phase=Phase.failed,
+                available="False",
+                reason="RolloutFailed",
+                message=f"artifact {_short(cand.sha256)} did not become ready within "
+                f"progressDeadlineSeconds and no earlier artifact was served; {never}",
+                event=event,
+                **common,
+            )
+        back_done = complete and deployed is not None and deployed.sha256 == last_good.sha256
+        return Plan(
+            target=last_good,
+            phase=Phase.failed if back_done else Phase.deploying,
+            available="False",
+            reason="RolledBack" if back_done else "RollingBack",
+            message=f"artifact {_short(cand.sha256)} did not become ready within "
+            f"progressDeadlineSeconds; {'rolled' if back_done else 'rolling'} back to "
+            f"{_short(last_good.sha256)}; {never}",
+            event=event,
+            **common,
+        )
+
+    if complete and deployed is not None and deployed.sha256 == cand.sha256:
+        return Plan(
+            target=cand,
+            phase=Phase.ready,
+            available="True",
+            reason="RolloutComplete",
+            message=f"{state.replicas} replicas serve artifact {_short(cand.sha256)}",
+            **common,
+        )
+    serving_now = f"; {_short(last_good.sha256)} serves meanwhile" if last_good else ""
+    return Plan(
+        target=cand,
+        phase=Phase.deploying,
+        available="False",
+        reason="RollingOut",
+        message=f"rolling out artifact {_short(cand.sha256)}: {state.updated_replicas} of "
+        f"{state.replicas} pods updated, {state.ready_replicas} ready{serving_now}",
+        **common,
+    )
+
+
+_READY = {Phase.ready: "True", Phase.deploying: "Unknown", Phase.failed: "False"}
+
+
+def apply_plan(current: CompressedModelStatus, generation: int | None, p: Plan, at: str) -> Obj:
+    """The whole new status (wire form) after `p`."""
+    update: Obj = {
+        "serving_artifact": p.serving,
+        "ready_replicas": p.ready_replicas,
+        "last_good_artifact": p.last_good,
+        "failed_artifacts": list(p.failed),
+    }
+    if p.phase is not None and p.available is not None:
+        conds = set_condition(
+            list(current.conditions),
+            ConditionType.ready,
+            _READY[p.phase],
+            p.reason,
+            p.message,
+            generation,
+            at,
+        )
+        conds = set_condition(
+            conds, ConditionType.available, p.available, p.reason, p.message, generation, at
+        )
+        update |= {
+            "phase": p.phase,
+            "observed_generation": generation,
+            "message": p.message[:MESSAGE_LIMIT] or None,
+            "conditions": conds,
+        }
+    return current.model_copy(update=update).wire()
+
+
+def events_for(old: CompressedModelStatus, p: Plan) -> list[tuple[str, str, str]]:
+    """Events to post once `p` is written: the rollback decision and a phase change."""
+    out = [p.event] if p.event else []
+    if p.phase is not None:
+        change = events.for_transition(old.phase, p.phase, p.reason, p.message)
+        if change:
+            out.append(change)
+    return out
+
+
+def without_deployment(current: CompressedModelStatus, generation: int | None, at: str) -> Obj:
+    """spec.deployment removed: no serving fields, no Available condition; an
+    object that was deploying or rolled back is Ready with its compressed artifact."""
+    conds = [c for c in current.conditions if c.type != ConditionType.available]
+    update: Obj = {
+        "serving_artifact": None,
+        "ready_replicas": None,
+        "last_good_artifact": None,
+        "failed_artifacts": [],
+        "conditions": conds,
+    }
+    rollout_phase = current.phase is Phase.deploying or (
+        current.phase is Phase.failed
+        and any(c.type == ConditionType.available for c in current.conditions)
+    )
+    if rollout_phase:
+        message = current.artifact.uri if current.artifact else ""
+        update |= {
+            "phase": Phase.ready,
+            "observed_generation": generation,
+            "message": message or None,
+            "conditions": set_condition(
+                conds, ConditionType.ready, "True", "GatePassed", message, generation, at
+            ),
+        }
+    return current.model_copy(update=update).wire()
