@@ -1,0 +1,245 @@
+"""Edge rollout end to end: a real control plane (Deployment controller included),
+the node agent running `edgeslim serve` pods as local processes, S3 (moto).
+
+One object goes through its whole life:
+
+1. created with `spec.deployment`: a real compressor Job, then a Deployment
+   whose two replicas each bind their own pod IP and answer inference;
+2. a spec change rolls out a new artifact;
+3. a spec change whose artifact cannot load: its pod never becomes ready, the
+   Deployment controller reports ProgressDeadlineExceeded and the operator
+   rolls back to the previous artifact and does not try the bad one again;
+4. deleting the object deletes Deployment and Service (ownerReferences).
+
+Steps 2 and 3 stand in a node-agent hook for the compressor (a real run is
+already covered by step 1 and tests/operator/test_e2e.py): the hook writes an
+artifact where the compressor would (`<output>/<name>/<spec-hash>/model.onnx`)
+and ends the pod with the termination message the compressor would write, so
+the operator verifies and records it exactly as a real result. Step 2's
+artifact is the uncompressed source model (another sha, serves the same
+digits); step 3's is garbage bytes with their true sha256, so the server's
+sha check passes and onnxruntime refuses the file: "an artifact that cannot
+load", which keeps the server up and unready (503 on /v2/health/ready).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.cluster.fixtures import K8s
+from tests.cluster.node_agent import NodeAgent, PodOutcome
+from tests.cluster.processes import urlopen_direct, wait_until
+from tests.cluster.tools import binaries
+from tests.operator.support import (
+    condition,
+    create_model,
+    get_model,
+    model_body,
+    result_message,
+    wait_phase,
+)
+from tests.operator.test_e2e import _secret, _upload
+
+pytestmark = pytest.mark.cluster
+TIMEOUT = 240
+DEADLINE = 15  # progressDeadlineSeconds: long enough for a good pod on a busy machine
+SHA_ANNOTATION = "edgeslim.io/artifact-sha256"
+SERVING = "edgeslim.io/model=digits,app.kubernetes.io/component=serving"
+Obj = dict[str, Any]
+
+
+def compressor_hook(s3_server: Any, artifact: bytes):
+    """Ends compressor pods with a passing result for `artifact`, uploaded where
+    the compressor of the pod's spec would have put it."""
+
+    def hook(pod: Obj) -> PodOutcome | None:
+        labels = pod["metadata"].get("labels") or {}
+        if labels.get("app.kubernetes.io/component") != "compressor":
+            return None  # serving pods run for real
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        message = json.loads(result_message(env["EDGESLIM_SPEC"]))
+        uri = message["artifact"]["uri"]
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        s3_server.client().put_object(Bucket=bucket, Key=key, Body=artifact)
+        message["artifact"] |= {
+            "sha256": hashlib.sha256(artifact).hexdigest(),
+            "sizeBytes": len(artifact),
+        }
+        return PodOutcome(0, json.dumps(message))
+
+    return hook
+
+
+def serving_pods(k8s: K8s, namespace: str) -> list[Any]:
+    pods = k8s.core.list_namespaced_pod(namespace, label_selector=SERVING).items
+    return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def pods_on(k8s: K8s, namespace: str, sha: str, replicas: int) -> list[Any]:
+    """The serving pods once exactly `replicas` ready pods run `sha` and no others."""
+
+    def settled() -> list[Any] | None:
+        pods = serving_pods(k8s, namespace)
+        shas = {p.metadata.annotations.get(SHA_ANNOTATION) for p in pods}
+        ok = len(pods) == replicas and shas == {sha} and all(map(ready, pods))
+        return pods if ok else None
+
+    return wait_until(settled, 60, 0.5, f"{replicas} ready serving pods on {sha[:12]}")
+
+
+def infer(ip: str, x: np.ndarray) -> int:
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    req = urllib.request.Request(
+        f"http://{ip}:8080/v2/models/digits/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urlopen_direct(req, timeout=10) as resp:
+        out = json.loads(resp.read())
+    return int(np.argmax(out["outputs"][0]["data"]))
+
+
+def events(k8s: K8s, namespace: str) -> list[Any]:
+    return k8s.core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=digits"
+    ).items
+
+
+def show(k8s: K8s, namespace: str) -> None:
+    """`kubectl get` of the object and its serving objects (visible with -s)."""
+    for what in ("compressedmodel", "deploy,svc,pods"):
+        out = subprocess.run(
+            [str(binaries().kubectl), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace,
+             "get", what, "-o", "wide"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        print(out.stdout or out.stderr)
+
+
+def patch_spec(k8s: K8s, namespace: str, spec: Obj) -> int:
+    changed = k8s.custom.patch_namespaced_custom_object(
+        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits", {"spec": spec}
+    )
+    return changed["metadata"]["generation"]
+
+
+@pytest.mark.slow
+def test_rollout_new_artifact_and_rollback(
+    k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits, node_agent: NodeAgent
+) -> None:
+    _upload(s3_server, s3, digits)
+    _secret(k8s, namespace, s3_server.env())
+    op = run_operator()
+    val = np.load(digits.val)
+    samples = [(val["x"][i : i + 1], int(val["y"][i])) for i in range(5)]
+
+    # 1. Create: compress for real, then serve two replicas.
+    body = model_body("digits", s3)
+    body["spec"]["deployment"] = {
+        "replicas": 2,
+        "nodeSelector": {"node-role.kubernetes.io/edge": ""},
+        "progressDeadlineSeconds": DEADLINE,
+        "threads": 1,
+    }
+    create_model(k8s, namespace, body)
+    first = wait_phase(k8s, namespace, "digits", {"Ready"}, TIMEOUT, op)
+    st = first["status"]
+    sha1 = st["artifact"]["sha256"]
+    assert st["servingArtifact"] == sha1 and st["readyReplicas"] == 2
+    assert st["lastGoodArtifact"] == {"uri": st["artifact"]["uri"], "sha256": sha1}
+    assert condition(first, "Available")["status"] == "True"
+    assert condition(first, "Ready")["status"] == "True"
+    dep = k8s.apps.read_namespaced_deployment("digits", namespace)
+    assert dep.metadata.owner_references[0].uid == first["metadata"]["uid"]
+    assert dep.spec.strategy.rolling_update.max_unavailable == 0
+    assert dep.spec.progress_deadline_seconds == DEADLINE
+    svc = k8s.core.read_namespaced_service("digits", namespace)
+    assert svc.spec.ports[0].port == 8080
+    pods = pods_on(k8s, namespace, sha1, 2)
+    ips = {p.status.pod_ip for p in pods}
+    assert len(ips) == 2, "each replica binds its own pod IP"
+    for ip in ips:
+        right = sum(infer(ip, x) == y for x, y in samples)
+        assert right >= 4, f"{ip}: {right}/5 digits right"
+    reasons = {e.reason for e in events(k8s, namespace)}
+    assert {"GatePassed", "RolloutComplete"} <= reasons
+    show(k8s, namespace)
+
+    # 2. A spec change rolls out a new artifact (the source model, via the hook).
+    with node_agent.hooked(compressor_hook(s3_server, digits.model_path.read_bytes())):
+        generation = patch_spec(k8s, namespace, {"evaluation": {"maxMetricDrop": 0.06}})
+        second = wait_phase(k8s, namespace, "digits", {"Ready"}, 120, op, generation=generation)
+    sha2 = second["status"]["artifact"]["sha256"]
+    assert sha2 != sha1
+    assert second["status"]["servingArtifact"] == sha2
+    assert second["status"]["lastGoodArtifact"]["sha256"] == sha2
+    pods = pods_on(k8s, namespace, sha2, 2)
+    assert all(infer(p.status.pod_ip, samples[0][0]) == samples[0][1] for p in pods)
+
+    # 3. An artifact that cannot load: rolled back to sha2, and never retried.
+    garbage = b"this is not an ONNX model"
+    sha3 = hashlib.sha256(garbage).hexdigest()
+    with node_agent.hooked(compressor_hook(s3_server, garbage)):
+        generation = patch_spec(k8s, namespace, {"evaluation": {"maxMetricDrop": 0.07}})
+        # The rollout starts: a surge pod on sha3 that stays unready.
+        wait_until(
+            lambda: any(
+                p.metadata.annotations.get(SHA_ANNOTATION) == sha3
+                for p in serving_pods(k8s, namespace)
+            ),
+            120,
+            0.5,
+            "a pod of the bad artifact",
+        )
+        failed = wait_phase(
+            k8s, namespace, "digits", {"Failed"}, TIMEOUT, op, generation=generation
+        )
+    st = failed["status"]
+    assert st["artifact"]["sha256"] == sha3
+    assert st["servingArtifact"] == sha2
+    assert st["failedArtifacts"] == [
+        {"sha256": sha3, "specHash": st["specHash"], "reason": "ProgressDeadlineExceeded"}
+    ]
+    available = condition(failed, "Available")
+    assert (available["status"], available["reason"]) == ("False", "RolledBack")
+    assert condition(failed, "Ready")["reason"] == "RolledBack"
+    assert condition(failed, "GatePassed")["status"] == "True"
+    pods = pods_on(k8s, namespace, sha2, 2)
+    assert all(infer(p.status.pod_ip, samples[0][0]) == samples[0][1] for p in pods)
+    warnings = {(e.type, e.reason) for e in events(k8s, namespace)}
+    assert ("Warning", "ProgressDeadlineExceeded") in warnings
+    assert ("Warning", "RolledBack") in warnings
+    # No retry of the bad artifact: the Deployment stays on sha2.
+    dep = k8s.apps.read_namespaced_deployment("digits", namespace)
+    before = dep.metadata.generation
+    time.sleep(5)
+    dep = k8s.apps.read_namespaced_deployment("digits", namespace)
+    assert dep.metadata.generation == before
+    assert dep.spec.template.metadata.annotations[SHA_ANNOTATION] == sha2
+    assert get_model(k8s, namespace, "digits")["status"]["phase"] == "Failed"
+    show(k8s, namespace)
+
+    # 4. Deleting the object deletes the serving objects (garbage collector).
+    k8s.custom.delete_namespaced_custom_object(
+        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits"
+    )
+
+    def serving_gone() -> bool:
+        deps = k8s.apps.list_namespaced_deployment(namespace).items
+        svcs = k8s.core.list_namespaced_service(namespace).items
+        return not deps and not svcs and not serving_pods(k8s, namespace)
+
+    wait_until(serving_gone, 60, 0.5, "Deployment, Service and pods to go")
