@@ -6,15 +6,26 @@ import asyncio
 import logging
 
 import kopf
+from kubernetes.config import ConfigException
+
+from edgeslim.errors import BadInput
 
 
 def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     from edgeslim.operator import handlers  # noqa: F401  (registers the handlers)
+    from edgeslim.operator.kube import Kube
     from edgeslim.operator.settings import Settings
 
-    watched = namespaces or (
-        [Settings.from_env().namespace] if Settings.from_env().namespace else []
-    )
+    # Fail in a second with a clear line instead of kopf retrying its startup forever.
+    try:
+        Kube.connect()
+    except ConfigException as exc:
+        raise BadInput(
+            f"no Kubernetes credentials: not running in a pod, and KUBECONFIG / ~/.kube/config "
+            f"gave none ({exc})"
+        ) from exc
+    settings = Settings.from_env()
+    watched = namespaces or ([settings.namespace] if settings.namespace else [])
     kopf.configure(verbose=verbose, log_prefix=True)
     logging.getLogger("edgeslim").setLevel(logging.INFO)
     asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
