@@ -382,5 +382,7 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "SPEEDUP",
         "ARTIFACT",
         "JOB",
+        "SERVING",
+        "REPLICAS",
     ]
     assert row.split()[1:4] == ["Ready", "4.25", "0.005"]

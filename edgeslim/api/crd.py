@@ -278,6 +278,20 @@ PRINTER_COLUMNS: list[Schema] = [
         "description": "sha256 of the compressed model",
     },
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
+    {
+        "name": "Serving",
+        "type": "string",
+        "jsonPath": ".status.servingArtifact",
+        "priority": 1,
+        "description": "sha256 of the artifact the edge Deployment serves on all replicas",
+    },
+    {
+        "name": "Replicas",
+        "type": "integer",
+        "jsonPath": ".status.readyReplicas",
+        "priority": 1,
+        "description": "Ready pods of the edge Deployment",
+    },
 ]
 
 

@@ -394,6 +394,27 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
         # artifact never gets here), or the last good one if the Deployment went.
         return Plan(target=deployed or last_good, **common)
 
+    if (
+        state.rollout is Rollout.failed
+        and deployed is not None
+        and deployed.sha256 == cand.sha256
+        and last_good is not None
+        and last_good.sha256 == cand.sha256
+    ):
+        # The artifact served before; the change that stalled is the Deployment's
+        # own (more replicas than nodes take, bigger requests): nothing to roll
+        # back to and nothing wrong with the artifact.
+        return Plan(
+            target=cand,
+            phase=Phase.failed,
+            available="False",
+            reason="RolloutStalled",
+            message=f"the Deployment made no progress within progressDeadlineSeconds "
+            f"({state.message}); artifact {_short(cand.sha256)} still serves on "
+            f"{state.ready_replicas} of {state.replicas} replicas",
+            **common,
+        )
+
     event = None
     if (
         state.rollout is Rollout.failed

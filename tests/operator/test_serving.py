@@ -348,3 +348,12 @@ def test_removing_spec_deployment_clears_serving_status() -> None:
     assert out.serving_artifact is None and out.last_good_artifact is None
     assert out.phase is Phase.ready
     assert not [c for c in out.conditions if c.type == "Available"]
+
+
+def test_a_stalled_scale_up_of_the_served_artifact_does_not_mark_it_failed() -> None:
+    cur = passed(last_good=NEW)
+    p = serving.plan(cur, HASH, state(Rollout.failed, NEW, ready=2))
+    assert (p.target, p.phase, p.reason) == (NEW, Phase.failed, "RolloutStalled")
+    assert p.failed == () and p.event is None
+    # Fixed (e.g. fewer replicas): complete again, Ready.
+    assert serving.plan(cur, HASH, state(Rollout.complete, NEW)).phase is Phase.ready
