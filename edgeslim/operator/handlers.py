@@ -8,6 +8,11 @@ requests a minute for nothing). `on.event` handlers are not retried by kopf,
 so a periodic resync (`resync_loop`) re-reads any finished Job whose result is
 missing from its object -- cheap, because it looks at the in-memory indexes
 first and calls the API only for the gaps.
+
+Serving Deployments are watched the same way: their status is where the
+Deployment controller reports rollout progress and ProgressDeadlineExceeded,
+so each change drives `reconcile.reconcile_serving` (status, rollback); the
+resync re-runs it for objects still Deploying.
 """
 
 from __future__ import annotations
