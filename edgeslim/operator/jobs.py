@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from edgeslim.api.spec import CompressedModel
+from edgeslim.operator import podspec
 from edgeslim.operator.names import (
     CONTAINER,
     GROUP_VERSION,
@@ -29,15 +30,6 @@ Obj = dict[str, Any]
 # The CLI's exit codes (edgeslim/cli.py): a retry cannot change either outcome.
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
-NONROOT_UID = 65532  # the distroless "nonroot" user the compressor image runs as
-
-# Secret keys handed to the compressor; the two optional ones may be absent.
-SECRET_KEYS: tuple[tuple[str, bool], ...] = (
-    ("AWS_ACCESS_KEY_ID", False),
-    ("AWS_SECRET_ACCESS_KEY", False),
-    ("AWS_ENDPOINT_URL", True),
-    ("AWS_REGION", True),
-)
 
 
 def labels(model_name: str, spec_hash: str) -> dict[str, str]:
@@ -65,36 +57,6 @@ def spec_payload(model: CompressedModel) -> str:
     return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
-def _env(model: CompressedModel) -> list[Obj]:
-    env: list[Obj] = [
-        {"name": SPEC_ENV, "value": spec_payload(model)},
-        # The root file system is read-only: scratch space is the /tmp emptyDir.
-        {"name": "TMPDIR", "value": "/tmp"},
-        {"name": "HOME", "value": "/tmp"},
-    ]
-    secret = model.spec.source.credentials_secret
-    if secret:
-        # By reference only: the keys never appear in the Job or the spec.
-        for key, optional in SECRET_KEYS:
-            ref: Obj = {"name": secret, "key": key}
-            if optional:
-                ref["optional"] = True
-            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env
-
-
-def _resources(model: CompressedModel) -> Obj:
-    res = model.spec.resources
-    if res is None:
-        return {}
-    out: Obj = {}
-    if res.requests:
-        out["requests"] = {k: str(v) for k, v in res.requests.items()}
-    if res.limits:
-        out["limits"] = {k: str(v) for k, v in res.limits.items()}
-    return out
-
-
 def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj:
     """The compressor Job for one spec hash of one CompressedModel."""
     meta = model.metadata
@@ -111,21 +73,13 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
         "image": settings.compressor_image,
         "imagePullPolicy": "IfNotPresent",
         "command": [*settings.compressor_command, "compress", "--spec-env", SPEC_ENV],
-        "env": _env(model),
-        "resources": _resources(model),
+        "env": [{"name": SPEC_ENV, "value": spec_payload(model)}, *podspec.base_env(model)],
+        "resources": podspec.resources(model.spec.resources),
         # A crash that wrote no result still leaves its log tail in the pod
         # status, where the operator reads it for status.message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT_UID,
-            "runAsGroup": NONROOT_UID,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": podspec.container_security_context(),
+        "volumeMounts": [podspec.scratch_mount()],
     }
     spec: Obj = {
         "backoffLimit": settings.job_backoff_limit,
@@ -153,15 +107,9 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
                 "restartPolicy": "Never",  # retries are the Job's (backoffLimit), not the kubelet's
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": NONROOT_UID,
-                    "runAsGroup": NONROOT_UID,
-                    "fsGroup": NONROOT_UID,
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": podspec.pod_security_context(),
                 "containers": [container],
-                "volumes": [{"name": "tmp", "emptyDir": {}}],
+                "volumes": [podspec.scratch_volume()],
             },
         },
     }

@@ -38,8 +38,7 @@ from edgeslim.api.status import (
     Phase,
     ServedArtifact,
 )
-from edgeslim.operator import events
-from edgeslim.operator.jobs import NONROOT_UID, SECRET_KEYS
+from edgeslim.operator import events, podspec
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     ARTIFACT_SHA_ANNOTATION,
@@ -98,32 +97,9 @@ def _deployment_spec(model: CompressedModel) -> DeploymentSpec:
 
 
 def _env(model: CompressedModel) -> list[Obj]:
-    env: list[Obj] = [
-        # Each replica binds its own pod IP, not every interface.
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        # The root file system is read-only: downloads go to the /tmp emptyDir.
-        {"name": "TMPDIR", "value": "/tmp"},
-        {"name": "HOME", "value": "/tmp"},
-    ]
-    secret = model.spec.source.credentials_secret
-    if secret:
-        # The same Secret as the compressor Job, by reference only.
-        for key, optional in SECRET_KEYS:
-            ref: Obj = {"name": secret, "key": key}
-            if optional:
-                ref["optional"] = True
-            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env
-
-
-def _resources(spec: DeploymentSpec) -> Obj:
-    res = spec.resources
-    out: Obj = {}
-    if res is not None and res.requests:
-        out["requests"] = {k: str(v) for k, v in res.requests.items()}
-    if res is not None and res.limits:
-        out["limits"] = {k: str(v) for k, v in res.limits.items()}
-    return out
+    # Each replica binds its own pod IP, not every interface.
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    return [pod_ip, *podspec.base_env(model)]
 
 
 def _probe(path: str, period: int, failures: int) -> Obj:
@@ -175,31 +151,17 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         # cannot load keeps its pod unready, and the rollout stops there.
         "readinessProbe": _probe("/v2/health/ready", 2, 3),
         "livenessProbe": {**_probe("/v2/health/live", 10, 3), "initialDelaySeconds": 10},
-        "resources": _resources(spec),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT_UID,
-            "runAsGroup": NONROOT_UID,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "resources": podspec.resources(spec.resources),
+        "securityContext": podspec.container_security_context(),
+        "volumeMounts": [podspec.scratch_mount()],
     }
     pod_spec: Obj = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NONROOT_UID,
-            "runAsGroup": NONROOT_UID,
-            "fsGroup": NONROOT_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": podspec.pod_security_context(),
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": [podspec.scratch_volume()],
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
