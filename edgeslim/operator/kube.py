@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import urllib3
@@ -48,6 +49,23 @@ def _json(resp: Any) -> Obj:
     return json.loads(resp.data)
 
 
+def _request(
+    call: Callable[..., Any],
+    *args: Any,
+    missing_ok: bool = False,
+    exists_ok: bool = False,
+    **kwargs: Any,
+) -> Obj | None:
+    """One API call, JSON out; None where 404 (`missing_ok`) or 409 (`exists_ok`)
+    is an expected answer rather than an error."""
+    try:
+        return _json(call(*args, _preload_content=False, _request_timeout=TIMEOUT, **kwargs))
+    except ApiException as exc:
+        if (missing_ok and exc.status == 404) or (exists_ok and exc.status == 409):
+            return None
+        raise
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api = api_client
@@ -73,22 +91,15 @@ class Kube:
     # -- CompressedModels ------------------------------------------------
 
     def get_model(self, namespace: str, name: str) -> Obj | None:
-        try:
-            return _json(
-                self.custom.get_namespaced_custom_object(
-                    API_GROUP,
-                    API_VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    _preload_content=False,
-                    _request_timeout=TIMEOUT,
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return _request(
+            self.custom.get_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            PLURAL,
+            name,
+            missing_ok=True,
+        )
 
     def patch_model_status(
         self, namespace: str, name: str, status_patch: Obj, resource_version: str | None
@@ -121,126 +132,65 @@ class Kube:
 
     def create_job(self, job: Obj) -> Obj | None:
         """Creates the Job; None when one of that name exists already (HTTP 409)."""
-        try:
-            return _json(
-                self.batch.create_namespaced_job(
-                    job["metadata"]["namespace"],
-                    job,
-                    _preload_content=False,
-                    _request_timeout=TIMEOUT,
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            raise
+        return _request(
+            self.batch.create_namespaced_job, job["metadata"]["namespace"], job, exists_ok=True
+        )
 
     def read_job(self, namespace: str, name: str) -> Obj | None:
-        try:
-            return _json(
-                self.batch.read_namespaced_job(
-                    name, namespace, _preload_content=False, _request_timeout=TIMEOUT
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return _request(self.batch.read_namespaced_job, name, namespace, missing_ok=True)
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Deletes a Job and, in the background, its pods; gone already is fine."""
-        try:
-            self.batch.delete_namespaced_job(
-                name,
-                namespace,
-                propagation_policy="Background",
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        _request(
+            self.batch.delete_namespaced_job,
+            name,
+            namespace,
+            propagation_policy="Background",
+            missing_ok=True,
+        )
 
     def list_pods(self, namespace: str, selector: str) -> list[Obj]:
-        resp = self.core.list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
-        )
-        return _json(resp).get("items") or []
+        found = _request(self.core.list_namespaced_pod, namespace, label_selector=selector)
+        return (found or {}).get("items") or []
 
     # -- serving: Deployments and Services -------------------------------------
 
     def read_deployment(self, namespace: str, name: str) -> Obj | None:
-        try:
-            return _json(
-                self.apps.read_namespaced_deployment(
-                    name, namespace, _preload_content=False, _request_timeout=TIMEOUT
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return _request(self.apps.read_namespaced_deployment, name, namespace, missing_ok=True)
 
-    def apply_deployment(self, manifest: Obj) -> Obj:
+    def _apply(self, call: Callable[..., Any], manifest: Obj) -> Obj:
         """Server-side apply: creates or updates; fields the operator stops
         setting (a removed toleration) are removed, others' fields stay."""
         meta = manifest["metadata"]
-        return _json(
-            self.apps.patch_namespaced_deployment(
-                meta["name"],
-                meta["namespace"],
-                manifest,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
-            )
+        applied = _request(
+            call,
+            meta["name"],
+            meta["namespace"],
+            manifest,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
         )
+        assert applied is not None
+        return applied
+
+    def apply_deployment(self, manifest: Obj) -> Obj:
+        return self._apply(self.apps.patch_namespaced_deployment, manifest)
 
     def apply_service(self, manifest: Obj) -> Obj:
-        meta = manifest["metadata"]
-        return _json(
-            self.core.patch_namespaced_service(
-                meta["name"],
-                meta["namespace"],
-                manifest,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
-            )
-        )
+        return self._apply(self.core.patch_namespaced_service, manifest)
 
     def delete_serving(self, namespace: str, name: str) -> None:
         """Deletes the Deployment and Service `name`; gone already is fine."""
         for delete in (self.apps.delete_namespaced_deployment, self.core.delete_namespaced_service):
-            try:
-                delete(
-                    name,
-                    namespace,
-                    propagation_policy="Background",
-                    _preload_content=False,
-                    _request_timeout=TIMEOUT,
-                )
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+            _request(delete, name, namespace, propagation_policy="Background", missing_ok=True)
 
     # -- Secrets and Events -------------------------------------------------
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            obj = _json(
-                self.core.read_namespaced_secret(
-                    name, namespace, _preload_content=False, _request_timeout=TIMEOUT
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        obj = _request(self.core.read_namespaced_secret, name, namespace, missing_ok=True)
+        if obj is None:
+            return None
         return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
 
     def post_event(self, event: Obj) -> None:
