@@ -250,8 +250,8 @@ def test_size_limit_from_env(s3: str, tmp_path: Path, monkeypatch: pytest.Monkey
         storage.read_bytes(uri)
     monkeypatch.delenv(storage.MAX_BYTES_ENV)
     assert storage.max_download_bytes() == storage.DEFAULT_MAX_BYTES == 4 * 1024**3
-    assert storage._human(storage.DEFAULT_MAX_BYTES) == "4 GiB"
-    assert storage._human(5_476_083_302) == "5.1 GiB"
+    assert storage.limits._human(storage.DEFAULT_MAX_BYTES) == "4 GiB"
+    assert storage.limits._human(5_476_083_302) == "5.1 GiB"
 
 
 def test_s3_size_limit_while_streaming(s3: str, s3_server: S3Server) -> None:
@@ -260,7 +260,7 @@ def test_s3_size_limit_while_streaming(s3: str, s3_server: S3Server) -> None:
     body = s3_server.client().get_object(Bucket=s3, Key="m/stream.bin")["Body"]
     received: list[bytes] = []
     with pytest.raises(BadInput, match=r"exceeds the 2 KiB download limit \(stopped reading"):
-        storage._copy_limited(
+        storage.limits._copy_limited(
             body.iter_chunks(1000),
             received.append,
             limit=2048,
@@ -328,7 +328,7 @@ def test_s3_failed_publish_cleans_up(
         assert src_key in keys(s3_server, s3)  # the staged upload really happened
         raise StorageUnavailable("injected: server went away during copy")
 
-    monkeypatch.setattr(storage, "_s3_copy", failing_copy)
+    monkeypatch.setattr("edgeslim.storage.s3._s3_copy", failing_copy)
     with pytest.raises(StorageUnavailable, match="injected"):
         storage.put_file(write(tmp_path / "new", b"new"), uri)
     with pytest.raises(StorageUnavailable, match="injected"):
@@ -343,8 +343,8 @@ def test_s3_multipart_copy_path(
     s3: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Artifacts over 5 GiB are published with UploadPartCopy; shrink the threshold to test it."""
-    monkeypatch.setattr(storage, "_COPY_MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(storage, "_COPY_PART_SIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr("edgeslim.storage.s3._COPY_MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr("edgeslim.storage.s3._COPY_PART_SIZE", 5 * 1024 * 1024)
     data = os.urandom(11 * 1024 * 1024)
     uri = f"s3://{s3}/m/huge.onnx"
     storage.put_file(write(tmp_path / "huge.onnx", data), uri)
@@ -446,7 +446,7 @@ def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
 )
 def test_error_classification(code: str, status: int, kind: type, message: str) -> None:
     """How S3 error responses map to ours (moto can't be made to answer 403/5xx on cue)."""
-    err = storage._translate(client_error(code, status), "m", "s3://b/k")
+    err = storage.s3._translate(client_error(code, status), "m", "s3://b/k")
     assert type(err) is kind
     assert message in str(err)
     assert str(err).startswith("m s3://b/k: ")

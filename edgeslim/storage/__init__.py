@@ -1,0 +1,167 @@
+"""One interface over ``s3://bucket/key``, ``file://`` URIs and plain paths.
+
+Every edgeslim component (CLI, compressor Job, operator, edge server) moves
+models, datasets and manifests through this module, so the rules live here once:
+
+* **Where S3 is.** Any S3-compatible endpoint (AWS, MinIO, moto). Endpoint,
+  credentials and region come from the standard AWS environment variables,
+  read on every call: the operator mounts a Secret's keys as env vars, and the
+  tests point the same code at a throwaway server just by changing the env.
+* **Errors say whose they are.** :class:`~edgeslim.errors.BadInput` (one line,
+  naming what was being read and the URI) for anything the user must fix: a
+  missing object or bucket, denied access, a checksum mismatch, a file too big.
+  :class:`~edgeslim.errors.StorageUnavailable` for what may pass on its own
+  (connection refused, timeouts, 5xx, throttling), so callers retry those only.
+* **Nothing half-done is visible.** Downloads land under a temporary name and
+  are renamed only once the size and sha256 check out; uploads are staged and
+  published in one step (see :func:`put_file`).
+
+Local files (``file:///abs/path`` or a plain path) get the same checks, so the
+CLI without a cluster behaves exactly like the Job inside one.
+
+The package's modules, each named for what it holds: :mod:`~edgeslim.storage.uris`
+(parsing and joining URIs), :mod:`~edgeslim.storage.limits` (the download size
+limit and sha256 checks), :mod:`~edgeslim.storage.s3` (the client, error
+translation, reads and staged uploads) and :mod:`~edgeslim.storage.local`
+(local reads, atomic writes, deletes). This module holds the public API: the
+functions below pick the backend from the URI's scheme.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeslim.errors import BadInput
+from edgeslim.storage import local, s3
+from edgeslim.storage.limits import (
+    DEFAULT_MAX_BYTES,
+    MAX_BYTES_ENV,
+    _normalize_sha,
+    max_download_bytes,
+    sha256_file,
+)
+from edgeslim.storage.s3 import credentials, s3_client
+from edgeslim.storage.uris import join, parse
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_BYTES_ENV",
+    "credentials",
+    "delete_prefix",
+    "exists",
+    "fetch",
+    "join",
+    "max_download_bytes",
+    "parse",
+    "put_bytes",
+    "put_file",
+    "read_bytes",
+    "s3_client",
+    "sha256_file",
+]
+
+
+def _is_local(uri: str) -> bool:
+    """Whether ``uri`` names a local file (``file://`` or a plain path) rather than S3."""
+    return parse(uri)[0] == "file"
+
+
+# ----------------------------------------------------------------------- reading
+
+
+def fetch(
+    uri: str,
+    dest_dir: Path,
+    *,
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+    what: str = "file",
+) -> Path:
+    """Makes the object at ``uri`` available as a local file and returns its path.
+
+    * ``s3://``: streamed into ``dest_dir/<basename of key>``. Size is checked
+      against ``max_bytes`` (default :func:`max_download_bytes`) from HeadObject
+      before any byte moves, and again while streaming. The data goes to a
+      hidden ``.<name>.part-<uuid>`` file that is renamed into place only after
+      size and sha256 check out; on any failure it is removed, so ``dest_dir``
+      never holds a partial or unverified file (an older file of the same name
+      is left as it was). Two URIs with the same basename overwrite each other:
+      give each its own ``dest_dir`` if that matters.
+    * ``file://`` / plain path: checked (exists, regular file, size, sha256) and
+      returned **in place, not copied** — models run to gigabytes and the
+      Job's scratch disk is precious. ``dest_dir`` is unused; treat the returned
+      path as read-only.
+
+    ``what`` names the thing in error messages ("source model", "evaluation
+    dataset"), so the user knows which field of the spec to fix.
+    """
+    expected = _normalize_sha(sha256, what, uri)
+    if _is_local(uri):
+        return local.fetch(uri, expected=expected, max_bytes=max_bytes, what=what)
+    return s3.fetch(uri, dest_dir, expected=expected, max_bytes=max_bytes, what=what)
+
+
+def read_bytes(uri: str, *, max_bytes: int | None = None, what: str = "file") -> bytes:
+    """The whole object at ``uri`` in memory (manifests, small configs).
+
+    Same checks and errors as :func:`fetch`; pass a small ``max_bytes`` for
+    things that should be small, so a wrong URI fails fast instead of eating RAM.
+    """
+    buf = bytearray()
+    reader = local.read if _is_local(uri) else s3.read
+    reader(uri, buf.extend, max_bytes=max_bytes, what=what)
+    return bytes(buf)
+
+
+def exists(uri: str) -> bool:
+    """Whether an object (s3) or regular file (local) exists at ``uri``.
+
+    A URI ending in ``/`` (or naming a local directory) is a prefix: true when
+    anything is stored under it. A missing bucket counts as "doesn't exist";
+    denied access and connection failures raise, since "no" would be a guess.
+    """
+    return local.exists(uri) if _is_local(uri) else s3.exists(uri)
+
+
+# ----------------------------------------------------------------------- writing
+
+
+def put_file(path: Path, uri: str) -> str:
+    """Uploads a local file to ``uri`` atomically; returns ``uri``.
+
+    Readers see either the previous object or the complete new one, never a
+    partial one (see the comment on staged uploads in :mod:`edgeslim.storage.s3`).
+    The content type is guessed from the destination name (``.json`` ->
+    application/json, else octet-stream). Works for any size: multipart upload
+    and, above 5 GiB, multipart server-side copy.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise BadInput(f"upload source {src}: not found or not a regular file")
+    if _is_local(uri):
+        return local.put_file(src, uri)
+    return s3.put_file(src, uri)
+
+
+def put_bytes(data: bytes, uri: str, content_type: str = "application/octet-stream") -> str:
+    """Writes ``data`` to ``uri`` atomically, like :func:`put_file`; returns ``uri``."""
+    if _is_local(uri):
+        return local.put_bytes(data, uri)
+    return s3.put_bytes(data, uri, content_type)
+
+
+# ---------------------------------------------------------------------- deleting
+
+
+def delete_prefix(uri: str) -> int:
+    """Deletes everything under ``uri`` taken as a directory; returns how many objects.
+
+    ``s3://b/models/x`` deletes ``models/x/...`` but not ``models/x-v2/...``:
+    the URI is always treated as ending in ``/``, because a bare string prefix
+    would let one model's cleanup finalizer delete its neighbours. A whole
+    bucket (empty key) or the filesystem root is refused outright. A missing
+    bucket or directory deletes nothing and returns 0, so a finalizer can
+    finish. On versioned buckets this adds delete markers (old versions stay,
+    per the bucket's lifecycle rules).
+    """
+    return local.delete_prefix(uri) if _is_local(uri) else s3.delete_prefix(uri)
