@@ -82,7 +82,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         RichProgress(quiet=args.quiet) if bars else LineProgress() as progress,
     ):
         outcome = compress(
-            obj, output=args.output, workdir=Path(tmp), progress=progress, log=progress.log
+            obj,
+            output=args.output,
+            workdir=Path(tmp),
+            progress=progress,
+            log=progress.log,
+            reuse=not args.force,
         )
     write_termination_message(outcome.result, outcome)
     if not args.quiet:
@@ -168,6 +173,11 @@ def parser() -> argparse.ArgumentParser:
         "--workdir", type=Path, default=None, help="scratch folder (default: system temp)"
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute even when a result for this spec hash is already stored",
+    )
     c.set_defaults(func=cmd_compress)
 
     v = sub.add_parser("validate", help="check a spec without running it")

@@ -297,3 +297,26 @@ def test_multi_input_model_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert manifest["evaluation"]["metric"] == "cosine" and manifest["evaluation"]["samples"] == 96
     assert manifest["evaluation"]["compressed"] > 0.95
     assert [s["changed"] for s in manifest["steps"]] == [True, True, True]
+
+
+def test_a_stored_result_is_reused_and_a_damaged_one_recomputed(digits, tmp_path: Path) -> None:
+    doc = spec_for(digits, tmp_path, pipeline=[{"quantize": {"mode": "dynamic"}}])
+    assert run(doc, tmp_path) == EXIT_OK
+    model = next(p for p in written(tmp_path) if p.name == "model.onnx")
+    manifest = json.loads((model.parent / "manifest.json").read_text())
+    first = model.stat().st_ino
+
+    # A rerun (or a retried Job) finds the complete result and leaves it alone.
+    assert run(doc, tmp_path) == EXIT_OK
+    assert model.stat().st_ino == first
+
+    # Bytes that no longer match the manifest are not trusted: computed again.
+    model.write_bytes(b"not the artifact")
+    assert run(doc, tmp_path) == EXIT_OK
+    assert storage.sha256_file(model) == manifest["artifact"]["sha256"]
+    second = model.stat().st_ino
+    assert second != first
+
+    # --force recomputes even an intact result.
+    assert run(doc, tmp_path, "--force") == EXIT_OK
+    assert model.stat().st_ino != second

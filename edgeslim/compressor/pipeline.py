@@ -86,7 +86,14 @@ def compress(
     workdir: Path,
     progress: steps.Progress | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    reuse: bool = True,
 ) -> Outcome:
+    """Run the spec's pipeline and write its result under <output>/<name>/<spec-hash>/.
+
+    With `reuse`, a complete result already stored for this spec hash is
+    returned as it is: a retried Job or a rerun never recomputes it, and an
+    artifact that pods may be serving is never replaced by different bytes.
+    """
     spec = obj.spec
     progress = progress or steps.NullProgress()
     output_uri = output or (spec.output.uri if spec.output else None)
@@ -95,6 +102,8 @@ def compress(
     spec_hash = spec.spec_hash()
     prefix = storage.join(output_uri, obj.metadata.name, spec_hash)
     ws = Workspace(workdir)
+    if reuse and (done := _stored_result(prefix, ws, log)) is not None:
+        return done
 
     log(f"fetching {spec.source.uri}")
     source_path = ws.fetch(spec.source.uri, spec.source.sha256, "source model")
@@ -193,6 +202,24 @@ def compress(
         json.dumps(result.wire(), indent=2).encode(), manifest_uri, "application/json"
     )
     return Outcome(result=result, model_uri=model_uri, manifest_uri=manifest_uri)
+
+
+def _stored_result(prefix: str, ws: Workspace, log: Callable[[str], None]) -> Outcome | None:
+    """The result already written under `prefix`, if it is complete and intact."""
+    manifest_uri = storage.join(prefix, MANIFEST_FILE)
+    if not storage.exists(manifest_uri):
+        return None
+    try:
+        result = CompressionResult.model_validate_json(
+            storage.read_bytes(manifest_uri, what="stored manifest")
+        )
+        ws.fetch(result.artifact.uri, result.artifact.sha256, "stored artifact")
+    except (BadInput, ValueError) as exc:
+        # Unreadable or mismatched: compute it again (and overwrite it) rather than trust it.
+        log(f"ignoring the stored result under {prefix}: {exc}")
+        return None
+    log(f"reusing the stored result for spec hash {result.spec_hash} ({manifest_uri})")
+    return Outcome(result=result, model_uri=result.artifact.uri, manifest_uri=manifest_uri)
 
 
 def _counts(model: onnx.ModelProto) -> dict:
