@@ -58,8 +58,6 @@ DEADLINE_REASON = "ProgressDeadlineExceeded"
 # The server drains in-flight requests for up to 30 s on SIGTERM (edgeslim serve
 # --graceful-timeout); the kubelet must wait a little longer before SIGKILL.
 GRACE_SECONDS = 35
-# The serving image's entrypoint (the Dockerfile's `serving` target).
-SERVE_COMMAND = ("edgeslim", "serve")
 
 
 # ------------------------------------------------------------------ builders
@@ -126,7 +124,8 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         )
     spec = _deployment_spec(model)
     command = [
-        *SERVE_COMMAND,
+        *settings.serving_command,
+        "serve",
         "--model",
         artifact.uri,
         "--sha256",

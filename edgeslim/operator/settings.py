@@ -27,6 +27,8 @@ class Settings:
     """Entrypoint of compressor Jobs (EDGESLIM_COMPRESSOR_COMMAND, shell-split)."""
     serving_image: str = "ghcr.io/edgeslim/serving:0.1.0"
     """Image of edge-serving Deployments (EDGESLIM_SERVING_IMAGE)."""
+    serving_command: list[str] = field(default_factory=lambda: ["edgeslim"])
+    """Entrypoint of edge-serving pods (EDGESLIM_SERVING_COMMAND, shell-split)."""
     max_concurrent_jobs: int = 4
     """Cluster-wide limit of running compressor Jobs; 0 = unlimited
     (EDGESLIM_MAX_CONCURRENT_JOBS)."""
@@ -47,10 +49,12 @@ class Settings:
     def from_env(cls) -> Settings:
         d = cls()
         command = os.environ.get("EDGESLIM_COMPRESSOR_COMMAND")
+        serving_command = os.environ.get("EDGESLIM_SERVING_COMMAND")
         return cls(
             compressor_image=os.environ.get("EDGESLIM_COMPRESSOR_IMAGE", d.compressor_image),
             compressor_command=shlex.split(command) if command else d.compressor_command,
             serving_image=os.environ.get("EDGESLIM_SERVING_IMAGE", d.serving_image),
+            serving_command=shlex.split(serving_command) if serving_command else d.serving_command,
             max_concurrent_jobs=_int("EDGESLIM_MAX_CONCURRENT_JOBS", d.max_concurrent_jobs),
             kueue_queue=os.environ.get("EDGESLIM_KUEUE_QUEUE") or None,
             job_backoff_limit=_int("EDGESLIM_JOB_BACKOFF_LIMIT", d.job_backoff_limit),

@@ -59,6 +59,13 @@ def pod_spec(d: Obj) -> Obj:
 # ----------------------------------------------------------------- builders
 
 
+def test_serving_entrypoint_comes_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGESLIM_SERVING_COMMAND", "/opt/venv/bin/python -m edgeslim.cli")
+    d = serving.build_deployment(model(), NEW, Settings.from_env())
+    [c] = pod_spec(d)["containers"]
+    assert c["command"][:5] == ["/opt/venv/bin/python", "-m", "edgeslim.cli", "serve", "--model"]
+
+
 def test_deployment_runs_the_artifact_on_its_own_pod_ip() -> None:
     d = serving.build_deployment(model(), NEW, Settings(serving_image="serve:1"))
     [c] = pod_spec(d)["containers"]

@@ -50,8 +50,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* compressor.command as one shell-quoted string: settings.py splits it with shlex. */}}
 {{- define "edgeslim.compressorCommand" -}}
+{{- include "edgeslim.shellJoin" .Values.compressor.command }}
+{{- end }}
+
+{{- define "edgeslim.servingCommand" -}}
+{{- include "edgeslim.shellJoin" .Values.serving.command }}
+{{- end }}
+
+{{/* A list as one shell-quoted string; the operator splits it with shlex. */}}
+{{- define "edgeslim.shellJoin" -}}
 {{- $parts := list }}
-{{- range .Values.compressor.command }}
+{{- range . }}
 {{- $parts = append $parts (squote .) }}
 {{- end }}
 {{- join " " $parts }}
