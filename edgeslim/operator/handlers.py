@@ -1,4 +1,5 @@
-"""kopf handlers: decorators only, each delegating to `reconcile` in a line or two.
+"""kopf handlers: decorators only, each delegating in a line or two to `compression`
+(model and Job side), `rollout` (serving), `cleanup` (deletion) or `runtime`.
 
 Why Job *events* (not timers or daemons) tell the operator a compression
 ended: the watch already streams every Job change, so a finished Job costs no
@@ -11,7 +12,7 @@ first and calls the API only for the gaps.
 
 Serving Deployments are watched the same way: their status is where the
 Deployment controller reports rollout progress and ProgressDeadlineExceeded,
-so each change drives `reconcile.reconcile_serving` (status, rollback); the
+so each change drives `rollout.reconcile_serving` (status, rollback); the
 resync re-runs it for objects still Deploying.
 """
 
@@ -26,7 +27,7 @@ import kopf
 
 from edgeslim import metrics
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import reconcile, server
+from edgeslim.operator import cleanup, compression, rollout, runtime, server
 from edgeslim.operator.kube import Kube, is_transient
 from edgeslim.operator.names import (
     API_GROUP,
@@ -97,7 +98,7 @@ async def configure(
     settings.execution.max_workers = 16
 
     cfg = Settings.from_env()
-    rt = reconcile.Runtime(
+    rt = runtime.Runtime(
         settings=cfg,
         kube=Kube.connect(),
         slots=Slots(cfg.max_concurrent_jobs),
@@ -112,11 +113,11 @@ async def configure(
     rt.ready = True
 
 
-async def resync_loop(rt: reconcile.Runtime) -> None:
+async def resync_loop(rt: runtime.Runtime) -> None:
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
         try:
-            await asyncio.to_thread(reconcile.resync, rt)
+            await asyncio.to_thread(compression.resync, rt)
         except Exception as exc:
             metrics.reconcile_errors.labels(handler="resync").inc()
             log.warning("resync failed: %s", exc)
@@ -134,23 +135,23 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 # restart the queue and the running-Job count come from the cluster, not memory.
 @kopf.index(*MODELS)
 def model_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, name): reconcile.model_entry(dict(body))}
+    return {(namespace, name): runtime.model_entry(dict(body))}
 
 
 @kopf.index(*JOBS, labels=OURS)
 def job_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[MODEL_LABEL]): reconcile.job_entry(dict(body))}
+    return {(namespace, labels[MODEL_LABEL]): runtime.job_entry(dict(body))}
 
 
 @kopf.on.resume(*MODELS, retries=RETRIES)
 @kopf.on.create(*MODELS, retries=RETRIES)
 @kopf.on.update(*MODELS, field="spec", retries=RETRIES)
 def reconcile_model(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
-    rt: reconcile.Runtime = memo.runtime
+    rt: runtime.Runtime = memo.runtime
     try:
-        reconcile.reconcile_model(rt, dict(body))
-    except reconcile.InvalidSpec as exc:
-        reconcile.fail_invalid(rt, dict(body), str(exc))
+        compression.reconcile_model(rt, dict(body))
+    except runtime.InvalidSpec as exc:
+        compression.fail_invalid(rt, dict(body), str(exc))
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
     except Exception as exc:
         if not is_transient(exc):
@@ -158,24 +159,24 @@ def reconcile_model(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> N
             raise
         error = _transient("reconcile", exc, retry)
         if isinstance(error, kopf.PermanentError):
-            reconcile.fail_reconcile(rt, dict(body), str(error))
+            compression.fail_reconcile(rt, dict(body), str(error))
         raise error from exc
 
 
 @kopf.on.event(*MODELS)
 def model_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if type == "DELETED":
-        reconcile.forget_model(
+        compression.forget_model(
             memo.runtime, body["metadata"]["namespace"], body["metadata"]["name"]
         )
     else:
-        reconcile.observe_model(memo.runtime, dict(body))
+        compression.observe_model(memo.runtime, dict(body))
 
 
 @kopf.on.event(*JOBS, labels=OURS)
 def job_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:
-        reconcile.job_changed(memo.runtime, type, dict(body))
+        compression.job_changed(memo.runtime, type, dict(body))
     except Exception as exc:
         # Not retried by kopf: the resync loop picks the Job up again.
         metrics.reconcile_errors.labels(handler="job").inc()
@@ -188,7 +189,7 @@ def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
     # ProgressDeadlineExceeded) in the Deployment's status: its watch is the
     # signal to update the model's status and to roll back.
     try:
-        reconcile.deployment_changed(memo.runtime, type, dict(body))
+        rollout.deployment_changed(memo.runtime, type, dict(body))
     except Exception as exc:
         # Not retried by kopf: the next Deployment event or the resync retries.
         metrics.reconcile_errors.labels(handler="serving").inc()
@@ -198,8 +199,8 @@ def deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
 @kopf.on.delete(*MODELS, annotations={CLEANUP_ANNOTATION: "true"}, retries=RETRIES)
 def cleanup_artifacts(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     try:
-        reconcile.cleanup_artifacts(memo.runtime, dict(body))
-    except (reconcile.InvalidSpec, BadInput) as exc:
+        cleanup.cleanup_artifacts(memo.runtime, dict(body))
+    except (runtime.InvalidSpec, BadInput) as exc:
         # Never block deletion forever on what cannot be fixed (e.g. the Secret is gone).
         metrics.reconcile_errors.labels(handler="cleanup").inc()
         raise kopf.PermanentError(f"artifacts not deleted: {exc}") from exc

@@ -1,6 +1,6 @@
 """The compressor Job: a pure manifest builder and readers of Job/pod state.
 
-Nothing here talks to the API server; `reconcile.py` applies what these return.
+Nothing here talks to the API server; `compression.py` applies what these return.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Edge serving: pure builders of the Deployment and Service, a reader of a
 Deployment's rollout, and the decision what to roll out next.
 
-Nothing here talks to the API server; `reconcile.py` applies what these return.
+Nothing here talks to the API server; `rollout.py` applies what these return.
 
 How a rollout is decided (`plan`):
 

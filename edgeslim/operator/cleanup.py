@@ -1,0 +1,23 @@
+"""Deletion: a model's artifacts leave storage with it when it asks for that
+(the cleanup annotation)."""
+
+from __future__ import annotations
+
+import logging
+
+from edgeslim import storage
+from edgeslim.operator.runtime import Obj, Runtime, model_key, parse_model, storage_credentials
+
+log = logging.getLogger("edgeslim.operator")
+
+
+def cleanup_artifacts(rt: Runtime, body: Obj) -> int:
+    """Deletes `<output>/<name>/` from storage; returns how many objects went."""
+    model = parse_model(body)
+    if model.spec.output is None:
+        return 0
+    prefix = storage.join(model.spec.output.uri, model.metadata.name)
+    with storage_credentials(rt, model):
+        count = storage.delete_prefix(prefix)
+    log.info("%s/%s: deleted %d artifact objects under %s", *model_key(body), count, prefix)
+    return count

@@ -1,0 +1,241 @@
+"""What every handler shares: the index entries, the `Runtime`, status writes.
+
+Every status write is a read-compute-write with the object's resourceVersion
+as precondition, so the three writers (the model handler, the Job watcher and
+the queue dispatcher) never overwrite each other with stale state: on 409 the
+writer re-reads and recomputes, and a computation that no longer applies
+(another spec hash by now) writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from edgeslim import metrics, storage
+from edgeslim.api.spec import CompressedModel
+from edgeslim.api.status import CompressedModelStatus, Phase
+from edgeslim.cli import format_validation_error
+from edgeslim.errors import BadInput
+from edgeslim.operator import events, jobs, status
+from edgeslim.operator.kube import Conflict, Kube
+from edgeslim.operator.queue import ModelKey, Slots, Waiting
+from edgeslim.operator.settings import Settings
+from edgeslim.operator.status import COMPRESSED_PHASES, Transition
+
+Obj = dict[str, Any]
+log = logging.getLogger("edgeslim.operator")
+
+STATUS_WRITE_ATTEMPTS = 5
+
+
+class InvalidSpec(Exception):
+    """The object can never work as written: phase Failed, reason InvalidSpec, no retry."""
+
+
+# ------------------------------------------------------------- index entries
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the queue and the Job watcher need to know about a CompressedModel."""
+
+    created: str
+    phase: str | None
+    spec_hash: str | None
+    job_name: str | None
+    generation: int | None
+    observed_generation: int | None
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    name: str
+    spec_hash: str
+    state: jobs.JobState
+
+
+def model_entry(body: Obj) -> ModelEntry:
+    meta, raw = body.get("metadata") or {}, body.get("status") or {}
+    # Only the fields the queue needs, read leniently: an index must never fail.
+    return ModelEntry(
+        created=meta.get("creationTimestamp") or "",
+        phase=raw.get("phase"),
+        spec_hash=raw.get("specHash"),
+        job_name=raw.get("jobName"),
+        generation=meta.get("generation"),
+        observed_generation=raw.get("observedGeneration"),
+    )
+
+
+def job_entry(body: Obj) -> JobEntry:
+    ref = jobs.JobRef.of(body)
+    return JobEntry(name=ref.name, spec_hash=ref.spec_hash, state=jobs.job_state(body))
+
+
+def snapshot(index: Any) -> list[tuple[Any, list[Any]]]:
+    """A copy of a kopf index. kopf updates indexes on the event loop while sync
+    handlers read them from threads, so a read may race a resize: just retry."""
+    if index is None:
+        return []
+    for _ in range(20):
+        try:
+            return [(k, list(v)) for k, v in list(index.items())]
+        except RuntimeError:
+            continue
+    return []
+
+
+def running_jobs(jobs_index: Any) -> dict[ModelKey, set[str]]:
+    out: dict[ModelKey, set[str]] = {}
+    for key, entries in snapshot(jobs_index):
+        names = {e.name for e in entries if e.state is jobs.JobState.running}
+        if names:
+            out[key] = names
+    return out
+
+
+def queued_models(models_index: Any) -> list[Waiting]:
+    return [
+        Waiting(e.created, key[0], key[1], e.job_name or "")
+        for key, entries in snapshot(models_index)
+        for e in entries
+        if e.phase == Phase.queued and e.job_name
+    ]
+
+
+def unrecorded_results(models_index: Any, jobs_index: Any) -> list[tuple[str, str]]:
+    """(namespace, job) of finished Jobs whose model still shows them in progress:
+    the Job watcher missed or failed on them, and the resync catches up."""
+    models = {k: es[0] for k, es in snapshot(models_index) if es}
+    found = []
+    for key, entries in snapshot(jobs_index):
+        entry = models.get(key)
+        if entry is None or entry.phase in COMPRESSED_PHASES:
+            continue
+        for j in entries:
+            done = j.state in (jobs.JobState.succeeded, jobs.JobState.failed)
+            if done and j.name == entry.job_name and j.spec_hash == entry.spec_hash:
+                found.append((key[0], j.name))
+    return found
+
+
+# ------------------------------------------------------------------ runtime
+
+
+@dataclass
+class Runtime:
+    """The operator's live parts, created at startup and kept in kopf's memo."""
+
+    settings: Settings
+    kube: Kube
+    slots: Slots
+    phases: metrics.PhaseTracker = field(default_factory=metrics.PhaseTracker)
+    models_index: Any = None
+    jobs_index: Any = None
+    ready: bool = False
+
+    def running_count(self) -> int:
+        return sum(len(v) for v in running_jobs(self.jobs_index).values())
+
+    def queued_count(self) -> int:
+        return len(self.slots.waiting_now(queued_models(self.models_index)))
+
+
+# ------------------------------------------------------------- status writes
+
+
+def model_key(body: Obj) -> ModelKey:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def write_status(
+    rt: Runtime,
+    key: ModelKey,
+    compute: Callable[[CompressedModelStatus, Obj], Transition | Obj | None],
+    body: Obj | None = None,
+) -> Obj | None:
+    """Read-compute-write of status under resourceVersion; returns the new status.
+
+    `compute` gets the parsed status and the object and returns a Transition,
+    a whole new status dict, or None for "nothing to write".
+    """
+    namespace, name = key
+    for _ in range(STATUS_WRITE_ATTEMPTS):
+        if body is None:
+            body = rt.kube.get_model(namespace, name)
+            if body is None:
+                return None
+        raw = body.get("status") or {}
+        current = status.parse(raw)
+        generation = body["metadata"].get("generation")
+        wanted = compute(current, body)
+        if wanted is None:
+            return None
+        if isinstance(wanted, Transition):
+            new = status.apply(current, generation, wanted, status.now())
+        else:
+            new = wanted
+        patch = status.merge_patch(raw, new)
+        if not patch:
+            return new
+        try:
+            rt.kube.patch_model_status(
+                namespace, name, patch, body["metadata"].get("resourceVersion")
+            )
+        except Conflict:
+            body = None
+            continue
+        if isinstance(wanted, Transition):
+            old_phase = (
+                Phase(raw["phase"]) if raw.get("phase") in Phase._value2member_map_ else None
+            )
+            post_event(
+                rt,
+                body,
+                events.for_transition(old_phase, wanted.phase, wanted.reason, wanted.message),
+            )
+        return new
+    raise Conflict(f"{namespace}/{name}: status kept changing under {STATUS_WRITE_ATTEMPTS} writes")
+
+
+def post_event(rt: Runtime, body: Obj, event: tuple[str, str, str] | None) -> None:
+    if event is None:
+        return
+    try:
+        rt.kube.post_event(events.build(body, *event))
+    except Exception as exc:  # an Event is a courtesy; never fail a reconcile on it
+        log.warning("event for %s/%s not posted: %s", *model_key(body), exc)
+
+
+# --------------------------------------------------------------------- spec
+
+
+def parse_model(body: Obj) -> CompressedModel:
+    try:
+        return CompressedModel.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidSpec(format_validation_error(exc)) from exc
+
+
+# ------------------------------------------------------------------ storage
+
+
+@contextlib.contextmanager
+def storage_credentials(rt: Runtime, model: CompressedModel) -> Iterator[None]:
+    """S3 credentials from the Secret the spec names, for this call only."""
+    secret = model.spec.source.credentials_secret
+    if not secret:
+        yield
+        return
+    data = rt.kube.read_secret(model.metadata.namespace or "", secret)
+    if data is None:
+        raise BadInput(f"Secret {secret} (spec.source.credentialsSecret) not found")
+    env = {k: v for k, v in data.items() if k.startswith("AWS_")}
+    with storage.credentials(env):
+        yield
