@@ -19,11 +19,11 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from edgeslim.api.base import API_GROUP, API_VERSION, PLURAL
-from edgeslim.api.crd import CRD_NAME, MAX_NAME_LENGTH, build_crd, render_crd
+from edgeslim.api.crd import MAX_NAME_LENGTH, build_crd, render_crd
 from edgeslim.api.spec import CompressedModel
 from tests.cluster.fixtures import K8s
-from tests.cluster.processes import wait_until
 from tests.cluster.tools import binaries
+from tests.operator.support import apply_crd
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "crds" / "compressedmodel.yaml"
@@ -83,31 +83,16 @@ def test_crd_names_avoid_kubectl_clashes() -> None:
 
 
 @pytest.fixture(scope="module")
-def crd(k8s: K8s) -> dict[str, Any]:
+def crd(k8s: K8s) -> None:
     """The committed CRD, installed (or replaced) and Established.
 
     Left installed afterwards: other tests in the session may use the same CRD.
     """
-    body = yaml.safe_load(CRD_FILE.read_text())
-    try:
-        k8s.apiextensions.create_custom_resource_definition(body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        current = k8s.apiextensions.read_custom_resource_definition(CRD_NAME)
-        body["metadata"]["resourceVersion"] = current.metadata.resource_version
-        k8s.apiextensions.replace_custom_resource_definition(CRD_NAME, body)
-
-    def established() -> bool:
-        status = k8s.apiextensions.read_custom_resource_definition(CRD_NAME).status
-        return any(c.type == "Established" and c.status == "True" for c in status.conditions or [])
-
-    wait_until(established, 30, what="the CompressedModel CRD to be established")
-    return body
+    apply_crd(k8s)
 
 
 @pytest.fixture(scope="module")
-def cm_namespace(k8s: K8s, crd: dict[str, Any]) -> Iterator[str]:
+def cm_namespace(k8s: K8s, crd: None) -> Iterator[str]:
     """One namespace for the whole module: most objects here are rejected, so
     they never need cleaning up, and a namespace per case would be slow."""
     name = f"t-crd-{uuid.uuid4().hex[:6]}"
@@ -327,9 +312,7 @@ def _eventually(fn: Callable[[], str], seconds: float = 20) -> str:
 
 
 @pytest.mark.cluster
-def test_kubectl_explain_shows_the_field_docs(
-    k8s: K8s, crd: dict[str, Any], tmp_path: Path
-) -> None:
+def test_kubectl_explain_shows_the_field_docs(k8s: K8s, crd: None, tmp_path: Path) -> None:
     pipeline = _eventually(
         lambda: _kubectl(k8s.kubeconfig, tmp_path, "explain", "compressedmodel.spec.pipeline")
     )
