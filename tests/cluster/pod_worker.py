@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import pod_env
-from tests.cluster.processes import signal_group, tail, urlopen_direct
+from tests.cluster.processes import signal_group, spawn, tail, urlopen_direct
 
 if TYPE_CHECKING:
     from tests.cluster.node_agent import NodeAgent
@@ -96,19 +96,9 @@ class Container:
 
     def start(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
         self.termination_log.write_bytes(b"")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started = now()
         try:
-            with open(self.log_path, "ab") as out:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=cwd,
-                    start_new_session=True,
-                )
+            self.proc = spawn(argv, self.log_path, env=env, cwd=cwd)
         except OSError as e:
             # What the kubelet reports when the runtime cannot exec the entrypoint.
             self.fail_to_start("StartError", str(e))
