@@ -73,18 +73,24 @@ class Dataset:
 def load(path: Path, model: onnx.ModelProto, source: str | None = None) -> Dataset:
     """Read an .npz and check it fits `model`'s inputs; BadInput says what does not."""
     where = source or str(path)
+    return bind(read(path, where), model, where)
+
+
+def read(path: Path, where: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz, by name, refusing pickled object arrays."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise BadInput(
             f"dataset {where}: not a readable .npz without pickled objects ({exc})"
         ) from exc
-    return bind(arrays, model, where)
 
 
 def bind(arrays: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> Dataset:
+    """The arrays as `model`'s inputs (and labels); `arrays` itself is left as it was."""
     specs = model_inputs(model)
+    arrays = dict(arrays)
     labels = arrays.pop(LABELS, None)
     if len(specs) == 1 and specs[0].name not in arrays and set(arrays) == {"x"}:
         arrays = {specs[0].name: arrays["x"]}

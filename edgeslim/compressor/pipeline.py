@@ -15,14 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgeslim import __version__, storage
-from edgeslim.api.result import CompressionResult, GateVerdict, StepRecord
+from edgeslim.api.result import (
+    CompressionResult,
+    EvaluationFigures,
+    GateVerdict,
+    StepRecord,
+)
 from edgeslim.api.spec import CompressedModel, Evaluation
-from edgeslim.compressor import evaluate, graph, model_io, steps
+from edgeslim.compressor import datasets, evaluate, graph, model_io, steps
 from edgeslim.compressor.datasets import Dataset
-from edgeslim.compressor.datasets import load as load_dataset
 from edgeslim.errors import BadInput
 
 MODEL_FILE = "model.onnx"
@@ -40,11 +45,13 @@ class Outcome:
 
 
 class Workspace:
-    """Fetches each URI once (with its sha256 check) into a scratch folder."""
+    """Fetches each URI once (with its sha256 check) into a scratch folder, and
+    reads each dataset once however many steps (and the pre-flight) bind it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: dict[str, Path] = {}
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
 
     def fetch(self, uri: str, sha256: str | None, what: str) -> Path:
         if uri not in self.files:
@@ -54,7 +61,9 @@ class Workspace:
         return self.files[uri]
 
     def dataset(self, uri: str, sha256: str | None, model: onnx.ModelProto) -> Dataset:
-        return load_dataset(self.fetch(uri, sha256, "dataset"), model, source=uri)
+        if uri not in self.arrays:
+            self.arrays[uri] = datasets.read(self.fetch(uri, sha256, "dataset"), uri)
+        return datasets.bind(self.arrays[uri], model, uri)
 
     def model(
         self, uri: str, sha256: str | None, example_from: str | None = None
@@ -169,14 +178,7 @@ def compress(
     gate = GateVerdict(
         passed=passed,
         max_metric_drop=spec.evaluation.max_metric_drop,
-        reason=_gate_reason(
-            ev_fig.metric,
-            ev_fig.baseline,
-            ev_fig.compressed,
-            ev_fig.drop,
-            spec.evaluation.max_metric_drop,
-            passed,
-        ),
+        reason=_gate_reason(ev_fig, spec.evaluation.max_metric_drop, passed),
     )
     model_uri = storage.join(prefix, MODEL_FILE if passed else REJECTED_MODEL_FILE)
     manifest_uri = storage.join(prefix, MANIFEST_FILE)
@@ -251,10 +253,8 @@ def _measure(
     return ev_fig, evaluate.latency_figures(src_lat, out_lat), mem
 
 
-def _gate_reason(
-    metric: str, baseline: float, compressed: float, drop: float, limit: float, passed: bool
-) -> str:
-    change = f"{metric} {baseline:.4f} -> {compressed:.4f} (drop {drop:+.4f})"
+def _gate_reason(ev: EvaluationFigures, limit: float, passed: bool) -> str:
+    change = f"{ev.metric} {ev.baseline:.4f} -> {ev.compressed:.4f} (drop {ev.drop:+.4f})"
     if passed:
         return f"{change} is within maxMetricDrop {limit:g}"
     return f"{change} exceeds maxMetricDrop {limit:g}: rejected, not deployable"
