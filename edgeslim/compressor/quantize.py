@@ -42,23 +42,24 @@ class Quantize:
                 f"(it has {', '.join(sorted(ops_present))})"
             )
         mode = self.config.mode
+        if mode is QuantizeMode.fp16:
+            out = self._fp16(model, ops_present)
+            halves = sum(
+                1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
+            )
+            notes.append(
+                f"fp16: {halves} initializers stored as float16, inputs/outputs kept float32"
+            )
+            return StepOutput(model=out, notes=notes)
+
+        # onnxruntime's int8 quantizers work on files.
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save(model, src)
-            if mode is QuantizeMode.fp16:
-                out = self._fp16(model, ops_present)
-                halves = sum(
-                    1 for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16
-                )
-                notes.append(
-                    f"fp16: {halves} initializers stored as float16, inputs/outputs kept float32"
-                )
-            else:
-                notes += _pre_process(src)
+            notes += _pre_process(src)
             if mode is QuantizeMode.dynamic:
                 self._dynamic(src, dst)
-                out = onnx.load(dst)
-            elif mode is QuantizeMode.static:
+            else:
                 uri = (
                     self.config.calibration_dataset
                     or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
@@ -69,15 +70,14 @@ class Quantize:
                     f"({self.config.calibration_method.value})"
                 )
                 self._static(src, dst, data, ctx)
-                out = onnx.load(dst)
+            out = onnx.load(dst)
         quantized = sum(
             1
             for n in out.graph.node
             if n.op_type
             in ("DequantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")
         )
-        if mode is not QuantizeMode.fp16:
-            notes.append(f"{mode.value} int8: {quantized} quantization nodes inserted")
+        notes.append(f"{mode.value} int8: {quantized} quantization nodes inserted")
         return StepOutput(model=out, notes=notes)
 
     def _common(self) -> dict:
