@@ -141,9 +141,9 @@ def compress(
         progress=progress,
     )
     source_bytes = source_path.read_bytes()
+    # Sizes and sha of the file as given; parameters of the loaded graph (for a
+    # TorchScript source, the ONNX it was converted to).
     source_fig = graph.figures(source_bytes, source, uri=spec.source.uri)
-    if model_io.sniff(source_path) != "onnx":  # TorchScript: count what we actually converted
-        source_fig = source_fig.model_copy(update=_counts(source))
     model, current = source, graph.figures(source.SerializeToString(), source)
     records: list[StepRecord] = []
     for i, entry in enumerate(spec.pipeline):
@@ -222,11 +222,6 @@ def _stored_result(prefix: str, ws: Workspace, log: Callable[[str], None]) -> Ou
         return None
     log(f"reusing the stored result for spec hash {result.spec_hash} ({manifest_uri})")
     return Outcome(result=result, model_uri=result.artifact.uri, manifest_uri=manifest_uri)
-
-
-def _counts(model: onnx.ModelProto) -> dict:
-    params, zeros = graph.weight_stats(model)
-    return {"parameters": params, "sparsity": round(zeros / params, 6) if params else 0.0}
 
 
 def _measure(
