@@ -49,11 +49,12 @@ class Distill:
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(os.cpu_count() or 1)
         student = OnnxModule(student_model)
-        masks = {
-            name: (w != 0).to(w.dtype)
-            for name, w in student.weights().items()
+        # (parameter, mask) pairs: the parameters are the module's own tensors.
+        masks = [
+            (w, (w != 0).to(w.dtype))
+            for w in student.weights().values()
             if float((w == 0).float().mean()) >= MASK_MIN_SPARSITY
-        }
+        ]
         if masks:
             notes.append(f"kept {len(masks)} pruned weight masks fixed while training")
         optimiser = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate)
@@ -90,8 +91,8 @@ class Distill:
                     optimiser.step()
                     if masks:
                         with torch.no_grad():
-                            for name, mask in masks.items():
-                                student.weights()[name].mul_(mask)
+                            for weight, mask in masks:
+                                weight.mul_(mask)
                     total += loss.item() * len(idx)
                     count += len(idx)
                     bar.advance()
