@@ -89,7 +89,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             log=progress.log,
             reuse=not args.force,
         )
-    write_termination_message(outcome.result, outcome)
+    write_termination_message(outcome)
     if not args.quiet:
         print_result(outcome)
     else:

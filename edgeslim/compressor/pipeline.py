@@ -271,7 +271,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def write_termination_message(result: CompressionResult, outcome: Outcome) -> Path | None:
+def write_termination_message(outcome: Outcome) -> Path | None:
     """The compact result for the operator, through the pod's termination-message file."""
     path = os.environ.get("EDGESLIM_TERMINATION_LOG")
     if not path:
@@ -279,7 +279,7 @@ def write_termination_message(result: CompressionResult, outcome: Outcome) -> Pa
         if not default.exists():
             return None
         path = str(default)
-    summary = {**result.summary(), "manifestUri": outcome.manifest_uri}
+    summary = {**outcome.result.summary(), "manifestUri": outcome.manifest_uri}
     data = json.dumps(summary, separators=(",", ":"))
     if len(data) > TERMINATION_MESSAGE_LIMIT:
         data = json.dumps({k: summary[k] for k in ("name", "specHash", "gate", "manifestUri")})
