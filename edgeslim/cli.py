@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from edgeslim import __version__
 from edgeslim.api.spec import CompressedModel
 from edgeslim.errors import BadInput, StorageUnavailable
+from edgeslim.redact import redact
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REJECTED = 0, 1, 2, 3
 
@@ -237,13 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BadInput as exc:
-        print(f"edgeslim: error: {exc}", file=sys.stderr)
+        print(f"edgeslim: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StorageUnavailable as exc:
-        print(f"edgeslim: storage unavailable: {exc}", file=sys.stderr)
+        print(f"edgeslim: storage unavailable: {redact(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # Our bug or the environment's: keep the traceback (it is what a bug
+        # report needs) but never with the credentials it may quote.
+        import traceback
+
+        sys.stderr.write(redact(traceback.format_exc()))
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -6,9 +6,19 @@ reason InvalidSpec, no retry); anything else is ours or the environment's.
 
 from __future__ import annotations
 
+from edgeslim.redact import redact
+
 
 class EdgeslimError(Exception):
-    """Base for errors edgeslim raises on purpose."""
+    """Base for errors edgeslim raises on purpose.
+
+    Messages are redacted as they are made (see :mod:`edgeslim.redact`): they
+    end up on stderr, in termination messages, status and Events, and an
+    endpoint URL or error text may quote credentials.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class BadInput(EdgeslimError):

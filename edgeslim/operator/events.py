@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from edgeslim.api.status import Phase
+from edgeslim.redact import redact
 
 Obj = dict[str, Any]
 COMPONENT = "edgeslim-operator"
@@ -51,7 +52,8 @@ def build(
         },
         "type": kind,
         "reason": reason,
-        "message": message,
+        # Messages quote storage errors and log tails; never their credentials.
+        "message": redact(message),
         "source": {"component": COMPONENT},
         "reportingComponent": COMPONENT,
         "reportingInstance": COMPONENT,

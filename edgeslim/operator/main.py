@@ -9,6 +9,7 @@ import kopf
 from kubernetes.config import ConfigException
 
 from edgeslim.errors import BadInput
+from edgeslim.redact import RedactingFilter
 
 
 def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
@@ -28,5 +29,11 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     watched = namespaces or ([settings.namespace] if settings.namespace else [])
     kopf.configure(verbose=verbose, log_prefix=True)
     logging.getLogger("edgeslim").setLevel(logging.INFO)
+    # kopf posts per-object warnings as Events and everything reaches the pod
+    # log: redact on the way out ('kopf.objects' is where per-object records start).
+    redacting = RedactingFilter()
+    logging.getLogger("kopf.objects").addFilter(redacting)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
     asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
     return 0

@@ -27,6 +27,7 @@ from edgeslim.operator.kube import Conflict, Kube
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import COMPRESSED_PHASES, Transition
+from edgeslim.redact import redact_messages
 
 Obj = dict[str, Any]
 log = logging.getLogger("edgeslim.operator")
@@ -181,6 +182,9 @@ def write_status(
             new = status.apply(current, generation, wanted, status.now())
         else:
             new = wanted
+        # Every status write passes here: messages quote storage errors and
+        # Job log tails, which must never carry credentials into the API.
+        new = redact_messages(new)
         patch = status.merge_patch(raw, new)
         if not patch:
             return new

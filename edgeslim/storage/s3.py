@@ -33,6 +33,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from edgeslim.errors import BadInput, StorageUnavailable
+from edgeslim.redact import redact, remember
 from edgeslim.storage.limits import _CHUNK, GiB, MiB, _check_sha, _copy_limited, _limit, _too_big
 from edgeslim.storage.uris import parse
 
@@ -126,6 +127,8 @@ def credentials(env: dict[str, str]) -> Iterator[None]:
     Scoped to the current thread / asyncio task, so handlers running side by
     side with different Secrets stay apart.
     """
+    # Error texts may quote these (a signature mismatch, a URL): mask them everywhere.
+    remember(*(v for k, v in env.items() if "SECRET" in k or "TOKEN" in k))
     token = _EXPLICIT_ENV.set(dict(env))
     try:
         yield
@@ -174,7 +177,8 @@ def _cached_client(env: tuple[str, ...]) -> Any:
 
 
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    # botocore texts quote endpoint URLs, which may carry user:password@.
+    return redact(" ".join(str(text).split()))
 
 
 def _status(exc: botocore.exceptions.ClientError) -> int:
@@ -419,11 +423,17 @@ def _s3_put_staged(
             except botocore.exceptions.ClientError as cleanup:
                 if _status(cleanup) != 404:  # no bucket, no leftover
                     log.warning(
-                        "could not delete staging object s3://%s/%s: %s", bucket, tmp_key, cleanup
+                        "could not delete staging object s3://%s/%s: %s",
+                        bucket,
+                        tmp_key,
+                        _one_line(cleanup),
                     )
             except Exception as cleanup:  # the original error matters more
                 log.warning(
-                    "could not delete staging object s3://%s/%s: %s", bucket, tmp_key, cleanup
+                    "could not delete staging object s3://%s/%s: %s",
+                    bucket,
+                    tmp_key,
+                    _one_line(cleanup),
                 )
             raise
         try:
@@ -432,7 +442,9 @@ def _s3_put_staged(
             # The artifact is published; failing now would make the caller
             # redo a successful upload. The leftover lives under the artifact's
             # prefix, where delete_prefix finds it.
-            log.warning("could not delete staging object s3://%s/%s: %s", bucket, tmp_key, exc)
+            log.warning(
+                "could not delete staging object s3://%s/%s: %s", bucket, tmp_key, _one_line(exc)
+            )
     return uri
 
 
