@@ -13,9 +13,11 @@ from __future__ import annotations
 import atexit
 import base64
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,7 @@ from tests.cluster.certs import CertificateAuthority, KeyPair, service_account_k
 from tests.cluster.processes import (
     free_port,
     keep_dirs,
+    signal_group,
     spawn,
     stop_group,
     tail,
@@ -67,6 +70,7 @@ class ControlPlane:
         self.api_port = free_port()
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._argv: dict[str, list[str]] = {}
         self._stopped = False
 
     # -- lifecycle -------------------------------------------------------
@@ -96,6 +100,25 @@ class ControlPlane:
             stop_group(self.processes[name], grace=STOP_GRACE)
         if self._own_dir and not keep_dirs():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart_apiserver(self, down_seconds: float = 0.0, *, kill: bool = False) -> None:
+        """Stops kube-apiserver (SIGTERM, or SIGKILL with `kill`), leaves it down
+        for `down_seconds`, starts it again on the same port and waits for /readyz.
+
+        etcd keeps every object, so clients see what they would on a real
+        control-plane upgrade or crash: refused connections, broken watches,
+        then the same resourceVersions as before.
+        """
+        name = "kube-apiserver"
+        proc = self.processes[name]
+        if kill:
+            signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=10)
+        else:
+            stop_group(proc, grace=STOP_GRACE)
+        time.sleep(down_seconds)
+        self._spawn(name, self._argv[name])
+        self._wait(name, lambda: self.get("/readyz", 2)[0] == 200, "/readyz after a restart")
 
     def __enter__(self) -> ControlPlane:
         return self.start()
@@ -185,6 +208,7 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         proc = spawn(argv, self.log_path(name), cwd=self.dir)
         self.processes[name] = proc
+        self._argv[name] = argv
         return proc
 
     def _check_running(self, name: str) -> None:
