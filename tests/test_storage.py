@@ -457,16 +457,22 @@ def test_error_classification(code: str, status: int, kind: type, message: str) 
 
 
 @pytest.mark.parametrize("form", ["path", "file-uri"])
-def test_local_fetch_in_place(tmp_path: Path, form: str) -> None:
+def test_local_fetch_copies_the_bytes_it_hashed(tmp_path: Path, form: str) -> None:
     data = b"local model"
     src = write(tmp_path / "m.onnx", data)
     uri = str(src) if form == "path" else f"file://{src}"
     dest = tmp_path / "dl"
 
-    got = storage.fetch(uri, dest, sha256=sha(data), what="source model")
+    got = storage.fetch_verified(uri, dest, sha256=sha(data), what="source model")
 
-    assert got == src  # verified in place, not copied
-    assert not dest.exists()
+    # A copy in the caller's scratch folder, never the original: swapping the
+    # original afterwards cannot change what runs under the checked sha256.
+    assert got.path == dest / "m.onnx" and got.path != src
+    assert (got.sha256, got.size_bytes, got.etag) == (sha(data), len(data), None)
+    src.write_bytes(b"a different model")
+    assert got.path.read_bytes() == data
+    assert sorted(p.name for p in dest.iterdir()) == ["m.onnx"]  # no .part leftovers
+    src.write_bytes(data)
     assert storage.read_bytes(uri) == data
     assert storage.exists(uri)
     with pytest.raises(BadInput) as err:

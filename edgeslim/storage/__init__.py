@@ -15,6 +15,11 @@ models, datasets and manifests through this module, so the rules live here once:
 * **Nothing half-done is visible.** Downloads land under a temporary name and
   are renamed only once the size and sha256 check out; uploads are staged and
   published in one step (see :func:`put_file`).
+* **The bytes checked are the bytes used.** Every fetch copies into the
+  caller's scratch folder while hashing, local files included.
+* **One layout.** :func:`model_prefix` / :func:`result_prefix` say where an
+  object's artifacts live (``<output>/<namespace>/<name>/<spec-hash>/``) and
+  :func:`within` whether a URI lies under such a prefix.
 
 Local files (``file:///abs/path`` or a plain path) get the same checks, so the
 CLI without a cluster behaves exactly like the Job inside one.
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from edgeslim.errors import BadInput
 from edgeslim.storage import local, s3
+from edgeslim.storage.fetched import Fetched
 from edgeslim.storage.limits import (
     DEFAULT_MAX_BYTES,
     MAX_BYTES_ENV,
@@ -41,23 +47,36 @@ from edgeslim.storage.limits import (
     sha256_file,
 )
 from edgeslim.storage.s3 import credentials, s3_client
-from edgeslim.storage.uris import join, parse
+from edgeslim.storage.uris import (
+    DEFAULT_NAMESPACE,
+    join,
+    model_prefix,
+    parse,
+    result_prefix,
+    within,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_NAMESPACE",
     "MAX_BYTES_ENV",
+    "Fetched",
     "credentials",
     "delete_prefix",
     "exists",
     "fetch",
+    "fetch_verified",
     "join",
     "max_download_bytes",
+    "model_prefix",
     "parse",
     "put_bytes",
     "put_file",
     "read_bytes",
+    "result_prefix",
     "s3_client",
     "sha256_file",
+    "within",
 ]
 
 
@@ -77,28 +96,42 @@ def fetch(
     max_bytes: int | None = None,
     what: str = "file",
 ) -> Path:
-    """Makes the object at ``uri`` available as a local file and returns its path.
+    """Copies the object at ``uri`` into ``dest_dir`` and returns the copy's path.
 
-    * ``s3://``: streamed into ``dest_dir/<basename of key>``. Size is checked
-      against ``max_bytes`` (default :func:`max_download_bytes`) from HeadObject
-      before any byte moves, and again while streaming. The data goes to a
-      hidden ``.<name>.part-<uuid>`` file that is renamed into place only after
-      size and sha256 check out; on any failure it is removed, so ``dest_dir``
-      never holds a partial or unverified file (an older file of the same name
-      is left as it was). Two URIs with the same basename overwrite each other:
-      give each its own ``dest_dir`` if that matters.
-    * ``file://`` / plain path: checked (exists, regular file, size, sha256) and
-      returned **in place, not copied** — models run to gigabytes and the
-      Job's scratch disk is precious. ``dest_dir`` is unused; treat the returned
-      path as read-only.
+    The path of :func:`fetch_verified`'s result; see there.
+    """
+    return fetch_verified(uri, dest_dir, sha256=sha256, max_bytes=max_bytes, what=what).path
+
+
+def fetch_verified(
+    uri: str,
+    dest_dir: Path,
+    *,
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+    what: str = "file",
+) -> Fetched:
+    """Copies the object at ``uri`` into ``dest_dir/<basename>``; returns the copy and its identity.
+
+    S3 objects and local files alike are copied, never used in place: the
+    sha256 is computed over exactly the bytes written to the copy, so the
+    bytes that are checked against ``sha256`` are the bytes the caller reads
+    (a local file verified in place could be swapped before it is opened
+    again). Size is checked against ``max_bytes`` (default
+    :func:`max_download_bytes`) before any byte moves (S3 HeadObject, local
+    stat), and again while copying. The data goes to a hidden
+    ``.<name>.part-<uuid>`` file renamed into place only after size and
+    sha256 check out; on any failure it is removed, so ``dest_dir`` never
+    holds a partial or unverified file (an older file of the same name is
+    left as it was). Two URIs with the same basename overwrite each other:
+    give each its own ``dest_dir`` if that matters.
 
     ``what`` names the thing in error messages ("source model", "evaluation
     dataset"), so the user knows which field of the spec to fix.
     """
     expected = _normalize_sha(sha256, what, uri)
-    if _is_local(uri):
-        return local.fetch(uri, expected=expected, max_bytes=max_bytes, what=what)
-    return s3.fetch(uri, dest_dir, expected=expected, max_bytes=max_bytes, what=what)
+    backend = local if _is_local(uri) else s3
+    return backend.fetch(uri, dest_dir, expected=expected, max_bytes=max_bytes, what=what)
 
 
 def read_bytes(uri: str, *, max_bytes: int | None = None, what: str = "file") -> bytes:

@@ -1,7 +1,9 @@
 """Size limits and sha256 checks that S3 and local reads share.
 
 The download limit (:data:`DEFAULT_MAX_BYTES`, overridable through
-:data:`MAX_BYTES_ENV`), the expected-sha256 normalisation and comparison, and
+:data:`MAX_BYTES_ENV`), the limits readers check declared sizes against before
+reading (datasets, ONNX tensors, spec files; each a default plus an
+``EDGESLIM_MAX_*`` environment variable), the expected-sha256 normalisation and comparison, and
 :func:`_copy_limited`, the counting and hashing copy loop both backends stream
 through.
 """
@@ -26,6 +28,32 @@ MiB = 1024**2
 DEFAULT_MAX_BYTES: int = 4 * GiB
 #: Environment variable that overrides :data:`DEFAULT_MAX_BYTES` (a byte count).
 MAX_BYTES_ENV = "EDGESLIM_MAX_DOWNLOAD_BYTES"
+
+#: Largest total size, once inflated, of the arrays in one ``.npz`` dataset.
+#: Checked against what the zip directory and each ``.npy`` header declare,
+#: before any array is read, so a small file cannot make the Job allocate it.
+#: Sized like the download limit: the evaluation and training data of an edge model.
+DEFAULT_MAX_DATASET_BYTES: int = 4 * GiB
+MAX_DATASET_BYTES_ENV = "EDGESLIM_MAX_DATASET_BYTES"
+
+#: Largest inflated/compressed size ratio of an ``.npz`` (zip bomb guard). Real
+#: data (images, audio, token ids) deflates 1.5-20x, masks of mostly zeros
+#: ~100x; all-zero padding reaches ~1000x, which is what bombs are made of.
+#: Only applied past :data:`DATASET_RATIO_FLOOR` inflated bytes: small files may be anything.
+DEFAULT_MAX_DATASET_COMPRESSION_RATIO: int = 200
+MAX_DATASET_COMPRESSION_RATIO_ENV = "EDGESLIM_MAX_DATASET_COMPRESSION_RATIO"
+DATASET_RATIO_FLOOR: int = 64 * MiB
+
+#: Largest single tensor an ONNX model may declare statically (initializers,
+#: Constant nodes, and outputs whose shapes inference can work out, such as a
+#: ConstantOfShape of a constant shape). onnxruntime allocates these while it
+#: builds the session or on the first run; protobuf caps inline data at 2 GiB.
+DEFAULT_MAX_TENSOR_BYTES: int = 2 * GiB
+MAX_TENSOR_BYTES_ENV = "EDGESLIM_MAX_TENSOR_BYTES"
+
+#: Largest spec file the CLI parses (a CompressedModel is a few KiB).
+DEFAULT_MAX_SPEC_BYTES: int = 1 * MiB
+MAX_SPEC_BYTES_ENV = "EDGESLIM_MAX_SPEC_BYTES"
 
 _CHUNK = 1 * MiB
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -53,21 +81,53 @@ def _human(n: int) -> str:
     return f"{text} {unit}"
 
 
-def max_download_bytes() -> int:
-    """The download limit in force: ``EDGESLIM_MAX_DOWNLOAD_BYTES`` or the default.
+def _positive_setting(env: str, default: int, unit: str = "bytes") -> int:
+    """A positive integer from ``env``, or ``default`` when it is unset or empty.
 
     Read on every call (not at import) so an operator or test can change it.
     """
-    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    raw = os.environ.get(env, "").strip()
     if not raw:
-        return DEFAULT_MAX_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
         value = -1
     if value <= 0:
-        raise BadInput(f"{MAX_BYTES_ENV}={raw!r}: expected a positive number of bytes")
+        raise BadInput(f"{env}={raw!r}: expected a positive number of {unit}")
     return value
+
+
+def max_download_bytes() -> int:
+    """The download limit in force: ``EDGESLIM_MAX_DOWNLOAD_BYTES`` or the default."""
+    return _positive_setting(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
+
+
+def max_dataset_bytes() -> int:
+    """``EDGESLIM_MAX_DATASET_BYTES`` or :data:`DEFAULT_MAX_DATASET_BYTES`."""
+    return _positive_setting(MAX_DATASET_BYTES_ENV, DEFAULT_MAX_DATASET_BYTES)
+
+
+def max_dataset_compression_ratio() -> int:
+    """``EDGESLIM_MAX_DATASET_COMPRESSION_RATIO`` or its default."""
+    return _positive_setting(
+        MAX_DATASET_COMPRESSION_RATIO_ENV, DEFAULT_MAX_DATASET_COMPRESSION_RATIO, "times"
+    )
+
+
+def max_tensor_bytes() -> int:
+    """``EDGESLIM_MAX_TENSOR_BYTES`` or :data:`DEFAULT_MAX_TENSOR_BYTES`."""
+    return _positive_setting(MAX_TENSOR_BYTES_ENV, DEFAULT_MAX_TENSOR_BYTES)
+
+
+def max_spec_bytes() -> int:
+    """``EDGESLIM_MAX_SPEC_BYTES`` or :data:`DEFAULT_MAX_SPEC_BYTES`."""
+    return _positive_setting(MAX_SPEC_BYTES_ENV, DEFAULT_MAX_SPEC_BYTES)
+
+
+def human_bytes(n: int) -> str:
+    """``5476083302`` -> ``"5.1 GiB"``, for messages outside this module."""
+    return _human(n)
 
 
 def _limit(max_bytes: int | None) -> tuple[int, str]:

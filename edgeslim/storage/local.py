@@ -12,11 +12,13 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from edgeslim.errors import BadInput
+from edgeslim.storage.fetched import Fetched
 from edgeslim.storage.limits import _CHUNK, _check_sha, _copy_limited, _limit, _too_big
 from edgeslim.storage.uris import parse
 
@@ -66,15 +68,34 @@ def read(
         raise BadInput(f"{what} {uri}: access denied") from None
 
 
-def fetch(uri: str, *, expected: str | None, max_bytes: int | None, what: str) -> Path:
-    """The file ``uri`` names, checked (exists, regular file, size, sha256) in place.
+def fetch(
+    uri: str, dest_dir: Path, *, expected: str | None, max_bytes: int | None, what: str
+) -> Fetched:
+    """Copies the file ``uri`` names into ``dest_dir`` while hashing it; returns the copy.
 
-    Not copied: models run to gigabytes and the Job's scratch disk is precious.
-    ``expected`` is an already normalised sha256 hex, or None to skip that check.
+    The copy is what callers read, never the original: a file checked in
+    place and opened again later could be swapped in between, and a
+    different model would then run under the pinned sha256. One pass reads
+    the original once, writes the copy and hashes exactly the bytes written.
+    Like S3 downloads, the copy lands under a hidden ``.part`` name renamed
+    into place only after size and sha256 (``expected``, normalised hex, or
+    None) check out.
     """
-    _, digest = read(uri, lambda _c: None, max_bytes=max_bytes, what=what)
-    _check_sha(expected, digest, what, uri)
-    return _local_path(uri)
+    name = _local_path(uri).name
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / name
+    part = dest_dir / f".{name}.part-{uuid.uuid4().hex}"
+    try:
+        with open(part, "wb") as f:
+            n, digest = read(uri, f.write, max_bytes=max_bytes, what=what)
+        _check_sha(expected, digest, what, uri)
+        os.replace(part, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise
+    return Fetched(uri=uri, path=final, sha256=digest, size_bytes=n)
 
 
 def exists(uri: str) -> bool:

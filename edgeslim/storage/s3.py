@@ -34,6 +34,7 @@ from botocore.config import Config
 
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.redact import redact, remember
+from edgeslim.storage.fetched import Fetched
 from edgeslim.storage.limits import _CHUNK, GiB, MiB, _check_sha, _copy_limited, _limit, _too_big
 from edgeslim.storage.uris import parse
 
@@ -279,14 +280,14 @@ def _s3_object(uri: str, what: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------- reading
 
 
-def read(
+def _stream(
     uri: str,
     sink: Callable[[bytes], Any],
     *,
     max_bytes: int | None,
     what: str,
-) -> tuple[int, str]:
-    """Streams one object into ``sink``; returns ``(bytes, sha256)``."""
+) -> tuple[int, str, dict[str, Any]]:
+    """Streams one object into ``sink``; returns ``(bytes, sha256, HeadObject response)``."""
     bucket, key = _s3_object(uri, what)
     limit, hint = _limit(max_bytes)
     with _s3_errors(what, uri):
@@ -310,13 +311,25 @@ def read(
             body.close()
         if size is not None and n != size:
             raise StorageUnavailable(f"{what} {uri}: download truncated at {n} of {size} bytes")
-        return n, digest
+        return n, digest, head
+
+
+def read(
+    uri: str,
+    sink: Callable[[bytes], Any],
+    *,
+    max_bytes: int | None,
+    what: str,
+) -> tuple[int, str]:
+    """Streams one object into ``sink``; returns ``(bytes, sha256)``."""
+    n, digest, _ = _stream(uri, sink, max_bytes=max_bytes, what=what)
+    return n, digest
 
 
 def fetch(
     uri: str, dest_dir: Path, *, expected: str | None, max_bytes: int | None, what: str
-) -> Path:
-    """Streams one object into ``dest_dir/<basename of key>`` and returns that path.
+) -> Fetched:
+    """Streams one object into ``dest_dir/<basename of key>``; returns it with its identity.
 
     The data goes to a hidden ``.<name>.part-<uuid>`` file that is renamed into
     place only after size and sha256 (``expected``, already normalised hex, or
@@ -330,14 +343,21 @@ def fetch(
     part = dest_dir / f".{name}.part-{uuid.uuid4().hex}"
     try:
         with open(part, "wb") as f:
-            _, digest = read(uri, f.write, max_bytes=max_bytes, what=what)
+            n, digest, head = _stream(uri, f.write, max_bytes=max_bytes, what=what)
         _check_sha(expected, digest, what, uri)
         os.replace(part, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
         raise
-    return final
+    return Fetched(
+        uri=uri,
+        path=final,
+        sha256=digest,
+        size_bytes=n,
+        etag=head.get("ETag"),
+        version_id=head.get("VersionId"),
+    )
 
 
 def exists(uri: str) -> bool:

@@ -93,3 +93,63 @@ def join(base: str, *parts: str) -> str:
     out = base + sep + "/".join(segments) + trailing
     parse(out)  # e.g. the joined key may now be too long
     return out
+
+
+# ------------------------------------------------------------ artifact layout
+
+#: The namespace of an object that has none (the CLI run on a bare spec file).
+DEFAULT_NAMESPACE = "default"
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def model_prefix(output: str, namespace: str | None, name: str) -> str:
+    """``<output>/<namespace>/<name>/``: everything one object ever stores.
+
+    The one place the layout is decided: the compressor writes under it, the
+    operator checks result URIs against it and the cleanup finalizer deletes
+    it. The namespace is part of it so two objects of the same name in two
+    namespaces never share (or delete) each other's artifacts; without one
+    (the CLI on a bare spec) it is :data:`DEFAULT_NAMESPACE`.
+    """
+    ns = namespace or DEFAULT_NAMESPACE
+    for label, value in (("namespace", ns), ("name", name)):
+        # Kubernetes guarantees DNS labels; a spec file for the CLI does not,
+        # and a '/' or '..' here would move the prefix somewhere else.
+        if not _DNS_LABEL_RE.match(value):
+            raise BadInput(
+                f"metadata.{label} {value!r}: must be a DNS label "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
+    return join(output, ns, name) + "/"
+
+
+def result_prefix(output: str, namespace: str | None, name: str, spec_hash: str) -> str:
+    """``<output>/<namespace>/<name>/<spec-hash>/``: where one spec's result lives."""
+    if not re.match(r"^[0-9a-f]{8,64}$", spec_hash):
+        raise BadInput(f"spec hash {spec_hash!r} is not hexadecimal")
+    return join(model_prefix(output, namespace, name), spec_hash) + "/"
+
+
+def within(uri: str, prefix: str) -> bool:
+    """Whether ``uri`` names something strictly under the directory ``prefix``.
+
+    Compared after parsing, so ``file:///out/x`` and ``/out/x`` are the same
+    place, but nothing that could resolve elsewhere is accepted: another
+    scheme or bucket, ``.`` / ``..`` / empty segments, backslashes, or any
+    ``%`` (S3 takes keys literally, but tools and proxies that decode would
+    not). A URI that does not parse is not within anything.
+    """
+    try:
+        scheme, bucket, key = parse(uri)
+        p_scheme, p_bucket, p_key = parse(prefix)
+    except BadInput:
+        return False
+    if (scheme, bucket) != (p_scheme, p_bucket):
+        return False
+    base = p_key.rstrip("/") + "/" if p_key.strip("/") else p_key
+    if not key.startswith(base):
+        return False
+    rest = key[len(base) :]
+    if not rest or "%" in rest or "\\" in rest or "\0" in rest:
+        return False
+    return all(seg not in ("", ".", "..") for seg in rest.split("/"))
