@@ -17,7 +17,7 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import jobs, results, status
+from edgeslim.operator import jobs, ownership, results, status
 from edgeslim.operator.kube import Conflict, api_message
 from edgeslim.operator.names import job_name
 from edgeslim.operator.queue import ModelKey, Waiting
@@ -73,7 +73,7 @@ def reconcile_model(rt: Runtime, body: Obj) -> None:
     spec_hash = model.spec.spec_hash()
     job = job_name(model.metadata.name, spec_hash)
     current = status.parse(body.get("status"))
-    _supersede(rt, key, spec_hash)
+    _supersede(rt, key, spec_hash, model.metadata.uid)
 
     if current.spec_hash == spec_hash and current.phase in COMPRESSED_PHASES:
         # Same artifact (e.g. only resources or deployment changed): keep the result.
@@ -126,13 +126,14 @@ def _mark_queued(rt: Runtime, key: ModelKey, spec_hash: str, job: str, body: Obj
     write_status(rt, key, compute, body)
 
 
-def _supersede(rt: Runtime, key: ModelKey, spec_hash: str) -> None:
-    """Deletes Jobs of older specs: their result would describe a spec that is gone."""
+def _supersede(rt: Runtime, key: ModelKey, spec_hash: str, uid: str | None) -> None:
+    """Deletes this object's Jobs of older specs: their result would describe a
+    spec that is gone. A Job that merely carries the label is not ours to delete."""
     for k, entries in snapshot(rt.jobs_index):
         if k != key:
             continue
         for e in entries:
-            if e.spec_hash != spec_hash:
+            if e.spec_hash != spec_hash and e.owner_uid == uid:
                 log.info("%s/%s: deleting superseded Job %s", *key, e.name)
                 rt.kube.delete_job(key[0], e.name)
 
@@ -185,7 +186,7 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
         if written is None:
             rt.slots.release(key, job)
             return
-        if job in _known_jobs(rt, key):
+        if job in _known_jobs(rt, key, model.metadata.uid):
             # Already created (this is a re-run or a resume): the live index
             # says so without a 409 round-trip.
             log.info("%s/%s: adopted existing Job %s", *key, job)
@@ -204,26 +205,38 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
             log.info("%s/%s: created Job %s", *key, job)
         else:
             _adopt(rt, key, job, model)
+    except ownership.NameConflict as exc:
+        # Someone else's Job holds the name: Failed (no retry until the spec
+        # changes), and the slot is free again.
+        conflict = Transition(
+            Phase.failed, ownership.REASON, str(exc), spec_hash=spec_hash, job_name=job
+        )
+        write_status(rt, key, lambda _c, _b: conflict)
+        rt.slots.forget(key)
     except BaseException:
         rt.slots.release(key, entry.job)
         raise
 
 
-def _known_jobs(rt: Runtime, key: ModelKey) -> set[str]:
-    """Names of the object's Jobs the Job watch has seen (any state)."""
-    return {e.name for k, entries in snapshot(rt.jobs_index) if k == key for e in entries}
+def _known_jobs(rt: Runtime, key: ModelKey, uid: str | None) -> set[str]:
+    """Names of the object's own Jobs (by owner uid) the Job watch has seen (any state)."""
+    return {
+        e.name
+        for k, entries in snapshot(rt.jobs_index)
+        if k == key
+        for e in entries
+        if e.owner_uid == uid
+    }
 
 
 def _adopt(rt: Runtime, key: ModelKey, job: str, model: CompressedModel) -> None:
     existing = rt.kube.read_job(key[0], job)
     if existing is None:
         raise Conflict(f"Job {job} existed a moment ago and is gone; retrying")
-    ref = jobs.JobRef.of(existing)
-    if ref.owner_uid != model.metadata.uid:
-        # A Job of a deleted object of the same name, not yet garbage-collected.
-        raise Conflict(
-            f"Job {job} belongs to an older object of this name; waiting for its removal"
-        )
+    # Ours: adopt. A deleted object's of the same name: a transient Conflict
+    # until the garbage collector takes it. Anyone else's: NameConflict.
+    found = ownership.claim(existing, "Job", job, model.metadata.name, model.metadata.uid or "")
+    ownership.require(found, key[0])
     log.info("%s/%s: adopted existing Job %s", *key, job)
 
 

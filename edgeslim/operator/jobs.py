@@ -73,7 +73,10 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
         "image": settings.compressor_image,
         "imagePullPolicy": "IfNotPresent",
         "command": [*settings.compressor_command, "compress", "--spec-env", SPEC_ENV],
-        "env": [{"name": SPEC_ENV, "value": spec_payload(model)}, *podspec.base_env(model)],
+        "env": [
+            {"name": SPEC_ENV, "value": spec_payload(model)},
+            *podspec.base_env(model, settings),
+        ],
         "resources": podspec.resources(model.spec.resources),
         # A crash that wrote no result still leaves its log tail in the pod
         # status, where the operator reads it for status.message.
@@ -109,7 +112,9 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
                 "enableServiceLinks": False,
                 "securityContext": podspec.pod_security_context(),
                 "containers": [container],
-                "volumes": [podspec.scratch_volume()],
+                "volumes": [
+                    podspec.scratch_volume(podspec.compressor_scratch_bytes(model, settings))
+                ],
             },
         },
     }

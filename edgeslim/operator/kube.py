@@ -158,9 +158,35 @@ class Kube:
     def read_deployment(self, namespace: str, name: str) -> Obj | None:
         return _request(self.apps.read_namespaced_deployment, name, namespace, missing_ok=True)
 
+    def read_service(self, namespace: str, name: str) -> Obj | None:
+        return _request(self.core.read_namespaced_service, name, namespace, missing_ok=True)
+
+    def create_deployment(self, manifest: Obj) -> Obj | None:
+        """Creates it; None when one of that name exists (HTTP 409): the caller
+        reads it and checks whose it is before changing anything."""
+        return _request(
+            self.apps.create_namespaced_deployment,
+            manifest["metadata"]["namespace"],
+            manifest,
+            field_manager=FIELD_MANAGER,
+            exists_ok=True,
+        )
+
+    def create_service(self, manifest: Obj) -> Obj | None:
+        """Like `create_deployment`, for the Service."""
+        return _request(
+            self.core.create_namespaced_service,
+            manifest["metadata"]["namespace"],
+            manifest,
+            field_manager=FIELD_MANAGER,
+            exists_ok=True,
+        )
+
     def _apply(self, call: Callable[..., Any], manifest: Obj) -> Obj:
-        """Server-side apply: creates or updates; fields the operator stops
-        setting (a removed toleration) are removed, others' fields stay."""
+        """Server-side apply to an object the caller has checked is this
+        model's (`ownership.claim`): fields the operator stops setting (a removed
+        toleration) are removed, others' fields stay. `force` only settles
+        field conflicts with other managers of *our* object (kubectl edits)."""
         meta = manifest["metadata"]
         applied = _request(
             call,
@@ -180,10 +206,17 @@ class Kube:
     def apply_service(self, manifest: Obj) -> Obj:
         return self._apply(self.core.patch_namespaced_service, manifest)
 
-    def delete_serving(self, namespace: str, name: str) -> None:
-        """Deletes the Deployment and Service `name`; gone already is fine."""
-        for delete in (self.apps.delete_namespaced_deployment, self.core.delete_namespaced_service):
-            _request(delete, name, namespace, propagation_policy="Background", missing_ok=True)
+    def delete_deployment(self, namespace: str, name: str, uid: str) -> None:
+        """Deletes exactly the Deployment object `uid` (a precondition): gone
+        already, or replaced by another object of that name (409), is fine."""
+        self._delete_exact(self.apps.delete_namespaced_deployment, namespace, name, uid)
+
+    def delete_service(self, namespace: str, name: str, uid: str) -> None:
+        self._delete_exact(self.core.delete_namespaced_service, namespace, name, uid)
+
+    def _delete_exact(self, call: Callable[..., Any], namespace: str, name: str, uid: str) -> None:
+        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+        _request(call, name, namespace, body=body, missing_ok=True, exists_ok=True)
 
     # -- Secrets and Events -------------------------------------------------
 

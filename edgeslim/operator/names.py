@@ -3,6 +3,8 @@ Job builder, the watchers that select by them and the tests cannot drift."""
 
 from __future__ import annotations
 
+import hashlib
+
 from edgeslim.api.base import API_GROUP, API_VERSION, GROUP_VERSION, KIND, PLURAL
 
 __all__ = [
@@ -41,16 +43,54 @@ ARTIFACT_URI_ANNOTATION = f"{API_GROUP}/artifact-uri"
 APPLIED_HASH_ANNOTATION = f"{API_GROUP}/applied-hash"
 
 
+# Kubernetes' limit for label values and DNS-1123/1035 labels; a Job's name
+# becomes its pods' `job-name` label, so it must fit one too.
+NAME_LIMIT = 63
+# Longest model name a Job name keeps whole: with `-<spec hash[:10]>` it
+# fills at most 51 characters, shorter than any truncated name (62), so a kept
+# name and a truncated one can never meet.
+JOB_NAME_KEEPS = 40
+_DIGEST_CHARS = 10
+
+
+def _digest(*parts: str) -> str:
+    """A short, stable digest of the full, untruncated inputs."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:_DIGEST_CHARS]
+
+
 def job_name(model_name: str, spec_hash: str) -> str:
-    """`<name[:40]>-<hash[:10]>`: the same spec always maps to the same Job, so a
+    """`<name>-<hash[:10]>`: the same spec always maps to the same Job, so a
     restarted operator finds (HTTP 409) the Job it already created instead of
-    starting a second one. Short enough for the `job-name` pod label (63)."""
-    return f"{model_name[:40].rstrip('-')}-{spec_hash[:10]}"
+    starting a second one.
+
+    A name longer than 40 characters keeps its first 40 for reading and gains a
+    digest of the *whole* name and spec hash: two names that differ only past
+    character 40 (`...-prod-a`, `...-prod-b`) get different Jobs. 62 characters
+    at most, within the 63 of the pods' `job-name` label. Children live in
+    the object's namespace, so the namespace need not be in the name.
+    """
+    if len(model_name) <= JOB_NAME_KEEPS:
+        return f"{model_name}-{spec_hash[:10]}"
+    # A label may hold `--` inside it, so no rstrip: stripping would let
+    # `x-` and `x` (as truncated prefixes) meet.
+    return f"{model_name[:JOB_NAME_KEEPS]}-{_digest(model_name, spec_hash)}-{spec_hash[:10]}"
 
 
 def serving_name(model_name: str) -> str:
     """Deployment and Service of a model: `<name>`, so `kubectl get deploy,svc <name>`
-    finds them. A Service name must start with a letter (DNS-1035); a model name
-    starting with a digit gets an `m-` prefix."""
-    name = model_name if model_name[:1].isalpha() else f"m-{model_name}"
-    return name[:63].rstrip("-")
+    finds them.
+
+    A Service name must start with a letter (DNS-1035): a model name starting
+    with a digit gets an `m-` prefix, and when that no longer fits 63
+    characters, its first 50 plus a digest of the whole name, so two such names
+    that differ only at the end stay apart. (A model deliberately named like
+    another's serving name, e.g. `m-3d` next to `3d`, is the one case a name
+    cannot rule out: the operator then refuses to touch the other's objects,
+    see `ownership`.)
+    """
+    if model_name[:1].isalpha():
+        return model_name  # a model name is a DNS label of at most 63 already
+    prefixed = f"m-{model_name}"
+    if len(prefixed) <= NAME_LIMIT:
+        return prefixed
+    return f"m-{model_name[:50]}-{_digest(model_name)}"

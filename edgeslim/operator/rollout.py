@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 
 from edgeslim import metrics
+from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus
-from edgeslim.operator import serving, status
+from edgeslim.operator import ownership, serving, status
 from edgeslim.operator.kube import Conflict
 from edgeslim.operator.names import APPLIED_HASH_ANNOTATION, MODEL_LABEL, serving_name
 from edgeslim.operator.queue import ModelKey
@@ -31,8 +32,8 @@ def deployment_changed(rt: Runtime, event_type: str | None, deployment: Obj) -> 
     """A serving Deployment changed (its controller reports rollout progress)."""
     meta = deployment["metadata"]
     key = (meta["namespace"], (meta.get("labels") or {}).get(MODEL_LABEL, ""))
-    if not key[1]:
-        return
+    if not key[1] or meta["name"] != serving_name(key[1]):
+        return  # carries our label but not our name: not a serving Deployment of ours
     reconcile_serving(rt, key, None if event_type == "DELETED" else deployment)
 
 
@@ -60,23 +61,71 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
     except InvalidSpec:
         return  # the model handler reports this
     namespace, name = key
+    sname = serving_name(name)
+    uid = model.metadata.uid or ""
     if deployment is None:
-        deployment = rt.kube.read_deployment(namespace, serving_name(name))
-    state = serving.rollout_state(deployment)
-    if deployment is not None and state.owner_uid != model.metadata.uid:
-        # An older object's of the same name, or not ours at all: never touched.
-        raise Conflict(f"Deployment {serving_name(name)} is not owned by this object")
+        deployment = rt.kube.read_deployment(namespace, sname)
+    service = rt.kube.read_service(namespace, sname)
+    claims = [
+        ownership.claim(deployment, "Deployment", sname, name, uid),
+        ownership.claim(service, "Service", sname, name, uid),
+    ]
     generation = body["metadata"].get("generation")
 
     if model.spec.deployment is None:
-        if deployment is not None:
-            rt.kube.delete_serving(namespace, serving_name(name))
-            log.info("%s/%s: spec.deployment removed; deleted Deployment and Service", *key)
+        # Only what is ours goes; a foreign object of that name is none of our business.
+        for found, obj, delete in (
+            (claims[0], deployment, rt.kube.delete_deployment),
+            (claims[1], service, rt.kube.delete_service),
+        ):
+            if found.verdict is ownership.Verdict.owned and obj is not None:
+                delete(namespace, sname, obj["metadata"]["uid"])
+                log.info("%s/%s: spec.deployment removed; deleted %s", *key, found.kind)
         write_status(
             rt, key, lambda cur, _b: serving.without_deployment(cur, generation, status.now()), body
         )
         return
 
+    try:
+        for found in claims:
+            ownership.require(found, namespace)
+        _roll_out(rt, key, body, model, deployment, service)
+    except ownership.NameConflict as exc:
+        _name_conflict(rt, key, body, str(exc))
+
+
+def _name_conflict(rt: Runtime, key: ModelKey, body: Obj, message: str) -> None:
+    """Failed / NameConflict with an Event, once: an unchanged status writes nothing
+    and posts nothing, and nothing retries on a timer (a spec change or an
+    operator restart reconciles again)."""
+    generation = body["metadata"].get("generation")
+    decided: list[tuple[CompressedModelStatus, serving.Plan]] = []
+
+    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj:
+        p = serving.name_conflict(cur, message)
+        decided[:] = [(cur, p)]
+        return serving.apply_plan(cur, generation, p, status.now())
+
+    if write_status(rt, key, compute, body) is None or not decided:
+        return
+    old, p = decided[0]
+    for event in serving.events_for(old, p):
+        post_event(rt, body, event)
+    log.warning("%s/%s: %s", *key, message)
+
+
+def _roll_out(
+    rt: Runtime,
+    key: ModelKey,
+    body: Obj,
+    model: CompressedModel,
+    deployment: Obj | None,
+    service: Obj | None,
+) -> None:
+    """Status from the Deployment's rollout, then the Deployment and Service the
+    plan wants; both names are known to be free or this model's."""
+    state = serving.rollout_state(deployment)
+    generation = body["metadata"].get("generation")
     spec_hash = model.spec.spec_hash()
     decided: list[tuple[CompressedModelStatus, serving.Plan]] = []
 
@@ -95,15 +144,42 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
     p = serving.plan(status.parse(new), spec_hash, state)
     if p.target is None:
         return
+    if service is None:
+        _create_or_adopt(rt, model, serving.build_service(model), "Service")
     manifest = serving.build_deployment(model, p.target, rt.settings)
     wanted = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
     if deployment is not None and state.applied_hash == wanted:
         return
-    rt.kube.apply_deployment(manifest)
-    rt.kube.apply_service(serving.build_service(model))
+    if deployment is None:
+        _create_or_adopt(rt, model, manifest, "Deployment")
+    else:
+        rt.kube.apply_deployment(manifest)
+        if service is not None:
+            rt.kube.apply_service(serving.build_service(model))  # ours: checked above
     log.info(
         "%s/%s: Deployment %s runs artifact %s",
         *key,
         manifest["metadata"]["name"],
         p.target.sha256[:12],
     )
+
+
+def _create_or_adopt(rt: Runtime, model: CompressedModel, manifest: Obj, kind: str) -> None:
+    """Creates the object; when one of that name appeared meanwhile (409), applies
+    to it only if it is this model's (NameConflict otherwise)."""
+    kube = rt.kube
+    create, read, apply = {
+        "Deployment": (kube.create_deployment, kube.read_deployment, kube.apply_deployment),
+        "Service": (kube.create_service, kube.read_service, kube.apply_service),
+    }[kind]
+    if create(manifest) is not None:
+        return
+    meta = manifest["metadata"]
+    existing = read(meta["namespace"], meta["name"])
+    if existing is None:
+        raise Conflict(f"{kind} {meta['name']} existed a moment ago and is gone; retrying")
+    found = ownership.claim(
+        existing, kind, meta["name"], model.metadata.name, model.metadata.uid or ""
+    )
+    ownership.require(found, meta["namespace"])
+    apply(manifest)

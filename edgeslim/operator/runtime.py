@@ -59,6 +59,7 @@ class JobEntry:
     name: str
     spec_hash: str
     state: jobs.JobState
+    owner_uid: str | None = None  # its controller's uid: only the owner may adopt or delete it
 
 
 def model_entry(body: Obj) -> ModelEntry:
@@ -76,7 +77,9 @@ def model_entry(body: Obj) -> ModelEntry:
 
 def job_entry(body: Obj) -> JobEntry:
     ref = jobs.JobRef.of(body)
-    return JobEntry(name=ref.name, spec_hash=ref.spec_hash, state=jobs.job_state(body))
+    return JobEntry(
+        name=ref.name, spec_hash=ref.spec_hash, state=jobs.job_state(body), owner_uid=ref.owner_uid
+    )
 
 
 def snapshot(index: Any) -> list[tuple[Any, list[Any]]]:
@@ -232,9 +235,19 @@ def parse_model(body: Obj) -> CompressedModel:
 
 @contextlib.contextmanager
 def storage_credentials(rt: Runtime, model: CompressedModel) -> Iterator[None]:
-    """S3 credentials from the Secret the spec names, for this call only."""
+    """S3 credentials from the Secret the spec names, for this call only.
+
+    Without a Secret the operator does not lend an object its own credentials
+    (they may reach other namespaces' artifacts) unless the setting says so.
+    """
     secret = model.spec.source.credentials_secret
     if not secret:
+        if not rt.settings.inherit_storage_credentials:
+            raise BadInput(
+                "no spec.source.credentialsSecret: the operator uses storage for an object "
+                "only with the object's own Secret (EDGESLIM_INHERIT_STORAGE_CREDENTIALS=true "
+                "lends it the operator's credentials)"
+            )
         yield
         return
     data = rt.kube.read_secret(model.metadata.namespace or "", secret)

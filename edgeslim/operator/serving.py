@@ -94,10 +94,10 @@ def _deployment_spec(model: CompressedModel) -> DeploymentSpec:
     return model.spec.deployment
 
 
-def _env(model: CompressedModel) -> list[Obj]:
+def _env(model: CompressedModel, settings: Settings) -> list[Obj]:
     # Each replica binds its own pod IP, not every interface.
     pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-    return [pod_ip, *podspec.base_env(model)]
+    return [pod_ip, *podspec.base_env(model, settings)]
 
 
 def _probe(path: str, period: int, failures: int) -> Obj:
@@ -144,7 +144,7 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         "image": settings.serving_image,
         "imagePullPolicy": "IfNotPresent",
         "command": command,
-        "env": _env(model),
+        "env": _env(model, settings),
         "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
         # Ready only once the model is fetched, verified and loaded: a model that
         # cannot load keeps its pod unready, and the rollout stops there.
@@ -160,7 +160,7 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         "terminationGracePeriodSeconds": GRACE_SECONDS,
         "securityContext": podspec.pod_security_context(),
         "containers": [container],
-        "volumes": [podspec.scratch_volume()],
+        "volumes": [podspec.scratch_volume(podspec.serving_scratch_bytes(settings))],
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
@@ -445,6 +445,23 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
         message=f"rolling out artifact {_short(cand.sha256)}: {state.updated_replicas} of "
         f"{state.replicas} pods updated, {state.ready_replicas} ready{serving_now}",
         **common,
+    )
+
+
+def name_conflict(status: CompressedModelStatus, message: str) -> Plan:
+    """Another owner's Deployment or Service holds the serving name: Failed with
+    reason NameConflict, touching nothing. The compression result stays
+    (artifact, GatePassed), so a later retry rolls it out once the name is free."""
+    return Plan(
+        target=None,
+        phase=Phase.failed,
+        available="False",
+        reason="NameConflict",
+        message=message,
+        serving=status.serving_artifact,
+        ready_replicas=status.ready_replicas,
+        last_good=status.last_good_artifact,
+        failed=tuple(status.failed_artifacts),
     )
 
 

@@ -10,6 +10,8 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from edgeslim.storage.limits import DEFAULT_MAX_BYTES
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -17,6 +19,24 @@ def _int(name: str, default: int) -> int:
         return int(raw) if raw not in (None, "") else default
     except ValueError as exc:
         raise ValueError(f"{name}={raw!r} is not an integer") from exc
+
+
+def _positive(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be a positive number of bytes")
+    return value
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not true or false")
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,21 @@ class Settings:
     """Port of /metrics, /healthz and /readyz (EDGESLIM_METRICS_PORT)."""
     namespace: str | None = None
     """Watch only this namespace; unset = cluster-wide (EDGESLIM_NAMESPACE)."""
+    inherit_storage_credentials: bool = False
+    """Objects without spec.source.credentialsSecret use ambient credentials:
+    their pods may reach the node's instance metadata (cloud IAM role) and the
+    operator reads manifests and deletes artifacts for them with its own
+    (EDGESLIM_INHERIT_STORAGE_CREDENTIALS). Off: such an object gets no
+    storage credentials at all, so it can reach only what needs none."""
+    max_download_bytes: int = DEFAULT_MAX_BYTES
+    """Largest single file compressor and serving pods download; handed to them
+    as EDGESLIM_MAX_DOWNLOAD_BYTES and the base of their scratch size limits."""
+    compressor_scratch_bytes: int = 0
+    """sizeLimit of the compressor's /tmp emptyDir in bytes; 0 = derived per
+    spec from max_download_bytes (EDGESLIM_COMPRESSOR_SCRATCH_BYTES)."""
+    serving_scratch_bytes: int = 0
+    """sizeLimit of the serving pods' /tmp emptyDir in bytes; 0 = derived from
+    max_download_bytes (EDGESLIM_SERVING_SCRATCH_BYTES)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,4 +96,12 @@ class Settings:
             job_ttl_seconds=_int("EDGESLIM_JOB_TTL_SECONDS", d.job_ttl_seconds),
             metrics_port=_int("EDGESLIM_METRICS_PORT", d.metrics_port),
             namespace=os.environ.get("EDGESLIM_NAMESPACE") or None,
+            inherit_storage_credentials=_bool(
+                "EDGESLIM_INHERIT_STORAGE_CREDENTIALS", d.inherit_storage_credentials
+            ),
+            max_download_bytes=_positive("EDGESLIM_MAX_DOWNLOAD_BYTES", d.max_download_bytes),
+            compressor_scratch_bytes=_int(
+                "EDGESLIM_COMPRESSOR_SCRATCH_BYTES", d.compressor_scratch_bytes
+            ),
+            serving_scratch_bytes=_int("EDGESLIM_SERVING_SCRATCH_BYTES", d.serving_scratch_bytes),
         )

@@ -9,7 +9,7 @@ import pytest
 
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import Phase
-from edgeslim.operator import events, jobs, queue, results, status
+from edgeslim.operator import events, jobs, podspec, queue, results, status
 from edgeslim.operator.names import KUEUE_QUEUE_LABEL, MODEL_LABEL, SPEC_HASH_LABEL, job_name
 from edgeslim.operator.settings import Settings
 
@@ -95,8 +95,11 @@ def test_job_takes_credentials_from_the_secret_only() -> None:
         assert env[key]["valueFrom"]["secretKeyRef"]["optional"] is True
     assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
     no_secret = model(source={"uri": "s3://models/digits/cnn.onnx"})
-    names = {e["name"] for e in container(jobs.build_job(no_secret, Settings(), "h" * 16))["env"]}
-    assert not any(n.startswith("AWS_") for n in names)
+    env = {e["name"]: e for e in container(jobs.build_job(no_secret, Settings(), "h" * 16))["env"]}
+    # No keys of anyone's, and boto3 may not fall back to the node's cloud role.
+    assert not {k for k, _ in podspec.SECRET_KEYS} & env.keys()
+    assert env["AWS_EC2_METADATA_DISABLED"]["value"] == "true"
+    assert [n for n in env if n.startswith("AWS_")] == ["AWS_EC2_METADATA_DISABLED"]
 
 
 def test_job_pod_is_locked_down() -> None:
@@ -111,7 +114,7 @@ def test_job_pod_is_locked_down() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert {"name": "tmp", "mountPath": "/tmp"} in container(job)["volumeMounts"]
-    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "16Gi"}}]
     env = {e["name"]: e.get("value") for e in container(job)["env"]}
     assert env["TMPDIR"] == "/tmp" and env["HOME"] == "/tmp"
 

@@ -82,7 +82,8 @@ def test_deployment_runs_the_artifact_on_its_own_pod_ip() -> None:
         "key": "AWS_ACCESS_KEY_ID",
     }
     assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
-    assert all("value" not in e for k, e in env.items() if k.startswith("AWS_"))
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION")
+    assert all("value" not in env[k] for k in keys)
     template_ann = d["spec"]["template"]["metadata"]["annotations"]
     assert template_ann[ARTIFACT_SHA_ANNOTATION] == NEW.sha256
     assert template_ann[ARTIFACT_URI_ANNOTATION] == NEW.uri
@@ -108,7 +109,8 @@ def test_deployment_probes_rollout_strategy_and_security() -> None:
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["readOnlyRootFilesystem"] is True
     assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
-    assert pod_spec(d)["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+    # The artifact plus a staged copy of it, at the default 4 GiB download limit.
+    assert pod_spec(d)["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}}]
     assert pod_spec(d)["automountServiceAccountToken"] is False
 
 
