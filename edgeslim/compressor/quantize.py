@@ -14,10 +14,16 @@ import numpy as np
 import onnx
 
 from edgeslim.api.spec import CalibrationMethod, QuantizeConfig, QuantizeMode
+from edgeslim.compressor import evaluate
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.graph import constants_to_initializers
 from edgeslim.compressor.steps import StepContext, StepOutput
 from edgeslim.errors import BadInput
+
+# DequantizeLinear gained `axis` (per-channel scales) in opset 13.
+PER_CHANNEL_QDQ_OPSET = 13
+# Samples on which an opset conversion must reproduce the original outputs.
+UPGRADE_CHECK_SAMPLES = 16
 
 
 class Quantize:
@@ -52,24 +58,31 @@ class Quantize:
             )
             return StepOutput(model=out, notes=notes)
 
+        data, per_channel = None, self.config.per_channel
+        if mode is QuantizeMode.static:
+            uri = (
+                self.config.calibration_dataset
+                or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
+            )
+            data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
+            if per_channel and _opset(model) < PER_CHANNEL_QDQ_OPSET:
+                upgraded, note = _upgrade_for_per_channel(model, data)
+                notes.append(note)
+                per_channel = upgraded is not None
+                model = upgraded or model
+            notes.append(
+                f"calibrated on {len(data)} samples of {uri} "
+                f"({self.config.calibration_method.value})"
+            )
         # onnxruntime's int8 quantizers work on files.
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save(model, src)
             notes += _pre_process(src)
-            if mode is QuantizeMode.dynamic:
+            if data is None:
                 self._dynamic(src, dst)
             else:
-                uri = (
-                    self.config.calibration_dataset
-                    or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
-                )
-                data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
-                notes.append(
-                    f"calibrated on {len(data)} samples of {uri} "
-                    f"({self.config.calibration_method.value})"
-                )
-                self._static(src, dst, data, ctx)
+                self._static(src, dst, data, ctx, per_channel)
             out = onnx.load(dst)
         quantized = sum(
             1
@@ -80,19 +93,23 @@ class Quantize:
         notes.append(f"{mode.value} int8: {quantized} quantization nodes inserted")
         return StepOutput(model=out, notes=notes)
 
-    def _common(self) -> dict:
+    def _common(self, per_channel: bool) -> dict:
         return {
             "op_types_to_quantize": self.config.op_types or None,
             "nodes_to_exclude": self.config.exclude_nodes or None,
-            "per_channel": self.config.per_channel,
+            "per_channel": per_channel,
         }
 
     def _dynamic(self, src: Path, dst: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, **self._common())
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, **self._common(self.config.per_channel)
+        )
 
-    def _static(self, src: Path, dst: Path, data: Dataset, ctx: StepContext) -> None:
+    def _static(
+        self, src: Path, dst: Path, data: Dataset, ctx: StepContext, per_channel: bool
+    ) -> None:
         from onnxruntime.quantization import (
             CalibrationDataReader,
             QuantFormat,
@@ -128,7 +145,7 @@ class Quantize:
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
-                **self._common(),
+                **self._common(per_channel),
             )
 
     def _fp16(self, model: onnx.ModelProto, ops_present: set[str]) -> onnx.ModelProto:
@@ -142,6 +159,49 @@ class Quantize:
             op_block_list=blocked,
             node_block_list=self.config.exclude_nodes or None,
         )
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _upgrade_for_per_channel(
+    model: onnx.ModelProto, data: Dataset
+) -> tuple[onnx.ModelProto | None, str]:
+    """The model at opset 13 if converting it is provably harmless, and a note on what happened.
+
+    Per-channel QDQ needs DequantizeLinear's `axis`, which exists from opset 13
+    on; onnxruntime writes it whatever the model's opset, and the result then
+    fails to load. Older exporters (PaddleOCR, many opset 11/12 files) are
+    common, so the converted graph is accepted only when onnx's checker passes
+    and it gives the same outputs as the original on real samples; otherwise
+    the caller quantizes per tensor, which every opset from 10 on supports.
+    """
+    from onnx import version_converter
+
+    old = _opset(model)
+    fallback = f"opset {old} < {PER_CHANNEL_QDQ_OPSET}: per-tensor int8 instead of per-channel"
+    sample = data.head(UPGRADE_CHECK_SAMPLES)
+    try:
+        upgraded = version_converter.convert_version(model, PER_CHANNEL_QDQ_OPSET)
+        onnx.checker.check_model(upgraded)
+        before, after = evaluate.session(model), evaluate.session(upgraded)
+        worst = 0.0
+        # One sample per run: a file exported with a fixed batch of 1 accepts nothing else.
+        for i in range(len(sample)):
+            feed = sample.batch(i, i + 1)
+            for a, b in zip(before.run(None, feed), after.run(None, feed), strict=True):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5):
+                    return None, f"{fallback} (the converted graph's outputs differ)"
+                worst = max(worst, float(np.abs(a - b).max(initial=0.0)))
+    except Exception as exc:  # the converter and checker raise many types on graphs they reject
+        return None, f"{fallback} (conversion failed: {type(exc).__name__}: {str(exc)[:160]})"
+    return upgraded, (
+        f"opset {old} upgraded to {PER_CHANNEL_QDQ_OPSET} for per-channel int8 "
+        f"(checked: onnx checker; outputs on {len(sample)} samples within 1e-4, "
+        f"max diff {worst:.2g})"
+    )
 
 
 def _pre_process(path: Path) -> list[str]:
