@@ -61,7 +61,7 @@ def test_demo_spec_passes_the_gate_and_writes_a_content_addressed_result(
     from edgeslim.api.spec import CompressedModel
 
     spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
-    folder = tmp_path / "out" / "digits-cnn" / spec_hash
+    folder = tmp_path / "out" / "default" / "digits-cnn" / spec_hash  # CLI: namespace "default"
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["kind"] == "CompressionResult" and manifest["specHash"] == spec_hash
@@ -137,10 +137,12 @@ def test_s3_source_and_output_over_http(digits, tmp_path: Path, s3: str) -> None
 
     spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
     manifest = json.loads(
-        storage.read_bytes(f"s3://{s3}/edge/digits-cnn/{spec_hash}/manifest.json")
+        storage.read_bytes(f"s3://{s3}/edge/default/digits-cnn/{spec_hash}/manifest.json")
     )
     model = storage.read_bytes(manifest["artifact"]["uri"])
-    assert manifest["artifact"]["uri"] == f"s3://{s3}/edge/digits-cnn/{spec_hash}/model.onnx"
+    assert manifest["artifact"]["uri"] == (
+        f"s3://{s3}/edge/default/digits-cnn/{spec_hash}/model.onnx"
+    )
     import hashlib
 
     assert hashlib.sha256(model).hexdigest() == manifest["artifact"]["sha256"]

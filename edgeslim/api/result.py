@@ -72,10 +72,28 @@ class GateVerdict(OpenWireModel):
     reason: str
 
 
+class InputIdentity(OpenWireModel):
+    """The content of one file a result was computed from (source, dataset, student...)."""
+
+    field: str
+    """The spec field that named it, e.g. `source`, `evaluation.dataset`."""
+    uri: str
+    sha256: str
+    """sha256 of the bytes fetched and used: what decides whether a stored result is reused."""
+    size_bytes: int
+    etag: str | None = None
+    """The store's ETag for those bytes (S3 only)."""
+    version_id: str | None = None
+    """The S3 object version, on versioned buckets."""
+
+
 class CompressionResult(OpenWireModel):
     api_version: Literal["edgeslim.io/v1alpha1"] = Field(default=GROUP_VERSION, alias="apiVersion")
     kind: Literal["CompressionResult"] = "CompressionResult"
     name: str
+    namespace: str | None = None
+    """The object's namespace (`default` for the CLI without one); None in manifests
+    written before it was recorded, which are never reused."""
     spec_hash: str
     source: ModelFigures
     artifact: ModelFigures
@@ -87,6 +105,9 @@ class CompressionResult(OpenWireModel):
     download_ratio: float
     gate: GateVerdict
     versions: dict[str, str]
+    inputs: list[InputIdentity] = Field(default_factory=list)
+    """Every file the result was computed from, with the content identity of the bytes
+    used; a stored result is reused only while all of them are unchanged."""
 
     def summary(self) -> dict[str, Any]:
         """A compact form (< 4 KiB) for the pod's termination message and status."""

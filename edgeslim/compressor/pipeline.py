@@ -13,16 +13,18 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 from edgeslim import __version__, storage
 from edgeslim.api.result import (
     CompressionResult,
     EvaluationFigures,
     GateVerdict,
+    InputIdentity,
     StepRecord,
 )
 from edgeslim.api.spec import CompressedModel, Evaluation
@@ -35,6 +37,8 @@ MODEL_FILE = "model.onnx"
 REJECTED_MODEL_FILE = "model.rejected.onnx"
 MANIFEST_FILE = "manifest.json"
 TERMINATION_MESSAGE_LIMIT = 4096
+# A manifest is a few KiB; anything far bigger at that name is not ours to parse.
+MANIFEST_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -45,32 +49,133 @@ class Outcome:
 
 
 class Workspace:
-    """Fetches each URI once (with its sha256 check) into a scratch folder, and
-    reads each dataset once however many steps (and the pre-flight) bind it."""
+    """The inputs of one run, each fetched once into a scratch folder.
+
+    Every fetch is a copy hashed while it is written (local files too), and
+    only the copy is read afterwards, so the bytes a pin was checked against
+    are the bytes that are used. A URI is fetched once however often it is
+    used, but a pin given with any later use is checked again against that
+    copy: an unpinned use first must not let a pinned use skip its check.
+    Each dataset is read once however many steps (and the pre-flight) bind it.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.files: dict[str, Path] = {}
+        self.files: dict[str, storage.Fetched] = {}
+        self.fields: dict[str, str] = {}
+        """URI -> the spec field that first named it (recorded in the manifest)."""
+        self.sidecars: dict[str, list[str]] = {}
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
 
-    def fetch(self, uri: str, sha256: str | None, what: str) -> Path:
-        if uri not in self.files:
-            dest = self.root / f"fetch-{len(self.files)}"
-            dest.mkdir(parents=True, exist_ok=True)
-            self.files[uri] = storage.fetch(uri, dest, sha256=sha256, what=what)
-        return self.files[uri]
+    def fetched(
+        self, uri: str, sha256: str | None, what: str, field: str | None = None
+    ) -> storage.Fetched:
+        got = self.files.get(uri)
+        if got is None:
+            got = storage.fetch_verified(
+                uri, self.root / f"fetch-{len(self.files)}", sha256=sha256, what=what
+            )
+            self.files[uri], self.fields[uri] = got, field or what
+        else:
+            storage.verify_sha256(got, sha256, what)
+        return got
+
+    def fetch(self, uri: str, sha256: str | None, what: str, field: str | None = None) -> Path:
+        return self.fetched(uri, sha256, what, field).path
+
+    def model_file(self, uri: str, sha256: str | None, what: str, field: str | None = None) -> Path:
+        """A model's scratch copy, with its external-data files fetched next to it.
+
+        A pin names one file's sha256 and so cannot vouch for external-data
+        files (weights the .onnx points at): a pinned model that has any is
+        refused rather than run partly unverified. Unpinned, they are fetched
+        from beside the model into the copy's folder, and only that is read.
+        """
+        path = self.fetch(uri, sha256, what, field)
+        if uri not in self.sidecars:
+            self.sidecars[uri] = _external_data(path)
+        locations = self.sidecars[uri]
+        if not locations:
+            return path
+        shown = ", ".join(locations[:3]) + (", ..." if len(locations) > 3 else "")
+        if sha256 is not None:
+            raise BadInput(
+                f"{what} {uri}: keeps weights in external data files ({shown}) that its "
+                "sha256 pin cannot cover; a pinned model must be one self-contained file "
+                "(onnx.save(model, path, save_as_external_data=False), for models under "
+                "2 GiB), or remove the pin"
+            )
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        for location in locations:
+            target = path.parent / location
+            if (
+                PurePosixPath(location).is_absolute()
+                or ".." in PurePosixPath(location).parts
+                or "\\" in location
+                or target == path
+            ):
+                raise BadInput(
+                    f"{what} {uri}: external data {location!r} points outside the model's folder"
+                )
+            sidecar = storage.join(base, location)
+            if sidecar not in self.files:
+                self.files[sidecar] = storage.fetch_verified(
+                    sidecar, target.parent, what=f"{what} external data"
+                )
+                self.fields[sidecar] = f"{field or what} external data {location}"
+        return path
+
+    def identities(self) -> list[InputIdentity]:
+        """The content identity of every file fetched so far, for the manifest."""
+        return [
+            InputIdentity(
+                field=self.fields[uri],
+                uri=uri,
+                sha256=got.sha256,
+                size_bytes=got.size_bytes,
+                etag=got.etag,
+                version_id=got.version_id,
+            )
+            for uri, got in self.files.items()
+        ]
 
     def dataset(self, uri: str, sha256: str | None, model: onnx.ModelProto) -> Dataset:
+        path = self.fetch(uri, sha256, "dataset")  # checks this use's pin, cached or not
         if uri not in self.arrays:
-            self.arrays[uri] = datasets.read(self.fetch(uri, sha256, "dataset"), uri)
+            self.arrays[uri] = datasets.read(path, uri)
         return datasets.bind(self.arrays[uri], model, uri)
 
     def model(
-        self, uri: str, sha256: str | None, example_from: str | None = None
+        self,
+        uri: str,
+        sha256: str | None,
+        example_from: str | None = None,
+        allow_model_code: bool = False,
     ) -> onnx.ModelProto:
-        path = self.fetch(uri, sha256, "model")
-        example = model_io.read_npz_example(self.files[example_from]) if example_from else None
-        return model_io.load_model(path, uri, example)
+        path = self.model_file(uri, sha256, "model")
+        example = model_io.read_npz_example(self.files[example_from].path) if example_from else None
+        return model_io.load_model(path, uri, example, allow_model_code=allow_model_code)
+
+
+def _external_data(path: Path) -> list[str]:
+    """Locations of the external-data files an ONNX file refers to (none for other formats)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if model_io.sniff(path) != "onnx":
+        return []
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError):
+        return []  # not ONNX at all: load_model says so in its own words
+    found: set[str] = set()
+    for g in graph.iter_graphs(proto.graph):
+        tensors = list(g.initializer)
+        for node in g.node:
+            for attr in node.attribute:
+                tensors.extend([attr.t] if attr.HasField("t") else [])
+                tensors.extend(attr.tensors)
+        found.update(ExternalDataInfo(t).location for t in tensors if uses_external_data(t))
+    return sorted(found)
 
 
 def _datasets_in(obj: CompressedModel) -> list[tuple[str, str | None, str]]:
@@ -109,18 +214,39 @@ def compress(
     if not output_uri:
         raise BadInput("output: no output location; set spec.output.uri or pass --output")
     spec_hash = spec.spec_hash()
-    prefix = storage.join(output_uri, obj.metadata.name, spec_hash)
+    namespace = obj.metadata.namespace or storage.DEFAULT_NAMESPACE
+    prefix = storage.result_prefix(output_uri, namespace, obj.metadata.name, spec_hash)
     ws = Workspace(workdir)
-    if reuse and (done := _stored_result(prefix, ws, log)) is not None:
-        return done
 
+    # Every input is fetched, and every pin checked, before anything else: a
+    # stored result is reused only for the same content of every input (the
+    # spec hash names URIs, and a URI can be given new bytes).
     log(f"fetching {spec.source.uri}")
-    source_path = ws.fetch(spec.source.uri, spec.source.sha256, "source model")
+    source_path = ws.model_file(spec.source.uri, spec.source.sha256, "source model", "source")
     ev_path = ws.fetch(
-        spec.evaluation.dataset, spec.evaluation.dataset_sha256, "evaluation dataset"
+        spec.evaluation.dataset,
+        spec.evaluation.dataset_sha256,
+        "evaluation dataset",
+        "evaluation.dataset",
     )
+    for uri, sha, field in _datasets_in(obj):
+        ws.fetch(uri, sha, field)
+    for i, step in enumerate(spec.pipeline):
+        if step.type == "distill" and step.config.student is not None:
+            student = step.config.student
+            field = f"pipeline[{i}].distill.student"
+            ws.model_file(student.uri, student.sha256, field, field)
+    inputs = ws.identities()
+    if reuse:
+        done = _stored_result(prefix, obj.metadata.name, namespace, spec_hash, inputs, ws, log)
+        if done is not None:
+            return done
+
     source = model_io.load_model(
-        source_path, f"source model {spec.source.uri}", model_io.read_npz_example(ev_path)
+        source_path,
+        f"source model {spec.source.uri}",
+        model_io.read_npz_example(ev_path),
+        allow_model_code=spec.source.allow_model_code,
     )
     graph.constants_to_initializers(source)
     # Pre-flight: every dataset must fit the model before any step spends time.
@@ -129,13 +255,23 @@ def compress(
             ws.dataset(uri, sha, source)
         except BadInput as exc:
             raise BadInput(f"{field}: {exc}") from exc
-    eval_data = ws.dataset(spec.evaluation.dataset, None, source).head(spec.evaluation.samples)
+    eval_data = ws.dataset(spec.evaluation.dataset, spec.evaluation.dataset_sha256, source).head(
+        spec.evaluation.samples
+    )
 
+    # Distillation students whose own spec opts in to running their (TorchScript) code.
+    model_code_ok = {
+        s.config.student.uri
+        for s in spec.pipeline
+        if s.type == "distill" and s.config.student and s.config.student.allow_model_code
+    }
     ctx = steps.StepContext(
         source=source,
         workdir=workdir,
         load_dataset=ws.dataset,
-        load_model=lambda uri, sha: ws.model(uri, sha, spec.evaluation.dataset),
+        load_model=lambda uri, sha: ws.model(
+            uri, sha, spec.evaluation.dataset, allow_model_code=uri in model_code_ok
+        ),
         evaluation_dataset=spec.evaluation.dataset,
         train_datasets=[s.config.dataset for s in spec.pipeline if s.type == "distill"],
         progress=progress,
@@ -185,6 +321,7 @@ def compress(
     artifact = graph.figures(result_bytes, model, uri=model_uri)
     result = CompressionResult(
         name=obj.metadata.name,
+        namespace=namespace,
         spec_hash=spec_hash,
         source=source_fig,
         artifact=artifact,
@@ -196,6 +333,7 @@ def compress(
         download_ratio=round(source_fig.gzip_size_bytes / artifact.gzip_size_bytes, 4),
         gate=gate,
         versions=_versions(),
+        inputs=inputs,
     )
     log(f"writing {prefix}")
     # The model goes first and the manifest last: a manifest's presence means a complete result.
@@ -206,22 +344,76 @@ def compress(
     return Outcome(result=result, model_uri=model_uri, manifest_uri=manifest_uri)
 
 
-def _stored_result(prefix: str, ws: Workspace, log: Callable[[str], None]) -> Outcome | None:
-    """The result already written under `prefix`, if it is complete and intact."""
+def _stored_result(
+    prefix: str,
+    name: str,
+    namespace: str,
+    spec_hash: str,
+    inputs: list[InputIdentity],
+    ws: Workspace,
+    log: Callable[[str], None],
+) -> Outcome | None:
+    """The result already written under `prefix`, if it is this run's and intact.
+
+    Anything else (unreadable, another object's, computed from other input
+    bytes, artifact elsewhere or damaged) is computed again, into this
+    prefix only, and the reason is logged.
+    """
     manifest_uri = storage.join(prefix, MANIFEST_FILE)
     if not storage.exists(manifest_uri):
         return None
     try:
         result = CompressionResult.model_validate_json(
-            storage.read_bytes(manifest_uri, what="stored manifest")
+            storage.read_bytes(manifest_uri, max_bytes=MANIFEST_MAX_BYTES, what="stored manifest")
         )
-        ws.fetch(result.artifact.uri, result.artifact.sha256, "stored artifact")
+        why = reuse_mismatch(result, name, namespace, spec_hash, prefix, inputs)
+        if why is None:
+            ws.fetch(result.artifact.uri, result.artifact.sha256, "stored artifact")
     except (BadInput, ValueError) as exc:
-        # Unreadable or mismatched: compute it again (and overwrite it) rather than trust it.
-        log(f"ignoring the stored result under {prefix}: {exc}")
+        why = f"is unreadable or damaged: {exc}"
+    if why is not None:
+        log(f"recomputing: the stored result under {prefix} {why}")
         return None
     log(f"reusing the stored result for spec hash {result.spec_hash} ({manifest_uri})")
     return Outcome(result=result, model_uri=result.artifact.uri, manifest_uri=manifest_uri)
+
+
+def reuse_mismatch(
+    stored: CompressionResult,
+    name: str,
+    namespace: str,
+    spec_hash: str,
+    prefix: str,
+    inputs: list[InputIdentity],
+) -> str | None:
+    """Why a stored manifest is not this run's result (None: it is).
+
+    It must name this object and spec hash, its artifact must be the file
+    this prefix holds for its verdict (compared after parsing: no `..`, no
+    other bucket), and it must have been computed from the same bytes of
+    every input that this run fetched.
+    """
+    if (stored.name, stored.namespace, stored.spec_hash) != (name, namespace, spec_hash):
+        return (
+            f"belongs to {stored.namespace}/{stored.name} spec hash {stored.spec_hash}, "
+            f"not {namespace}/{name} {spec_hash}"
+        )
+    expected = storage.join(prefix, MODEL_FILE if stored.gate.passed else REJECTED_MODEL_FILE)
+    uri = stored.artifact.uri
+    try:
+        same_file = storage.parse(uri) == storage.parse(expected)
+    except BadInput:
+        same_file = False
+    if not (same_file and storage.within(uri, prefix)):
+        return f"names an artifact outside its own prefix ({uri})"
+    if not stored.inputs:
+        return "does not record the content of its inputs"
+    before = {(i.uri, i.sha256) for i in stored.inputs}
+    now = {(i.uri, i.sha256) for i in inputs}
+    if before != now:
+        changed = [i.field for i in inputs if (i.uri, i.sha256) not in before]
+        return f"was computed from other input content ({', '.join(changed) or 'other inputs'})"
+    return None
 
 
 def _measure(

@@ -42,6 +42,7 @@ from edgeslim.storage.fetched import Fetched
 from edgeslim.storage.limits import (
     DEFAULT_MAX_BYTES,
     MAX_BYTES_ENV,
+    _check_sha,
     _normalize_sha,
     max_download_bytes,
     sha256_file,
@@ -76,6 +77,7 @@ __all__ = [
     "result_prefix",
     "s3_client",
     "sha256_file",
+    "verify_sha256",
     "within",
 ]
 
@@ -132,6 +134,16 @@ def fetch_verified(
     expected = _normalize_sha(sha256, what, uri)
     backend = local if _is_local(uri) else s3
     return backend.fetch(uri, dest_dir, expected=expected, max_bytes=max_bytes, what=what)
+
+
+def verify_sha256(fetched: Fetched, sha256: str | None, what: str = "file") -> None:
+    """Checks a pin against an earlier fetch's copy (same error as a fetch with that pin).
+
+    For callers that fetch once and use many times: each use may carry its
+    own pin, and each must hold for the bytes that use reads.
+    """
+    expected = _normalize_sha(sha256, what, fetched.uri)
+    _check_sha(expected, fetched.sha256, what, fetched.uri)
 
 
 def read_bytes(uri: str, *, max_bytes: int | None = None, what: str = "file") -> bytes:
