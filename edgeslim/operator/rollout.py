@@ -7,11 +7,13 @@ objects and applies what it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
-from edgeslim import metrics
+from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
-from edgeslim.api.status import CompressedModelStatus
+from edgeslim.api.status import CompressedModelStatus, ServedArtifact
+from edgeslim.errors import BadInput
 from edgeslim.operator import ownership, serving, status
 from edgeslim.operator.kube import Conflict
 from edgeslim.operator.names import APPLIED_HASH_ANNOTATION, MODEL_LABEL, serving_name
@@ -22,8 +24,10 @@ from edgeslim.operator.runtime import (
     Runtime,
     parse_model,
     post_event,
+    storage_credentials,
     write_status,
 )
+from edgeslim.storage import s3
 
 log = logging.getLogger("edgeslim.operator")
 
@@ -142,6 +146,15 @@ def _roll_out(
         post_event(rt, body, event)
     # Again on the written status: a rollback just recorded now targets the last good.
     p = serving.plan(status.parse(new), spec_hash, state)
+    if p.target is not None and serving.needs_storage_check(
+        status.parse(new), spec_hash, state, p.target
+    ):
+        problem = _storage_mismatch(rt, model, p.target)
+        if problem is not None:
+            new = _record_corrupted(rt, key, body, spec_hash, state, p.target, problem)
+            if new is None:
+                return
+            p = serving.plan(status.parse(new), spec_hash, state)
     if p.target is None:
         return
     if service is None:
@@ -162,6 +175,65 @@ def _roll_out(
         manifest["metadata"]["name"],
         p.target.sha256[:12],
     )
+
+
+def _storage_mismatch(rt: Runtime, model: CompressedModel, artifact: ServedArtifact) -> str | None:
+    """Why the artifact's bytes in storage are not the ones that passed the gate, or
+    None when they are. Streams and hashes the object (nothing kept: no disk, no
+    buffer); StorageUnavailable propagates, and the next event or resync retries.
+
+    Only s3:// is checked here: a file:// artifact lives on the serving pods' file
+    system, not the operator's. Those, and objects whose storage the operator may
+    not use, rely on the serving pods' own sha check (they stay unready).
+    """
+    if storage.parse(artifact.uri)[0] != "s3":
+        return None
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(storage_credentials(rt, model))
+        except BadInput as exc:
+            log.warning("%s: artifact not checked in storage: %s", model.metadata.name, exc)
+            return None
+        try:
+            _, digest = s3.read(artifact.uri, lambda _chunk: None, max_bytes=None, what="artifact")
+        except BadInput as exc:  # gone, or grown past the download limit
+            return str(exc)
+    if digest != artifact.sha256:
+        return (
+            f"artifact {artifact.uri}: sha256 in storage is {digest}, "
+            f"the compressor reported {artifact.sha256}"
+        )
+    return None
+
+
+def _record_corrupted(
+    rt: Runtime,
+    key: ModelKey,
+    body: Obj,
+    spec_hash: str,
+    state: serving.RolloutState,
+    artifact: ServedArtifact,
+    problem: str,
+) -> Obj | None:
+    """Failed / ArtifactCorrupted, written before anything else happens, so that
+    neither this operator nor a restarted one ever rolls the artifact out."""
+    generation = body["metadata"].get("generation")
+    decided: list[tuple[CompressedModelStatus, serving.Plan]] = []
+
+    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj:
+        p = serving.plan(serving.mark_corrupted(cur, spec_hash, artifact), spec_hash, state)
+        decided[:] = [(cur, p)]
+        return serving.apply_plan(cur, generation, p, status.now())
+
+    new = write_status(rt, key, compute, body)
+    if new is not None and decided:
+        old, p = decided[0]
+        if not serving.is_failed(old.failed_artifacts, artifact.sha256, spec_hash):
+            post_event(rt, body, ("Warning", serving.CORRUPTED_REASON, problem[:1024]))
+        for event in serving.events_for(old, p):
+            post_event(rt, body, event)
+        log.warning("%s/%s: not rolled out: %s", *key, problem)
+    return new
 
 
 def _create_or_adopt(rt: Runtime, model: CompressedModel, manifest: Obj, kind: str) -> None:

@@ -55,6 +55,8 @@ from edgeslim.operator.status import MESSAGE_LIMIT, set_condition
 
 Obj = dict[str, Any]
 DEADLINE_REASON = "ProgressDeadlineExceeded"
+# The candidate's bytes in storage are not the bytes that passed the gate.
+CORRUPTED_REASON = "ArtifactCorrupted"
 # The server drains in-flight requests for up to 30 s on SIGTERM (edgeslim serve
 # --graceful-timeout); the kubelet must wait a little longer before SIGKILL.
 GRACE_SECONDS = 35
@@ -327,9 +329,43 @@ def candidate(status: CompressedModelStatus, spec_hash: str) -> ServedArtifact |
 
 
 def is_failed(
-    failed: tuple[FailedArtifact, ...] | list[FailedArtifact], sha256: str, spec_hash: str
+    failed: tuple[FailedArtifact, ...] | list[FailedArtifact],
+    sha256: str,
+    spec_hash: str,
+    reason: str | None = None,
 ) -> bool:
-    return any(f.sha256 == sha256 and f.spec_hash == spec_hash for f in failed)
+    return any(
+        f.sha256 == sha256 and f.spec_hash == spec_hash and reason in (None, f.reason)
+        for f in failed
+    )
+
+
+def needs_storage_check(
+    status: CompressedModelStatus, spec_hash: str, state: RolloutState, target: ServedArtifact
+) -> bool:
+    """Whether `target` is the candidate about to reach a Deployment for the first
+    time: its bytes in storage must be checked against its sha256 first.
+
+    Checked once, before the template changes: bytes that changed after the gate
+    would otherwise only show as pods that never get ready, and only after
+    progressDeadlineSeconds. Once a Deployment runs it, the pods' own sha check
+    (edgeslim serve --sha256) guards every later start.
+    """
+    cand = candidate(status, spec_hash)
+    running = state.artifact.sha256 if state.artifact else None
+    return cand is not None and target.sha256 == cand.sha256 and running != cand.sha256
+
+
+def mark_corrupted(
+    status: CompressedModelStatus, spec_hash: str, artifact: ServedArtifact
+) -> CompressedModelStatus:
+    """`status` with `artifact` recorded as failed (ArtifactCorrupted) for `spec_hash`,
+    so that `plan` never rolls it out and keeps what runs."""
+    if is_failed(status.failed_artifacts, artifact.sha256, spec_hash, CORRUPTED_REASON):
+        return status
+    entry = FailedArtifact(sha256=artifact.sha256, spec_hash=spec_hash, reason=CORRUPTED_REASON)
+    failed = [*status.failed_artifacts, entry][-MAX_FAILED_ARTIFACTS:]
+    return status.model_copy(update={"failed_artifacts": failed})
 
 
 def _short(sha: str) -> str:
@@ -398,6 +434,21 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
             "Warning",
             DEADLINE_REASON,
             f"artifact {_short(cand.sha256)} not ready in time ({state.message}); {back}"[:1024],
+        )
+
+    if is_failed(failed, cand.sha256, spec_hash, CORRUPTED_REASON):
+        # Caught before any Deployment ran it: whatever runs keeps running.
+        keep = next((a for a in (deployed, last_good) if a and a.sha256 != cand.sha256), None)
+        serves = f"; {_short(keep.sha256)} keeps serving" if keep else ""
+        return Plan(
+            target=keep,
+            phase=Phase.failed,
+            available="False",
+            reason=CORRUPTED_REASON,
+            message=f"artifact {_short(cand.sha256)} in storage does not match the sha256 "
+            f"that passed the gate; it was never rolled out{serves}; it is not rolled out "
+            "until the spec changes",
+            **common,
         )
 
     if is_failed(failed, cand.sha256, spec_hash):

@@ -366,3 +366,40 @@ def test_a_stalled_scale_up_of_the_served_artifact_does_not_mark_it_failed() -> 
     assert p.failed == () and p.event is None
     # Fixed (e.g. fewer replicas): complete again, Ready.
     assert serving.plan(cur, HASH, state(Rollout.complete, NEW)).phase is Phase.ready
+
+
+def test_a_new_candidate_is_checked_in_storage_once_before_it_reaches_a_deployment() -> None:
+    cur = passed()
+    # About to replace GOOD (or to create the first Deployment): check the bytes.
+    assert serving.needs_storage_check(cur, HASH, state(Rollout.complete, GOOD), NEW)
+    assert serving.needs_storage_check(cur, HASH, state(Rollout.absent, None, 0), NEW)
+    # Already on a template (pods check it themselves), rolling back, or no candidate yet.
+    assert not serving.needs_storage_check(cur, HASH, state(Rollout.progressing, NEW), NEW)
+    assert not serving.needs_storage_check(cur, HASH, state(Rollout.complete, NEW), GOOD)
+    compressing = passed(phase=Phase.compressing)
+    assert not serving.needs_storage_check(compressing, HASH, state(Rollout.complete, GOOD), GOOD)
+
+
+def test_a_corrupted_artifact_is_never_rolled_out_and_the_last_good_keeps_serving() -> None:
+    marked = serving.mark_corrupted(passed(), HASH, NEW)
+    assert [(f.sha256, f.spec_hash, f.reason) for f in marked.failed_artifacts] == [
+        (NEW.sha256, HASH, "ArtifactCorrupted")
+    ]
+    assert serving.mark_corrupted(marked, HASH, NEW) == marked  # recorded once
+    for rollout in (Rollout.complete, Rollout.progressing):
+        p = serving.plan(marked, HASH, state(rollout, GOOD))
+        assert (p.target, p.phase, p.reason, p.available) == (
+            GOOD,
+            Phase.failed,
+            "ArtifactCorrupted",
+            "False",
+        )
+        assert "never rolled out" in p.message and GOOD.sha256[:12] in p.message
+    # Nothing served before: no Deployment at all rather than a corrupt one.
+    first = serving.mark_corrupted(passed(last_good=None), HASH, NEW)
+    p = serving.plan(first, HASH, state(Rollout.absent, None, 0))
+    assert (p.target, p.phase, p.reason) == (None, Phase.failed, "ArtifactCorrupted")
+    # Another spec hash producing those bytes is judged afresh.
+    assert serving.plan(marked, "c" * 16, state(Rollout.complete, GOOD)).reason != (
+        "ArtifactCorrupted"
+    )
