@@ -1,22 +1,22 @@
 """What a finished compressor Job produced, and whether to believe it.
 
-The compressor writes a compact result (< 4 KiB) to its termination message;
-the operator reads it from the pod status. "The operator never trusts a result
-it cannot tie to its Job": the message must name the Job's model and spec
-hash, and its URIs must lie under the location the spec asked for.
+The compressor writes a compact result (edgeslim.api.termination, < 4 KiB) to
+its termination message; the operator reads it from the pod status. "The
+operator never trusts a result it cannot tie to its Job": the message, and
+the manifest.json that fills in a short one, must name the Job's model,
+namespace and spec hash, and their URIs must lie under the object's prefix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
 from edgeslim import storage
-from edgeslim.api.base import OpenWireModel
-from edgeslim.api.result import EvaluationFigures, GateVerdict, LatencyFigures, ModelFigures
+from edgeslim.api.result import CompressionResult
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import ArtifactStatus, Phase, Results
+from edgeslim.api.termination import TerminationMessage
+from edgeslim.errors import BadInput
 from edgeslim.operator.jobs import (
     EXIT_BAD_INPUT,
     EXIT_REJECTED,
@@ -32,49 +32,26 @@ class UntrustedResult(Exception):
     """A termination message that cannot be tied to its Job."""
 
 
-class TerminationResult(OpenWireModel):
-    """The compressor's termination message (CompressionResult.summary() + manifestUri).
-
-    Everything but identity and gate is optional: when the summary would not
-    fit in 4 KiB the compressor writes only these, and the manifest has the rest.
-    """
-
-    name: str
-    spec_hash: str
-    gate: GateVerdict
-    manifest_uri: str | None = None
-    artifact: ModelFigures | None = None
-    compression_ratio: float | None = None
-    download_ratio: float | None = None
-    evaluation: EvaluationFigures | None = None
-    latency: LatencyFigures | None = None
-
-    @property
-    def complete(self) -> bool:
-        return None not in (
-            self.artifact,
-            self.compression_ratio,
-            self.download_ratio,
-            self.evaluation,
-        )
-
-
-def parse_message(text: str) -> TerminationResult:
+def parse_message(text: str) -> TerminationMessage:
     try:
-        return TerminationResult.model_validate_json(text)
-    except (ValidationError, ValueError) as exc:
+        return TerminationMessage.parse(text)
+    except ValueError as exc:  # pydantic's ValidationError is one
         raise UntrustedResult(f"termination message is not a compression result: {exc}") from exc
 
 
-def _under(uri: str | None, prefix: str) -> bool:
-    return uri is not None and uri.startswith(prefix.rstrip("/") + "/")
+def verify(result: TerminationMessage, job: JobRef, model: CompressedModel) -> None:
+    """Raises UntrustedResult unless the result belongs to this Job of this model.
 
-
-def verify(result: TerminationResult, job: JobRef, model: CompressedModel) -> None:
-    """Raises UntrustedResult unless the result belongs to this Job of this model."""
+    The one check for a termination message and for what a manifest adds to it.
+    """
     if result.name != job.model or result.name != model.metadata.name:
         raise UntrustedResult(
             f"result names model {result.name!r}, Job {job.name} belongs to {job.model!r}"
+        )
+    namespace = model.metadata.namespace or job.namespace
+    if result.namespace is not None and result.namespace != namespace:
+        raise UntrustedResult(
+            f"result is for namespace {result.namespace!r}, Job {job.name} runs in {namespace!r}"
         )
     if result.spec_hash != job.spec_hash:
         raise UntrustedResult(
@@ -83,22 +60,42 @@ def verify(result: TerminationResult, job: JobRef, model: CompressedModel) -> No
     if model.metadata.uid and job.owner_uid != model.metadata.uid:
         raise UntrustedResult(f"Job {job.name} is not owned by this object (uid)")
     if model.spec.output is not None:
-        prefix = storage.join(model.spec.output.uri, model.metadata.name, job.spec_hash)
+        try:
+            prefix = storage.result_prefix(
+                model.spec.output.uri, model.metadata.namespace, model.metadata.name, job.spec_hash
+            )
+        except BadInput as exc:  # e.g. a Job label that is no spec hash
+            raise UntrustedResult(str(exc)) from exc
         for uri in (result.manifest_uri, result.artifact.uri if result.artifact else None):
-            if uri is not None and not _under(uri, prefix):
-                raise UntrustedResult(f"result URI {uri} is outside {prefix}/")
+            # Parsed, not a string prefix: no '..', no other bucket, no %-escapes.
+            if uri is not None and not storage.within(uri, prefix):
+                raise UntrustedResult(f"result URI {uri} is outside {prefix}")
 
 
-def merge_manifest(result: TerminationResult, manifest: dict) -> TerminationResult:
-    """Fills a short termination message from manifest.json (same keys, camelCase)."""
-    merged = {**manifest, **result.wire()}
-    for key in ("artifact", "compressionRatio", "downloadRatio", "evaluation", "latency"):
-        if key in manifest:
-            merged[key] = manifest[key]
-    parsed = TerminationResult.model_validate(merged)
-    if (parsed.name, parsed.spec_hash) != (result.name, result.spec_hash):
-        raise UntrustedResult("manifest.json names another model or spec hash")
-    return parsed
+def merge_manifest(
+    result: TerminationMessage, manifest: bytes, job: JobRef, model: CompressedModel
+) -> TerminationMessage:
+    """The full result from manifest.json, for a termination message that left figures out.
+
+    The manifest is held to the same checks as the message (:func:`verify`)
+    and must agree with the verdict the message reported.
+    """
+    try:
+        stored = CompressionResult.model_validate_json(manifest)
+    except ValueError as exc:
+        raise UntrustedResult(f"manifest.json is not a compression result: {exc}") from exc
+    full = TerminationMessage.from_result(stored, result.manifest_uri or "", limit=None)
+    try:
+        verify(full, job, model)
+    except UntrustedResult as exc:
+        raise UntrustedResult(f"manifest.json: {exc}") from exc
+    if result.namespace is not None and full.namespace is None:
+        raise UntrustedResult("manifest.json does not name the namespace the result is for")
+    # The message's reason may have been shortened to fit; the verdict may not differ.
+    verdict = (full.gate.passed, full.gate.max_metric_drop)
+    if verdict != (result.gate.passed, result.gate.max_metric_drop):
+        raise UntrustedResult("manifest.json reports another gate verdict than the Job")
+    return full
 
 
 # ----------------------------------------------------------------- the outcome
@@ -111,7 +108,7 @@ class Outcome:
     phase: Phase
     reason: str
     message: str
-    result: TerminationResult | None = None
+    result: TerminationMessage | None = None
 
     @property
     def metric_result(self) -> str:
@@ -132,7 +129,7 @@ def log_tail(text: str) -> str:
     return text[-LOG_TAIL_BYTES:]
 
 
-def artifact_status(result: TerminationResult) -> ArtifactStatus | None:
+def artifact_status(result: TerminationMessage) -> ArtifactStatus | None:
     if result.artifact is None:
         return None
     return ArtifactStatus(
@@ -143,7 +140,7 @@ def artifact_status(result: TerminationResult) -> ArtifactStatus | None:
     )
 
 
-def results_status(result: TerminationResult) -> Results | None:
+def results_status(result: TerminationMessage) -> Results | None:
     if not result.complete:
         return None
     return Results(
@@ -155,7 +152,7 @@ def results_status(result: TerminationResult) -> Results | None:
     )
 
 
-def _trusted(term: Termination, job: JobRef, model: CompressedModel) -> TerminationResult:
+def _trusted(term: Termination, job: JobRef, model: CompressedModel) -> TerminationMessage:
     result = parse_message(term.message)
     verify(result, job, model)
     return result

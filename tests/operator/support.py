@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from edgeslim import storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.operator.names import API_GROUP, API_VERSION, MODEL_LABEL, PLURAL, SPEC_ENV
 from tests.cluster.node_agent import PodOutcome
@@ -202,7 +203,8 @@ def result_message(spec_json: str, *, passed: bool = True) -> str:
     model = CompressedModel.model_validate_json(spec_json)
     h = model.spec.spec_hash()
     out = model.spec.output.uri if model.spec.output else "s3://bench/"
-    prefix = f"{out.rstrip('/')}/{model.metadata.name}/{h}"
+    meta = model.metadata
+    prefix = storage.result_prefix(out, meta.namespace, meta.name, h).rstrip("/")
     return json.dumps(
         {
             "name": model.metadata.name,

@@ -200,7 +200,7 @@ def test_one_event_per_phase_change() -> None:
 
 def summary(m: CompressedModel, **over: object) -> str:
     h = m.spec.spec_hash()
-    prefix = f"s3://models/edge/{m.metadata.name}/{h}"
+    prefix = f"s3://models/edge/vision/{m.metadata.name}/{h}"
     body = {
         "name": m.metadata.name,
         "specHash": h,

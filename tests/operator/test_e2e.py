@@ -84,7 +84,7 @@ def test_compress_change_reject_fail_and_delete(
     assert st["results"]["gate"]["passed"] is True
     assert st["results"]["downloadRatio"] > 1 and "drop" in st["results"]["evaluation"]
     artifact = st["artifact"]
-    assert artifact["uri"] == f"s3://{s3}/edge/digits/{st['specHash']}/model.onnx"
+    assert artifact["uri"] == f"s3://{s3}/edge/{namespace}/digits/{st['specHash']}/model.onnx"
     assert _s3_sha(s3_server, artifact["uri"]) == artifact["sha256"]
     assert artifact["manifestUri"].endswith("/manifest.json")
     [job] = model_jobs(k8s, namespace, "digits")
@@ -127,13 +127,17 @@ def test_compress_change_reject_fail_and_delete(
 
     # Deleting the object takes its Jobs (garbage collector) and, being
     # annotated, its artifacts.
-    assert _keys(s3_server, s3, "edge/digits/")
+    assert _keys(s3_server, s3, f"edge/{namespace}/digits/")
     k8s.custom.delete_namespaced_custom_object(
         "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits"
     )
     wait_until(lambda: not model_jobs(k8s, namespace, "digits"), 60, 0.5, "digits' Jobs to go")
-    wait_until(lambda: not _keys(s3_server, s3, "edge/digits/"), 30, 0.5, "artifacts to go")
-    assert _keys(s3_server, s3, "edge/wrecked/"), "only the annotated object's artifacts go"
+    wait_until(
+        lambda: not _keys(s3_server, s3, f"edge/{namespace}/digits/"), 30, 0.5, "artifacts to go"
+    )
+    assert _keys(s3_server, s3, f"edge/{namespace}/wrecked/"), (
+        "only the annotated object's artifacts go"
+    )
 
     def gone() -> bool:
         try:
