@@ -80,7 +80,7 @@ def test_torchscript_is_converted_to_onnx_with_the_same_outputs(tmp_path: Path) 
     path = tmp_path / "scripted.pt"
     torch.jit.script(module).save(str(path))
     example = {"x": np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)}
-    model = model_io.load_model(path, "scripted.pt", example)
+    model = model_io.load_model(path, "scripted.pt", example, allow_model_code=True)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -91,3 +91,14 @@ def test_torchscript_is_converted_to_onnx_with_the_same_outputs(tmp_path: Path) 
     buffer = io.BytesIO()
     onnx.save(model, buffer)  # serialisable as a normal ONNX file
     assert buffer.tell() > 0
+
+
+def test_torchscript_without_the_opt_in_is_refused_before_any_of_its_code_runs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(_Tiny().eval()).save(str(path))
+    example = {"x": np.zeros((1, 4), np.float32)}
+    with pytest.raises(BadInput, match="runs the model's own code") as info:
+        model_io.load_model(path, "source model scripted.pt", example)
+    assert "allowModelCode: true" in str(info.value) and "\n" not in str(info.value)

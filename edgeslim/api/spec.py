@@ -45,12 +45,20 @@ class Source(WireModel):
     """Where the model to compress lives."""
 
     uri: Uri
-    """Model location: s3://bucket/key, file:///path or a path. ONNX or TorchScript."""
+    """Model location: s3://bucket/key, file:///path or a path. ONNX, or TorchScript
+    with allowModelCode."""
     sha256: Sha256 | None = None
     """Expected sha256 of the file; the download is refused when it differs."""
     credentials_secret: str | None = Field(default=None, pattern=DNS_LABEL, max_length=253)
     """Secret (same namespace) holding AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
     optionally AWS_ENDPOINT_URL / AWS_REGION for s3:// URIs. Used by the operator only."""
+    allow_model_code: bool = False
+    """Run this model's own code. A TorchScript file is a program: loading and converting
+    it to ONNX runs its code, so it is refused unless this is true. When true, the
+    conversion runs inside edgeslim's sandbox: a separate, time-limited process with no
+    credentials or environment, no network, and file access confined to a private scratch
+    folder (Landlock; refused where the kernel cannot confine it). ONNX files are data and
+    never need this."""
 
 
 class Evaluation(WireModel):

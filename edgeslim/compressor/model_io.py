@@ -1,15 +1,16 @@
 """Loading source models safely: ONNX (fully checked) and TorchScript; never pickles.
 
 A pickled PyTorch checkpoint (`torch.save(model)`, a `.pt`/`.pth`/`.bin` file)
-is refused: unpickling it runs whatever code its author put in it. TorchScript
-archives are loaded with `torch.jit.load`, whose loader rebuilds only tensors
-and TorchScript objects, and are turned into ONNX once, at load time, so every
-step after that sees one format.
+is refused: unpickling it runs whatever code its author put in it. A TorchScript
+archive is a program too (`torch.jit.load` runs its `__setstate__`, export runs
+its ops, and ops like `torch.from_file` read and write files), so it is refused
+unless the spec opts in with `allowModelCode: true`; then it is turned into ONNX
+once, at load time, in a confined child process (see `sandbox`), so every step
+after that sees one format and none of the model's code runs in this process.
 """
 
 from __future__ import annotations
 
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -85,54 +86,73 @@ def load_onnx(path: Path, where: str) -> onnx.ModelProto:
     return model
 
 
+MODEL_CODE_ADVICE = (
+    "it is a TorchScript archive, and loading and converting one runs the model's own "
+    "code, so edgeslim refuses it by default. Export it to ONNX (torch.onnx.export) and "
+    "point the uri at that, or set allowModelCode: true on this source to run its code "
+    "inside edgeslim's sandbox"
+)
+
+
 def load_torchscript(path: Path, where: str, example: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """TorchScript -> ONNX, traced with one batch of the evaluation data as example input."""
-    import io
+    """TorchScript -> ONNX in a confined child process, traced with one batch of the
+    evaluation data as example input. The result is checked like any ONNX source."""
+    from onnx.external_data_helper import uses_external_data
 
-    import torch
+    from edgeslim.compressor import sandbox
+    from edgeslim.compressor.graph import iter_graphs
 
+    data = sandbox.torchscript_to_onnx(path, where, example)
     try:
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-    except RuntimeError as exc:
-        raise BadInput(f"{where}: not a loadable TorchScript archive ({exc})") from exc
-    names = list(example)
-    args = tuple(torch.from_numpy(example[n]) for n in names)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                module,
-                args,
-                buffer,
-                input_names=names,
-                output_names=["output"],
-                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-        except Exception as exc:
-            raise BadInput(
-                f"{where}: TorchScript model could not be converted to ONNX: {exc}"
-            ) from exc
-    return onnx.load_from_string(buffer.getvalue())
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{where}: the TorchScript conversion returned invalid ONNX") from exc
+    for graph in iter_graphs(model.graph):
+        if any(uses_external_data(t) for t in graph.initializer):
+            raise BadInput(f"{where}: the TorchScript conversion returned external data")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{where}: ONNX check of the converted model failed: {first}") from exc
+    return model
 
 
 def load_model(
-    path: Path, where: str, example: dict[str, np.ndarray] | None = None
+    path: Path,
+    where: str,
+    example: dict[str, np.ndarray] | None = None,
+    *,
+    allow_model_code: bool = False,
 ) -> onnx.ModelProto:
-    """A checked ONNX model from an ONNX or TorchScript file; BadInput for anything else."""
+    """A checked ONNX model from an ONNX or TorchScript file; BadInput for anything else.
+
+    A TorchScript file is refused unless `allow_model_code` (the source's
+    `allowModelCode`) says its code may run, confined, in a child process.
+    """
     kind = sniff(path)
     if kind == "pickle":
         raise BadInput(f"{where}: {PICKLE_ADVICE}")
     if kind == "torchscript":
+        if not allow_model_code:
+            raise BadInput(f"{where}: {MODEL_CODE_ADVICE}")
         if example is None:
             raise BadInput(f"{where}: a TorchScript model needs the evaluation dataset to trace it")
         return load_torchscript(path, where, example)
     return load_onnx(path, where)
 
 
-def read_npz_example(path: Path) -> dict[str, np.ndarray]:
-    """The first sample of every input array of an .npz (labels dropped), for tracing."""
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k][:1] for k in npz.files if k != "y"}
+def read_npz_example(path: Path, where: str | None = None) -> dict[str, np.ndarray]:
+    """The first sample of every input array of an .npz (labels dropped), for tracing.
+
+    The same checked reader as the datasets (sizes before reading, no object
+    arrays), reading one row of each array; a scalar array is BadInput.
+    """
+    from edgeslim.compressor.datasets import LABELS, read
+
+    where = where or str(path)
+    arrays = read(path, where, rows=1, skip={LABELS})
+    for name, array in arrays.items():
+        if array.ndim == 0:
+            raise BadInput(f"dataset {where}: array {name!r} is a scalar; first axis = samples")
+    return arrays
