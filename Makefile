@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # reinstalls and an unchanged checkout costs nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv demo test test-fast lint controlplane cluster bench bench-serving bench-operator crd clean
+.PHONY: venv demo test test-fast lint controlplane cluster bench bench-serving bench-operator bench-chaos crd clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,12 @@ bench-serving: venv
 
 bench-operator: venv controlplane
 	$(BIN)/python bench/operator_scale.py --n 100 --n 1000
+
+# Faults (operator SIGKILL, S3 down mid-upload, kube-apiserver restart, a
+# corrupted artifact) on the test bed: duplicate Jobs, lost results, partial
+# artifacts, objects not final.
+bench-chaos: venv controlplane
+	$(BIN)/python bench/chaos.py
 
 # Regenerate the CRD (and the chart's copy) from the pydantic models.
 crd: venv
