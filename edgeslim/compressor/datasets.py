@@ -1,14 +1,15 @@
 """Evaluation / training data: `.npz` files bound to a model's inputs.
 
 One array per model input, named after it (a single-input model may use `x`),
-first axis = samples, plus optional labels `y`. Files are loaded with
-`allow_pickle=False`: an .npz can carry pickled object arrays, and unpickling
-an untrusted file runs arbitrary code.
+first axis = samples, plus optional labels `y`. Files are read by
+`edgeslim.compressor.npz`, which checks every declared size against the limits
+before inflating anything and refuses pickled object arrays (unpickling an
+untrusted file runs arbitrary code) without unpickling them.
 """
 
 from __future__ import annotations
 
-import zipfile
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edgeslim.compressor.npz import read_npz
 from edgeslim.errors import BadInput
 
 LABELS = "y"
@@ -76,15 +78,15 @@ def load(path: Path, model: onnx.ModelProto, source: str | None = None) -> Datas
     return bind(read(path, where), model, where)
 
 
-def read(path: Path, where: str) -> dict[str, np.ndarray]:
-    """Every array of an .npz, by name, refusing pickled object arrays."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(
-            f"dataset {where}: not a readable .npz without pickled objects ({exc})"
-        ) from exc
+def read(
+    path: Path, where: str, *, rows: int | None = None, skip: Container[str] = ()
+) -> dict[str, np.ndarray]:
+    """Every array of an .npz by name (only the first `rows` rows with `rows`; `skip` unread).
+
+    Sizes are checked before reading and object arrays refused (see
+    `edgeslim.compressor.npz`); BadInput names the file and the problem.
+    """
+    return read_npz(path, where, rows=rows, skip=skip)
 
 
 def bind(arrays: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> Dataset:
@@ -107,10 +109,14 @@ def bind(arrays: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> D
     counts = set()
     for spec in specs:
         arr = arrays[spec.name]
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d > 0 and d != got
-            for i, (d, got) in enumerate(zip(spec.shape, arr.shape, strict=False))
-            if i > 0
+        if (
+            arr.ndim == 0
+            or arr.ndim != len(spec.shape)
+            or any(
+                isinstance(d, int) and d > 0 and d != got
+                for i, (d, got) in enumerate(zip(spec.shape, arr.shape, strict=False))
+                if i > 0
+            )
         ):
             raise BadInput(
                 f"dataset {where}: input {spec.name!r} has shape {list(arr.shape)}, "
@@ -127,6 +133,12 @@ def bind(arrays: dict[str, np.ndarray], model: onnx.ModelProto, where: str) -> D
         bound[spec.name] = arr
         counts.add(len(arr))
     if labels is not None:
+        # One label per sample: the metrics compare them with one argmax per sample.
+        if labels.ndim == 0 or labels.size != len(labels):
+            raise BadInput(
+                f"dataset {where}: labels {LABELS} have shape {list(labels.shape)}; "
+                "expected one label per sample"
+            )
         counts.add(len(labels))
     if len(counts) != 1 or 0 in counts:
         raise BadInput(

@@ -27,18 +27,47 @@ from edgeslim.errors import BadInput
 WARMUP_RUNS = 10
 
 
-def session(model: onnx.ModelProto | bytes | Path, threads: int = 1):
+def runtime_errors() -> tuple[type[BaseException], ...]:
+    """What onnxruntime raises when it refuses a model (Fail, InvalidGraph, NotImplemented, ...).
+
+    Its pybind classes derive from Exception, not RuntimeError, so they are
+    collected from the module rather than listed (the set grows between releases).
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    found = [c for c in vars(state).values() if isinstance(c, type) and issubclass(c, Exception)]
+    return (*found, RuntimeError)
+
+
+def session(model: onnx.ModelProto | bytes | Path, threads: int = 1, *, where: str | None = None):
+    """An onnxruntime session on one CPU thread (or `threads`).
+
+    `where` marks a model someone handed us (the source, a teacher): then
+    onnxruntime refusing it is BadInput naming it rather than our crash.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
-    )
+    try:
+        if isinstance(model, onnx.ModelProto):
+            model = model.SerializeToString()
+        return ort.InferenceSession(
+            model if isinstance(model, bytes) else str(model),
+            opts,
+            providers=["CPUExecutionProvider"],
+        )
+    except (*runtime_errors(), ValueError) as exc:
+        if where is None:
+            raise
+        raise BadInput(f"{where}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _batch_size(sess, wanted: int) -> int:

@@ -69,21 +69,69 @@ def _check_external_data(model: onnx.ModelProto, base: Path, where: str) -> None
                 )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_onnx(path: Path, where: str) -> onnx.ModelProto:
+    """A model every later step can trust, or BadInput naming what is wrong with the file.
+
+    In order: it parses; external data stays in its folder; every stored
+    tensor holds the bytes its dims declare, within the per-tensor limit; the
+    full checker passes; no statically known tensor exceeds the limit; its
+    inputs are tensors; and onnxruntime builds a session from it. Each failure
+    here comes from the file, so each is BadInput; MemoryError is left alone,
+    since the size checks exist to make it impossible and it should stay visible.
+    """
+    from edgeslim.compressor import evaluate, tensor_sizes
+
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # protobuf and onnx raise several types on a malformed file
         raise BadInput(f"{where}: not a valid ONNX file ({type(exc).__name__}: {exc})") from exc
     if not model.graph.node:
         raise BadInput(f"{where}: not a valid ONNX model (the graph has no nodes)")
     _check_external_data(model, path.parent, where)
-    onnx.load_external_data_for_model(model, str(path.parent))
     try:
-        onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{where}: ONNX check failed: {first}") from exc
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{where}: cannot read its external data ({_first_line(exc)})") from exc
+    tensor_sizes.check_stored(model, where)
+    try:
+        # check_model(full_check=True) is this pair; the inferred copy is kept for the size check.
+        onnx.checker.check_model(model)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # ValidationError, InferenceError, and whatever else a bad file hits
+        raise BadInput(f"{where}: ONNX check failed: {_first_line(exc)}") from exc
+    tensor_sizes.check_inferred(inferred, where)
+    del inferred
+    _check_inputs(model, where)
+    evaluate.session(path, where=where)  # onnxruntime's own load checks (ops, kernels, types)
     return model
+
+
+def _check_inputs(model: onnx.ModelProto, where: str) -> None:
+    """Graph inputs are what the .npz feeds: they must be tensors of a known type."""
+    from edgeslim.compressor import tensor_sizes
+
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        kind = inp.type.WhichOneof("value")
+        if (
+            kind != "tensor_type"
+            or tensor_sizes.element_bits(inp.type.tensor_type.elem_type) is None
+        ):
+            raise BadInput(
+                f"{where}: input {inp.name!r} is not a numeric tensor ({kind or 'no type'}); "
+                "edgeslim feeds model inputs from .npz arrays"
+            )
 
 
 MODEL_CODE_ADVICE = (
