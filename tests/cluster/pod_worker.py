@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import pod_env
@@ -46,6 +47,7 @@ FALLBACK_LOG_BYTES = 2048
 POLL_INTERVAL = 0.1
 PROBE_INTERVAL = 0.5
 MAX_RESTART_BACKOFF = 10.0
+STATUS_ATTEMPTS = 240  # 0.5 s apart: two minutes of API-server outage
 
 
 @dataclass(frozen=True)
@@ -557,13 +559,23 @@ class PodWorker(threading.Thread):
         """
         body = {"metadata": {"uid": self.uid}, "status": self._status()}
         try:
-            self.agent.core.patch_namespaced_pod_status(
-                self.pod_name,
-                self.namespace,
-                body,
-                _content_type="application/strategic-merge-patch+json",
-                _preload_content=False,
-            )
+            # Like a kubelet, keep trying while the API server is unreachable (it
+            # restarts, say): a status that never lands would leave the Job
+            # running forever, which no real node does.
+            for attempt in range(STATUS_ATTEMPTS):
+                try:
+                    self.agent.core.patch_namespaced_pod_status(
+                        self.pod_name,
+                        self.namespace,
+                        body,
+                        _content_type="application/strategic-merge-patch+json",
+                        _preload_content=False,
+                    )
+                    break
+                except (urllib3.exceptions.HTTPError, OSError):
+                    if attempt + 1 == STATUS_ATTEMPTS:
+                        raise
+                    time.sleep(0.5)
         except ApiException as e:
             # 404: gone; 422 naming metadata.uid: the name now belongs to a new pod.
             replaced = e.status == 422 and "metadata.uid" in str(e.body)
