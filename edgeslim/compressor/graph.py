@@ -36,14 +36,29 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 
     Exporters often write weights as Constant nodes; steps only look at
     initializers, so without this they would silently skip those weights.
+    A node the move could make invalid (not exactly one tensor `value`, no
+    output name, a name an input or initializer already holds) stays a node:
+    the source was checked as it is, and this must never turn a valid graph
+    into one the checker or onnxruntime refuses.
     Returns how many nodes were converted.
     """
     converted = 0
     for graph in iter_graphs(model.graph):
+        taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
         keep = []
         for node in graph.node:
             value = next((a for a in node.attribute if a.name == "value"), None)
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            if (
+                node.op_type == "Constant"
+                and node.domain in ("", "ai.onnx")
+                and value is not None
+                and value.type == onnx.AttributeProto.TENSOR
+                and len(node.attribute) == 1
+                and len(node.output) == 1
+                and node.output[0]
+                and node.output[0] not in taken
+            ):
+                taken.add(node.output[0])
                 tensor = onnx.TensorProto()
                 tensor.CopyFrom(value.t)
                 tensor.name = node.output[0]
