@@ -28,6 +28,7 @@ from edgeslim.api.result import (
     StepRecord,
 )
 from edgeslim.api.spec import CompressedModel, Evaluation
+from edgeslim.api.termination import TerminationMessage
 from edgeslim.compressor import datasets, evaluate, graph, model_io, steps
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.errors import BadInput
@@ -36,7 +37,6 @@ MODEL_FILE = "model.onnx"
 # A rejected artifact is kept for inspection under a name no deployer looks for.
 REJECTED_MODEL_FILE = "model.rejected.onnx"
 MANIFEST_FILE = "manifest.json"
-TERMINATION_MESSAGE_LIMIT = 4096
 # A manifest is a few KiB; anything far bigger at that name is not ours to parse.
 MANIFEST_MAX_BYTES = 4 * 1024 * 1024
 
@@ -405,7 +405,7 @@ def reuse_mismatch(
     except BadInput:
         same_file = False
     if not (same_file and storage.within(uri, prefix)):
-        return f"names an artifact outside its own prefix ({uri})"
+        return f"names artifact {uri}, not its own {expected}"
     if not stored.inputs:
         return "does not record the content of its inputs"
     before = {(i.uri, i.sha256) for i in stored.inputs}
@@ -471,9 +471,6 @@ def write_termination_message(outcome: Outcome) -> Path | None:
         if not default.exists():
             return None
         path = str(default)
-    summary = {**outcome.result.summary(), "manifestUri": outcome.manifest_uri}
-    data = json.dumps(summary, separators=(",", ":"))
-    if len(data) > TERMINATION_MESSAGE_LIMIT:
-        data = json.dumps({k: summary[k] for k in ("name", "specHash", "gate", "manifestUri")})
-    Path(path).write_text(data)
+    message = TerminationMessage.from_result(outcome.result, outcome.manifest_uri)
+    Path(path).write_bytes(message.text().encode())
     return Path(path)
