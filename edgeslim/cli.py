@@ -17,27 +17,12 @@ import yaml
 from pydantic import ValidationError
 
 from edgeslim import __version__
+from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.redact import redact
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REJECTED = 0, 1, 2, 3
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """'spec.pipeline[0].prune.sparsity: Input should be less than 1' for the first error."""
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ""
-        for item in err["loc"]:
-            if isinstance(item, int):
-                loc += f"[{item}]"
-            elif not str(item).startswith(("function-", "model-")):
-                loc += f".{item}" if loc else str(item)
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    more = len(exc.errors()) - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 def load_spec(path: Path) -> CompressedModel:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
-from edgeslim.cli import format_validation_error
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits" / "digits.yaml"
 

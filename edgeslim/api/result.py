@@ -108,16 +108,3 @@ class CompressionResult(OpenWireModel):
     inputs: list[InputIdentity] = Field(default_factory=list)
     """Every file the result was computed from, with the content identity of the bytes
     used; a stored result is reused only while all of them are unchanged."""
-
-    def summary(self) -> dict[str, Any]:
-        """A compact form (< 4 KiB) for the pod's termination message and status."""
-        return {
-            "name": self.name,
-            "specHash": self.spec_hash,
-            "artifact": self.artifact.wire(),
-            "compressionRatio": round(self.compression_ratio, 4),
-            "downloadRatio": round(self.download_ratio, 4),
-            "evaluation": self.evaluation.wire(),
-            "latency": self.latency.wire(),
-            "gate": self.gate.wire(),
-        }

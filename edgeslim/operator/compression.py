@@ -8,7 +8,6 @@ gate with `spec.deployment` set hands over to `rollout`.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from kubernetes.client.exceptions import ApiException
@@ -350,7 +349,11 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
     deploy = out.phase is Phase.ready and model.spec.deployment is not None
     result = out.result
     if result is not None and not result.complete and result.manifest_uri:
-        result = _with_manifest(rt, model, result)
+        try:
+            result = _with_manifest(rt, model, result, ref)
+        except results.UntrustedResult as exc:
+            out, result = results.Outcome(Phase.failed, "UntrustedResult", str(exc)), None
+            deploy = False
     transition = Transition(
         Phase.deploying if deploy else out.phase,
         out.reason,
@@ -379,18 +382,22 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
 
 
 def _with_manifest(
-    rt: Runtime, model: CompressedModel, result: results.TerminationResult
-) -> results.TerminationResult:
-    """A short termination message names the manifest; read the figures from it."""
+    rt: Runtime, model: CompressedModel, result: results.TerminationMessage, ref: jobs.JobRef
+) -> results.TerminationMessage:
+    """A short termination message names the manifest; read the figures from it.
+
+    A manifest that cannot be read leaves the short result as it is (the
+    figures stay unknown); one that fails verification raises UntrustedResult.
+    """
     try:
         with storage_credentials(rt, model):
             raw = storage.read_bytes(
                 result.manifest_uri or "", max_bytes=MANIFEST_MAX_BYTES, what="manifest"
             )
-        return results.merge_manifest(result, json.loads(raw))
-    except (BadInput, StorageUnavailable, ValueError, results.UntrustedResult) as exc:
+    except (BadInput, StorageUnavailable) as exc:
         log.warning("%s: manifest %s not read: %s", model.metadata.name, result.manifest_uri, exc)
         return result
+    return results.merge_manifest(result, raw, ref, model)
 
 
 def resync(rt: Runtime) -> None:

@@ -141,7 +141,8 @@ def artifact_status(result: TerminationMessage) -> ArtifactStatus | None:
 
 
 def results_status(result: TerminationMessage) -> Results | None:
-    if not result.complete:
+    """status.results, when the result carries its figures (latency may be missing)."""
+    if None in (result.compression_ratio, result.download_ratio, result.evaluation):
         return None
     return Results(
         compression_ratio=result.compression_ratio,

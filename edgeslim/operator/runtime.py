@@ -18,9 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from edgeslim import metrics, storage
+from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
-from edgeslim.cli import format_validation_error
 from edgeslim.errors import BadInput
 from edgeslim.operator import events, jobs, status
 from edgeslim.operator.kube import Conflict, Kube

@@ -4,6 +4,7 @@ that completes compressor pods at once with a valid result."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,9 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from edgeslim import storage
+from edgeslim.api.result import EvaluationFigures, GateVerdict, LatencyFigures, ModelFigures
 from edgeslim.api.spec import CompressedModel
+from edgeslim.api.termination import TerminationMessage
 from edgeslim.operator.names import API_GROUP, API_VERSION, MODEL_LABEL, PLURAL, SPEC_ENV
 from tests.cluster.node_agent import PodOutcome
 from tests.cluster.processes import free_port, spawn, stop_group, tail, urlopen_direct, wait_until
@@ -198,47 +201,40 @@ def condition(obj: Obj, kind: str) -> Obj:
 # ---------------------------------------------------------------- pod hook
 
 
-def result_message(spec_json: str, *, passed: bool = True) -> str:
-    """A termination message as the compressor writes it, for the spec a pod carries."""
+def result_message(spec_json: str, *, passed: bool = True, artifact: bytes | None = None) -> str:
+    """A termination message as the compressor writes it, for the spec a pod carries
+    (describing `artifact`'s bytes when given)."""
     model = CompressedModel.model_validate_json(spec_json)
     h = model.spec.spec_hash()
     out = model.spec.output.uri if model.spec.output else "s3://bench/"
-    meta = model.metadata
-    prefix = storage.result_prefix(out, meta.namespace, meta.name, h).rstrip("/")
-    return json.dumps(
-        {
-            "name": model.metadata.name,
-            "specHash": h,
-            "artifact": {
-                "uri": f"{prefix}/model.onnx",
-                "sha256": "0" * 64,
-                "sizeBytes": 25_000,
-                "gzipSizeBytes": 20_000,
-                "parameters": 1000,
-                "sparsity": 0.0,
-            },
-            "compressionRatio": 3.9,
-            "downloadRatio": 4.1,
-            "evaluation": {
-                "metric": "accuracy",
-                "samples": 360,
-                "baseline": 0.98,
-                "compressed": 0.975,
-                "drop": 0.005,
-            },
-            "latency": {
-                "sourceP50Ms": 0.2,
-                "sourceP95Ms": 0.3,
-                "compressedP50Ms": 0.1,
-                "compressedP95Ms": 0.2,
-                "speedup": 2.0,
-                "slower": False,
-            },
-            "gate": {"passed": passed, "maxMetricDrop": 0.01, "reason": "bench"},
-            "manifestUri": f"{prefix}/manifest.json",
-        },
-        separators=(",", ":"),
-    )
+    prefix = storage.result_prefix(out, model.metadata.namespace, model.metadata.name, h)
+    return TerminationMessage(
+        name=model.metadata.name,
+        namespace=model.metadata.namespace,
+        spec_hash=h,
+        artifact=ModelFigures(
+            uri=storage.join(prefix, "model.onnx"),
+            sha256=hashlib.sha256(artifact).hexdigest() if artifact is not None else "0" * 64,
+            size_bytes=len(artifact) if artifact is not None else 25_000,
+            gzip_size_bytes=20_000,
+            parameters=1000,
+        ),
+        compression_ratio=3.9,
+        download_ratio=4.1,
+        evaluation=EvaluationFigures(
+            metric="accuracy", samples=360, baseline=0.98, compressed=0.975, drop=0.005
+        ),
+        latency=LatencyFigures(
+            source_p50_ms=0.2,
+            source_p95_ms=0.3,
+            compressed_p50_ms=0.1,
+            compressed_p95_ms=0.2,
+            speedup=2.0,
+            slower=False,
+        ),
+        gate=GateVerdict(passed=passed, max_metric_drop=0.01, reason="bench"),
+        manifest_uri=storage.join(prefix, "manifest.json"),
+    ).text()
 
 
 def instant_result_hook(

@@ -7,8 +7,11 @@ import json
 
 import pytest
 
+from edgeslim import storage
+from edgeslim.api.result import EvaluationFigures, GateVerdict, ModelFigures
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import Phase
+from edgeslim.api.termination import TerminationMessage
 from edgeslim.operator import events, jobs, podspec, queue, results, status
 from edgeslim.operator.names import KUEUE_QUEUE_LABEL, MODEL_LABEL, SPEC_HASH_LABEL, job_name
 from edgeslim.operator.settings import Settings
@@ -198,27 +201,29 @@ def test_one_event_per_phase_change() -> None:
 # ----------------------------------------------------------- results
 
 
-def summary(m: CompressedModel, **over: object) -> str:
+def message(m: CompressedModel, **over: object) -> TerminationMessage:
+    """The termination message the compressor writes for `m` (fields replaced by `over`)."""
     h = m.spec.spec_hash()
-    prefix = f"s3://models/edge/vision/{m.metadata.name}/{h}"
-    body = {
-        "name": m.metadata.name,
-        "specHash": h,
-        "artifact": {"uri": f"{prefix}/model.onnx", "sha256": "a" * 64, "sizeBytes": 10},
-        "compressionRatio": 3.9,
-        "downloadRatio": 4.2,
-        "evaluation": {
-            "metric": "accuracy",
-            "samples": 9,
-            "baseline": 0.9,
-            "compressed": 0.89,
-            "drop": 0.01,
-        },
-        "gate": {"passed": True, "maxMetricDrop": 0.02, "reason": "ok"},
-        "manifestUri": f"{prefix}/manifest.json",
-        **over,
-    }
-    return json.dumps(body)
+    prefix = storage.result_prefix("s3://models/edge/", m.metadata.namespace, m.metadata.name, h)
+    return TerminationMessage(
+        name=m.metadata.name,
+        namespace=m.metadata.namespace,
+        spec_hash=h,
+        artifact=ModelFigures(
+            uri=storage.join(prefix, "model.onnx"), sha256="a" * 64, size_bytes=10
+        ),
+        compression_ratio=3.9,
+        download_ratio=4.2,
+        evaluation=EvaluationFigures(
+            metric="accuracy", samples=9, baseline=0.9, compressed=0.89, drop=0.01
+        ),
+        gate=GateVerdict(passed=True, max_metric_drop=0.02, reason="ok"),
+        manifest_uri=storage.join(prefix, "manifest.json"),
+    ).model_copy(update=over)
+
+
+def summary(m: CompressedModel, **over: object) -> str:
+    return message(m, **over).text()
 
 
 def ref(m: CompressedModel, spec_hash: str | None = None) -> jobs.JobRef:
@@ -241,9 +246,10 @@ def test_a_verified_result_makes_the_model_ready() -> None:
 @pytest.mark.parametrize(
     "over",
     [
-        {"specHash": "ffffffffffffffff"},
+        {"spec_hash": "ffffffffffffffff"},
         {"name": "someone-else"},
-        {"manifestUri": "s3://elsewhere/digits-cnn/x/manifest.json"},
+        {"namespace": "other-team"},
+        {"manifest_uri": "s3://elsewhere/digits-cnn/x/manifest.json"},
     ],
 )
 def test_a_result_that_is_not_this_jobs_is_refused(over: dict) -> None:
@@ -261,7 +267,7 @@ def test_a_job_owned_by_another_object_is_refused() -> None:
 
 def test_exit_codes_decide_rejected_and_invalid_spec() -> None:
     m = model()
-    gate = {"passed": False, "maxMetricDrop": 0.02, "reason": "drop too big"}
+    gate = GateVerdict(passed=False, max_metric_drop=0.02, reason="drop too big")
     rejected = results.outcome(
         jobs.JobState.failed, "PodFailurePolicy", [term(3, summary(m, gate=gate))], ref(m), m
     )

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgeslim.api.termination import TerminationMessage
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent, PodOutcome
 from tests.cluster.processes import urlopen_direct, wait_until
@@ -64,15 +65,11 @@ def compressor_hook(s3_server: Any, artifact: bytes):
         if labels.get("app.kubernetes.io/component") != "compressor":
             return None  # serving pods run for real
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-        message = json.loads(result_message(env["EDGESLIM_SPEC"]))
-        uri = message["artifact"]["uri"]
+        message = result_message(env["EDGESLIM_SPEC"], artifact=artifact)
+        uri = TerminationMessage.parse(message).artifact.uri
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         s3_server.client().put_object(Bucket=bucket, Key=key, Body=artifact)
-        message["artifact"] |= {
-            "sha256": hashlib.sha256(artifact).hexdigest(),
-            "sizeBytes": len(artifact),
-        }
-        return PodOutcome(0, json.dumps(message))
+        return PodOutcome(0, message)
 
     return hook
 
