@@ -405,7 +405,7 @@ def reuse_mismatch(
     except BadInput:
         same_file = False
     if not (same_file and storage.within(uri, prefix)):
-        return f"names an artifact outside its own prefix ({uri})"
+        return f"names artifact {uri}, not its own {expected}"
     if not stored.inputs:
         return "does not record the content of its inputs"
     before = {(i.uri, i.sha256) for i in stored.inputs}
