@@ -202,11 +202,13 @@ def compress(
     log: Callable[[str], None] = lambda _msg: None,
     reuse: bool = True,
 ) -> Outcome:
-    """Run the spec's pipeline and write its result under <output>/<name>/<spec-hash>/.
+    """Run the spec's pipeline and write its result under storage.result_prefix
+    (<output>/<namespace>/<name>/<spec-hash>/; namespace `default` without one).
 
-    With `reuse`, a complete result already stored for this spec hash is
-    returned as it is: a retried Job or a rerun never recomputes it, and an
-    artifact that pods may be serving is never replaced by different bytes.
+    With `reuse`, a complete result already stored there for the same input
+    bytes is returned as it is: a retried Job or a rerun never recomputes it,
+    and an artifact that pods may be serving is never replaced by different
+    bytes. Inputs with new content at the same URIs are computed again.
     """
     spec = obj.spec
     progress = progress or steps.NullProgress()
