@@ -425,29 +425,26 @@ def test_structured_sparsity_zero_leaves_model_unchanged(cnn):
     assert "structured: sparsity 1.0% removes no channel" in out.notes
 
 
-@pytest.mark.parametrize(
-    ("tail", "reasons"),
-    [
-        (
-            "depthwise",
-            [
-                "skipped conv1: it feeds grouped/depthwise Conv dw",
-                "skipped dw: grouped/depthwise Conv",
-            ],
-        ),
-        (
-            "concat",
-            ["skipped conv1: its output reaches Concat concat, which cannot follow the cut"],
-        ),
-    ],
-)
-def test_structured_skips_layers_whose_consumers_cannot_follow(tail, reasons):
+@pytest.mark.parametrize("tail", ["depthwise", "concat"])
+def test_structured_follows_depthwise_and_concat(tail):
     model = blocked_model(tail)
+    w = weights(model)["w1"].copy()
+    w[1::2] = 0  # dead channels: removing them must not change the output
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w1"))
     out = prune(model, method="structured", sparsity=0.5)
-    assert out.model is model
-    for reason in reasons:
-        assert reason in out.notes
+    pruned = weights(out.model)
+    assert pruned["w1"].shape == (4, 1, 3, 3)
+    if tail == "depthwise":  # the depthwise filters go with their input channels
+        assert pruned["dw"].shape == (4, 1, 3, 3)
+        dw = next(n for n in out.model.graph.node if n.name == "dw")
+        assert helper.get_attribute_value(dw.attribute[0]) == 4  # group follows
+        assert "removed 4/8 channels of conv1, dw" in out.notes
+    else:  # both copies of each channel in the Concat are removed
+        assert pruned["fc_w"].shape == (8, 4)
     assert "skipped fc: its output is a graph output" in out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    x = RNG.normal(size=(2, 1, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(out.model, x=x), run(model, x=x), atol=1e-5)
 
 
 def test_structured_batchnorm_is_sliced_exactly():
@@ -475,19 +472,20 @@ def test_structured_matmul_mlp_through_gelu_is_exact():
     np.testing.assert_allclose(run(out.model, input=x), run(model, input=x), atol=1e-5)
 
 
-def test_structured_skips_residual_layers():
+def test_structured_prunes_a_residual_stream_as_one_group():
     torch.manual_seed(3)
-    model = export(Residual(), torch.randn(1, 3, 6, 6))
+    module = Residual()
+    zero_odd_outputs(module.conv1, module.conv2, module.conv3)
+    model = export(module, torch.randn(1, 3, 6, 6))
     out = prune(model, method="structured", sparsity=0.5)
-    skipped = [n for n in out.notes if n.startswith("skipped")]
-    assert any("/conv1/Conv" in n and "residual" in n for n in skipped), out.notes
-    assert any("/conv2/Conv" in n and "residual" in n for n in skipped), out.notes
-    assert weight_of(out.model, "/conv1/Conv").shape == (8, 3, 3, 3)
-    assert weight_of(out.model, "/conv2/Conv").shape == (8, 8, 3, 3)
-    # conv3 -> Relu -> ReduceMean(2, 3) -> Linear is fine.
-    assert weight_of(out.model, "/conv3/Conv").shape == (8, 8, 3, 3)
+    # conv1 and conv2 write the same stream (conv2(y) + y): one group, same channels.
+    assert "removed 4/8 channels of /conv1/Conv, /conv2/Conv" in out.notes
+    assert weight_of(out.model, "/conv1/Conv").shape == (4, 3, 3, 3)
+    assert weight_of(out.model, "/conv2/Conv").shape == (4, 4, 3, 3)
+    assert weight_of(out.model, "/conv3/Conv").shape == (8, 4, 3, 3)
+    assert weight_of(out.model, "/fc/Gemm").shape == (4, 8)
     x = RNG.normal(size=(2, 3, 6, 6)).astype(np.float32)
-    assert run(out.model, input=x).shape == (2, 4)
+    np.testing.assert_allclose(run(out.model, input=x), run(model, input=x), atol=1e-5)
 
 
 def test_structured_excluded_layers_and_their_inputs_are_untouched(cnn):

@@ -93,6 +93,7 @@ class PruneMethod(StrEnum):
 class Criterion(StrEnum):
     l1 = "l1"
     l2 = "l2"
+    activation = "activation"
 
 
 class PruneScope(StrEnum):
@@ -110,10 +111,18 @@ class PruneConfig(WireModel):
     sparsity: float = Field(ge=0, lt=1)
     """Target share of weights (magnitude) or of prunable channels (structured) removed."""
     criterion: Criterion = Criterion.l1
-    """Importance of a weight or channel: L1 or L2 norm."""
+    """Importance of a weight or channel: L1 or L2 norm of its weights, or (structured
+    only) activation: Wanda-style |W| times the L2 norm of its input on calibration data."""
     scope: PruneScope = PruneScope.layer
-    """magnitude only: one threshold for all layers (global) or the same sparsity in
-    every layer (layer)."""
+    """One threshold for all layers or groups, ranked across the model (global), or the
+    same sparsity in every layer or group (layer)."""
+    min_channels: int = Field(default=1, ge=1, le=1_000_000)
+    """structured only: channels (or heads) every group keeps whatever the sparsity."""
+    calibration_dataset: Uri | None = None
+    """criterion activation only: defaults to the last distill dataset, else the
+    evaluation dataset."""
+    calibration_samples: int = Field(default=128, ge=1, le=1_000_000)
+    """criterion activation only: samples fed through the model to measure activations."""
     exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000)
     """Node names whose weights are never pruned."""
 

@@ -3,7 +3,8 @@
 Works on the ONNX graph directly, so it needs neither torch nor the model's
 source code. Magnitude pruning keeps every shape and only makes weights zero
 (the file compresses better, latency is unchanged); structured pruning makes
-layers narrower and is implemented in `prune_structured`.
+layers narrower: `prune_groups` finds the channels that must go together,
+`prune_importance` ranks them and `prune_apply` cuts them out.
 
 Weights inside If/Loop/Scan bodies are never touched, only reported: their
 consumers live in another scope, which this step does not trace.
@@ -20,7 +21,10 @@ from onnx import numpy_helper
 
 from edgeslim.api.spec import Criterion, PruneConfig, PruneMethod, PruneScope
 from edgeslim.compressor import graph as g
-from edgeslim.compressor import prune_structured as ps
+from edgeslim.compressor import prune_apply as pa
+from edgeslim.compressor import prune_groups as pg
+from edgeslim.compressor import prune_importance as pi
+from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.steps import StepContext, StepOutput
 from edgeslim.errors import BadInput
 
@@ -54,13 +58,29 @@ class Prune:
         if self.config.method is PruneMethod.magnitude:
             changed = prune_magnitude(work, self.config, excluded, notes)
         else:
-            changed = prune_structured(work, self.config, excluded, notes)
+            calibration = self.calibration(model, ctx, notes)
+            changed = prune_structured(work, self.config, excluded, notes, calibration)
         if not changed:
             return StepOutput(model=model, notes=notes)
 
         g.strip_value_info(work)  # intermediate shapes are stale after structured pruning
         validate(work, model)
         return StepOutput(model=work, notes=notes)
+
+    def calibration(
+        self, model: onnx.ModelProto, ctx: StepContext | None, notes: list[str]
+    ) -> Dataset | None:
+        """Calibration samples for activation importance (None for weight criteria)."""
+        if self.config.criterion is not Criterion.activation:
+            return None
+        if ctx is None:
+            raise BadInput("prune.criterion activation needs calibration data")
+        uri = (
+            self.config.calibration_dataset or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
+        )
+        data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
+        notes.append(f"activation importance from {len(data)} samples of {uri}")
+        return data
 
 
 def check_excludes(model: onnx.ModelProto, excluded: set[str]) -> None:
@@ -128,10 +148,10 @@ def magnitude_targets(graph: onnx.GraphProto, excluded: set[str], notes: list[st
         init = inits[t.name]
         if any(n.name in excluded for n in t.nodes):
             skipped_excluded += 1  # shared with an excluded node: the exclusion wins
-        elif init.data_type not in ps.FLOAT_TYPES:
+        elif init.data_type not in pg.FLOAT_TYPES:
             not_float += 1
         elif int(np.prod(init.dims)) < MIN_PRUNABLE:
-            tiny.append(ps.label(t.nodes[0]))
+            tiny.append(pg.label(t.nodes[0]))
         else:
             targets.append(t)
     if skipped_excluded:
@@ -201,7 +221,7 @@ def prune_magnitude(
     )
     if config.scope is PruneScope.global_:
         per_layer = [
-            f"{ps.label(t.nodes[0])} {1 - np.count_nonzero(a) / a.size:.1%}"
+            f"{pg.label(t.nodes[0])} {1 - np.count_nonzero(a) / a.size:.1%}"
             for t, a in zip(targets, pruned, strict=True)
         ]
         notes.append("per layer: " + ", ".join(per_layer[:20]) + (" ..." * (len(per_layer) > 20)))
@@ -209,54 +229,62 @@ def prune_magnitude(
 
 
 # ---------------------------------------------------------------------------
-# Structured pruning (tracing and surgery live in prune_structured)
+# Structured pruning (groups in prune_groups, importance in prune_importance,
+# surgery in prune_apply)
 
 
 def prune_structured(
-    model: onnx.ModelProto, config: PruneConfig, excluded: set[str], notes: list[str]
+    model: onnx.ModelProto,
+    config: PruneConfig,
+    excluded: set[str],
+    notes: list[str],
+    calibration: Dataset | None = None,
 ) -> bool:
-    """Remove the weakest channels layer by layer, in graph order; True when any was removed.
-
-    Layers are planned one at a time against the already-pruned graph, so a
-    layer's scores see the input channels its predecessor already removed.
-    """
+    """Remove the least important units of every dependency group; True when any went."""
     if config.sparsity == 0:
         notes.append("structured: sparsity 0 removes no channel; model unchanged")
         return False
     before, _ = g.weight_stats(model)
-    m = ps.Model.of(model, excluded)
-    l2 = config.criterion is Criterion.l2
-    pruned = candidates = 0
-    for node in list(model.graph.node):
-        try:
-            layer = ps.candidate(m, node, l2)
-            if layer is None:
-                continue
-            candidates += 1
-            if node.name in excluded:
-                notes.append(f"kept {ps.label(node)}: excluded")
-                continue
-            removed = ps.channels_to_remove(layer, config.sparsity)
-            if not removed:
-                continue
-            edits = ps.plan_layer(m, layer, removed)
-        except ps.Unsupported as why:
-            notes.append(f"skipped {ps.label(node)}: {why}")
-            continue
-        ps.apply_edits(m, edits)
-        pruned += 1
-        unit = "channels" if node.op_type == "Conv" else "neurons"
-        notes.append(f"removed {len(removed)}/{layer.out_channels} {unit} of {ps.label(node)}")
-
-    if not pruned:
-        if not candidates:
+    groups = pg.discover(model, excluded)
+    for grp in groups.groups:
+        if grp.blocked == "excluded":
+            notes.append(f"kept {grp.label}: excluded")
+        elif grp.blocked is not None:
+            notes.append(f"skipped {grp.label}: {grp.blocked}")
+    layers = groups.d.layers
+    reached = groups.reached_layers()
+    layer_ids = {id(n) for n in layers}
+    if not groups.prunable:
+        if not layers:
             notes.append("structured: no Conv/Gemm/MatMul layer with a constant weight")
-        elif not any(n.startswith(("skipped", "kept")) for n in notes):
-            notes.append(f"structured: sparsity {config.sparsity:.1%} removes no channel")
         notes.append("structured: no layer could be pruned; model unchanged")
         return False
+    scores = pi.scores(groups, config, calibration)
+    chosen = pi.select(groups, config, scores)
+    if not chosen:
+        notes.append(f"structured: sparsity {config.sparsity:.1%} removes no channel")
+        notes.append("structured: no layer could be pruned; model unchanged")
+        return False
+    removed = {u for units in chosen.values() for u in units}
+    surgery = pa.Surgery(groups, removed)
+    predicted = surgery.predicted_parameters(before)
+    pruned_layers = {
+        id(node)
+        for node, index, _ in surgery.edits.values()
+        if index == 1 and id(node) in layer_ids
+    }
+    surgery.apply()
+    for grp in groups.prunable:
+        if grp.root in chosen:
+            n = len(chosen[grp.root])
+            notes.append(f"removed {n}/{len(grp.units)} {grp.unit_name} of {grp.label}")
     after, _ = g.weight_stats(model)
+    if after != predicted:
+        raise RuntimeError(
+            f"structured pruning left {after:,} parameters, groups said {predicted:,}"
+        )
     notes.append(
-        f"structured: {pruned}/{candidates} layers pruned, parameters {before:,} -> {after:,}"
+        f"structured: {len(pruned_layers)}/{len(layers)} layers pruned "
+        f"({len(reached)} reached by a prunable group), parameters {before:,} -> {after:,}"
     )
     return True

@@ -1,0 +1,117 @@
+"""Structured pruning, part 3: remove the chosen units from the graph.
+
+Every member (an initializer and an axis) keeps the indices whose ids survive;
+a weight sliced on two axes (a Conv's out- and in-channels) is cut once with
+both. A constant that other nodes also read is copied first, so they keep
+theirs. Fixups then rewrite what follows the channel count: a depthwise Conv's
+`group`, Split sizes, Slice bounds, Resize sizes and Reshape targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeslim.compressor import graph as g
+from edgeslim.compressor.prune_groups import Groups, Model
+
+
+class Surgery:
+    def __init__(self, groups: Groups, removed_units: set[int]) -> None:
+        self.groups = groups
+        self.m: Model = groups.d.m
+        self.gone = np.isin(groups.roots, np.array(sorted(removed_units), dtype=np.int64))
+        # (node, input index) -> {axis: keep mask}
+        self.edits: dict[tuple[int, int], tuple[onnx.NodeProto, int, dict[int, np.ndarray]]] = {}
+        for mem in groups.d.members.values():
+            mask = ~self.gone[mem.ids]
+            if mask.all():
+                continue
+            _, _, axes = self.edits.setdefault((id(mem.node), mem.index), (mem.node, mem.index, {}))
+            axes[mem.axis] = axes[mem.axis] & mask if mem.axis in axes else mask
+
+    def kept(self, ids: np.ndarray) -> int:
+        return int((~self.gone[ids]).sum())
+
+    def new_shape(self, shape: tuple[int, ...], axes: dict[int, np.ndarray]) -> list[int]:
+        return [int(axes[a].sum()) if a in axes else d for a, d in enumerate(shape)]
+
+    def predicted_parameters(self, before: int) -> int:
+        """weight_stats' parameter count once the edits are applied."""
+        uses: dict[str, int] = {}
+        total = before
+        for node, index, axes in self.edits.values():
+            name = node.input[index]
+            init = self.m.inits[name]
+            uses.setdefault(name, self.m.uses(name))
+            old = _counted(init, list(init.dims))
+            new = _counted(init, self.new_shape(tuple(init.dims), axes))
+            if uses[name] > 1:  # a private copy is added, the shared original stays
+                uses[name] -= 1
+                total += new
+            else:
+                total += new - old
+        return total
+
+    def apply(self) -> None:
+        names = {t.name for t in self.m.graph.initializer} | set(self.m.producers)
+        names |= self.m.graph_inputs
+        for node, index, axes in self.edits.values():
+            name = self._own(node, index, names)
+            arr = self.m.array(name)
+            for axis, mask in axes.items():
+                arr = np.compress(mask, arr, axis=axis)
+            self._replace(name, np.ascontiguousarray(arr))
+        for fix in self.groups.d.fixups:
+            value = int(fix.value(self.kept))
+            if value == fix.value(lambda ids: len(ids)):
+                continue  # nothing removed there: leave shared constants shared
+            if isinstance(fix.where, str):
+                self._set_attribute(fix.node, fix.where, fix.pos, value)
+            else:
+                name = self._own(fix.node, fix.where, names)
+                arr = self.m.array(name).copy()
+                arr.reshape(-1)[fix.pos] = value
+                self._replace(name, arr)
+
+    def _replace(self, name: str, arr: np.ndarray) -> None:
+        g.replace_initializer(self.m.graph, name, arr)
+        self.m.arrays[name] = arr
+        self.m.inits = g.initializer_map(self.m.graph)
+
+    def _own(self, node: onnx.NodeProto, index: int, names: set[str]) -> str:
+        """The constant at node.input[index], copied first when other readers share it."""
+        old = node.input[index]
+        if self.m.uses(old) <= 1:
+            return old
+        new, n = f"{old}__pruned", 1
+        while new in names:
+            n += 1
+            new = f"{old}__pruned{n}"
+        names.add(new)
+        self.m.graph.initializer.append(numpy_helper.from_array(self.m.array(old), new))
+        node.input[index] = new
+        self.m.consumers[old].remove(node)
+        self.m.consumers[new] = [node]
+        self.m.inits = g.initializer_map(self.m.graph)
+        return new
+
+    @staticmethod
+    def _set_attribute(node: onnx.NodeProto, name: str, pos: int | None, value: int) -> None:
+        for a in node.attribute:
+            if a.name == name:
+                if pos is None:
+                    a.i = value
+                else:
+                    a.ints[pos] = value
+                return
+        raise KeyError(f"{node.name} has no attribute {name}")
+
+
+def _counted(init: onnx.TensorProto, dims: list[int]) -> int:
+    """Elements weight_stats counts for a tensor of this type and shape."""
+    n = int(np.prod(dims)) if dims else 1
+    if n < 16 or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.STRING):
+        return 0
+    return n
