@@ -13,7 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from edgeslim import __version__
@@ -21,25 +20,16 @@ from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.redact import redact
+from edgeslim.spec_file import read_spec_document
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REJECTED = 0, 1, 2, 3
 
 
 def load_spec(path: Path) -> CompressedModel:
+    # Size, encoding, nesting and alias expansion are bounded before pydantic walks it.
+    doc = read_spec_document(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read the spec ({exc.strerror})") from exc
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
-    if len(docs) != 1 or not isinstance(docs[0], dict):
-        raise BadInput(
-            f"{path}: expected exactly one CompressedModel object, found {len(docs)} documents"
-        )
-    try:
-        return CompressedModel.model_validate(docs[0])
+        return CompressedModel.model_validate(doc)
     except ValidationError as exc:
         raise BadInput(f"{path}: {format_validation_error(exc)}") from exc
 
@@ -218,12 +208,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(text: str, limit: int = 2000) -> str:
+    """A message as one line of bounded length: scripts and log collectors read line by line,
+    and a parser quoting a hostile file must not flood the terminal."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except BadInput as exc:
-        print(f"edgeslim: error: {redact(str(exc))}", file=sys.stderr)
+        print(f"edgeslim: error: {one_line(redact(str(exc)))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StorageUnavailable as exc:
         print(f"edgeslim: storage unavailable: {redact(str(exc))}", file=sys.stderr)
