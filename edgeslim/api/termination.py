@@ -64,8 +64,7 @@ class TerminationMessage(OpenWireModel):
         """The message for `result`, fitted to `limit` bytes (None: everything, unfitted)."""
         full = cls(
             name=result.name,
-            # getattr: manifests gained `namespace` later; older ones have none.
-            namespace=getattr(result, "namespace", None),
+            namespace=result.namespace,
             spec_hash=result.spec_hash,
             gate=result.gate,
             manifest_uri=manifest_uri,
