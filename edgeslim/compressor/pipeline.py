@@ -153,7 +153,11 @@ class Workspace:
         allow_model_code: bool = False,
     ) -> onnx.ModelProto:
         path = self.model_file(uri, sha256, "model")
-        example = model_io.read_npz_example(self.files[example_from].path) if example_from else None
+        example = (
+            model_io.read_npz_example(self.files[example_from].path, example_from)
+            if example_from
+            else None
+        )
         return model_io.load_model(path, uri, example, allow_model_code=allow_model_code)
 
 
@@ -247,7 +251,7 @@ def compress(
     source = model_io.load_model(
         source_path,
         f"source model {spec.source.uri}",
-        model_io.read_npz_example(ev_path),
+        model_io.read_npz_example(ev_path, spec.evaluation.dataset),
         allow_model_code=spec.source.allow_model_code,
     )
     graph.constants_to_initializers(source)
