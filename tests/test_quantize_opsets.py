@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import yaml
 from onnx import helper, numpy_helper
 
 from edgeslim.compressor import datasets, evaluate
+from tests import cli_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_REJECTED = 0, 3
@@ -109,14 +107,7 @@ def _spec(digits, model: Path, tmp_path: Path, quantize: dict) -> Path:
 
 def _compress(spec: Path) -> tuple[int, dict, Path]:
     """Runs `edgeslim compress` as a user would; returns exit code, manifest and artifact."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgeslim.cli", "compress", str(spec), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = cli_process.compress(spec)
     assert proc.returncode in (EXIT_OK, EXIT_REJECTED), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     manifest_path = next((spec.parent / "out").rglob("manifest.json"))

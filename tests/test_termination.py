@@ -5,9 +5,6 @@ real CLI writes, and whatever a manifest adds is held to the message's checks.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from edgeslim.api.spec import CompressedModel
 from edgeslim.api.termination import TERMINATION_MESSAGE_LIMIT, TerminationMessage
 from edgeslim.operator import jobs, results
 from edgeslim.operator.names import job_name
+from tests import cli_process
 
 UID = "0f0e0d0c-0000-4000-8000-000000000001"
 
@@ -200,14 +198,7 @@ def test_what_the_compressor_writes_the_operator_trusts(digits, tmp_path: Path) 
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(doc))
     term = tmp_path / "termination-log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGESLIM_TERMINATION_LOG": str(term)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgeslim.cli", "compress", str(spec), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = cli_process.compress(spec, env={"EDGESLIM_TERMINATION_LOG": str(term)})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     written = CompressedModel.model_validate({**doc, "metadata": {**doc["metadata"], "uid": UID}})

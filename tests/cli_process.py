@@ -1,0 +1,22 @@
+"""The CLI as a user runs it: `edgeslim compress` in a subprocess of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def compress(
+    spec: Path, *, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`edgeslim compress SPEC --quiet`, with `env` added to this environment and one
+    torch thread (the test machine's cores are shared)."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgeslim.cli", "compress", str(spec), "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=timeout,
+    )
