@@ -20,6 +20,8 @@ from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.redact import redact
+from edgeslim.serving.limits import SETTINGS as SERVE_LIMITS
+from edgeslim.serving.limits import env_default
 from edgeslim.spec_file import read_spec_document
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REJECTED = 0, 1, 2, 3
@@ -99,10 +101,11 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here: the serving stack (onnxruntime, uvicorn) is an extra of its own.
+    from edgeslim.serving.limits import ServingLimits
     from edgeslim.serving.server import ServeOptions, serve
 
-    if args.threads < 0 or args.max_body_bytes <= 0 or not 0 < args.port < 65536:
-        raise BadInput("--threads must be >= 0, --max-body-bytes > 0, --port in 1..65535")
+    if args.threads < 0 or not 0 < args.port < 65536:
+        raise BadInput("--threads must be >= 0, --port in 1..65535")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         raise BadInput(
             f"--name {args.name!r}: use letters, digits, '.', '_' and '-' "
@@ -118,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             sha256=args.sha256,
             threads=args.threads,
-            max_body_bytes=args.max_body_bytes,
+            limits=ServingLimits(**{s.field: getattr(args, s.field) for s in SERVE_LIMITS}),
             graceful_timeout=args.graceful_timeout,
             workdir=args.workdir,
             log_level=args.log_level,
@@ -180,12 +183,13 @@ def parser() -> argparse.ArgumentParser:
         help="onnxruntime intra-op threads (default 0: the CPUs this container "
         "may use, from its cgroup quota and affinity)",
     )
-    s.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=16 * 1024 * 1024,
-        help="larger request bodies get 413 (default 16 MiB)",
-    )
+    for setting in SERVE_LIMITS:  # what a client may cost the server (README: Serving)
+        s.add_argument(
+            f"--{setting.flag}",
+            type=type(setting.default),
+            default=env_default(setting),
+            help=f"{setting.help} (default {setting.default}; env {setting.env})",
+        )
     s.add_argument(
         "--graceful-timeout",
         type=float,

@@ -54,6 +54,9 @@ from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import MESSAGE_LIMIT, set_condition
 
 Obj = dict[str, Any]
+# The server's probe listener (`edgeslim serve --health-port`): health routes only,
+# with its own connection cap, so a flood of clients on 8080 cannot fail the probes.
+HEALTH_PORT = 8081
 DEADLINE_REASON = "ProgressDeadlineExceeded"
 # The candidate's bytes in storage are not the bytes that passed the gate.
 CORRUPTED_REASON = "ArtifactCorrupted"
@@ -104,7 +107,7 @@ def _env(model: CompressedModel, settings: Settings) -> list[Obj]:
 
 def _probe(path: str, period: int, failures: int) -> Obj:
     return {
-        "httpGet": {"path": path, "port": "http"},
+        "httpGet": {"path": path, "port": "health"},
         "periodSeconds": period,
         "timeoutSeconds": 2,
         "failureThreshold": failures,
@@ -136,6 +139,8 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         meta.name,
         "--port",
         str(SERVING_PORT),
+        "--health-port",
+        str(HEALTH_PORT),
         "--host",
         "$(POD_IP)",
         "--threads",
@@ -147,7 +152,10 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         "imagePullPolicy": "IfNotPresent",
         "command": command,
         "env": _env(model, settings),
-        "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"},
+            {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+        ],
         # Ready only once the model is fetched, verified and loaded: a model that
         # cannot load keeps its pod unready, and the rollout stops there.
         "readinessProbe": _probe("/v2/health/ready", 2, 3),

@@ -29,6 +29,8 @@ from typing import Any
 from edgeslim import __version__
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.serving import protocol
+from edgeslim.serving.connections import BODY_TIMED_OUT
+from edgeslim.serving.limits import ServingLimits
 from edgeslim.serving.metrics import ServingMetrics
 from edgeslim.serving.model import LoadedModel
 from edgeslim.serving.protocol import RequestError
@@ -41,7 +43,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Loader = Callable[[], LoadedModel]
 
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = ServingLimits.max_body_bytes
+
+#: What the probe listener answers; everything else there is 404.
+HEALTH_ROUTES = frozenset({"server_live", "server_ready"})
 
 # Where a request runs. Alone, small and on a fast model, it runs on the event
 # loop itself: handing it to a thread costs more than the work (~100 us of
@@ -56,6 +61,7 @@ INLINE_MAX_RUN_SECONDS = 0.002
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
 
 _JSON = [(b"content-type", b"application/json")]
+_CLOSE = (b"connection", b"close")
 
 
 class ModelState:
@@ -126,13 +132,16 @@ class ServingApp:
         name: str,
         loader: Loader,
         *,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        limits: ServingLimits | None = None,
         workers: int = 2,
     ) -> None:
         self.name = name
         self.metrics = ServingMetrics()
         self.state = ModelState(name, self.metrics)
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or ServingLimits()
+        self.max_body_bytes = self.limits.max_body_bytes
+        # Body bytes promised to requests in progress; only the event loop touches it.
+        self._budget = self.limits.max_inflight_body_bytes
         self._loader = loader
         # Two workers: one computing while another decodes is where the gain is;
         # more only contend for the GIL and the few cores of an edge box.
@@ -172,7 +181,13 @@ class ServingApp:
         method, path = scope["method"], scope["path"]
         route, version = _route(path)
         headers = _JSON
+        # A body left unread would be parsed as the next request: close instead.
+        close = False
         try:
+            if route not in HEALTH_ROUTES and self._on_probe_port(scope):
+                raise RequestError(
+                    "this is the probe port: it answers /v2/health/live and /v2/health/ready", 404
+                )
             if route == "other":
                 raise RequestError(f"no route {path}; see /v2 (Open Inference Protocol)", 404)
             if route == "metrics":
@@ -181,16 +196,21 @@ class ServingApp:
                 status, headers = 200, [(b"content-type", content_type.encode())]
             else:
                 status, body = await self._v2(route, method, path, version, scope, receive)
+            close = route != "infer" and _declares_body(scope)
         except RequestError as exc:
             status, body = exc.status, protocol.dumps({"error": str(exc)})
+            close = _declares_body(scope) if exc.close is None else exc.close
             if status == 405:
                 headers = [*_JSON, (b"allow", exc.allow.encode())]
-            elif status == 413:  # the unread body is still on the wire: don't reuse it
-                headers = [*_JSON, (b"connection", b"close")]
+            elif status == 503 and exc.close:
+                headers = [*_JSON, (b"retry-after", b"1")]
         except Exception as exc:
             # Our bug or onnxruntime failing: answer in the protocol's shape, keep the trace.
             log.exception("%s %s failed", method, path)
             status, body = 500, protocol.dumps({"error": f"internal error: {type(exc).__name__}"})
+            close = True
+        if close:
+            headers = [*headers, _CLOSE]
         self.metrics.count(route, status)
         await _respond(send, status, body, headers)
 
@@ -227,6 +247,14 @@ class ServingApp:
             return self._readiness()
         return 200, protocol.dumps(self._ready_model().metadata())
 
+    def _on_probe_port(self, scope: Scope) -> bool:
+        server = scope.get("server")
+        return (
+            bool(self.limits.health_port)
+            and server is not None
+            and (server[1] == self.limits.health_port)
+        )
+
     def _readiness(self) -> tuple[int, bytes]:
         st = self.state
         if st.model is not None:
@@ -254,25 +282,32 @@ class ServingApp:
     async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         start = time.perf_counter()
         self.metrics.in_flight += 1  # only the event loop thread touches it
+        reserved = 0
         try:
             model = self._ready_model()
-            body = await _read_body(scope, receive, self.max_body_bytes)
-            small = (
-                len(body) <= INLINE_MAX_BODY_BYTES and model.warmup_seconds < INLINE_MAX_RUN_SECONDS
-            )
-            if small:
-                # One turn of the loop lets requests that arrived with this one
-                # check in, so in_flight tells whether this one is alone.
-                await asyncio.sleep(0)
-            if small and self.metrics.in_flight == 1:
-                result = self._handle(model, body)
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, self._handle, model, body)
-            return 200, result
+            body, reserved = await self._read_body(scope, receive)
+            try:
+                return 200, await self._run(model, body)
+            except RequestError as exc:
+                exc.close = False  # the body was read whole: the connection stays usable
+                raise
         finally:
+            # Held until the answer is ready, not just until the body is read: the
+            # decoded request is several times the body's size while it is handled.
+            self._release(reserved)
             self.metrics.in_flight -= 1
             self.metrics.request_duration.observe(time.perf_counter() - start)
+
+    async def _run(self, model: LoadedModel, body: bytes) -> bytes:
+        small = len(body) <= INLINE_MAX_BODY_BYTES and model.warmup_seconds < INLINE_MAX_RUN_SECONDS
+        if small:
+            # One turn of the loop lets requests that arrived with this one
+            # check in, so in_flight tells whether this one is alone.
+            await asyncio.sleep(0)
+        if small and self.metrics.in_flight == 1:
+            return self._handle(model, body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._handle, model, body)
 
     def _handle(self, model: LoadedModel, body: bytes) -> bytes:
         """Decode, validate, run, encode: everything between the bytes in and out."""
@@ -283,6 +318,59 @@ class ServingApp:
         outputs = model.run(feed, names)
         self.metrics.inference_duration.observe(time.perf_counter() - start)
         return protocol.encode_infer_response(model.name, model.version, request.id, outputs)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, int]:
+        """The request body and the budget bytes reserved for it (the caller releases them).
+
+        Refused before anything is read when the declared Content-Length is over the
+        per-request limit (413) or over what is left of the in-flight budget (503);
+        chunked bodies, which declare nothing, are counted against both as they arrive.
+        A body that stops arriving is ended by the connection guard's --body-timeout.
+        """
+        limit = self.max_body_bytes
+        reserved = 0
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit():
+                declared = int(value)
+                if declared > limit:
+                    raise _too_large(limit)
+                if declared > self._budget:
+                    raise _busy()
+                reserved = self._reserve(declared)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if scope.get(BODY_TIMED_OUT):
+                        raise RequestError(
+                            "request body took too long (--body-timeout)", 408, close=True
+                        )
+                    raise RequestError("client disconnected before sending the whole body", 400)
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > reserved:  # no (or a false) Content-Length: count as we go
+                    if size > limit:
+                        raise _too_large(limit)
+                    if size - reserved > self._budget:
+                        raise _busy()
+                    reserved += self._reserve(size - reserved)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), reserved
+        except BaseException:
+            self._release(reserved)
+            raise
+
+    def _reserve(self, n: int) -> int:
+        self._budget -= n
+        self.metrics.body_bytes_reserved += n
+        return n
+
+    def _release(self, n: int) -> None:
+        self._budget += n
+        self.metrics.body_bytes_reserved -= n
 
 
 # ------------------------------------------------------------------- helpers
@@ -323,30 +411,27 @@ def _allow(method: str, allowed: str) -> None:
         raise RequestError(f"method {method} not allowed here; use {allowed}", 405, allow=allowed)
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+def _declares_body(scope: Scope) -> bool:
     for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestError("client disconnected before sending the whole body", 400)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:  # chunked uploads carry no Content-Length: count as we go
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if (key == b"content-length" and value.strip(b" 0")) or key == b"transfer-encoding":
+            return True
+    return False
 
 
 def _too_large(limit: int) -> RequestError:
     return RequestError(
         f"request body exceeds the {limit}-byte limit (--max-body-bytes); send a smaller batch",
         413,
+        close=True,
+    )
+
+
+def _busy() -> RequestError:
+    return RequestError(
+        "the server is receiving as many request bodies as it may hold "
+        "(--max-inflight-body-bytes); retry shortly",
+        503,
+        close=True,
     )
 
 
@@ -370,7 +455,7 @@ def create_app(
     workdir: Path,
     sha256: str | None = None,
     threads: int = 0,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: ServingLimits | None = None,
 ) -> ServingApp:
     """The app for one model; it fetches ``model_uri`` into ``workdir`` once started."""
     from edgeslim.serving.model import load
@@ -378,4 +463,4 @@ def create_app(
     def loader() -> LoadedModel:
         return load(model_uri, name, workdir=workdir, sha256=sha256, threads=threads)
 
-    return ServingApp(name, loader, max_body_bytes=max_body_bytes)
+    return ServingApp(name, loader, limits=limits)

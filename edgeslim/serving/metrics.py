@@ -8,6 +8,8 @@ and ``/metrics`` shows exactly this server's series.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -85,6 +87,28 @@ class ServingMetrics:
             "Inference requests being handled now.",
             registry=r,
         ).set_function(lambda: self.in_flight)
+        #: Open connections, from the connection guard once the server runs it.
+        self.connections_open: Callable[[], float] = lambda: 0
+        Gauge(
+            "edgeslim_serving_connections",
+            "Open client connections (main and probe listeners).",
+            registry=r,
+        ).set_function(lambda: self.connections_open())
+        self.connections_closed = Counter(
+            "edgeslim_serving_connections_closed",
+            "Connections the server closed to protect itself, by reason: evicted (room made "
+            "for a new one at the cap), refused (at the cap, none evictable), header_timeout, "
+            "header_too_large.",
+            ["reason"],
+            registry=r,
+        )
+        self.body_bytes_reserved = 0
+        Gauge(
+            "edgeslim_serving_body_bytes_reserved",
+            "Request body bytes reserved by requests in progress (--max-inflight-body-bytes "
+            "bounds it).",
+            registry=r,
+        ).set_function(lambda: self.body_bytes_reserved)
         self.model_ready = Gauge(
             "edgeslim_serving_model_ready",
             "1 once the model is loaded and serving, else 0.",

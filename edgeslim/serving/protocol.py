@@ -89,10 +89,15 @@ _GOT = {
 class RequestError(Exception):
     """A client mistake; becomes HTTP ``status`` with ``{"error": str(self)}``."""
 
-    def __init__(self, message: str, status: int = 400, allow: str = "") -> None:
+    def __init__(
+        self, message: str, status: int = 400, allow: str = "", close: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.allow = allow  # for 405: the method that would have worked
+        # Whether to close the connection after answering; None: when a body was
+        # declared, since it was left unread and would be parsed as the next request.
+        self.close = close
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +222,20 @@ def to_array(tensor: RequestTensor) -> np.ndarray:
                 f"{where}: data is ragged (nested lists of unequal length)"
             ) from None
         raise RequestError(f"{where}: data cannot be read as {tensor.datatype}: {exc}") from None
+    if raw.dtype.kind == "O" and dtype.kind in "iuf" and _all_ints(raw):
+        # numpy keeps integers beyond 64 bits as Python objects.
+        if dtype.kind != "f":
+            raise RequestError(f"{where}: integers beyond 64 bits do not fit {tensor.datatype}")
+        try:
+            raw = raw.astype(np.float64)
+        except OverflowError:
+            raise RequestError(f"{where}: integers too large for {tensor.datatype}") from None
+    if dtype.kind in "iu" and raw.dtype.kind == "f" and _whole_beyond(raw, dtype):
+        # orjson reads integers beyond 64 bits as floats: say what they are.
+        raise RequestError(
+            f"{where}: values from {raw.min():.17g} to {raw.max():.17g} do not fit "
+            f"{tensor.datatype} [{np.iinfo(dtype).min}, {np.iinfo(dtype).max}]"
+        )
     if raw.dtype.kind not in _ACCEPTS[dtype.kind]:
         got = _GOT.get(raw.dtype.kind, f"values of numpy kind {raw.dtype.kind!r}")
         raise RequestError(
@@ -238,7 +257,35 @@ def to_array(tensor: RequestTensor) -> np.ndarray:
             )
     if dtype.kind == "O":
         return raw.reshape(tensor.shape)  # onnxruntime takes numpy str arrays for tensor(string)
-    return raw.astype(dtype, copy=False).reshape(tensor.shape)
+    if dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            array = raw.astype(dtype, copy=False)
+    else:
+        array = raw.astype(dtype, copy=False)
+    # JSON has no inf or NaN, so a non-finite value here is a number beyond the
+    # type's range (1e39 for FP32, 7e4 for FP16) that the cast turned into inf:
+    # refuse it rather than run the model on inf. (orjson refuses NaN and
+    # Infinity literals and numbers beyond FP64 as malformed JSON; the json
+    # module's fallback accepts the literals, and this catches them too.)
+    if dtype.kind == "f" and raw.size and not np.isfinite(array).all():
+        info = np.finfo(dtype)
+        bad = raw.ravel()[~np.isfinite(array.ravel())][0]
+        raise RequestError(
+            f"{where}: value {bad} is not a finite {tensor.datatype} "
+            f"(the range is +-{info.max:.7g}; JSON has no inf or NaN)"
+        )
+    return array.reshape(tensor.shape)
+
+
+def _whole_beyond(raw: np.ndarray, dtype: np.dtype) -> bool:
+    """Whole numbers, some outside ``dtype``'s range (only called on a request being refused)."""
+    info = np.iinfo(dtype)
+    whole = bool(np.isfinite(raw).all() and (raw == np.trunc(raw)).all())
+    return whole and bool(raw.size) and (raw.min() < info.min or raw.max() > info.max)
+
+
+def _all_ints(raw: np.ndarray) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in raw.ravel())
 
 
 # --------------------------------------------------------------------- response

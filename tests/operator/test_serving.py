@@ -72,7 +72,7 @@ def test_deployment_runs_the_artifact_on_its_own_pod_ip() -> None:
     assert c["image"] == "serve:1"
     assert c["command"] == [
         "edgeslim", "serve", "--model", NEW.uri, "--sha256", NEW.sha256, "--name", "digits",
-        "--port", "8080", "--host", "$(POD_IP)", "--threads", "2",
+        "--port", "8080", "--health-port", "8081", "--host", "$(POD_IP)", "--threads", "2",
     ]  # fmt: skip
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
@@ -92,9 +92,13 @@ def test_deployment_runs_the_artifact_on_its_own_pod_ip() -> None:
 def test_deployment_probes_rollout_strategy_and_security() -> None:
     d = serving.build_deployment(model(), NEW, Settings())
     [c] = pod_spec(d)["containers"]
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
-    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "health", "containerPort": 8081, "protocol": "TCP"},
+    ]
+    # Probes go to the probe listener, which a flood on 8080 cannot crowd out.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "health"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "health"}
     spec = d["spec"]
     assert spec["strategy"] == {
         "type": "RollingUpdate",
