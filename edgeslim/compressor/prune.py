@@ -233,6 +233,58 @@ def prune_magnitude(
 # surgery in prune_apply)
 
 
+@dataclass
+class StructuredPlan:
+    """What structured pruning will do to a model, before it does it."""
+
+    groups: pg.Groups
+    chosen: dict[int, list[int]]
+    """group root -> units to remove."""
+    surgery: pa.Surgery
+    before: int
+    predicted: int
+    """weight_stats' parameter count once the plan is applied."""
+
+
+def plan_structured(
+    model: onnx.ModelProto,
+    config: PruneConfig,
+    excluded: set[str],
+    notes: list[str],
+    calibration: Dataset | None = None,
+) -> StructuredPlan | None:
+    """Find the groups of `model` (initializer weights) and choose what goes; None if nothing.
+
+    `model` may gain initializers (shared constants unshared, explicit Split
+    sizes) but computes the same function; nothing is removed yet.
+    """
+    if config.sparsity == 0:
+        notes.append("structured: sparsity 0 removes no channel; model unchanged")
+        return None
+    shared = pg.identities_to_initializers(model)
+    if shared:
+        notes.append(f"{shared} Identity nodes of shared constants turned into initializers")
+    before, _ = g.weight_stats(model)
+    groups = pg.discover(model, excluded)
+    for grp in groups.groups:
+        if grp.blocked == "excluded":
+            notes.append(f"kept {grp.label}: excluded")
+        elif grp.blocked is not None:
+            notes.append(f"skipped {grp.label}: {grp.blocked}")
+    if not groups.prunable:
+        if not groups.d.layers:
+            notes.append("structured: no Conv/Gemm/MatMul layer with a constant weight")
+        notes.append("structured: no layer could be pruned; model unchanged")
+        return None
+    chosen = pi.select(groups, config, pi.scores(groups, config, calibration))
+    if not chosen:
+        notes.append(f"structured: sparsity {config.sparsity:.1%} removes no channel")
+        notes.append("structured: no layer could be pruned; model unchanged")
+        return None
+    surgery = pa.Surgery(groups, {u for units in chosen.values() for u in units})
+    return StructuredPlan(groups, chosen, surgery, before, surgery.predicted_parameters(before))
+
+
 def prune_structured(
     model: onnx.ModelProto,
     config: PruneConfig,
@@ -241,50 +293,28 @@ def prune_structured(
     calibration: Dataset | None = None,
 ) -> bool:
     """Remove the least important units of every dependency group; True when any went."""
-    if config.sparsity == 0:
-        notes.append("structured: sparsity 0 removes no channel; model unchanged")
+    plan = plan_structured(model, config, excluded, notes, calibration)
+    if plan is None:
         return False
-    before, _ = g.weight_stats(model)
-    groups = pg.discover(model, excluded)
-    for grp in groups.groups:
-        if grp.blocked == "excluded":
-            notes.append(f"kept {grp.label}: excluded")
-        elif grp.blocked is not None:
-            notes.append(f"skipped {grp.label}: {grp.blocked}")
-    layers = groups.d.layers
-    reached = groups.reached_layers()
+    layers = plan.groups.d.layers
     layer_ids = {id(n) for n in layers}
-    if not groups.prunable:
-        if not layers:
-            notes.append("structured: no Conv/Gemm/MatMul layer with a constant weight")
-        notes.append("structured: no layer could be pruned; model unchanged")
-        return False
-    scores = pi.scores(groups, config, calibration)
-    chosen = pi.select(groups, config, scores)
-    if not chosen:
-        notes.append(f"structured: sparsity {config.sparsity:.1%} removes no channel")
-        notes.append("structured: no layer could be pruned; model unchanged")
-        return False
-    removed = {u for units in chosen.values() for u in units}
-    surgery = pa.Surgery(groups, removed)
-    predicted = surgery.predicted_parameters(before)
     pruned_layers = {
-        id(node)
-        for node, index, _ in surgery.edits.values()
-        if index == 1 and id(node) in layer_ids
-    }
-    surgery.apply()
-    for grp in groups.prunable:
-        if grp.root in chosen:
-            n = len(chosen[grp.root])
+        id(node) for node, index, _ in plan.surgery.edits.values() if index == 1
+    } & layer_ids
+    plan.surgery.apply()
+    for grp in plan.groups.prunable:
+        if grp.root in plan.chosen:
+            n = len(plan.chosen[grp.root])
             notes.append(f"removed {n}/{len(grp.units)} {grp.unit_name} of {grp.label}")
     after, _ = g.weight_stats(model)
-    if after != predicted:
+    if after != plan.predicted:
         raise RuntimeError(
-            f"structured pruning left {after:,} parameters, groups said {predicted:,}"
+            f"structured pruning left {after:,} parameters where its groups predicted "
+            f"{plan.predicted:,}"
         )
+    reached = len(plan.groups.reached_layers())
     notes.append(
         f"structured: {len(pruned_layers)}/{len(layers)} layers pruned "
-        f"({len(reached)} reached by a prunable group), parameters {before:,} -> {after:,}"
+        f"({reached} reached by a prunable group), parameters {plan.before:,} -> {after:,}"
     )
     return True

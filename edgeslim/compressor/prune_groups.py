@@ -689,6 +689,15 @@ class Discovery:
             return self._split_heads(node, t, target, where)
         if t.axis == -2 and len(values) == t.rank - 1 and others_ok:
             return self._merge_heads(node, t, target, where)
+        if len(values) == t.rank and self._same_dims(node.input[0], node.output[0]):
+            # A reshape that keeps every dim where it was (e.g. [B, -1, S, D] on
+            # [B, H, S, D]): the channels stay put if their entry follows them.
+            value, at = target[t.pos(where)]
+            if value == -1:
+                return {node.output[0]: t}
+            if value == t.size and at is not None:
+                self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+                return {node.output[0]: t}
         raise Block(f"{where} changes the channel layout in a way that cannot be followed")
 
     def _split_heads(self, node, t: Track, target, where):
@@ -713,6 +722,10 @@ class Discovery:
         if v != -1:
             self._constant_fixup(v_at, lambda kept, ids=t.ids, d=d: kept(ids) * d, where)
         return {node.output[0]: Track(-1, np.repeat(t.ids, d), t.rank - 1)}
+
+    def _same_dims(self, a: str, b: str) -> bool:
+        da, db = self.m.dims(a), self.m.dims(b)
+        return da is not None and None not in da and da == db
 
     def _constant_fixup(self, at, value, where) -> None:
         if at is None:
@@ -1119,6 +1132,32 @@ class Groups:
             if any(int(r) in ok for r in np.unique(self.group_of[mem.ids]))
         }
         return [n for n in self.d.layers if id(n) in hit]
+
+
+def identities_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn `Identity(constant)` nodes of the main graph into initializers of their own.
+
+    The torch exporter writes one initializer for equal constants (e.g. the
+    zero biases of untrained layers) and an Identity per extra reader; each
+    reader must be free to slice its own copy.
+    """
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    keep, converted = [], 0
+    for node in graph.node:
+        src = node.input[0] if node.op_type == "Identity" and node.input else ""
+        if src in inits and node.output[0] not in {o.name for o in graph.output}:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[src])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            converted += 1
+        else:
+            keep.append(node)
+    if converted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return converted
 
 
 def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
