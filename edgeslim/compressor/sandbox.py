@@ -515,7 +515,8 @@ def _summary(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     if "TorchScript interpreter" in lines[0]:
-        return f"the model's code failed: {lines[-1]}"
+        hint = " (the sandbox lets it touch only its scratch folder)" * ("denied" in lines[-1])
+        return f"the model's code failed: {lines[-1]}{hint}"
     return lines[0]
 
 
