@@ -111,7 +111,7 @@ def load_onnx(path: Path, where: str) -> onnx.ModelProto:
     tensor_sizes.check_inferred(inferred, where)
     del inferred
     _check_inputs(model, where)
-    evaluate.session(path, where=where)  # onnxruntime's own load checks (ops, kernels, types)
+    evaluate.session(model, where=where)  # onnxruntime's own load checks (ops, kernels, types)
     return model
 
 

@@ -1,0 +1,177 @@
+"""Hostile files through the real CLI: exit 2, one line naming the file and the problem,
+no traceback, bounded memory, nothing written.
+
+Each case was an exit 1 with a traceback, a MemoryError or a 3 GB exit 0
+before the readers checked declared sizes (issue 8, item 2).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from edgeslim.compressor import datasets
+from edgeslim.errors import BadInput
+from tests import hostile_files as hf
+
+# Every case here fails before anything heavy loads; a reader that inflated the
+# bomb or allocated the declared shapes would be well past this.
+PEAK_RSS_LIMIT = 512 * hf.MiB
+
+
+def spec(tmp: Path, model: Path, dataset: Path) -> Path:
+    doc = {
+        "apiVersion": "edgeslim.io/v1alpha1",
+        "kind": "CompressedModel",
+        "metadata": {"name": "hostile"},
+        "spec": {
+            "source": {"uri": str(model)},
+            "evaluation": {"dataset": str(dataset), "metric": "accuracy", "latencyRuns": 5},
+            "pipeline": [{"prune": {"method": "magnitude", "sparsity": 0.1}}],
+            "output": {"uri": str(tmp / "out")},
+        },
+    }
+    path = tmp / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def assert_refused(run: hf.Run, tmp: Path, *mentions: str) -> None:
+    assert run.rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgeslim: error: "), run.stderr
+    for text in mentions:
+        assert text in lines[0], lines[0]
+    assert run.peak_rss_bytes < PEAK_RSS_LIMIT, run.peak_rss_bytes
+    out = tmp / "out"
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+NPZ_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "object array": (hf.object_array_npz, "holds Python objects"),
+    "not a zip": (lambda p: (p.write_bytes(b"not a zip file " * 100), p)[1], "not a zip archive"),
+    "header claims 2^40 rows": (hf.header_lies_npz, "declares shape [1099511627776, 1, 8, 8]"),
+    "2 MB inflating to 2 GiB": (hf.zip_bomb_npz, "zip bomb"),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_CASES))
+def test_hostile_dataset_is_exit_2_in_one_line(case: str, digits, tmp_path: Path) -> None:
+    build, mention = NPZ_CASES[case]
+    dataset = build(tmp_path / "hostile.npz")
+    run = hf.run_cli(
+        ["compress", str(spec(tmp_path, digits.model_path, dataset)), "--quiet"], tmp_path
+    )
+    assert_refused(run, tmp_path, str(dataset), mention)
+
+
+def test_zip_bomb_under_the_ratio_is_stopped_by_the_size_limit(digits, tmp_path: Path) -> None:
+    dataset = hf.zip_bomb_npz(tmp_path / "bomb.npz", inflated=256 * hf.MiB)
+    run = hf.run_cli(
+        ["compress", str(spec(tmp_path, digits.model_path, dataset)), "--quiet"],
+        tmp_path,
+        env={
+            "EDGESLIM_MAX_DATASET_COMPRESSION_RATIO": "100000",
+            "EDGESLIM_MAX_DATASET_BYTES": str(128 * hf.MiB),
+        },
+    )
+    assert_refused(run, tmp_path, str(dataset), "inflate to more than 128 MiB")
+
+
+ONNX_CASES: dict[str, tuple[Callable[[onnx.ModelProto], onnx.ModelProto], str]] = {
+    "Constant with a float value attribute": (
+        hf.constant_with_bad_attribute,
+        "Mismatched attribute type",
+    ),
+    "op onnxruntime does not know": (hf.unknown_op, "onnxruntime cannot load the model"),
+    "ConstantOfShape of 4 TiB": (hf.huge_constant_of_shape, "tensor 'zeros' would be"),
+    "initializer declaring 4 TiB": (hf.huge_initializer, "initializer 'h' declares dims"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_CASES))
+def test_hostile_model_is_exit_2_in_one_line(case: str, digits, tmp_path: Path) -> None:
+    build, mention = ONNX_CASES[case]
+    model = tmp_path / "hostile.onnx"
+    onnx.save(build(digits.model()), str(model))
+    run = hf.run_cli(["compress", str(spec(tmp_path, model, digits.val)), "--quiet"], tmp_path)
+    assert_refused(run, tmp_path, str(model), mention)
+
+
+def _laughs(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+YAML_CASES: dict[str, tuple[bytes, str]] = {
+    "billion laughs": (_laughs().encode(), "expands to more than"),
+    "alias inside itself": (b"spec: &a [*a]\n", "refers to a node that contains it"),
+    "nested 5000 deep": (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    "a list at the top": (b"- apiVersion: edgeslim.io/v1alpha1\n", "found a YAML list"),
+    "binary": (bytes(range(256)) * 4, "not UTF-8"),
+    "2 MiB": (b"a: '" + b"x" * (2 * hf.MiB) + b"'\n", "larger than 1 MiB"),
+    "5000-digit integer": (b"a: " + b"9" * 5000 + b"\n", "not valid YAML"),
+    "python tag": (b"a: !!python/object/apply:os.system [id]\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_hostile_spec_is_exit_2_in_one_line(case: str, tmp_path: Path) -> None:
+    text, mention = YAML_CASES[case]
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(text)
+    assert_refused(hf.run_cli(["validate", str(path)], tmp_path), tmp_path, str(path), mention)
+
+
+# ---------------------------------------------------------------------------
+# The reader itself: same arrays as numpy for honest files, limits from settings.
+
+
+def test_checked_reader_reads_what_numpy_reads(tmp_path: Path) -> None:
+    arrays = {
+        "x": np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4),
+        "f": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "y": np.array([1, 0], dtype=np.int64),
+        "empty": np.zeros((0, 3), dtype=np.uint8),
+    }
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        got = datasets.read(path, str(path))
+        assert set(got) == set(arrays)
+        for name, want in arrays.items():
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape
+            np.testing.assert_array_equal(got[name], want)
+        first = datasets.read(path, str(path), rows=1, skip={"y"})
+        assert "y" not in first and first["x"].shape == (1, 3, 4)
+        np.testing.assert_array_equal(first["f"], arrays["f"][:1])
+
+
+def test_dataset_limit_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((1024, 256), dtype=np.float32))  # 1 MiB
+    assert datasets.read(path, "d")["x"].shape == (1024, 256)
+    monkeypatch.setenv("EDGESLIM_MAX_DATASET_BYTES", str(512 * 1024))
+    with pytest.raises(BadInput, match=r"inflate to more than 512 KiB.*EDGESLIM_MAX_DATASET_BYTES"):
+        datasets.read(path, "d")
+    monkeypatch.setenv("EDGESLIM_MAX_DATASET_BYTES", "lots")
+    with pytest.raises(BadInput, match="EDGESLIM_MAX_DATASET_BYTES='lots'"):
+        datasets.read(path, "d")
+
+
+def test_a_header_that_understates_the_data_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "short.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x.npy", hf.npy_header((2, 2)) + bytes(4 * 4 + 100))
+    with pytest.raises(BadInput, match=r"declares shape \[2, 2\] float32 \(16 bytes\).*116"):
+        datasets.read(path, "short")
