@@ -23,7 +23,8 @@ from edgeslim.errors import BadInput
 PICKLE_ADVICE = (
     "it is a pickled PyTorch checkpoint, and unpickling runs arbitrary code, so edgeslim "
     "refuses it. Export the model instead: torch.onnx.export(model, example, 'model.onnx') "
-    "or torch.jit.script(model).save('model.pt'), and point source.uri at that file"
+    "(or torch.jit.script(model).save('model.pt') with source.allowModelCode: true), and "
+    "point source.uri at that file"
 )
 
 
