@@ -220,7 +220,8 @@ class PipelineStep(WireModel):
 
 class Output(WireModel):
     uri: Uri
-    """Prefix under which <name>/<spec-hash>/model.onnx and manifest.json are written."""
+    """Prefix under which <namespace>/<name>/<spec-hash>/model.onnx and manifest.json are
+    written (namespace `default` for the CLI on a spec without one)."""
 
 
 class ResourceRequirements(WireModel):
