@@ -426,3 +426,16 @@ def test_confined_code_sees_no_environment_secrets_network_or_outside_files(
     if sandbox.landlock_abi() >= 6:  # signals scoped to the sandbox
         assert found["signal_parent"] == "denied: 1"
     assert not (env.outside / "probe.out").exists()
+
+
+def test_the_opt_in_is_part_of_the_spec_hash(digits, tmp_path: Path) -> None:
+    from edgeslim.api.spec import CompressedModel
+
+    model = tmp_path / "m.pt"
+    hashes = {
+        CompressedModel.model_validate(
+            yaml.safe_load(_spec(digits, tmp_path, model, allow=allow).read_text())
+        ).spec.spec_hash()
+        for allow in (False, True)
+    }
+    assert len(hashes) == 2

@@ -40,6 +40,13 @@ Layers, what each protects against, and what happens when it is unavailable:
   loopback. Network access must be denied by seccomp or the namespace; with
   neither the child refuses, like for Landlock.
 
+Settings (environment variables of the compressor, read on every conversion):
+EDGESLIM_MODEL_CODE_TIMEOUT_SECONDS (wall clock and CPU seconds, default 300),
+EDGESLIM_MODEL_CODE_MAX_MEMORY_BYTES (address space, default 16 GiB: torch alone
+maps ~3 GiB of virtual memory) and EDGESLIM_MODEL_CODE_ALLOW_UNCONFINED (see
+Landlock above). The ONNX file the child writes is capped at 2 GiB, protobuf's
+own limit; 256 open files.
+
 The parent (:func:`torchscript_to_onnx`) maps every failure — a non-zero exit,
 a signal (SIGXCPU, SIGXFSZ, SIGKILL, SIGSEGV...), the timeout, an oversized or
 non-regular output file — to BadInput naming the cause, and treats the ONNX
