@@ -26,6 +26,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from edgeslim.cli import main
+from edgeslim.errors import BadInput
+from edgeslim.serving.limits import (
+    FD_HEADROOM,
+    HEALTH_MAX_CONNECTIONS,
+    ServingLimits,
+    fit_to_open_files,
+)
 from tests.test_serving import free_port, metric_samples, wait_for
 
 NAME = "tiny"
@@ -291,6 +299,46 @@ def test_flood_keeps_memory_bounded_and_probes_answering(tiny: Path, tmp_path: P
         assert "Too many open files" not in log and "Traceback" not in log, log
 
 
+# -------------------------------------------------------------------- limits
+
+
+def test_limits_fit_the_open_file_limit() -> None:
+    wanted = ServingLimits(health_port=8081)
+    fitted = fit_to_open_files(wanted, nofile=FD_LIMIT, in_use=12)
+    worst = (
+        12
+        + FD_HEADROOM
+        + 2  # the listening sockets
+        + HEALTH_MAX_CONNECTIONS
+        + fitted.max_connections
+        + 2 * fitted.backlog  # each listener's queue, accepted in one batch
+    )
+    assert worst <= FD_LIMIT and fitted.max_connections >= 100, fitted
+    assert fit_to_open_files(wanted, nofile=1 << 20, in_use=12) == wanted  # room: as asked
+    with pytest.raises(BadInput, match=r"open-file limit \(64\).*ulimit -n"):
+        fit_to_open_files(wanted, nofile=64, in_use=12)
+
+
+def test_cli_refuses_limits_that_cannot_work(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve_args = ["serve", "--model", "m.onnx", "--name", NAME]
+    assert main([*serve_args, "--max-inflight-body-bytes", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-inflight-body-bytes 1000 is below --max-body-bytes 16777216" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert main([*serve_args, "--body-timeout", "0"]) == 2
+    assert "--body-timeout must be > 0" in capsys.readouterr().err
+    assert main([*serve_args, "--port", "9000", "--health-port", "9000"]) == 2
+    assert "--health-port" in capsys.readouterr().err
+    # Defaults come from the environment, checked like flags.
+    monkeypatch.setenv("EDGESLIM_SERVE_HEADER_TIMEOUT", "soon")
+    with pytest.raises(SystemExit) as exit_:
+        main(serve_args)
+    assert exit_.value.code == 2
+    assert "--header-timeout: invalid float value: 'soon'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ overflow
 
 
@@ -359,3 +407,33 @@ def test_probe_port_answers_health_only_and_oversized_bodies_are_refused_unread(
         )
         answer = read_until_closed(sock, 10)
     assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer, answer
+
+
+def test_an_answer_left_unread_is_dropped(tiny: Path, tmp_path: Path) -> None:
+    """A client that asks for a big answer and never reads it does not hold it for ever."""
+    values = 4 * MiB  # an 8 MiB body of zeros; the answer, "0.0," each, is 16 MiB
+    body = (
+        b'{"inputs":[{"name":"x","shape":[%d,4],"datatype":"FP32","data":[' % (values // 4)
+        + b"0," * (values - 1)
+        + b'0]},{"name":"k","shape":[%d],"datatype":"INT32","data":[' % (values // 4)
+        + b"0," * (values // 4 - 1)
+        + b"0]}]}"
+    )
+    with serve(tiny, tmp_path, "--body-timeout", str(TIMEOUT)) as srv:
+        sock = socket.socket()
+        # A small receive window: the answer cannot hide in this side's buffers.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        sock.sendall(
+            f"POST {INFER} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        closed = ("edgeslim_serving_connections_closed_total", (("reason", "answer_not_read"),))
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            while metric_samples(client.get("/metrics").text).get(closed, 0) < 1:
+                assert time.monotonic() < deadline, "the unread answer was never dropped"
+                time.sleep(0.2)
+        received = read_until_closed(sock, 10)  # part of the answer, then the close
+        sock.close()
+        assert received.startswith(b"HTTP/1.1 200") and len(received) < 16 * MiB

@@ -16,6 +16,9 @@ ever. Here each HTTP protocol instance (uvicorn's httptools or h11 one, with
 * ``request``: the app owns it and checks body size and budget
   (:mod:`edgeslim.serving.app`, 413/503); a body still arriving after
   ``body_timeout`` gets 408 and the connection is closed.
+
+In any phase, a connection whose client has taken none of the answer waiting
+for it for ``body_timeout`` is aborted (see :meth:`GuardMixin.answer_not_read`).
 * ``idle``: uvicorn's keep-alive timer (``keep_alive_timeout``) closes it.
 
 Each listening port has its own cap. At the cap, a new connection evicts the
@@ -49,6 +52,7 @@ def _raw(status: str, message: str, *extra: str) -> bytes:
 
 
 _408 = _raw("408 Request Timeout", "request headers took too long")
+_408_BODY = _raw("408 Request Timeout", "request body took too long (--body-timeout)")
 _431 = _raw("431 Request Header Fields Too Large", "request headers are too large")
 _503 = _raw("503 Service Unavailable", "too many connections; retry", "retry-after: 1")
 
@@ -111,12 +115,14 @@ class ConnectionGuard:
         headers_due, body_due = now - self.header_timeout, now - self.body_timeout
         for conns in self.open.values():
             for conn in list(conns):
+                if conn.answer_not_read(now, self.body_timeout):
+                    continue
                 if conn.phase == HEADERS and conn.since < headers_due:
                     self.metrics.connections_closed.labels("header_timeout").inc()
                     # A client that never sent a byte gets silence, like any idle close.
                     conn.drop(_408 if conn.header_bytes else None)
-                elif conn.phase == REQUEST and conn.since < body_due:
-                    conn.body_timed_out()
+                elif conn.phase == REQUEST:
+                    conn.check_body(body_due)
         self._sweeper = loop.call_later(self.SWEEP_SECONDS, self._sweep, loop)
 
     def stop(self) -> None:
@@ -166,6 +172,8 @@ class GuardMixin:
     phase = HEADERS
     since = 0.0
     header_bytes = 0
+    writing_since = 0.0  # since when the sweeper has seen the same bytes waiting to be sent
+    write_pending = 0
     _port = 0
     _admitted = False
 
@@ -196,8 +204,7 @@ class GuardMixin:
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
         # A pipelined request may already have started in its place.
-        if self.cycle is None or self.cycle.response_complete:
-            self._enter(IDLE)
+        self._enter(IDLE if self.cycle is None or self.cycle.response_complete else REQUEST)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._admitted:
@@ -212,13 +219,36 @@ class GuardMixin:
             self.transport.write(response)
         self.transport.close()
 
-    def body_timed_out(self) -> None:
-        """408 and close if the request's body is still arriving; nothing once it is complete."""
+    def check_body(self, body_due: float) -> None:
+        """408 and close if the request's body is still arriving after ``body_timeout``."""
         cycle = self.cycle
-        if cycle is None or not cycle.more_body or cycle.response_started:
-            return
-        cycle.scope[BODY_TIMED_OUT] = True
-        self.drop(_raw("408 Request Timeout", "request body took too long (--body-timeout)"))
+        if self.since < body_due and cycle is not None and cycle.more_body:
+            if cycle.response_started:  # answered early (413, 503): the app is done with it
+                return
+            cycle.scope[BODY_TIMED_OUT] = True
+            self.drop(_408_BODY)
+
+    def answer_not_read(self, now: float, timeout: float) -> bool:
+        """Aborts the connection if its client has taken none of our answer for ``timeout``.
+
+        uvicorn hands a whole answer to the transport at once, and a transport
+        closes (for the keep-alive timer, say) only once its buffer is flushed: a
+        client that never reads would hold the connection and the answer's bytes
+        for ever. Any change in what is buffered counts as progress, so a slow
+        but reading client is never cut off.
+        """
+        pending = self.transport.get_write_buffer_size()
+        if not pending:
+            self.writing_since = 0.0
+            return False
+        if pending != self.write_pending or not self.writing_since:
+            self.writing_since, self.write_pending = now, pending
+            return False
+        if now - self.writing_since <= timeout:
+            return False
+        self.guard.metrics.connections_closed.labels("answer_not_read").inc()
+        self.transport.abort()  # close() would wait for the client to read
+        return True
 
     def _enter(self, phase: str) -> None:
         self.phase, self.since, self.header_bytes = phase, time.monotonic(), 0

@@ -98,7 +98,7 @@ class ServingMetrics:
             "edgeslim_serving_connections_closed",
             "Connections the server closed to protect itself, by reason: evicted (room made "
             "for a new one at the cap), refused (at the cap, none evictable), header_timeout, "
-            "header_too_large.",
+            "header_too_large, answer_not_read (none of an answer taken for --body-timeout).",
             ["reason"],
             registry=r,
         )

@@ -132,6 +132,7 @@ def serve(opts: ServeOptions) -> int:
             http=guarded(_http_protocol(), guard),
             loop=_fastest("uvloop", "asyncio"),
             lifespan="on",
+            ws="none",  # no WebSocket routes; an upgrade would leave the connection guard
             log_config=None,  # keep the format configured above
             log_level=opts.log_level,
             access_log=False,  # a line per request costs more than the request; metrics count them
