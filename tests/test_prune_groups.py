@@ -239,3 +239,53 @@ def test_activation_importance_removes_channels_that_are_never_active():
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(case.model)[0] / g.weight_stats(out.model)[0] >= 1.8
     assert run(out.model, case.feeds).shape == (2, 10)
+
+
+class DetectionHead(torch.nn.Module):
+    """Concat of two branches, Split, Slice, Pad, Resize, InstanceNorm, PRelu and a
+    ConvTranspose: the layout ops a detection or segmentation head is made of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 8, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.norm = nn.InstanceNorm2d(16, affine=True)
+        self.prelu = nn.PReLU(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.nn.functional
+        s = torch.relu(self.stem(x))
+        y = self.prelu(self.norm(torch.cat([self.a(s), self.b(s)], 1)))
+        p, q = torch.split(y, [8, 8], dim=1)
+        y = torch.cat([p + q, y[:, :8]], 1)  # p + q couples a's and b's channels
+        y = f.interpolate(f.pad(y, (1, 1, 1, 1)), scale_factor=2.0, mode="nearest")
+        skip = f.interpolate(s[:, 4:12], scale_factor=4.0, mode="nearest")
+        return self.out(torch.cat([self.up(y)[:, :, 4:-4, 4:-4], skip], 1))
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_layout_ops_of_a_detection_head_are_followed_exactly(opset: int):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        module = DetectionHead()
+        module.prelu.weight.uniform_(0.1, 0.3)
+    model = export(module, (torch.randn(1, 3, 8, 8),), ["input"], opset)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    notes: list[str] = []
+    plan = plan_structured(work, config, set(), notes)
+    assert plan is not None
+    assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 5, notes
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("removed 4/8 channels of /a/Conv, /b/Conv") for n in out.notes)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    feeds = {"input": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)

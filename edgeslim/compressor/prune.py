@@ -264,6 +264,9 @@ def plan_structured(
     shared = pg.identities_to_initializers(model)
     if shared:
         notes.append(f"{shared} Identity nodes of shared constants turned into initializers")
+    folded = pg.fold_integer_constants(model)
+    if folded:
+        notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")
     before, _ = g.weight_stats(model)
     groups = pg.discover(model, excluded)
     for grp in groups.groups:

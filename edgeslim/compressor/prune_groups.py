@@ -1160,6 +1160,75 @@ def identities_to_initializers(model: onnx.ModelProto) -> int:
     return converted
 
 
+# Ops whose all-constant integer results exporters leave in the graph (pads,
+# shapes and bounds computed from constants) and that are cheap to evaluate.
+FOLDABLE = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Cast", "Concat", "ConstantOfShape", "Gather",
+    "Reshape", "Slice", "Squeeze", "Unsqueeze", "Transpose", "Range", "Identity",
+}  # fmt: skip
+FOLD_LIMIT = 4096
+
+
+def fold_integer_constants(model: onnx.ModelProto) -> int:
+    """Evaluate main-graph nodes that compute small integer tensors from constants only.
+
+    F.pad at opset 11 writes its pads as a chain of Concat/Reshape/Slice/Cast
+    over constants: once folded, Pad's pads are a constant the pruner can read.
+    Float results are never folded, so weights keep their exact values.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    outputs = {o.name for o in graph.output}
+    keep, folded = [], 0
+    for node in graph.node:
+        ready = (
+            node.op_type in FOLDABLE
+            and node.domain in ("", "ai.onnx")
+            and node.input
+            and all(name in inits for name in node.input if name)
+            and all(int(np.prod(inits[n].dims)) <= FOLD_LIMIT for n in node.input if n)
+            and not any(o in outputs for o in node.output)
+        )
+        values = None
+        if ready:
+            try:
+                feeds = {n: numpy_helper.to_array(inits[n]) for n in node.input if n}
+                values = ReferenceEvaluator(_single_node_model(model, node, feeds)).run(None, feeds)
+            except Exception:
+                values = None
+        if values is None or not all(
+            np.issubdtype(np.asarray(v).dtype, np.integer) and np.size(v) <= FOLD_LIMIT
+            for v in values
+        ):
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, values, strict=True):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(tensor)
+            inits[name] = tensor
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
+def _single_node_model(
+    model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    inputs = [
+        onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)
+        )
+        for name, arr in feeds.items()
+    ]
+    outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+
+
 def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
     """Find the dependency groups of `model` (its Split nodes may gain explicit sizes)."""
     m = Model.of(model, excluded)
