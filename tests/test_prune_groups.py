@@ -221,20 +221,63 @@ def test_global_scope_keeps_min_channels_in_every_group():
     assert run(out.model, case.feeds).shape == (2, 10)
 
 
-def test_activation_importance_removes_channels_that_are_never_active():
-    """Wanda-style |W| * ||X||: a channel that is zero on the calibration data scores
-    0 whatever its weights, so it is removed first; removing it changes nothing."""
-    case = build("resnet18", 17)
-    data = Dataset({"input": RNG.normal(size=(8, 3, 64, 64)).astype(np.float32)}, None, "calib")
-    ctx = StepContext(
-        source=case.model,
+def calibration_context(model: onnx.ModelProto, data: Dataset) -> StepContext:
+    return StepContext(
+        source=model,
         workdir=None,  # type: ignore[arg-type]
         load_dataset=lambda uri, sha, model: data,
-        load_model=lambda uri, sha: case.model,
-        evaluation_dataset="calib",
+        load_model=lambda uri, sha: model,
+        evaluation_dataset=data.source,
     )
+
+
+class DeadChannels(torch.nn.Module):
+    """The odd channels of both convs have the largest weights but a bias that keeps
+    them below zero, so after the ReLU they are never active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                conv.weight[1::2] *= 5
+                conv.bias[1::2] = -100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "activation"])
+def test_activation_importance_removes_channels_that_are_never_active(criterion: str):
+    """Wanda-style |W| * ||X||: a channel that is zero on the calibration data scores
+    0 whatever its weights, so it goes first, and removing it changes nothing.
+    By weight norm alone the same channels look the most important."""
+    torch.manual_seed(0)
+    module = DeadChannels()
+    model = export(module, (torch.randn(1, 3, 8, 8),), ["input"], 17)
+    data = Dataset({"input": RNG.normal(size=(16, 3, 8, 8)).astype(np.float32)}, None, "calib")
+    config = PruneConfig(sparsity=0.5, criterion=criterion, calibration_samples=8)
+    out = Prune(config).run(model, calibration_context(model, data))
+    w1 = next(t for t in out.model.graph.initializer if t.name == "conv1.weight")
+    kept = numpy_helper.to_array(w1)
+    source = module.conv1.weight.detach().numpy()
+    feeds = {"input": RNG.normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    if criterion == "activation":
+        assert "activation importance from 8 samples of calib" in out.notes
+        np.testing.assert_array_equal(kept, source[0::2])
+        np.testing.assert_allclose(run(out.model, feeds), run(model, feeds), atol=1e-5)
+    else:
+        np.testing.assert_array_equal(kept, source[1::2])
+
+
+def test_activation_importance_on_a_real_architecture():
+    case = build("resnet18", 17)
+    data = Dataset({"input": RNG.normal(size=(8, 3, 64, 64)).astype(np.float32)}, None, "calib")
     config = PruneConfig(sparsity=0.5, criterion="activation", calibration_samples=4)
-    out = Prune(config).run(case.model, ctx)
+    out = Prune(config).run(case.model, calibration_context(case.model, data))
     assert "activation importance from 4 samples of calib" in out.notes
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(case.model)[0] / g.weight_stats(out.model)[0] >= 1.8
