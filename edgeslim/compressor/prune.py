@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from edgeslim.api.spec import Criterion, PruneConfig, PruneMethod, PruneScope
 from edgeslim.compressor import graph as g
 from edgeslim.compressor import prune_apply as pa
+from edgeslim.compressor import prune_graph as pgr
 from edgeslim.compressor import prune_groups as pg
 from edgeslim.compressor import prune_importance as pi
 from edgeslim.compressor.datasets import Dataset
@@ -148,10 +149,10 @@ def magnitude_targets(graph: onnx.GraphProto, excluded: set[str], notes: list[st
         init = inits[t.name]
         if any(n.name in excluded for n in t.nodes):
             skipped_excluded += 1  # shared with an excluded node: the exclusion wins
-        elif init.data_type not in pg.FLOAT_TYPES:
+        elif init.data_type not in pgr.FLOAT_TYPES:
             not_float += 1
         elif int(np.prod(init.dims)) < MIN_PRUNABLE:
-            tiny.append(pg.label(t.nodes[0]))
+            tiny.append(pgr.label(t.nodes[0]))
         else:
             targets.append(t)
     if skipped_excluded:
@@ -221,7 +222,7 @@ def prune_magnitude(
     )
     if config.scope is PruneScope.global_:
         per_layer = [
-            f"{pg.label(t.nodes[0])} {1 - np.count_nonzero(a) / a.size:.1%}"
+            f"{pgr.label(t.nodes[0])} {1 - np.count_nonzero(a) / a.size:.1%}"
             for t, a in zip(targets, pruned, strict=True)
         ]
         notes.append("per layer: " + ", ".join(per_layer[:20]) + (" ..." * (len(per_layer) > 20)))
@@ -261,10 +262,10 @@ def plan_structured(
     if config.sparsity == 0:
         notes.append("structured: sparsity 0 removes no channel; model unchanged")
         return None
-    shared = pg.identities_to_initializers(model)
+    shared = pgr.identities_to_initializers(model)
     if shared:
         notes.append(f"{shared} Identity nodes of shared constants turned into initializers")
-    folded = pg.fold_integer_constants(model)
+    folded = pgr.fold_integer_constants(model)
     if folded:
         notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")
     before, _ = g.weight_stats(model)

@@ -1,0 +1,331 @@
+"""Structured pruning: the graph as discovery sees it, and the records it writes.
+
+`Model` holds the lookups over the main graph (with shapes from ONNX shape
+inference, and from one probe run where inference gives up); `Track`,
+`Member` and `Fixup` are what discovery attaches to tensors, initializers and
+attributes. The clean-ups here (unsharing constants, folding integer constant
+subgraphs) keep the function of the model and make more of it followable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeslim.compressor import graph as g
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
+class Block(Exception):
+    """The tensor reaches something that cannot follow its channels."""
+
+
+def label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type} -> {node.output[0]}"
+
+
+def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+# ---------------------------------------------------------------------------
+# Lookups over the graph
+
+
+@dataclass
+class Model:
+    """Lookup tables over the main graph, built once per pruning pass."""
+
+    model: onnx.ModelProto
+    graph: onnx.GraphProto
+    inits: dict[str, onnx.TensorProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    producers: dict[str, onnx.NodeProto]
+    shapes: dict[str, list[int | None]]
+    outputs: set[str]
+    graph_inputs: set[str]
+    subgraph_refs: set[str]
+    """Names read by nodes inside If/Loop/Scan bodies (outer-scope references)."""
+    excluded: set[str]
+    opset: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    probed: dict[str, list[int]] | None = None
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, excluded: set[str]) -> Model:
+        graph = model.graph
+        refs = {
+            name
+            for sub in g.iter_graphs(graph)
+            if sub is not graph
+            for node in sub.node
+            for name in node.input
+        }
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        return cls(
+            model=model,
+            graph=graph,
+            inits=g.initializer_map(graph),
+            consumers=g.consumers(graph),
+            producers=g.producers(graph),
+            shapes=infer_shapes(model),
+            outputs={o.name for o in graph.output},
+            graph_inputs={i.name for i in graph.input},
+            subgraph_refs=refs,
+            excluded=excluded,
+            opset=opset,
+        )
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The initializer's value, or None for an activation."""
+        if name not in self.inits:
+            return None
+        if name not in self.arrays:
+            self.arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self.arrays[name]
+
+    def float_weight(self, name: str) -> np.ndarray | None:
+        init = self.inits.get(name)
+        return self.array(name) if init is not None and init.data_type in FLOAT_TYPES else None
+
+    def uses(self, name: str) -> int:
+        """Readers of a tensor: node inputs, graph inputs/outputs, If/Loop/Scan bodies."""
+        extra = (name in self.outputs) + (name in self.graph_inputs) + (name in self.subgraph_refs)
+        return len(self.consumers.get(name, [])) + extra
+
+    def dims(self, name: str) -> list[int | None] | None:
+        """Dims of a tensor: constants exactly, activations from shape inference, with
+        a single probe run through onnxruntime filling in what inference left unknown."""
+        arr = self.array(name)
+        if arr is not None:
+            return list(arr.shape)
+        known = self.shapes.get(name)
+        if known is not None and None not in known:
+            return known
+        if self.probed is None:
+            self.probed = probe_shapes(self.model)
+        probed = self.probed.get(name)
+        if probed is not None and (known is None or len(known) == len(probed)):
+            # Only the dims inference could not tell come from the probe.
+            return [k if k is not None else p for k, p in zip(known or probed, probed, strict=True)]
+        return known
+
+    def rank(self, name: str) -> int | None:
+        dims = self.dims(name)
+        return None if dims is None else len(dims)
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor name -> dims (None where symbolic); empty when inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # models > 2 GB, unknown domains: fail safe
+        return {}
+    shapes: dict[str, list[int | None]] = {}
+    graph = inferred.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = vi.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[vi.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            ]
+    return shapes
+
+
+def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Run the model once on made-up inputs and record every intermediate shape.
+
+    Shape inference loses track behind computed Reshape targets (attention
+    masks, head splits); a real run does not. Symbolic dims become 2 for the
+    leading (batch) axis and 16 elsewhere. Any failure just means no probe.
+    """
+    try:
+        import onnxruntime as ort
+
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        del work.graph.value_info[:]
+        present = {o.name for o in work.graph.output}
+        for node in work.graph.node:
+            for out in node.output:
+                if out and out not in present:
+                    work.graph.output.append(onnx.ValueInfoProto(name=out))
+                    present.add(out)
+        inits = {t.name for t in work.graph.initializer}
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for vi in work.graph.input:
+            if vi.name in inits:
+                continue
+            tt = vi.type.tensor_type
+            dims = [
+                d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 16)
+                for i, d in enumerate(tt.shape.dim)
+            ]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if np.issubdtype(dtype, np.floating):
+                feeds[vi.name] = rng.normal(size=dims).astype(dtype)
+            else:
+                feeds[vi.name] = np.ones(dims, dtype=dtype)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(
+            work.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+        names = [o.name for o in session.get_outputs()]
+        return {
+            name: list(np.shape(value))
+            for name, value in zip(names, session.run(names, feeds), strict=True)
+        }
+    except Exception:
+        return {}
+
+
+@dataclass(frozen=True)
+class Track:
+    """The channel axis of one tensor and the id of each index along it."""
+
+    axis: int
+    """Negative axis of the channel dimension."""
+    ids: np.ndarray
+    rank: int | None
+
+    def pos(self, where: str) -> int:
+        if self.rank is None:
+            raise Block(f"rank unknown at {where}")
+        return self.rank + self.axis
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Member:
+    """Slice the initializer at `node.input[index]` along `axis` with the kept ids."""
+
+    node: onnx.NodeProto
+    index: int
+    axis: int
+    ids: np.ndarray
+    role: str
+    """out: a layer's output slice (scores), in: a layer's input slice, param: the rest."""
+
+
+@dataclass
+class Fixup:
+    """An attribute or integer constant that follows the number of kept channels.
+
+    `where` is an attribute name or the input index of a constant; `pos` the
+    element in that list (None for a scalar attribute).
+    """
+
+    node: onnx.NodeProto
+    where: str | int
+    pos: int | None
+    value: Callable[[Callable[[np.ndarray], int]], int]
+    """Given kept(ids) -> number of ids kept, the new value."""
+
+
+def identities_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn `Identity(constant)` nodes of the main graph into initializers of their own.
+
+    The torch exporter writes one initializer for equal constants (e.g. the
+    zero biases of untrained layers) and an Identity per extra reader; each
+    reader must be free to slice its own copy.
+    """
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    keep, converted = [], 0
+    for node in graph.node:
+        src = node.input[0] if node.op_type == "Identity" and node.input else ""
+        if src in inits and node.output[0] not in {o.name for o in graph.output}:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[src])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            converted += 1
+        else:
+            keep.append(node)
+    if converted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return converted
+
+
+# Ops whose all-constant integer results exporters leave in the graph (pads,
+# shapes and bounds computed from constants) and that are cheap to evaluate.
+FOLDABLE = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Cast", "Concat", "ConstantOfShape", "Gather",
+    "Reshape", "Slice", "Squeeze", "Unsqueeze", "Transpose", "Range", "Identity",
+}  # fmt: skip
+FOLD_LIMIT = 4096
+
+
+def fold_integer_constants(model: onnx.ModelProto) -> int:
+    """Evaluate main-graph nodes that compute small integer tensors from constants only.
+
+    F.pad at opset 11 writes its pads as a chain of Concat/Reshape/Slice/Cast
+    over constants: once folded, Pad's pads are a constant the pruner can read.
+    Float results are never folded, so weights keep their exact values.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    outputs = {o.name for o in graph.output}
+    keep, folded = [], 0
+    for node in graph.node:
+        ready = (
+            node.op_type in FOLDABLE
+            and node.domain in ("", "ai.onnx")
+            and node.input
+            and all(name in inits for name in node.input if name)
+            and all(int(np.prod(inits[n].dims)) <= FOLD_LIMIT for n in node.input if n)
+            and not any(o in outputs for o in node.output)
+        )
+        values = None
+        if ready:
+            try:
+                feeds = {n: numpy_helper.to_array(inits[n]) for n in node.input if n}
+                values = ReferenceEvaluator(_single_node_model(model, node, feeds)).run(None, feeds)
+            except Exception:
+                values = None
+        if values is None or not all(
+            np.issubdtype(np.asarray(v).dtype, np.integer) and np.size(v) <= FOLD_LIMIT
+            for v in values
+        ):
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, values, strict=True):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(tensor)
+            inits[name] = tensor
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
+def _single_node_model(
+    model: onnx.ModelProto, node: onnx.NodeProto, feeds: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    inputs = [
+        onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)
+        )
+        for name, arr in feeds.items()
+    ]
+    outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=list(model.opset_import))

@@ -1,0 +1,404 @@
+"""Structured pruning: how channel ids pass through layout ops.
+
+Transpose and Gather move the channel axis; Flatten and Reshape fold it (each
+id repeats over what is folded in with it; a [.., H*D] -> [.., H, D] split
+turns the D ids of a head into one unit); Concat, Split and Slice map offsets;
+Shape may read any size but the channel count. Where a size written in the
+graph must follow the pruned count (Reshape targets, Split sizes, Slice
+bounds, Resize sizes), a Fixup records it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeslim.compressor.prune_graph import Block, Fixup, Track, attr, label
+
+if TYPE_CHECKING:
+    from edgeslim.compressor.prune_graph import Model
+    from edgeslim.compressor.prune_groups import UnionFind
+
+
+class LayoutOps:
+    """Handlers for layout ops, mixed into Discovery (which provides the state)."""
+
+    m: Model
+    chan: UnionFind
+    grp: UnionFind
+    fixups: list[Fixup]
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None: ...  # provided by Discovery
+
+    def block(self, ids: np.ndarray, reason: str) -> None: ...
+
+    def _nary(self, node, ins, where): ...
+
+    def _transpose(self, node, ins, where):
+        t = ins[0]
+        perm = attr(node, "perm")
+        rank = t.rank if perm is None else len(perm)
+        if rank is None:
+            raise Block(f"rank unknown at {where}")
+        perm = list(perm) if perm is not None else list(reversed(range(rank)))
+        new = perm.index(t.pos(where))
+        return {node.output[0]: Track(new - rank, t.ids, rank)}
+
+    def _flatten(self, node, ins, where, axis: int | None = None):
+        """[d0..dk-1, dk..] -> [outer, inner]: each channel id repeats over the positions
+        folded in with it."""
+        t = ins[0]
+        dims = self.m.dims(node.input[0])
+        if not dims:
+            raise Block(f"shape of {node.input[0]} unknown at {where}")
+        rank = len(dims)
+        channel = rank + t.axis
+        axis = int(attr(node, "axis", 1)) if axis is None else axis
+        axis = axis + rank if axis < 0 else axis
+        if channel < axis:
+            raise Block(f"{where} folds the channels into the leading axis")
+        before, after = dims[axis:channel], dims[channel + 1 :]
+        if any(d is None for d in [*before, *after]):
+            raise Block(f"spatial size unknown at {where}")
+        outer, inner = math.prod(before), math.prod(after)  # type: ignore[arg-type]
+        # Column of (o, c, i) in the flattened row is (o * C + c) * inner + i.
+        ids = np.tile(np.repeat(t.ids, inner), outer)
+        return {node.output[0]: Track(-1, ids, 2)}
+
+    def _reshape(self, node, ins, where):
+        t = ins[0]
+        if t is None or ins[1] is not None:
+            raise Block(f"it feeds the shape input of {where}")
+        if attr(node, "allowzero", 0):
+            raise Block(f"{where} uses allowzero")
+        if self._is_flatten_shape(node):
+            return self._flatten(node, ins, where, 1)
+        target = self._shape_pieces(node.input[1])
+        if target is None or t.rank is None:
+            raise Block(f"{where} has a target shape that cannot be followed")
+        values = [v for v, _ in target]
+        others_ok = all(v != -1 for v in values[:-2])
+        if t.axis == -1 and len(values) == t.rank + 1 and others_ok:
+            return self._split_heads(node, t, target, where)
+        if t.axis == -2 and len(values) == t.rank - 1 and others_ok:
+            return self._merge_heads(node, t, target, where)
+        if len(values) == t.rank and self._same_dims(node.input[0], node.output[0]):
+            # A reshape that keeps every dim where it was (e.g. [B, -1, S, D] on
+            # [B, H, S, D]): the channels stay put if their entry follows them.
+            value, at = target[t.pos(where)]
+            if value == -1:
+                return {node.output[0]: t}
+            if value == t.size and at is not None:
+                self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+                return {node.output[0]: t}
+        raise Block(f"{where} changes the channel layout in a way that cannot be followed")
+
+    def _split_heads(self, node, t: Track, target, where):
+        """[..., H*D] -> [..., H, D]: the D ids of each head become one unit."""
+        (h, h_at), (d, _) = target[-2], target[-1]
+        if d is None or d <= 0 or t.size % d or h not in (-1, t.size // d):
+            raise Block(f"{where} splits the channels in a way that cannot be followed")
+        heads = t.ids.reshape(-1, d)
+        for row in heads:
+            self.union(row[:1].repeat(d - 1), row[1:])
+        if h != -1:
+            self._constant_fixup(h_at, lambda kept, ids=heads[:, 0]: kept(ids), where)
+        return {node.output[0]: Track(-2, heads[:, 0], t.rank + 1)}
+
+    def _merge_heads(self, node, t: Track, target, where):
+        """[..., H, D] -> [..., H*D]: each head id repeats over its D channels."""
+        dims = self.m.dims(node.input[0])
+        d = dims[-1] if dims else None
+        v, v_at = target[-1]
+        if d is None or v not in (-1, t.size * d):
+            raise Block(f"{where} merges the channels in a way that cannot be followed")
+        if v != -1:
+            self._constant_fixup(v_at, lambda kept, ids=t.ids, d=d: kept(ids) * d, where)
+        return {node.output[0]: Track(-1, np.repeat(t.ids, d), t.rank - 1)}
+
+    def _same_dims(self, a: str, b: str) -> bool:
+        da, db = self.m.dims(a), self.m.dims(b)
+        return da is not None and None not in da and da == db
+
+    def _constant_fixup(self, at, value, where) -> None:
+        if at is None:
+            raise Block(f"{where} has a computed head count")
+        node, index, pos = at
+        self.fixups.append(Fixup(node, index, pos, value))
+
+    def _shape_pieces(self, name: str):
+        """A Reshape target as [(value or None if computed, (node, input, pos) or None)]."""
+        arr = self.m.array(name)
+        consumers = self.m.consumers.get(name, [])
+        if arr is not None:
+            return [(int(v), (consumers[0], 1, i)) for i, v in enumerate(arr.reshape(-1))]
+        concat = self.m.producers.get(name)
+        if concat is None or concat.op_type != "Concat" or attr(concat, "axis", 0) != 0:
+            return None
+        pieces = []
+        for index, part in enumerate(concat.input):
+            value = self.m.array(part)
+            if value is None:
+                dims = self.m.dims(part)
+                if dims is None or len(dims) != 1 or dims[0] is None:
+                    return None
+                pieces += [(None, None)] * int(dims[0])
+            else:
+                pieces += [(int(v), (concat, index, i)) for i, v in enumerate(value.reshape(-1))]
+        return pieces
+
+    def _is_flatten_shape(self, node) -> bool:
+        data, shape_name = node.input[0], node.input[1]
+        target = self.m.array(shape_name)
+        if target is not None:
+            values = target.reshape(-1).tolist()
+            if len(values) != 2 or values[1] != -1:
+                return False
+            dims = self.m.dims(data)
+            return values[0] == 0 or bool(dims and dims[0] == values[0])
+        return self._is_batch_concat(shape_name, data)
+
+    def _is_batch_concat(self, shape_name: str, data: str) -> bool:
+        """Concat(Unsqueeze(Gather(Shape(data), 0)), [-1]): what `x.view(x.size(0), -1)` exports."""
+        concat = self.m.producers.get(shape_name)
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+            return False
+        tail = self.m.array(concat.input[1])
+        if tail is None or tail.reshape(-1).tolist() != [-1]:
+            return False
+        unsq = self.m.producers.get(concat.input[0])
+        gather = unsq and unsq.op_type == "Unsqueeze" and self.m.producers.get(unsq.input[0])
+        if not gather or gather.op_type != "Gather" or self._gathered(gather) != [0]:
+            return False
+        shape = self.m.producers.get(gather.input[0])
+        return bool(shape and shape.op_type == "Shape" and shape.input[0] == data)
+
+    def _gathered(self, gather) -> list[int] | None:
+        idx = self.m.array(gather.input[1])
+        if attr(gather, "axis", 0) != 0 or idx is None:
+            return None
+        return [int(i) for i in idx.reshape(-1)]
+
+    def _shape(self, node, ins, where):
+        """Reading the sizes of other axes is fine; reading the channel count is not."""
+        t = ins[0]
+        rank = t.rank
+        readers = self.m.consumers.get(node.output[0], [])
+        if rank is not None and node.output[0] not in self.m.outputs and readers:
+            start, end, _ = slice(attr(node, "start"), attr(node, "end")).indices(rank)
+            pos = t.pos(where)
+            if not start <= pos < end:
+                return {}
+            n = end - start
+            read = [self._gathered(r) if r.op_type == "Gather" else None for r in readers]
+            if all(r is not None and (pos - start) not in [i % n for i in r] for r in read):
+                return {}
+        raise Block(f"its channel count is read by {where}")
+
+    def _gather(self, node, ins, where):
+        t = ins[0]
+        if t is None or ins[1] is not None:
+            raise Block(f"it is used as indices of {where}")
+        pos = t.pos(where)
+        axis = int(attr(node, "axis", 0)) % t.rank  # type: ignore[operator]
+        if axis == pos:
+            raise Block(f"{where} picks channels")
+        k = self.m.rank(node.input[1])
+        if k is None:
+            raise Block(f"rank of the indices unknown at {where}")
+        rank = t.rank - 1 + k  # type: ignore[operator]
+        new_pos = pos if axis > pos else pos - 1 + k
+        return {node.output[0]: Track(new_pos - rank, t.ids, rank)}
+
+    def _axes(self, node, where) -> list[int]:
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            arr = self.m.array(node.input[1])
+            if arr is None:
+                raise Block(f"{where} has computed axes")
+            axes = arr.reshape(-1).tolist()
+        if not axes:
+            raise Block(f"{where} has no explicit axes")
+        return [int(a) for a in axes]
+
+    def _unsqueeze(self, node, ins, where):
+        t = ins[0]
+        if ins[1:] and any(ins[1:]):
+            raise Block(f"it feeds the axes of {where}")
+        pos = t.pos(where)
+        rank = t.rank + len(self._axes(node, where))  # type: ignore[operator]
+        axes = sorted(a % rank for a in self._axes(node, where))
+        kept = [i for i in range(rank) if i not in axes]
+        return {node.output[0]: Track(kept[pos] - rank, t.ids, rank)}
+
+    def _squeeze(self, node, ins, where):
+        t = ins[0]
+        if ins[1:] and any(ins[1:]):
+            raise Block(f"it feeds the axes of {where}")
+        pos = t.pos(where)
+        axes = [a % t.rank for a in self._axes(node, where)]  # type: ignore[operator]
+        if pos in axes:
+            raise Block(f"{where} squeezes the channel axis")
+        rank = t.rank - len(axes)  # type: ignore[operator]
+        return {node.output[0]: Track(pos - sum(a < pos for a in axes) - rank, t.ids, rank)}
+
+    def _concat(self, node, ins, where):
+        tracked = [t for t in ins if t is not None]
+        ref = tracked[0]
+        pos = ref.pos(where)
+        axis = int(attr(node, "axis", 0)) % ref.rank  # type: ignore[operator]
+        if axis != pos:  # concatenated along another axis: the channels must line up
+            if len(tracked) != len(ins):
+                raise Block(f"{where} joins it with a tensor whose channels are not tracked")
+            return self._nary(node, ins, where)
+        parts = []
+        for name, t in zip(node.input, ins, strict=True):
+            if t is not None:
+                if t.axis != ref.axis:
+                    raise Block(f"{where} joins tensors of different ranks")
+                parts.append(t.ids)
+                continue
+            dims = self.m.dims(name)
+            if dims is None or len(dims) != ref.rank or dims[axis] is None:
+                raise Block(f"shape of {name} unknown at {where}")
+            fixed = self.chan.add(dims[axis])  # channels nobody may remove
+            self.grp.add(dims[axis])
+            self.block(fixed, f"untracked input of {where}")
+            parts.append(fixed)
+        return {node.output[0]: Track(ref.axis, np.concatenate(parts), ref.rank)}
+
+    def _split(self, node, ins, where):
+        t = ins[0]
+        if t is None or any(ins[1:]):
+            raise Block(f"it feeds the sizes of {where}")
+        pos = t.pos(where)
+        axis = int(attr(node, "axis", 0)) % t.rank  # type: ignore[operator]
+        outs = [o for o in node.output]
+        if axis != pos:
+            return {o: t for o in outs if o}
+        sizes = attr(node, "split")
+        at: str | int = "split"
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            arr = self.m.array(node.input[1])
+            if arr is None:
+                raise Block(f"{where} has computed sizes")
+            sizes, at = arr.reshape(-1).tolist(), 1
+        if sizes is None:
+            if t.size % len(outs):
+                raise Block(f"{where} splits unevenly")
+            sizes = [t.size // len(outs)] * len(outs)
+            at = "split" if self.m.opset < 13 else 1
+            self._explicit_split(node, sizes, at)
+        bounds = np.cumsum([0, *sizes])
+        result = {}
+        for k, out in enumerate(outs):
+            ids = t.ids[bounds[k] : bounds[k + 1]]
+            self.fixups.append(Fixup(node, at, k, lambda kept, ids=ids: kept(ids)))
+            if out:
+                result[out] = Track(t.axis, ids, t.rank)
+        return result
+
+    def _explicit_split(self, node, sizes: list[int], at: str | int) -> None:
+        """Write out the equal split, so it can follow uneven pruning."""
+        for a in list(node.attribute):
+            if a.name == "num_outputs":
+                node.attribute.remove(a)
+        if at == "split":
+            node.attribute.append(onnx.helper.make_attribute("split", sizes))
+            return
+        name = f"{node.output[0]}__split"
+        self.m.graph.initializer.append(
+            numpy_helper.from_array(np.array(sizes, dtype=np.int64), name)
+        )
+        self.m.inits[name] = self.m.graph.initializer[-1]
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input[1] = name
+        self.m.consumers[name] = [node]
+
+    def _slice(self, node, ins, where):
+        t = ins[0]
+        if t is None or any(ins[1:]):
+            raise Block(f"it feeds the bounds of {where}")
+        if self.m.opset < 10:
+            raise Block(f"{where} (attribute form) cannot follow the channels")
+        pos = t.pos(where)
+        consts = [self.m.array(n) if n else None for n in [*node.input[1:], "", "", ""][:4]]
+        starts, ends, axes, steps = consts
+        if (
+            starts is None
+            or ends is None
+            or (len(node.input) > 3 and node.input[3] and axes is None)
+        ):
+            raise Block(f"{where} has computed bounds")
+        if len(node.input) > 4 and node.input[4] and steps is None:
+            raise Block(f"{where} has computed steps")
+        axes_l = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+        axes_l = [a % t.rank for a in axes_l]  # type: ignore[operator]
+        if pos not in axes_l:
+            return {node.output[0]: t}
+        k = axes_l.index(pos)
+        if steps is not None and int(steps[k]) != 1:
+            raise Block(f"{where} steps over the channels")
+        start, end, _ = slice(int(starts[k]), int(ends[k])).indices(t.size)
+        ids = t.ids[start:end]
+        head = t.ids[:start]
+        self.fixups.append(Fixup(node, 1, k, lambda kept, head=head: kept(head)))
+        self.fixups.append(
+            Fixup(node, 2, k, lambda kept, head=head, ids=ids: kept(head) + kept(ids))
+        )
+        return {node.output[0]: Track(t.axis, ids, t.rank)}
+
+    def _pad(self, node, ins, where):
+        t = ins[0]
+        if t is None or any(ins[1:]):
+            raise Block(f"it feeds a parameter of {where}")
+        pads = attr(node, "pads")
+        if pads is None and len(node.input) > 1:
+            arr = self.m.array(node.input[1])
+            if arr is None:
+                raise Block(f"{where} has computed pads")
+            pads = arr.reshape(-1).tolist()
+        axes = [a % t.rank for a in self._axes_or_all(node, t)]  # type: ignore[operator]
+        pos = t.pos(where)
+        if pos in axes:
+            k = axes.index(pos)
+            if pads[k] or pads[k + len(axes)]:
+                raise Block(f"{where} pads the channels")
+        return {node.output[0]: t}
+
+    def _axes_or_all(self, node, t: Track) -> list[int]:
+        if node.op_type == "Pad" and len(node.input) > 3 and node.input[3]:
+            arr = self.m.array(node.input[3])
+            if arr is None:
+                raise Block(f"Pad {label(node)} has computed axes")
+            return arr.reshape(-1).tolist()
+        return list(range(t.rank))  # type: ignore[arg-type]
+
+    def _resize(self, node, ins, where):
+        t = ins[0]
+        if t is None or any(ins[1:]):
+            raise Block(f"it feeds a parameter of {where}")
+        pos = t.pos(where)
+        if node.op_type == "Upsample" and self.m.opset < 9:
+            scales = attr(node, "scales")
+            if scales is None or scales[pos] != 1:
+                raise Block(f"{where} scales the channels")
+            return {node.output[0]: t}
+        # Resize: X, roi, scales, sizes (opset 11+); X, scales (opset 10, Upsample 9).
+        scale_at = 1 if node.op_type == "Upsample" or self.m.opset < 11 else 2
+        names = list(node.input) + [""] * 4
+        scales = self.m.array(names[scale_at]) if names[scale_at] else None
+        sizes = self.m.array(names[3]) if scale_at == 2 and names[3] else None
+        if scales is not None and scales.size:
+            if scales.reshape(-1)[pos] != 1:
+                raise Block(f"{where} scales the channels")
+        elif sizes is not None:
+            self.fixups.append(Fixup(node, 3, pos, lambda kept, ids=t.ids: kept(ids)))
+        else:
+            raise Block(f"{where} has computed scales")
+        return {node.output[0]: t}
