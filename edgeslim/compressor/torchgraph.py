@@ -14,266 +14,55 @@ operator and node named, before any training time is spent.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from edgeslim.compressor.graph import WEIGHT_OPS
-from edgeslim.errors import BadInput
+from edgeslim.compressor.torchgraph_ops import (
+    OPS,
+    SHAPE_OPS,
+    WEIGHT_POSITIONS,
+    UnsupportedModel,
+    _constant,
+)
+
+__all__ = ["OPS", "OnnxModule", "UnsupportedModel", "check_supported"]
 
 Attrs = dict[str, Any]
-OpFn = Callable[[list[Tensor | None], Attrs], Tensor | tuple[Tensor, ...]]
 
-
-class UnsupportedModel(BadInput):
-    """The graph uses something the torch bridge cannot run."""
-
-
-def _pads(pads: Sequence[int], spatial: int) -> tuple[list[int], bool]:
-    """ONNX [x1_begin, x2_begin, ..., x1_end, x2_end] -> torch symmetric pads, or F.pad order."""
-    begin, end = list(pads[:spatial]), list(pads[spatial:])
-    if begin == end:
-        return begin, True
-    torch_order: list[int] = []
-    for b, e in zip(reversed(begin), reversed(end), strict=True):
-        torch_order += [b, e]
-    return torch_order, False
-
-
-def _check_auto_pad(a: Attrs) -> None:
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise UnsupportedModel(f"auto_pad={a['auto_pad']!r} is not supported; use explicit pads")
-
-
-def _conv(x: list[Tensor | None], a: Attrs) -> Tensor:
-    _check_auto_pad(a)
-    inp, w, b = x[0], x[1], x[2] if len(x) > 2 else None
-    spatial = w.dim() - 2
-    pads, symmetric = _pads(a.get("pads", [0] * 2 * spatial), spatial)
-    if not symmetric:
-        inp, pads = F.pad(inp, pads), [0] * spatial
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return conv(
-        inp,
-        w,
-        b,
-        stride=a.get("strides", 1),
-        padding=pads,
-        dilation=a.get("dilations", 1),
-        groups=a.get("group", 1),
-    )
-
-
-def _pool(kind: str) -> OpFn:
-    def run(x: list[Tensor | None], a: Attrs) -> Tensor:
-        _check_auto_pad(a)
-        inp = x[0]
-        kernel = a["kernel_shape"]
-        spatial = len(kernel)
-        pads, symmetric = _pads(a.get("pads", [0] * 2 * spatial), spatial)
-        if not symmetric:
-            inp = F.pad(inp, pads, value=-math.inf if kind == "max" else 0.0)
-            pads = [0] * spatial
-        strides = a.get("strides", [1] * spatial)
-        ceil = bool(a.get("ceil_mode", 0))
-        if kind == "max":
-            fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-            return fn(inp, kernel, strides, pads, a.get("dilations", 1), ceil_mode=ceil)
-        fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-        return fn(
-            inp,
-            kernel,
-            strides,
-            pads,
-            ceil_mode=ceil,
-            count_include_pad=bool(a.get("count_include_pad", 0)),
-        )
-
-    return run
-
-
-def _gemm(x: list[Tensor | None], a: Attrs) -> Tensor:
-    m, w = x[0], x[1]
-    if a.get("transA", 0):
-        m = m.t()
-    if a.get("transB", 0):
-        w = w.t()
-    out = a.get("alpha", 1.0) * (m @ w)
-    if len(x) > 2 and x[2] is not None:
-        out = out + a.get("beta", 1.0) * x[2]
-    return out
-
-
-def _flatten(x: list[Tensor | None], a: Attrs) -> Tensor:
-    t = x[0]
-    axis = a.get("axis", 1) % max(t.dim(), 1)
-    return t.reshape(int(np.prod(t.shape[:axis])), -1)
-
-
-def _reshape(x: list[Tensor | None], a: Attrs) -> Tensor:
-    t, shape = x[0], [int(s) for s in x[1].tolist()]
-    if not a.get("allowzero", 0):
-        shape = [t.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return t.reshape(shape)
-
-
-def _axes(x: list[Tensor | None], a: Attrs) -> list[int] | None:
-    if len(x) > 1 and x[1] is not None:
-        return [int(v) for v in x[1].tolist()]
-    return a.get("axes")
-
-
-def _unsqueeze(x: list[Tensor | None], a: Attrs) -> Tensor:
-    t = x[0]
-    for axis in sorted(ax % (t.dim() + len(_axes(x, a))) for ax in _axes(x, a)):
-        t = t.unsqueeze(axis)
-    return t
-
-
-def _squeeze(x: list[Tensor | None], a: Attrs) -> Tensor:
-    axes = _axes(x, a)
-    if axes is None:
-        return x[0].squeeze()
-    return x[0].squeeze(tuple(ax % x[0].dim() for ax in axes))
-
-
-def _reduce(fn: str) -> OpFn:
-    def run(x: list[Tensor | None], a: Attrs) -> Tensor:
-        axes = _axes(x, a)
-        keep = bool(a.get("keepdims", 1))
-        t = x[0]
-        dims = tuple(range(t.dim())) if not axes else tuple(axes)
-        return getattr(t, fn)(dim=dims, keepdim=keep)
-
-    return run
-
-
-def _batchnorm(x: list[Tensor | None], a: Attrs) -> Tensor:
-    inp, scale, bias, mean, var = x[:5]
-    return F.batch_norm(inp, mean, var, scale, bias, training=False, eps=a.get("epsilon", 1e-5))
-
-
-def _layernorm(x: list[Tensor | None], a: Attrs) -> Tensor:
-    inp, scale = x[0], x[1]
-    bias = x[2] if len(x) > 2 else None
-    axis = a.get("axis", -1) % inp.dim()
-    return F.layer_norm(inp, inp.shape[axis:], scale, bias, eps=a.get("epsilon", 1e-5))
-
-
-def _gather(x: list[Tensor | None], a: Attrs) -> Tensor:
-    data, idx = x[0], x[1].long()
-    axis = a.get("axis", 0) % data.dim()
-    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
-    out = torch.index_select(data, axis, idx.reshape(-1))
-    return out.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :])
-
-
-def _slice(x: list[Tensor | None], a: Attrs) -> Tensor:
-    t = x[0]
-    starts, ends = x[1].tolist(), x[2].tolist()
-    axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
-    steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
-    index = [slice(None)] * t.dim()
-    for s, e, ax, st in zip(starts, ends, axes, steps, strict=True):
-        if st < 0:
-            raise UnsupportedModel("Slice with negative steps is not supported")
-        index[ax] = slice(
-            int(max(min(s, 2**62), -(2**62))), int(max(min(e, 2**62), -(2**62))), int(st)
-        )
-    return t[tuple(index)]
-
-
-def _clip(x: list[Tensor | None], a: Attrs) -> Tensor:
-    lo = x[1] if len(x) > 1 and x[1] is not None else a.get("min")
-    hi = x[2] if len(x) > 2 and x[2] is not None else a.get("max")
-    return torch.clamp(x[0], min=lo, max=hi)
-
-
-def _cast(x: list[Tensor | None], a: Attrs) -> Tensor:
-    np_type = helper.tensor_dtype_to_np_dtype(a["to"])
-    return x[0].to(torch.from_numpy(np.zeros(0, dtype=np_type)).dtype)
-
-
-def _softmax(fn: Callable[..., Tensor]) -> OpFn:
-    return lambda x, a: fn(x[0], dim=a.get("axis", -1))
-
-
-def _binary(fn: Callable[[Tensor, Tensor], Tensor]) -> OpFn:
-    return lambda x, a: fn(x[0], x[1])
-
-
-def _unary(fn: Callable[[Tensor], Tensor]) -> OpFn:
-    return lambda x, a: fn(x[0])
-
-
-OPS: dict[str, OpFn] = {
-    "Conv": _conv,
-    "Gemm": _gemm,
-    "MatMul": _binary(torch.matmul),
-    "Add": _binary(torch.add),
-    "Sub": _binary(torch.sub),
-    "Mul": _binary(torch.mul),
-    "Div": _binary(torch.div),
-    "Pow": _binary(torch.pow),
-    "Max": _binary(torch.maximum),
-    "Min": _binary(torch.minimum),
-    "Equal": _binary(torch.eq),
-    "Where": lambda x, a: torch.where(x[0].bool(), x[1], x[2]),
-    "Relu": _unary(F.relu),
-    "Sigmoid": _unary(torch.sigmoid),
-    "Tanh": _unary(torch.tanh),
-    "Erf": _unary(torch.erf),
-    "Sqrt": _unary(torch.sqrt),
-    "Exp": _unary(torch.exp),
-    "Log": _unary(torch.log),
-    "Neg": _unary(torch.neg),
-    "Abs": _unary(torch.abs),
-    "Reciprocal": _unary(torch.reciprocal),
-    "Identity": _unary(lambda t: t),
-    "Dropout": lambda x, a: x[0],  # inference semantics; distillation keeps them off
-    "LeakyRelu": lambda x, a: F.leaky_relu(x[0], a.get("alpha", 0.01)),
-    "HardSigmoid": lambda x, a: torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1),
-    "HardSwish": _unary(F.hardswish),
-    "Gelu": lambda x, a: F.gelu(
-        x[0], approximate="tanh" if a.get("approximate") in (b"tanh", "tanh") else "none"
-    ),
-    "Clip": _clip,
-    "Softmax": _softmax(torch.softmax),
-    "LogSoftmax": _softmax(torch.log_softmax),
-    "MaxPool": _pool("max"),
-    "AveragePool": _pool("avg"),
-    "GlobalAveragePool": lambda x, a: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True),
-    "GlobalMaxPool": lambda x, a: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True),
-    "BatchNormalization": _batchnorm,
-    "LayerNormalization": _layernorm,
-    "Flatten": _flatten,
-    "Reshape": _reshape,
-    "Transpose": lambda x, a: x[0].permute(*(a.get("perm") or reversed(range(x[0].dim())))),
-    "Concat": lambda x, a: torch.cat([t for t in x if t is not None], dim=a["axis"]),
-    "Unsqueeze": _unsqueeze,
-    "Squeeze": _squeeze,
-    "Gather": _gather,
-    "Slice": _slice,
-    "Shape": lambda x, a: torch.tensor(
-        x[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64
-    ),
-    "Expand": lambda x, a: x[0] * torch.ones([int(s) for s in x[1].tolist()], dtype=x[0].dtype),
-    "Cast": _cast,
-    "ReduceMean": _reduce("mean"),
-    "ReduceSum": _reduce("sum"),
-    "ReduceMax": _reduce("amax"),
+# Inputs that decide an output's shape: when one of them is computed from input values
+# (not from shapes or constants), shape-only values cannot be cached per input shape.
+SHAPE_ARGS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Range": (0, 1, 2),
+    "ConstantOfShape": (0,),
+    "Slice": (1, 2, 3, 4),
+    "Pad": (1, 3),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "TopK": (1,),
+    "Split": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "CumSum": (1,),
+    "Trilu": (1,),
 }
+# Operators whose output shape depends on input values however the graph is built.
+VALUE_SHAPED = {"NonZero", "Compress", "Unique"}
+SHAPE_CACHE_SIZE = 16
 
 
 def _is_float(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def check_supported(model: onnx.ModelProto) -> None:
@@ -295,61 +84,151 @@ def check_supported(model: onnx.ModelProto) -> None:
         )
 
 
+def _weight_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensor names read where an operator takes a trainable weight."""
+    names: set[str] = set()
+    for n in graph.node:
+        if n.op_type not in WEIGHT_POSITIONS:
+            continue
+        positions = WEIGHT_POSITIONS[n.op_type]
+        for i, name in enumerate(n.input):
+            if name and (positions is None or i in positions):
+                names.add(name)
+    return names
+
+
 class OnnxModule(nn.Module):
-    """An ONNX graph executed with torch ops; float weight initializers are parameters."""
+    """An ONNX graph executed with torch ops; float weights are parameters.
+
+    Weights are float initializers or Constant-node values read where an
+    operator takes a weight (Conv/Gemm/MatMul/norm scales, Add/Mul operands,
+    embedding tables). Nodes that read only constants are evaluated once here;
+    nodes that read only shapes (Shape -> Gather -> Unsqueeze -> Concat ->
+    Reshape chains) are evaluated once per input shape and cached.
+    """
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         check_supported(model)
         graph = model.graph
+        opset = opset_of(model)
         self.nodes = list(graph.node)
-        self.attrs = [
-            {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in self.nodes
+        self.attrs: list[Attrs] = [
+            {
+                **{a.name: helper.get_attribute_value(a) for a in n.attribute},
+                "_opset": opset,
+                "_outputs": len(n.output),
+            }
+            for n in self.nodes
         ]
-        self.input_names = [
-            i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}
-        ]
+        initializers = {t.name for t in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in initializers]
         self.output_names = [o.name for o in graph.output]
-        weight_inputs = {
-            name
-            for n in graph.node
-            if n.op_type in WEIGHT_OPS | {"BatchNormalization", "LayerNormalization", "Add", "Mul"}
-            for name in n.input[1:]
+        weight_inputs = _weight_names(graph)
+        bn_stats = {
+            name for n in graph.node if n.op_type == "BatchNormalization" for name in n.input[3:5]
         }
-        self.param_names: dict[str, str] = {}  # onnx initializer name -> parameter key
+        self.param_names: dict[str, str] = {}  # onnx tensor name -> parameter key
         self.constants: dict[str, Tensor] = {}
         self.params = nn.ParameterDict()
-        for init in graph.initializer:
-            value = torch.from_numpy(numpy_helper.to_array(init).copy())
-            # Running statistics of BatchNorm are not weights: they stay constants.
-            trainable = _is_float(init) and init.name in weight_inputs and value.numel() > 1
-            if trainable and not _is_bn_stat(graph, init.name):
+
+        def add(name: str, value: Tensor) -> None:
+            trainable = (
+                value.is_floating_point()
+                and name in weight_inputs
+                and value.numel() > 1
+                and name not in bn_stats  # running statistics are not weights
+            )
+            if trainable:
                 key = f"p{len(self.param_names)}"
-                self.param_names[init.name] = key
+                self.param_names[name] = key
                 self.params[key] = nn.Parameter(value)
             else:
-                self.constants[init.name] = value
+                self.constants[name] = value
+
+        for init in graph.initializer:
+            add(init.name, torch.from_numpy(numpy_helper.to_array(init).copy()))
+        for node, attrs in zip(self.nodes, self.attrs, strict=True):
+            if node.op_type == "Constant":
+                add(node.output[0], _constant([], attrs))
+        self._classify()
+
+    def _classify(self) -> None:
+        """Fold constant-only nodes now; mark shape-only nodes for the per-shape cache."""
+        static = set(self.constants)
+        shape_only: set[str] = set()
+        self.run_nodes: list[int] = []  # evaluated on every forward
+        self.shape_nodes: set[int] = set()  # evaluated once per input shape
+        value_shaped = False
+        for i, (node, attrs) in enumerate(zip(self.nodes, self.attrs, strict=True)):
+            if node.op_type == "Constant":
+                continue
+            inputs = [name for name in node.input if name]
+            if all(name in static for name in inputs):
+                with torch.no_grad():
+                    outs = self._call(node, attrs, [self.constants[n] for n in inputs], node.input)
+                for name, value in zip(node.output, outs, strict=False):
+                    self.constants[name] = value
+                    static.add(name)
+                continue
+            if node.op_type in VALUE_SHAPED:
+                value_shaped = True
+            for pos in SHAPE_ARGS.get(node.op_type, ()):
+                if pos < len(node.input) and node.input[pos]:
+                    name = node.input[pos]
+                    if name not in static and name not in shape_only:
+                        value_shaped = True
+            self.run_nodes.append(i)
+            if node.op_type in SHAPE_OPS or all(n in static or n in shape_only for n in inputs):
+                self.shape_nodes.add(i)
+                shape_only.update(node.output)
+        if value_shaped:  # output shapes depend on values: nothing can be cached per shape
+            self.shape_nodes = set()
+        self.shape_outputs = [
+            name for i in sorted(self.shape_nodes) for name in self.nodes[i].output if name
+        ]
+        self._shape_cache: dict[tuple, dict[str, Tensor]] = {}
+
+    def _call(
+        self, node: onnx.NodeProto, attrs: Attrs, args: list[Tensor | None], names: Any
+    ) -> tuple[Tensor, ...]:
+        if node.op_type == "Constant":
+            return (_constant([], attrs),)
+        try:
+            out = OPS[node.op_type](args, attrs)
+        except UnsupportedModel as exc:
+            raise UnsupportedModel(f"node {node.name!r} ({node.op_type}): {exc}") from exc
+        return out if isinstance(out, tuple) else (out,)
 
     def forward(self, *inputs: Tensor) -> list[Tensor]:
         env: dict[str, Tensor] = dict(zip(self.input_names, inputs, strict=True))
         env.update(self.constants)
         env.update({name: self.params[key] for name, key in self.param_names.items()})
-        for node, attrs in zip(self.nodes, self.attrs, strict=True):
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        cached = self._shape_cache.get(key) if self.shape_nodes else None
+        if cached is not None:
+            env.update(cached)
+        for i in self.run_nodes:
+            if cached is not None and i in self.shape_nodes:
+                continue
+            node = self.nodes[i]
             args = [env[name] if name else None for name in node.input]
-            try:
-                out = OPS[node.op_type](args, attrs)
-            except UnsupportedModel as exc:
-                raise UnsupportedModel(f"node {node.name!r} ({node.op_type}): {exc}") from exc
-            outs = out if isinstance(out, tuple) else (out,)
+            outs = self._call(node, self.attrs[i], args, node.input)
             for name, value in zip(node.output, outs, strict=False):
-                env[name] = value
+                if name:
+                    env[name] = value
+        if cached is None and self.shape_nodes:
+            if len(self._shape_cache) >= SHAPE_CACHE_SIZE:
+                self._shape_cache.clear()
+            self._shape_cache[key] = {n: env[n].detach() for n in self.shape_outputs}
         return [env[name] for name in self.output_names]
 
     def weights(self) -> dict[str, Tensor]:
         return {name: self.params[key] for name, key in self.param_names.items()}
 
     def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """A copy of `model` with this module's trained weights in its initializers."""
+        """A copy of `model` with this module's trained weights in its initializers
+        and Constant nodes."""
         out = onnx.ModelProto()
         out.CopyFrom(model)
         trained = {
@@ -359,8 +238,14 @@ class OnnxModule(nn.Module):
             if init.name in trained:
                 dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
                 init.CopyFrom(numpy_helper.from_array(trained[init.name].astype(dtype), init.name))
+        for node in out.graph.node:
+            if node.op_type == "Constant" and node.output[0] in trained:
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        dtype = helper.tensor_dtype_to_np_dtype(attr.t.data_type)
+                        value = trained[node.output[0]].astype(dtype)
+                        attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
+                    elif attr.name == "value_floats":
+                        del attr.floats[:]
+                        attr.floats.extend(trained[node.output[0]].reshape(-1).tolist())
         return out
-
-
-def _is_bn_stat(graph: onnx.GraphProto, name: str) -> bool:
-    return any(n.op_type == "BatchNormalization" and name in n.input[3:5] for n in graph.node)
