@@ -78,9 +78,7 @@ def test_unsupported_operator_is_named() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
     model = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Det", ["x"], ["y"], name="mix")], "g", [x], [y]
-        )
+        helper.make_graph([helper.make_node("Det", ["x"], ["y"], name="mix")], "g", [x], [y])
     )
     with pytest.raises(UnsupportedModel, match=r"Det \(node 'mix'\)"):
         OnnxModule(model)

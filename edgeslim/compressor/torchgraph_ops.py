@@ -170,7 +170,8 @@ def _pool(kind: str) -> OpFn:
         if pads[:n] != pads[n:] or any(p * 2 > k for p, k in zip(pads[:n], kernel, strict=False)):
             if not include:
                 raise UnsupportedModel("AveragePool with asymmetric pads excluded from the count")
-            inp, pads = F.pad(inp, _torch_pad_order(pads[:n], pads[n:])), [0] * n
+            inp, pads = F.pad(inp, _torch_pad_order(pads[:n], pads[n:])), [0] * 2 * n
+        pads = pads[:n]
         fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
         return fn(inp, kernel, strides, pads, ceil_mode=ceil, count_include_pad=include)
 
