@@ -495,3 +495,10 @@ def test_structured_excluded_layers_and_their_inputs_are_untouched(cnn):
     assert any("/conv1/Conv" in n and "is excluded" in n for n in out.notes)
     assert weight_of(out.model, "/fc1/Gemm").shape == (16, 256)
     assert run(out.model, input=X_CNN).shape == (3, 10)
+
+
+def test_calibrated_criteria_need_structured_pruning_and_data(cnn):
+    with pytest.raises(ValueError, match="criterion taylor ranks channels: it needs method"):
+        PruneConfig(method="magnitude", sparsity=0.5, criterion="taylor")
+    with pytest.raises(BadInput, match=r"prune\.criterion activation needs calibration data"):
+        prune(cnn, method="structured", sparsity=0.5, criterion="activation")

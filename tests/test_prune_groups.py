@@ -250,7 +250,7 @@ class DeadChannels(torch.nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("criterion", ["l1", "activation"])
+@pytest.mark.parametrize("criterion", ["l1", "activation", "taylor"])
 def test_activation_importance_removes_channels_that_are_never_active(criterion: str):
     """Wanda-style |W| * ||X||: a channel that is zero on the calibration data scores
     0 whatever its weights, so it goes first, and removing it changes nothing.
@@ -265,20 +265,24 @@ def test_activation_importance_removes_channels_that_are_never_active(criterion:
     kept = numpy_helper.to_array(w1)
     source = module.conv1.weight.detach().numpy()
     feeds = {"input": RNG.normal(size=(4, 3, 8, 8)).astype(np.float32)}
-    if criterion == "activation":
-        assert "activation importance from 8 samples of calib" in out.notes
+    if criterion != "l1":
+        assert f"{criterion} importance from 8 samples of calib" in out.notes
         np.testing.assert_array_equal(kept, source[0::2])
         np.testing.assert_allclose(run(out.model, feeds), run(model, feeds), atol=1e-5)
     else:
         np.testing.assert_array_equal(kept, source[1::2])
 
 
-def test_activation_importance_on_a_real_architecture():
-    case = build("resnet18", 17)
+@pytest.mark.parametrize(
+    ("arch", "criterion"),
+    [("resnet18", "activation"), ("mobilenet_v3_small", "taylor")],
+)
+def test_calibrated_importance_on_a_real_architecture(arch: str, criterion: str):
+    case = build(arch, 17)
     data = Dataset({"input": RNG.normal(size=(8, 3, 64, 64)).astype(np.float32)}, None, "calib")
-    config = PruneConfig(sparsity=0.5, criterion="activation", calibration_samples=4)
+    config = PruneConfig(sparsity=0.5, criterion=criterion, calibration_samples=4)
     out = Prune(config).run(case.model, calibration_context(case.model, data))
-    assert "activation importance from 4 samples of calib" in out.notes
+    assert f"{criterion} importance from 4 samples of calib" in out.notes
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(case.model)[0] / g.weight_stats(out.model)[0] >= 1.8
     assert run(out.model, case.feeds).shape == (2, 10)

@@ -94,6 +94,7 @@ class Criterion(StrEnum):
     l1 = "l1"
     l2 = "l2"
     activation = "activation"
+    taylor = "taylor"
 
 
 class PruneScope(StrEnum):
@@ -112,19 +113,31 @@ class PruneConfig(WireModel):
     """Target share of weights (magnitude) or of prunable channels (structured) removed."""
     criterion: Criterion = Criterion.l1
     """Importance of a weight or channel: L1 or L2 norm of its weights, or (structured
-    only) activation: Wanda-style |W| times the L2 norm of its input on calibration data."""
+    only) activation: Wanda-style |W| times the L2 norm of its input on calibration data,
+    or taylor: |weight x gradient| over calibration batches (needs the torch bridge)."""
     scope: PruneScope = PruneScope.layer
     """One threshold for all layers or groups, ranked across the model (global), or the
     same sparsity in every layer or group (layer)."""
     min_channels: int = Field(default=1, ge=1, le=1_000_000)
     """structured only: channels (or heads) every group keeps whatever the sparsity."""
     calibration_dataset: Uri | None = None
-    """criterion activation only: defaults to the last distill dataset, else the
-    evaluation dataset."""
+    """criterion activation or taylor only: defaults to the last distill dataset, else
+    the evaluation dataset."""
     calibration_samples: int = Field(default=128, ge=1, le=1_000_000)
-    """criterion activation only: samples fed through the model to measure activations."""
+    """criterion activation or taylor only: samples fed through the model."""
     exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000)
     """Node names whose weights are never pruned."""
+
+    @model_validator(mode="after")
+    def _calibrated_criteria_are_structured(self) -> PruneConfig:
+        if self.method is PruneMethod.magnitude and self.criterion in (
+            Criterion.activation,
+            Criterion.taylor,
+        ):
+            raise ValueError(
+                f"criterion {self.criterion.value} ranks channels: it needs method structured"
+            )
+        return self
 
 
 class DistillConfig(WireModel):

@@ -72,15 +72,16 @@ class Prune:
         self, model: onnx.ModelProto, ctx: StepContext | None, notes: list[str]
     ) -> Dataset | None:
         """Calibration samples for activation importance (None for weight criteria)."""
-        if self.config.criterion is not Criterion.activation:
+        criterion = self.config.criterion
+        if criterion not in (Criterion.activation, Criterion.taylor):
             return None
         if ctx is None:
-            raise BadInput("prune.criterion activation needs calibration data")
+            raise BadInput(f"prune.criterion {criterion.value} needs calibration data")
         uri = (
             self.config.calibration_dataset or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
         )
         data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
-        notes.append(f"activation importance from {len(data)} samples of {uri}")
+        notes.append(f"{criterion.value} importance from {len(data)} samples of {uri}")
         return data
 
 

@@ -9,6 +9,8 @@ A unit's importance is aggregated over every member of its group:
   the absolute input weights of the unit times the L2 norm of the input
   activation on calibration data, summed. A channel that is always zero on
   the calibration data scores 0 whatever its weights.
+* taylor: first-order |w * dL/dw| over every member slice (outputs, inputs,
+  biases), accumulated over calibration batches run through the torch bridge.
 
 `layer` scope removes the same share of units in every group; `global` scope
 ranks all units against each other after dividing each group's scores by its
@@ -111,10 +113,63 @@ def activation_scores(groups: Groups, data: Dataset) -> dict[int, float]:
     return {u: acc.get(u, fallback.get(u, 0.0)) for u in set(acc) | set(fallback)}
 
 
+def taylor_scores(groups: Groups, data: Dataset, batch: int = 16) -> dict[int, float]:
+    """unit -> sum over every member slice of |w * dL/dw|, accumulated over batches.
+
+    The graph runs through the torch bridge. L is cross-entropy against the
+    dataset's labels, or against the model's own predictions when there are
+    none (or the output is not [N, classes]); any other output uses its mean
+    square. A channel that is never active scores 0: the weights that read it
+    see a zero input, the ones that write it sit behind a ReLU that passes no
+    gradient.
+    """
+    import torch
+
+    from edgeslim.compressor.torchgraph import OnnxModule
+
+    m = groups.d.m
+    module = OnnxModule(m.model)
+    weights = module.weights()
+    members = [mem for mem in groups.d.members.values() if mem.node.input[mem.index] in weights]
+    sums = {id(mem): np.zeros(len(mem.ids)) for mem in members}
+    for start in range(0, len(data), batch):
+        feeds = data.batch(start, start + batch)
+        out = module(*[torch.from_numpy(np.asarray(feeds[n])) for n in module.input_names])[0]
+        labels = None if data.labels is None else data.labels[start : start + batch]
+        module.zero_grad()
+        _taylor_loss(out, labels).backward()
+        for mem in members:
+            w = weights[mem.node.input[mem.index]]
+            if w.grad is None:
+                continue
+            sums[id(mem)] += _slice_sums((w.detach() * w.grad).numpy(), mem.axis, square=False)
+    acc: dict[int, float] = defaultdict(float)
+    for mem in members:
+        for unit, v in zip(groups.roots[mem.ids].tolist(), sums[id(mem)].tolist(), strict=True):
+            acc[unit] += v
+    return {u: acc.get(u, 0.0) for u in {int(r) for r in groups.roots}}
+
+
+def _taylor_loss(out, labels: np.ndarray | None):
+    import torch
+
+    out = out.float()
+    if out.ndim == 2 and out.shape[1] > 1:
+        target = out.argmax(1).detach()
+        if labels is not None and np.issubdtype(labels.dtype, np.integer):
+            given = torch.from_numpy(labels.astype(np.int64).reshape(-1))
+            if given.shape == target.shape and int(given.max()) < out.shape[1]:
+                target = given
+        return torch.nn.functional.cross_entropy(out, target)
+    return out.pow(2).mean()
+
+
 def scores(groups: Groups, config: PruneConfig, data: Dataset | None) -> dict[int, float]:
-    if config.criterion is Criterion.activation:
+    if config.criterion in (Criterion.activation, Criterion.taylor):
         if data is None:
-            raise ValueError("activation importance needs calibration data")
+            raise ValueError(f"{config.criterion.value} importance needs calibration data")
+        if config.criterion is Criterion.taylor:
+            return taylor_scores(groups, data)
         return activation_scores(groups, data)
     return weight_scores(groups, l2=config.criterion is Criterion.l2)
 
