@@ -129,6 +129,15 @@ def unknown_op(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def conv_group_zero(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Passes the checker and loads in onnxruntime; fails on the first run."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    next(a for a in conv.attribute if a.name == "group").i = 0
+    return out
+
+
 def huge_constant_of_shape(model: onnx.ModelProto) -> onnx.ModelProto:
     """ConstantOfShape of a constant [2^20, 2^20]: 4 TiB of floats once run."""
     shape = numpy_helper.from_array(np.array([2**20, 2**20], dtype=np.int64), "shape")

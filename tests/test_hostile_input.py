@@ -91,6 +91,7 @@ ONNX_CASES: dict[str, tuple[Callable[[onnx.ModelProto], onnx.ModelProto], str]] 
         "Mismatched attribute type",
     ),
     "op onnxruntime does not know": (hf.unknown_op, "onnxruntime cannot load the model"),
+    "Conv with group 0": (hf.conv_group_zero, "onnxruntime cannot run the model"),
     "ConstantOfShape of 4 TiB": (hf.huge_constant_of_shape, "tensor 'zeros' would be"),
     "initializer declaring 4 TiB": (hf.huge_initializer, "initializer 'h' declares dims"),
 }

@@ -50,7 +50,9 @@ def session(model: onnx.ModelProto | bytes | Path, threads: int = 1, *, where: s
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    # Fatal only: failures reach the caller as exceptions (one line); its own copy on
+    # stderr would break the CLI's one-line errors.
+    opts.log_severity_level = 4
     try:
         if isinstance(model, onnx.ModelProto):
             model = model.SerializeToString()
@@ -63,6 +65,17 @@ def session(model: onnx.ModelProto | bytes | Path, threads: int = 1, *, where: s
         if where is None:
             raise
         raise BadInput(f"{where}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+
+
+def run(sess, feed: dict[str, np.ndarray], where: str | None = None) -> list:
+    """`sess.run` on `feed`; with `where` (a model someone handed us), onnxruntime
+    failing on it (a Conv with group 0, a Reshape to an impossible shape) is BadInput."""
+    try:
+        return sess.run(None, feed)
+    except runtime_errors() as exc:
+        if where is None:
+            raise
+        raise BadInput(f"{where}: onnxruntime cannot run the model: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,14 +94,18 @@ def run_batched(
     batch_size: int = 256,
     progress: Progress | None = None,
     label: str = "evaluate",
+    where: str | None = None,
 ) -> np.ndarray:
-    """The first output of `sess` over the whole dataset, concatenated."""
+    """The first output of `sess` over the whole dataset, concatenated.
+
+    `where` names a user-supplied model: its run-time failures are then BadInput.
+    """
     size = _batch_size(sess, batch_size)
     outputs = []
     n = len(data)
     with (progress or NullProgress()).task(label, total=n) as bar:
         for start, stop in batches(n, size):
-            outputs.append(np.asarray(sess.run(None, data.batch(start, stop))[0]))
+            outputs.append(np.asarray(run(sess, data.batch(start, stop), where)[0]))
             bar.advance(stop - start)
     return np.concatenate(outputs).astype(np.float32)
 

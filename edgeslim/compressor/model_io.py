@@ -74,13 +74,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_onnx(path: Path, where: str) -> onnx.ModelProto:
+def load_onnx(
+    path: Path, where: str, example: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
     """A model every later step can trust, or BadInput naming what is wrong with the file.
 
     In order: it parses; external data stays in its folder; every stored
     tensor holds the bytes its dims declare, within the per-tensor limit; the
     full checker passes; no statically known tensor exceeds the limit; its
-    inputs are tensors; and onnxruntime builds a session from it. Each failure
+    inputs are tensors; onnxruntime builds a session from it and, given an
+    `example` (the first evaluation sample), runs it once. Each failure
     here comes from the file, so each is BadInput; MemoryError is left alone,
     since the size checks exist to make it impossible and it should stay visible.
     """
@@ -111,8 +114,22 @@ def load_onnx(path: Path, where: str) -> onnx.ModelProto:
     tensor_sizes.check_inferred(inferred, where)
     del inferred
     _check_inputs(model, where)
-    evaluate.session(model, where=where)  # onnxruntime's own load checks (ops, kernels, types)
+    sess = evaluate.session(model, where=where)  # onnxruntime's load checks (ops, kernels)
+    if example is not None:
+        _trial_run(sess, model, example, where)
     return model
+
+
+def _trial_run(sess, model: onnx.ModelProto, example: dict[str, np.ndarray], where: str) -> None:
+    """One run on the first evaluation sample: a model that loads but cannot run
+    (a Conv with group 0) fails here, named, not inside the evaluation."""
+    from edgeslim.compressor import datasets, evaluate
+
+    try:
+        feed = datasets.bind(example, model, where).batch(0, 1)
+    except BadInput:
+        return  # the dataset pre-flight reports the mismatch, naming the spec field
+    evaluate.run(sess, feed, where)
 
 
 def _check_inputs(model: onnx.ModelProto, where: str) -> None:
@@ -183,7 +200,7 @@ def load_model(
         if example is None:
             raise BadInput(f"{where}: a TorchScript model needs the evaluation dataset to trace it")
         return load_torchscript(path, where, example)
-    return load_onnx(path, where)
+    return load_onnx(path, where, example)
 
 
 def read_npz_example(path: Path, where: str | None = None) -> dict[str, np.ndarray]:

@@ -119,7 +119,7 @@ def _members(zf: zipfile.ZipFile, file_size: int, where: str) -> list[Member]:
     for info in infos:
         if info.flag_bits & 0x1:
             raise BadInput(f"dataset {where}: {info.filename!r} is encrypted")
-        if info.is_dir() or not info.filename.endswith(".npy"):
+        if not info.filename.endswith(".npy"):  # also refuses directories and empty names
             raise BadInput(f"dataset {where}: {info.filename!r} is not a .npy array")
         total += info.file_size
         if total > limit:
