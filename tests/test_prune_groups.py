@@ -336,3 +336,43 @@ def test_layout_ops_of_a_detection_head_are_followed_exactly(opset: int):
     assert g.weight_stats(out.model)[0] == plan.predicted
     feeds = {"input": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)
+
+
+class GroupedNet(torch.nn.Module):
+    """A grouped Conv (ResNeXt, RegNet) and a depthwise Conv with channel multiplier 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(24, 48, 3, padding=1, groups=24)
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.grouped(torch.relu(self.stem(x))))
+        return self.fc(torch.relu(self.depthwise(y)).mean((2, 3)))
+
+
+def test_grouped_and_multiplier_depthwise_convs_keep_their_groups_balanced():
+    torch.manual_seed(0)
+    model = export(GroupedNet(), (torch.randn(1, 3, 8, 8),), ["input"], 13)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    shapes = {t.name: tuple(t.dims) for t in out.model.graph.initializer}
+    # stem: input k of each of the 4 groups is one unit (4 units of 4 channels): 2 go.
+    assert shapes["stem.weight"] == (8, 3, 3, 3)
+    # grouped: 6 outputs per group, 3 go in every group; its in-slices 4 -> 2.
+    assert shapes["grouped.weight"] == (12, 2, 3, 3)
+    # depthwise x2: each removed input channel takes its 2 filters with it.
+    assert shapes["depthwise.weight"] == (24, 1, 3, 3)
+    group = {
+        n.name: next(a.i for a in n.attribute if a.name == "group")
+        for n in out.model.graph.node
+        if n.op_type == "Conv"
+    }
+    assert group == {"/stem/Conv": 1, "/grouped/Conv": 4, "/depthwise/Conv": 12}
+    onnx.checker.check_model(out.model, full_check=True)
+    feeds = {"input": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)

@@ -272,11 +272,16 @@ class Discovery(LayoutOps):
         w = self._weight(node)
         if w is None or op not in WEIGHT_LAYERS:
             return {}
-        group = attr(node, "group", 1)
+        group = int(attr(node, "group", 1))
+        tiles = 1
         if op in ("Conv", "ConvTranspose"):
-            if w.ndim < 3 or group != 1:
+            if w.ndim < 3 or (group != 1 and (op != "Conv" or w.shape[1] == 1)):
                 return {}  # depthwise Convs carry their input's ids (see _conv)
             out_axis, w_axis, rank = -(w.ndim - 1), 0 if op == "Conv" else 1, w.ndim
+            if group > 1 and w.shape[0] % group:
+                return {}
+            # Grouped Conv: output k of every group is one unit, so groups stay equal.
+            tiles = group
         elif op == "Gemm":
             if w.ndim != 2:
                 return {}
@@ -285,7 +290,8 @@ class Discovery(LayoutOps):
             if ins[1] is not None:
                 return {}
             out_axis, w_axis, rank = -1, w.ndim - 1, self.m.rank(node.output[0])
-        ids = self.new_ids(node, w.shape[w_axis])
+        local = self.new_ids(node, w.shape[w_axis] // tiles)
+        ids = np.tile(local, tiles)
         track = Track(out_axis, ids, rank)
         weight = node.input[1]
         try:
@@ -449,18 +455,27 @@ class Discovery(LayoutOps):
             # Conv weights are [O, I, k...]; ConvTranspose weights are [I, O, k...].
             self.member(node, 1, 1 if node.op_type == "Conv" else 0, t.ids, "in")
             return {}
-        if node.op_type == "Conv" and group == t.size == w.shape[0] and w.shape[1] == 1:
-            # Depthwise: channel c in, channel c out, one filter each. Pruning the
-            # input's channel c removes the filter and output c, and `group` follows.
-            if node.name in self.m.excluded:
-                raise Block(f"consumer {label(node)} is excluded")
-            self.member(node, 1, 0, t.ids, "out")
-            if len(node.input) > 2 and node.input[2]:
-                self.member(node, 2, 0, t.ids, "param")
-            self.fixups.append(Fixup(node, "group", None, lambda kept, ids=t.ids: kept(ids)))
-            self.sources.append(Source(node, t.ids))
-            return {node.output[0]: Track(t.axis, t.ids, w.ndim)}
-        raise Block(f"it feeds grouped {where} (groups would be unbalanced)")
+        if node.op_type != "Conv" or t.size != group * w.shape[1] or w.shape[0] % group:
+            raise Block(f"it feeds grouped {where}, whose groups cannot follow")
+        if w.shape[1] > 1:
+            # Grouped: input k of every group is one unit (the weight's in-slice k),
+            # so every group keeps the same width; `group` stays.
+            per_group = t.ids.reshape(group, -1)
+            for row in per_group[1:]:
+                self.union(per_group[0], row)
+            self.member(node, 1, 1, per_group[0], "in")
+            return {}
+        # Depthwise: input channel c feeds outputs c*k .. c*k+k-1 (k = 1 usually).
+        # Pruning c removes those filters and outputs, and `group` follows.
+        if node.name in self.m.excluded:
+            raise Block(f"consumer {label(node)} is excluded")
+        out = np.repeat(t.ids, w.shape[0] // group)
+        self.member(node, 1, 0, out, "out")
+        if len(node.input) > 2 and node.input[2]:
+            self.member(node, 2, 0, out, "param")
+        self.fixups.append(Fixup(node, "group", None, lambda kept, ids=t.ids: kept(ids)))
+        self.sources.append(Source(node, t.ids))
+        return {node.output[0]: Track(t.axis, out, w.ndim)}
 
     def _gemm(self, node, ins, where):
         t = ins[0]
