@@ -161,50 +161,50 @@ class Kube:
     def read_service(self, namespace: str, name: str) -> Obj | None:
         return _request(self.core.read_namespaced_service, name, namespace, missing_ok=True)
 
-    def create_deployment(self, manifest: Obj) -> Obj | None:
-        """Creates it; None when one of that name exists (HTTP 409): the caller
-        reads it and checks whose it is before changing anything."""
-        return _request(
-            self.apps.create_namespaced_deployment,
-            manifest["metadata"]["namespace"],
-            manifest,
-            field_manager=FIELD_MANAGER,
-            exists_ok=True,
-        )
+    def _apply(self, call: Callable[..., Any], manifest: Obj, uid: str | None) -> Obj:
+        """Server-side apply, guarded by what `ownership.claim` saw.
 
-    def create_service(self, manifest: Obj) -> Obj | None:
-        """Like `create_deployment`, for the Service."""
-        return _request(
-            self.core.create_namespaced_service,
-            manifest["metadata"]["namespace"],
-            manifest,
-            field_manager=FIELD_MANAGER,
-            exists_ok=True,
-        )
+        `uid` None (nothing of that name was there): create-only. An apply that
+        carries a resourceVersion creates the object when none exists and is
+        refused (409) when one does; "1" never matches, since an object in a
+        namespace is written after its namespace, never at etcd's first revision.
+        `uid` set (the object is this model's): the apply reaches only that very
+        object; a replacement of the same name is refused (422, uid immutable).
+        Either refusal raises Conflict: read again, and claim again.
 
-    def _apply(self, call: Callable[..., Any], manifest: Obj) -> Obj:
-        """Server-side apply to an object the caller has checked is this
-        model's (`ownership.claim`): fields the operator stops setting (a removed
-        toleration) are removed, others' fields stay. `force` only settles
-        field conflicts with other managers of *our* object (kubectl edits)."""
+        Apply, unlike create-then-apply, leaves the operator the only manager of
+        what it sets, so a field it stops setting (a removed toleration) goes.
+        `force` only settles field conflicts with other managers of our own object.
+        """
         meta = manifest["metadata"]
-        applied = _request(
-            call,
-            meta["name"],
-            meta["namespace"],
-            manifest,
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+        guard = {"uid": uid} if uid else {"resourceVersion": "1"}
+        body = {**manifest, "metadata": {**meta, **guard}}
+        try:
+            applied = _request(
+                call,
+                meta["name"],
+                meta["namespace"],
+                body,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            uid_refused = exc.status == 422 and "metadata.uid" in api_message(exc)
+            if exc.status == 409 or uid_refused:
+                raise Conflict(
+                    f"{manifest['kind']} {meta['name']} changed since it was checked: "
+                    f"{api_message(exc)}"
+                ) from exc
+            raise
         assert applied is not None
         return applied
 
-    def apply_deployment(self, manifest: Obj) -> Obj:
-        return self._apply(self.apps.patch_namespaced_deployment, manifest)
+    def apply_deployment(self, manifest: Obj, uid: str | None) -> Obj:
+        return self._apply(self.apps.patch_namespaced_deployment, manifest, uid)
 
-    def apply_service(self, manifest: Obj) -> Obj:
-        return self._apply(self.core.patch_namespaced_service, manifest)
+    def apply_service(self, manifest: Obj, uid: str | None) -> Obj:
+        return self._apply(self.core.patch_namespaced_service, manifest, uid)
 
     def delete_deployment(self, namespace: str, name: str, uid: str) -> None:
         """Deletes exactly the Deployment object `uid` (a precondition): gone

@@ -157,18 +157,16 @@ def _roll_out(
             p = serving.plan(status.parse(new), spec_hash, state)
     if p.target is None:
         return
+    # Both names were checked (absent or ours) before this function ran.
     if service is None:
-        _create_or_adopt(rt, model, serving.build_service(model), "Service")
+        _put(rt, model, serving.build_service(model), None)
     manifest = serving.build_deployment(model, p.target, rt.settings)
     wanted = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
     if deployment is not None and state.applied_hash == wanted:
         return
-    if deployment is None:
-        _create_or_adopt(rt, model, manifest, "Deployment")
-    else:
-        rt.kube.apply_deployment(manifest)
-        if service is not None:
-            rt.kube.apply_service(serving.build_service(model))  # ours: checked above
+    _put(rt, model, manifest, deployment)
+    if service is not None:
+        _put(rt, model, serving.build_service(model), service)
     log.info(
         "%s/%s: Deployment %s runs artifact %s",
         *key,
@@ -236,22 +234,19 @@ def _record_corrupted(
     return new
 
 
-def _create_or_adopt(rt: Runtime, model: CompressedModel, manifest: Obj, kind: str) -> None:
-    """Creates the object; when one of that name appeared meanwhile (409), applies
-    to it only if it is this model's (NameConflict otherwise)."""
-    kube = rt.kube
-    create, read, apply = {
-        "Deployment": (kube.create_deployment, kube.read_deployment, kube.apply_deployment),
-        "Service": (kube.create_service, kube.read_service, kube.apply_service),
+def _put(rt: Runtime, model: CompressedModel, manifest: Obj, existing: Obj | None) -> None:
+    """Server-side apply to `existing` (checked to be this model's) or, when it was
+    absent, create-only. When another object took the name since the check, the
+    apply is refused; read it and claim again: NameConflict, or a retry."""
+    kind, meta = manifest["kind"], manifest["metadata"]
+    apply, read = {
+        "Deployment": (rt.kube.apply_deployment, rt.kube.read_deployment),
+        "Service": (rt.kube.apply_service, rt.kube.read_service),
     }[kind]
-    if create(manifest) is not None:
-        return
-    meta = manifest["metadata"]
-    existing = read(meta["namespace"], meta["name"])
-    if existing is None:
-        raise Conflict(f"{kind} {meta['name']} existed a moment ago and is gone; retrying")
-    found = ownership.claim(
-        existing, kind, meta["name"], model.metadata.name, model.metadata.uid or ""
-    )
-    ownership.require(found, meta["namespace"])
-    apply(manifest)
+    try:
+        apply(manifest, existing["metadata"]["uid"] if existing else None)
+    except Conflict:
+        now = read(meta["namespace"], meta["name"])
+        name, uid = model.metadata.name, model.metadata.uid or ""
+        ownership.require(ownership.claim(now, kind, meta["name"], name, uid), meta["namespace"])
+        raise  # ours or gone after all: the next reconcile applies again

@@ -20,6 +20,7 @@ from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import ArtifactStatus, Phase
 from edgeslim.errors import BadInput
 from edgeslim.operator import jobs, ownership, podspec, runtime, serving, status
+from edgeslim.operator.kube import Conflict, Kube
 from edgeslim.operator.names import NAME_LIMIT, job_name, serving_name
 from edgeslim.operator.ownership import Verdict
 from edgeslim.operator.settings import Settings
@@ -44,7 +45,11 @@ GiB = 1024**3
 
 
 def model(
-    name: str = "digits", *, secret: str | None = "s3-creds", **spec: object
+    name: str = "digits",
+    *,
+    secret: str | None = "s3-creds",
+    namespace: str = "vision",
+    **spec: object,
 ) -> CompressedModel:
     source: Obj = {"uri": "s3://models/digits/cnn.onnx"}
     if secret:
@@ -53,7 +58,7 @@ def model(
         {
             "apiVersion": "edgeslim.io/v1alpha1",
             "kind": "CompressedModel",
-            "metadata": {"name": name, "namespace": "vision", "uid": UID, "generation": 2},
+            "metadata": {"name": name, "namespace": namespace, "uid": UID, "generation": 2},
             "spec": {
                 "source": source,
                 "evaluation": {"dataset": "s3://models/digits/val.npz"},
@@ -302,6 +307,32 @@ def test_scratch_size_limits_follow_the_download_limit() -> None:
 # ------------------------------------------------------ real control plane
 
 
+@pytest.mark.cluster
+def test_apply_guards_on_a_real_api_server(k8s: K8s, namespace: str) -> None:
+    """The guards `ownership` relies on, as the API server enforces them: a
+    create-only apply never lands on an object that appeared after the check, an
+    apply to our object never lands on a replacement, and a field the operator
+    stops setting goes (why it applies rather than creates)."""
+    kube = Kube(k8s.api_client)
+    service = _foreign_service(k8s, namespace)
+    m = model(namespace=namespace)
+    with pytest.raises(Conflict):
+        kube.apply_service(serving.build_service(m), None)  # "absent" was wrong: refused
+    untouched = k8s.core.read_namespaced_service("digits", namespace)
+    assert untouched.metadata.resource_version == service.metadata.resource_version
+
+    served = serving.ServedArtifact(uri="s3://models/edge/digits/h/model.onnx", sha256="b" * 64)
+    tolerations = [{"key": "edge", "operator": "Exists"}]
+    tolerating = model(namespace=namespace, deployment={"replicas": 1, "tolerations": tolerations})
+    created = kube.apply_deployment(serving.build_deployment(tolerating, served, Settings()), None)
+    uid = created["metadata"]["uid"]
+    assert created["spec"]["template"]["spec"]["tolerations"]
+    with pytest.raises(Conflict):
+        kube.apply_deployment(serving.build_deployment(m, served, Settings()), OTHER_UID)
+    again = kube.apply_deployment(serving.build_deployment(m, served, Settings()), uid)
+    assert "tolerations" not in again["spec"]["template"]["spec"]
+
+
 def _foreign_service(k8s: K8s, namespace: str) -> client.V1Service:
     svc = client.V1Service(
         metadata=client.V1ObjectMeta(name="digits", labels={"team": "web"}),
@@ -373,7 +404,9 @@ def test_objects_of_other_owners_are_never_taken_over(
     assert f"Job {namespace}/{job.metadata.name} already exists" in ready["message"]
     assert ("Warning", "NameConflict") in _reasons(k8s, namespace, "clash")
     still = k8s.batch.read_namespaced_job(job.metadata.name, namespace)
-    assert still.metadata.resource_version == job.metadata.resource_version
+    # (The Job controller writes its status; the operator wrote nothing.)
+    assert "edgeslim-operator" not in {f.manager for f in still.metadata.managed_fields}
+    assert still.metadata.owner_references is None and still.spec.suspend is True
 
     # Deleting the objects garbage-collects what they own (digits' Job) and
     # nothing of anyone else's.
