@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import platform
+import random
 import shutil
 import tempfile
 import threading
@@ -46,13 +47,15 @@ WATCH_SECONDS = 300  # the server ends each watch after this; it is resumed
 
 
 class IPPool:
-    """Loopback addresses 127.0.0.2 onwards, handed out round-robin so a freed
-    address is not reused while its old sockets may linger."""
+    """Loopback addresses in 127.0.0.0/16, handed out round-robin so a freed
+    address is not reused while its old sockets may linger. Each pool starts at
+    a random place: two test sessions on one machine (two node agents) would
+    otherwise hand out the same addresses and their pods' servers collide."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._used: set[str] = set()
-        self._next = 2
+        self._next = random.randrange(2, 254 * 250)
 
     def acquire(self) -> str:
         with self._lock:

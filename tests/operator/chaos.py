@@ -34,6 +34,7 @@ import random
 import sys
 import threading
 import time
+import urllib.error
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -793,8 +794,11 @@ def served_version(k8s: K8s, namespace: str, name: str) -> set[str]:
         ready = any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
         if p.metadata.deletion_timestamp or not ready or not p.status.pod_ip:
             continue
-        with urlopen_direct(f"http://{p.status.pod_ip}:8080/v2/models/{name}", timeout=5) as r:
-            versions.update(json.loads(r.read())["versions"])
+        try:
+            with urlopen_direct(f"http://{p.status.pod_ip}:8080/v2/models/{name}", timeout=5) as r:
+                versions.update(json.loads(r.read())["versions"])
+        except urllib.error.HTTPError as exc:
+            versions.add(f"HTTP {exc.code} {exc.read()[:200]!r}")
     return versions
 
 
