@@ -114,6 +114,10 @@ def test_env_names_match_operator_settings() -> None:
     assert env["EDGESLIM_COMPRESSOR_COMMAND"] == "'edgeslim'"  # settings.py shlex-splits it
     assert env["EDGESLIM_NAMESPACE"] == ""  # cluster-wide
     assert env["EDGESLIM_METRICS_PORT"] == "8080"
+    # Printed as an integer (Helm reads big numbers as floats), and credentials not lent.
+    assert env["EDGESLIM_MAX_DOWNLOAD_BYTES"] == "4294967296"
+    assert env["EDGESLIM_INHERIT_STORAGE_CREDENTIALS"] == "false"
+    assert env["EDGESLIM_COMPRESSOR_SCRATCH_BYTES"] == "0"
 
 
 def test_compressor_command_round_trips_through_shlex() -> None:
@@ -146,19 +150,76 @@ def test_chart_crd_is_the_generated_crd() -> None:
     assert committed["metadata"]["labels"].items() <= rendered["metadata"]["labels"].items()
 
 
-# The rules the operator needs, and no more: (apiGroup, resource) -> verbs.
-EXPECTED_RULES = {
-    ("edgeslim.io", "compressedmodels"): {"get", "list", "watch", "patch"},
-    ("edgeslim.io", "compressedmodels/status"): {"patch"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get"},
-    ("", "secrets"): {"get"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+KUBE = ROOT / "edgeslim" / "operator" / "kube.py"
+# kubernetes-client method suffix -> the (apiGroup, resource) it calls.
+_CLIENT_RESOURCES = {
+    "custom_object": ("edgeslim.io", "compressedmodels"),
+    "custom_object_status": ("edgeslim.io", "compressedmodels/status"),
+    "job": ("batch", "jobs"),
+    "pod": ("", "pods"),
+    "deployment": ("apps", "deployments"),
+    "service": ("", "services"),
+    "secret": ("", "secrets"),
+    "event": ("", "events"),
 }
+_CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create",
+                 "patch": "patch", "delete": "delete", "replace": "update"}  # fmt: skip
+# What kopf does for the handlers in edgeslim/operator/handlers.py: list and watch
+# every resource it handles or indexes, patch the CompressedModel (finalizer,
+# progress annotations), post core/v1 Events.
+# Server-side apply creates the serving Deployment and Service when absent; the API
+# server authorizes a create-on-apply as `create` besides the request's `patch`.
+APPLY_CREATES = {("apps", "deployments"), ("", "services")}
+KOPF_NEEDS = {
+    ("edgeslim.io", "compressedmodels"): {"list", "watch", "patch"},
+    ("batch", "jobs"): {"list", "watch"},
+    ("apps", "deployments"): {"list", "watch"},
+    ("", "events"): {"create"},
+}
+
+
+def verbs_the_operator_uses() -> dict[tuple[str, str], set[str]]:
+    """Every API call in kube.py (the operator's only client) plus kopf's own needs."""
+    calls = re.findall(
+        r"self\.(?:core|batch|apps|custom)\.(read|get|list|create|patch|delete|replace)"
+        r"_namespaced_(\w+)",
+        KUBE.read_text(),
+    )
+    assert calls, "no API calls found in kube.py: the pattern is out of date"
+    out: dict[tuple[str, str], set[str]] = {k: set(v) for k, v in KOPF_NEEDS.items()}
+    for verb, resource in calls:
+        out.setdefault(_CLIENT_RESOURCES[resource], set()).add(_CLIENT_VERBS[verb])
+    for applied in APPLY_CREATES:
+        assert "patch" in out[applied], f"{applied} is no longer applied"
+        out[applied].add("create")
+    return out
+
+
+def test_kopf_needs_match_the_handlers() -> None:
+    from edgeslim.operator import handlers
+
+    watched = {(g, r) for g, _v, r in (handlers.MODELS, handlers.JOBS, handlers.DEPLOYMENTS)}
+    assert watched == {k for k, v in KOPF_NEEDS.items() if "watch" in v}
+
+
+# The rules the operator needs, and no more: (apiGroup, resource) -> verbs.
+EXPECTED_RULES = verbs_the_operator_uses()
+SECRETS = ("", "secrets")
+WITHOUT_SECRETS = {k: v for k, v in EXPECTED_RULES.items() if k != SECRETS}
+
+
+def test_expected_rules_are_the_calls_the_code_makes() -> None:
+    # Spelled out once, so a new API call shows up in review as a new permission.
+    assert verbs_the_operator_uses() == {
+        ("edgeslim.io", "compressedmodels"): {"get", "list", "watch", "patch"},
+        ("edgeslim.io", "compressedmodels/status"): {"patch"},
+        ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+        ("", "pods"): {"list"},
+        ("", "secrets"): {"get"},
+        ("", "events"): {"create"},
+        ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+        ("", "services"): {"get", "create", "patch", "delete"},
+    }
 
 
 def _rules(role: Manifest) -> dict[tuple[str, str], set[str]]:
@@ -182,6 +243,61 @@ def test_rbac_is_least_privilege_cluster_wide() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "rel-edgeslim", "namespace": "edgeslim-system"}
     ]
+
+
+def _secret_rule(role: Manifest) -> Manifest | None:
+    return next((r for r in role["rules"] if "secrets" in r["resources"]), None)
+
+
+def test_secret_access_can_be_limited_to_listed_namespaces() -> None:
+    manifests = render("rbac.secrets.scope=namespaces", "rbac.secrets.namespaces={vision,audio}")
+    assert _rules(one(manifests, "ClusterRole", "rel-edgeslim")) == WITHOUT_SECRETS
+    secrets_role = one(manifests, "ClusterRole", "rel-edgeslim-secrets")
+    assert secrets_role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+    ]
+    bindings = [m for m in manifests if m["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["audio", "vision"]
+    for b in bindings:
+        assert b["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "rel-edgeslim-secrets",
+        }
+        assert b["subjects"][0]["name"] == "rel-edgeslim"
+
+
+def test_secret_access_can_be_off_or_limited_to_names() -> None:
+    off = render("rbac.secrets.scope=none")
+    assert _rules(one(off, "ClusterRole", "rel-edgeslim")) == WITHOUT_SECRETS
+    assert not any(m["metadata"]["name"].endswith("-secrets") for m in off)
+    named = one(render("rbac.secrets.names={s3-creds}"), "ClusterRole", "rel-edgeslim")
+    assert _secret_rule(named) == {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["get"],
+        "resourceNames": ["s3-creds"],
+    }
+    # watchNamespace: the Role in that namespace carries the rule, whatever the scope says.
+    role = one(render("watchNamespace=vision", "rbac.secrets.scope=namespaces"), "Role")
+    assert _rules(role) == EXPECTED_RULES
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [("rbac.secrets.scope=namespaces",), ("rbac.secrets.scope=everywhere",)],
+    ids=["namespaces-without-a-list", "unknown-scope"],
+)
+def test_secret_scope_mistakes_fail_the_render(sets: tuple[str, ...]) -> None:
+    helm = binaries().helm
+    if not helm.exists():
+        pytest.fail(f"helm is not built ({helm}); run `make controlplane`", pytrace=False)
+    args = [str(helm), "template", "rel", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "rbac.secrets" in done.stderr
 
 
 def test_watch_namespace_uses_a_role_in_that_namespace() -> None:
@@ -412,8 +528,9 @@ def _server_dry_run(kubeconfig: Path, manifests: list[Manifest], tmp: Path) -> s
         ("crds.enabled=false",),
         ("watchNamespace=NAMESPACE",),
         ("metrics.serviceMonitor.enabled=true",),
+        ("rbac.secrets.scope=namespaces", "rbac.secrets.namespaces={NAMESPACE}"),
     ],
-    ids=["defaults", "no-crds", "watch-namespace", "service-monitor"],
+    ids=["defaults", "no-crds", "watch-namespace", "service-monitor", "namespaced-secrets"],
 )
 def test_rendered_chart_is_accepted_by_the_api_server(
     k8s: K8s, restricted_namespace: str, tmp_path: Path, sets: tuple[str, ...]
@@ -500,7 +617,7 @@ def test_rbac_grants_exactly_what_the_operator_needs(
         assert allowed("patch", "edgeslim.io", "compressedmodels", "status")
         assert allowed("watch", "edgeslim.io", "compressedmodels")
         assert allowed("create", "batch", "jobs")
-        assert allowed("get", "", "pods", "log")
+        assert allowed("list", "", "pods")
         assert allowed("get", "", "secrets")
         assert allowed("list", "apiextensions.k8s.io", "customresourcedefinitions")
         assert not allowed("list", "", "secrets")  # credentials are read by reference only
@@ -508,6 +625,11 @@ def test_rbac_grants_exactly_what_the_operator_needs(
         assert not allowed("update", "edgeslim.io", "compressedmodels", "status")
         assert not allowed("create", "", "pods")  # pods come from Jobs, never directly
         assert not allowed("create", "apiextensions.k8s.io", "customresourcedefinitions")
+        # Verbs the code never uses are gone.
+        assert not allowed("get", "", "pods", "log")
+        assert not allowed("patch", "batch", "jobs")
+        assert not allowed("watch", "", "services")
+        assert not allowed("patch", "", "events")
     finally:
         cluster_scoped = [m for m in manifests if m["kind"] != "ServiceAccount"]
         path.write_text(yaml.safe_dump_all(cluster_scoped))
@@ -530,3 +652,48 @@ def test_install_notes_render(k8s: K8s, namespace: str) -> None:
     assert "kubectl get cmodels" in notes
     assert "resource.customizations.health.edgeslim.io_CompressedModel" in notes
     assert "crds.enabled is false" in notes
+
+
+@pytest.mark.cluster
+def test_namespaced_secret_access_reaches_only_the_listed_namespace(
+    k8s: K8s, namespace: str, tmp_path: Path
+) -> None:
+    release = f"r{uuid.uuid4().hex[:6]}"
+    wanted = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding"}
+    sets = ("rbac.secrets.scope=namespaces", f"rbac.secrets.namespaces={{{namespace}}}")
+    manifests = [
+        m for m in render(*sets, namespace=namespace, release=release) if m["kind"] in wanted
+    ]
+    path = tmp_path / "rbac.yaml"
+    path.write_text(yaml.safe_dump_all(manifests))
+    kubectl = [
+        str(binaries().kubectl),
+        f"--kubeconfig={k8s.kubeconfig}",
+        f"--cache-dir={tmp_path / 'cache'}",
+    ]
+    subprocess.run(
+        [*kubectl, "apply", "-f", str(path)], check=True, capture_output=True, timeout=60
+    )
+    authz = client.AuthorizationV1Api(k8s.api_client)
+    user = f"system:serviceaccount:{namespace}:{release}-edgeslim"
+
+    def may_get_secrets(ns: str) -> bool:
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=user,
+                resource_attributes=client.V1ResourceAttributes(
+                    namespace=ns, verb="get", group="", resource="secrets"
+                ),
+            )
+        )
+        return authz.create_subject_access_review(review).status.allowed
+
+    try:
+        assert may_get_secrets(namespace)
+        assert not may_get_secrets("default")
+    finally:
+        cluster_scoped = [
+            m for m in manifests if m["kind"] in ("ClusterRole", "ClusterRoleBinding")
+        ]
+        path.write_text(yaml.safe_dump_all(cluster_scoped))
+        subprocess.run([*kubectl, "delete", "-f", str(path)], capture_output=True, timeout=60)

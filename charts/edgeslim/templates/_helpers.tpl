@@ -65,3 +65,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- join " " $parts }}
 {{- end }}
+
+{{/*
+Reading Secrets named by spec.source.credentialsSecret: `get` only (never list or
+watch, so the operator cannot enumerate them), optionally only the names in
+rbac.secrets.names. The operator reads one to fetch a result's manifest.json and
+to delete artifacts on cleanup; compressor and serving pods get theirs through
+secretKeyRef, which the kubelet resolves without the operator.
+*/}}
+{{- define "edgeslim.secretRule" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+  {{- with .Values.rbac.secrets.names }}
+  resourceNames:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
