@@ -176,3 +176,32 @@ def test_a_header_that_understates_the_data_is_refused(tmp_path: Path) -> None:
         zf.writestr("x.npy", hf.npy_header((2, 2)) + bytes(4 * 4 + 100))
     with pytest.raises(BadInput, match=r"declares shape \[2, 2\] float32 \(16 bytes\).*116"):
         datasets.read(path, "short")
+
+
+def _raw_npy(header: bytes) -> bytes:
+    """A version 1.0 .npy prefix around an arbitrary header literal (padded as numpy pads)."""
+    padded = header + b" " * (-(len(header) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(padded).to_bytes(2, "little") + padded
+
+
+MALFORMED_MEMBERS: dict[str, tuple[str, bytes]] = {
+    # Each of these once escaped as something other than BadInput (found by test_fuzz).
+    "NUL byte in the header": (
+        "x.npy",
+        _raw_npy(b"{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }\x00"),
+    ),
+    "unclosed header literal": ("x.npy", _raw_npy(b"(" * 500)),
+    "empty member name": ("", hf.npy_header((1,)) + bytes(4)),
+    "structured dtype": ("x.npy", hf.npy_header((1,), descr="[('a', '<f4')]") + bytes(4)),
+    "not .npy at all": ("x.txt", b"hello"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_MEMBERS))
+def test_malformed_members_are_bad_input(case: str, tmp_path: Path) -> None:
+    name, data = MALFORMED_MEMBERS[case]
+    path = tmp_path / "m.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(name), data)
+    with pytest.raises(BadInput, match=r"^dataset m\.npz: "):
+        datasets.read(path, "m.npz")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Container
@@ -47,6 +48,9 @@ _MALFORMED = (
     NotImplementedError,
     struct.error,
     OverflowError,
+    # numpy parses the .npy header as a Python literal (ast, then tokenize on failure).
+    SyntaxError,
+    tokenize.TokenError,
 )
 
 
