@@ -77,10 +77,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     obj = load_spec(args.spec)
-    print(
-        f"{obj.metadata.name}: valid, spec hash {obj.spec.spec_hash()}, "
-        f"{len(obj.spec.pipeline)} steps ({', '.join(s.type for s in obj.spec.pipeline)})"
+    pipeline = obj.spec.pipeline or []
+    what = (
+        f"optimize for {obj.spec.optimize.objective.value}"
+        if obj.spec.optimize
+        else f"{len(pipeline)} steps ({', '.join(s.type for s in pipeline)})"
     )
+    print(f"{obj.metadata.name}: valid, spec hash {obj.spec.spec_hash()}, {what}")
     return EXIT_OK
 
 

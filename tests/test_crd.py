@@ -147,6 +147,16 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def _optimize_instead(optimize: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A mutation replacing spec.pipeline by spec.optimize."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        del obj["spec"]["pipeline"]
+        obj["spec"]["optimize"] = copy.deepcopy(optimize)
+
+    return mutate
+
+
 DELETE = object()
 QUANTIZE = {"quantize": {"mode": "dynamic"}}
 PRUNE = {"prune": {"sparsity": 0.3}}
@@ -232,6 +242,21 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
         ["spec.pipeline", "pipeline needs at least one step"],
     ),
     (
+        "pipeline-and-optimize",
+        _set("spec.optimize", {"objective": "download"}),
+        ["spec", "give exactly one of pipeline and optimize"],
+    ),
+    (
+        "neither-pipeline-nor-optimize",
+        _set("spec.pipeline", DELETE),
+        ["spec", "give exactly one of pipeline and optimize"],
+    ),
+    (
+        "optimize-without-budget",
+        _optimize_instead({"maxCandidates": 0}),
+        ["spec.optimize.maxCandidates", "greater than or equal to 1"],
+    ),
+    (
         "local-path-in-cluster",
         _set("spec.source.uri", "out/demo/data/cnn.onnx"),
         ["spec.source.uri", "only s3:// URIs work"],
@@ -269,6 +294,14 @@ def test_pydantic_rejects_what_the_crd_rejects(mutate: Callable[[dict[str, Any]]
 
 def test_pydantic_accepts_the_cluster_example() -> None:
     CompressedModel.model_validate(_example())
+
+
+def test_pydantic_accepts_optimize_instead_of_pipeline() -> None:
+    obj = _example()
+    _optimize_instead({"objective": "latency", "trainDataset": "s3://data/train.npz"})(obj)
+    spec = CompressedModel.model_validate(obj).spec
+    assert spec.pipeline is None and spec.optimize.objective.value == "latency"
+    assert spec.optimize.max_candidates == 32 and spec.optimize.max_seconds == 900
 
 
 @pytest.mark.cluster

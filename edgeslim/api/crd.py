@@ -165,6 +165,11 @@ CEL_RULES: dict[str, list[Schema]] = {
             fieldPath=".output",
             reason="FieldValueRequired",
         ),
+        _rule(
+            "has(self.pipeline) != has(self.optimize)",
+            "give exactly one of pipeline and optimize",
+            reason="FieldValueRequired",
+        ),
     ],
     "spec.pipeline": [
         _rule("self.size() >= 1", "pipeline needs at least one step", reason="FieldValueRequired"),

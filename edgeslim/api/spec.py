@@ -163,6 +163,7 @@ class QuantizeMode(StrEnum):
     dynamic = "dynamic"
     static = "static"
     fp16 = "fp16"
+    weight_only = "weightOnly"
 
 
 class CalibrationMethod(StrEnum):
@@ -172,7 +173,8 @@ class CalibrationMethod(StrEnum):
 
 
 class QuantizeConfig(WireModel):
-    """Lower precision with onnxruntime.quantization: int8 dynamic, int8 static (QDQ) or fp16."""
+    """Lower precision with onnxruntime.quantization: int8 dynamic, int8 static (QDQ), fp16,
+    or weightOnly (int4/int8 MatMul weights, float activations)."""
 
     mode: QuantizeMode = QuantizeMode.static
     calibration_samples: int = Field(default=256, ge=1, le=1_000_000)
@@ -188,6 +190,21 @@ class QuantizeConfig(WireModel):
     """Quantize only these operator types (e.g. [Conv, Gemm, MatMul]); empty = all supported."""
     exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000)
     """Node names kept in float."""
+    # weightOnly's settings default to None (not their values) so that specs written
+    # before they existed keep their spec hash.
+    bits: Literal[4, 8] | None = None
+    """weightOnly only: integer width of MatMul weights (onnxruntime's MatMulNBits,
+    default 4); activations stay float. Suits MatMul-heavy models (transformers)."""
+    block_size: int | None = Field(default=None, ge=16, le=256)
+    """weightOnly only: weights sharing one scale, a power of two (default 32)."""
+
+    @model_validator(mode="after")
+    def _weight_only_settings(self) -> QuantizeConfig:
+        if self.block_size is not None and self.block_size & (self.block_size - 1):
+            raise ValueError(f"blockSize {self.block_size}: must be a power of two")
+        if self.mode is not QuantizeMode.weight_only and (self.bits or self.block_size):
+            raise ValueError("bits and blockSize apply to mode weightOnly only")
+        return self
 
 
 STEP_TYPES = ("simplify", "prune", "distill", "quantize")
@@ -265,11 +282,39 @@ class DeploymentSpec(WireModel):
     """onnxruntime intra-op threads per replica (small edge CPUs)."""
 
 
+class Objective(StrEnum):
+    download = "download"
+    size = "size"
+    latency = "latency"
+
+
+class Optimize(WireModel):
+    """Search for the best recipe within the gate instead of naming one."""
+
+    objective: Objective = Objective.download
+    """What "best" means among candidates that pass the gate: the smallest download
+    (gzip), the smallest file, or the lowest batch-1 latency (formats slower than the
+    source are then dropped)."""
+    train_dataset: Uri | None = None
+    """Training .npz (same format as the evaluation dataset): enables structured pruning
+    with distillation candidates, and serves as calibration data."""
+    train_dataset_sha256: Sha256 | None = None
+    """Expected sha256 of the training dataset."""
+    max_candidates: int = Field(default=32, ge=1, le=1000)
+    """Most candidates evaluated (the sensitivity analysis is not counted)."""
+    max_seconds: int = Field(default=900, ge=10, le=7 * 86_400)
+    """Wall-clock budget of the search; the best result so far is kept when it runs out."""
+
+
 class CompressedModelSpec(WireModel):
     source: Source
     evaluation: Evaluation
-    pipeline: list[PipelineStep] = Field(min_length=1, max_length=32)
+    pipeline: list[PipelineStep] | None = Field(default=None, min_length=1, max_length=32)
     """Ordered steps, applied one after the other."""
+    optimize: Optimize | None = None
+    """Find the pipeline automatically: the search tries quantization formats, mixed
+    precision and (with trainDataset) pruning, and keeps the best that passes the gate.
+    Exactly one of pipeline and optimize."""
     output: Output | None = None
     """Where artifacts go; required for a deployment (the CLI may pass --output instead)."""
     resources: ResourceRequirements | None = None
@@ -280,7 +325,9 @@ class CompressedModelSpec(WireModel):
 
     @model_validator(mode="after")
     def _pipeline_order(self) -> CompressedModelSpec:
-        types = [s.type for s in self.pipeline]
+        if (self.pipeline is None) == (self.optimize is None):
+            raise ValueError("give exactly one of pipeline and optimize")
+        types = [s.type for s in self.pipeline or []]
         if types.count("quantize") > 1:
             raise ValueError("pipeline: quantize may appear at most once")
         if "quantize" in types:

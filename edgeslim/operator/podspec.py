@@ -49,7 +49,9 @@ def compressor_scratch_bytes(model: CompressedModel, settings: Settings) -> int:
     if settings.compressor_scratch_bytes > 0:
         return settings.compressor_scratch_bytes
     datasets = {model.spec.evaluation.dataset}
-    for step in model.spec.pipeline:
+    if model.spec.optimize is not None and model.spec.optimize.train_dataset:
+        datasets.add(model.spec.optimize.train_dataset)
+    for step in model.spec.pipeline or []:
         if step.distill is not None:
             datasets.add(step.distill.dataset)
         if step.quantize is not None and step.quantize.calibration_dataset:
