@@ -190,9 +190,9 @@ def _datasets_in(obj: CompressedModel) -> list[tuple[str, str | None, str]]:
         cfg = step.config
         if step.type == "distill":
             found.append((cfg.dataset, cfg.dataset_sha256, f"pipeline[{i}].distill.dataset"))
-        if step.type == "quantize" and cfg.calibration_dataset:
+        if step.type in ("quantize", "prune") and cfg.calibration_dataset:
             found.append(
-                (cfg.calibration_dataset, None, f"pipeline[{i}].quantize.calibrationDataset")
+                (cfg.calibration_dataset, None, f"pipeline[{i}].{step.type}.calibrationDataset")
             )
     return found
 

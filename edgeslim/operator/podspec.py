@@ -56,6 +56,8 @@ def compressor_scratch_bytes(model: CompressedModel, settings: Settings) -> int:
             datasets.add(step.distill.dataset)
         if step.quantize is not None and step.quantize.calibration_dataset:
             datasets.add(step.quantize.calibration_dataset)
+        if step.prune is not None and step.prune.calibration_dataset:
+            datasets.add(step.prune.calibration_dataset)
     return settings.max_download_bytes * (1 + len(datasets) + WORKING_COPIES)
 
 
