@@ -112,7 +112,7 @@ def edits_at(positions: st.SearchStrategy[int]) -> st.SearchStrategy[list[tuple[
     return st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size=6)
 
 
-def compress_spec(tmp: Path, model: Path, dataset: Path) -> Path:
+def compress_spec(tmp: Path, model: Path, dataset: Path, name: str = "spec.yaml") -> Path:
     doc = {
         "apiVersion": "edgeslim.io/v1alpha1",
         "kind": "CompressedModel",
@@ -129,7 +129,7 @@ def compress_spec(tmp: Path, model: Path, dataset: Path) -> Path:
             "output": {"uri": str(tmp / "out")},
         },
     }
-    path = tmp / "spec.yaml"
+    path = tmp / name
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -334,3 +334,29 @@ def test_any_onnx_fields_are_0_2_or_3(
     path.write_bytes(model.SerializeToString())
     spec = compress_spec(tmp_path, path, digits.val)
     check(worker.run("compress", str(spec), "--quiet", "--force"), f"onnx fields {changes}")
+
+
+def test_the_worker_answers_as_the_installed_cli(
+    worker: Worker, digits, small_val: dict[str, Base], model_bytes: Base, tmp_path: Path
+) -> None:
+    """A handful of mutated inputs also run as real `edgeslim` processes: same answers."""
+    spec_path = tmp_path / "mutated.yaml"
+    spec_path.write_bytes(mutate(EXAMPLE_SPEC, [(300, ord("{")), (301, ord("&"))], None))
+    npz_path = tmp_path / "mutated.npz"
+    npz_path.write_bytes(mutate(small_val["savez"].data, [(70, ord("("))], None))
+    onnx_path = tmp_path / "mutated.onnx"
+    onnx_path.write_bytes(mutate(model_bytes.data, [(model_bytes.structure[40], 0x00)], None))
+    bad_data = compress_spec(tmp_path, digits.model_path, npz_path, "bad-data.yaml")
+    bad_model = compress_spec(tmp_path, onnx_path, digits.val, "bad-model.yaml")
+    commands = [
+        ["validate", str(spec_path)],
+        ["compress", str(bad_data), "--quiet"],
+        ["compress", str(bad_model), "--quiet"],
+    ]
+    for args in commands:
+        answer = worker.run(*args)
+        check(answer, " ".join(args))
+        real = hf.run_cli(args, tmp_path, env=WORKER_ENV)
+        assert "Traceback" not in real.stderr and real.rc == answer["rc"], real.stderr
+        assert real.stderr.strip() == answer["stderr"].strip()
+        assert real.peak_rss_bytes < PEAK_LIMIT
