@@ -101,15 +101,21 @@ class Model:
         extra = (name in self.outputs) + (name in self.graph_inputs) + (name in self.subgraph_refs)
         return len(self.consumers.get(name, [])) + extra
 
-    def dims(self, name: str) -> list[int | None] | None:
+    def dims(self, name: str, need: tuple[int, ...] | None = None) -> list[int | None] | None:
         """Dims of a tensor: constants exactly, activations from shape inference, with
-        a single probe run through onnxruntime filling in what inference left unknown."""
+        a single probe run through onnxruntime filling in what inference left unknown.
+
+        `need` names the axes the caller reads (None: all); the probe only runs
+        when one of those is unknown.
+        """
         arr = self.array(name)
         if arr is not None:
             return list(arr.shape)
         known = self.shapes.get(name)
-        if known is not None and None not in known:
-            return known
+        if known is not None:
+            axes = range(len(known)) if need is None else need
+            if all(known[a] is not None for a in axes if -len(known) <= a < len(known)):
+                return known
         if self.probed is None:
             self.probed = probe_shapes(self.model)
         probed = self.probed.get(name)
@@ -119,7 +125,7 @@ class Model:
         return known
 
     def rank(self, name: str) -> int | None:
-        dims = self.dims(name)
+        dims = self.dims(name, need=())
         return None if dims is None else len(dims)
 
 

@@ -342,7 +342,7 @@ class Discovery(LayoutOps):
                 self._broadcast(node, i, arr, ref)
                 ranks.append(arr.ndim)
                 continue
-            dims = self.m.dims(name)
+            dims = self.m.dims(name, need=(ref.axis,))
             if dims is None:
                 raise Block(f"shape of {name} unknown at {where}")
             ranks.append(len(dims))
@@ -516,7 +516,7 @@ class Discovery(LayoutOps):
             self.union(ref.ids, t.ids)
         if len(tracked) == 1:  # the other operand must broadcast along the channels
             other = node.input[1] if a is not None else node.input[0]
-            dims = self.m.dims(other)
+            dims = self.m.dims(other, need=(ref.axis,))
             if dims is None or (len(dims) >= -ref.axis and dims[ref.axis] != 1):
                 raise Block(f"{where} meets an operand whose channels are not tracked")
         rank = max(ra, rb)

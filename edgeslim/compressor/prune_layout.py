@@ -52,7 +52,8 @@ class LayoutOps:
         """[d0..dk-1, dk..] -> [outer, inner]: each channel id repeats over the positions
         folded in with it."""
         t = ins[0]
-        dims = self.m.dims(node.input[0])
+        rank = self.m.rank(node.input[0]) or 0
+        dims = self.m.dims(node.input[0], need=tuple(range(1, rank)))  # the batch may vary
         if not dims:
             raise Block(f"shape of {node.input[0]} unknown at {where}")
         rank = len(dims)
@@ -111,7 +112,7 @@ class LayoutOps:
 
     def _merge_heads(self, node, t: Track, target, where):
         """[..., H, D] -> [..., H*D]: each head id repeats over its D channels."""
-        dims = self.m.dims(node.input[0])
+        dims = self.m.dims(node.input[0], need=(-1,))
         d = dims[-1] if dims else None
         v, v_at = target[-1]
         if d is None or v not in (-1, t.size * d):
@@ -143,7 +144,7 @@ class LayoutOps:
         for index, part in enumerate(concat.input):
             value = self.m.array(part)
             if value is None:
-                dims = self.m.dims(part)
+                dims = self.m.dims(part, need=(0,))
                 if dims is None or len(dims) != 1 or dims[0] is None:
                     return None
                 pieces += [(None, None)] * int(dims[0])
@@ -158,7 +159,7 @@ class LayoutOps:
             values = target.reshape(-1).tolist()
             if len(values) != 2 or values[1] != -1:
                 return False
-            dims = self.m.dims(data)
+            dims = self.m.dims(data, need=(0,))
             return values[0] == 0 or bool(dims and dims[0] == values[0])
         return self._is_batch_concat(shape_name, data)
 
@@ -262,7 +263,7 @@ class LayoutOps:
                     raise Block(f"{where} joins tensors of different ranks")
                 parts.append(t.ids)
                 continue
-            dims = self.m.dims(name)
+            dims = self.m.dims(name, need=(axis,))
             if dims is None or len(dims) != ref.rank or dims[axis] is None:
                 raise Block(f"shape of {name} unknown at {where}")
             fixed = self.chan.add(dims[axis])  # channels nobody may remove
