@@ -50,6 +50,11 @@ from tests.operator.support import Operator, apply_crd  # noqa: E402
 from tests.s3server import S3Server  # noqa: E402
 
 SCENARIOS = ("kills", "s3", "apiserver", "corrupt")
+# The operator, compressor and server all run this checkout's code (also when it
+# is a copy: `git archive HEAD | tar -x -C /tmp/x` measures a commit, frozen).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+POD_COMMAND = f"env PYTHONPATH={ROOT} {sys.executable} -m edgeslim.cli"
+POD_COMMANDS = {"EDGESLIM_COMPRESSOR_COMMAND": POD_COMMAND, "EDGESLIM_SERVING_COMMAND": POD_COMMAND}
 DIGITS = ROOT / "out" / "chaos" / "digits"
 
 
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def start_operator(**env: str) -> Operator:
                 log = logs / f"{ns}-operator-{len(operators)}.log"
-                op = Operator(cp.kubeconfig, ns, log, env)
+                op = Operator(cp.kubeconfig, ns, log, {**POD_COMMANDS, **env})
                 operators.append(op)
                 return op.start()
 

@@ -270,6 +270,11 @@ class Recorder:
             per = Counter((j.owner_uid, j.spec_hash) for j in self.jobs.values())
         return sum(n - 1 for n in per.values() if n > 1)
 
+    def duplicate_names(self) -> list[str]:
+        with self._lock:
+            per = Counter((j.owner_uid, j.name) for j in self.jobs.values())
+        return [f"{name} x{n}" for (_, name), n in per.items() if n > 1]
+
     def succeeded(self, owner_uid: str, spec_hash: str) -> list[str]:
         with self._lock:
             return [
@@ -479,6 +484,12 @@ def lifecycle(
         row.notes.append(f"{len(names) - gone} objects not deleted within {deadline:.0f} s")
 
 
+def _count_duplicates(row: Row, rec: Recorder) -> None:
+    row.duplicates = rec.duplicates()
+    if row.duplicates:
+        row.notes.append("duplicate Jobs: " + ", ".join(rec.duplicate_names()))
+
+
 def _describe(stuck: dict[str, Obj]) -> str:
     return "; ".join(
         f"{n}: {st.get('phase')} ({st.get('reason') or ''}) {str(st.get('message') or '')[:120]}"
@@ -567,7 +578,7 @@ def operator_kills(
         rec.stop()
     row.faults = killer.kills
     row.reconciles += rec.completions() + rec.rollouts()
-    row.duplicates = rec.duplicates()
+    _count_duplicates(row, rec)
     row.seconds = time.monotonic() - started
     return row
 
@@ -696,7 +707,7 @@ def s3_outage(
         rec.stop()
         op.log_tail()
     row.reconciles += rec.completions()
-    row.duplicates = rec.duplicates()
+    _count_duplicates(row, rec)
     row.partial = len(poller.bad) + len(leftover)
     for d, what in poller.bad.items():
         row.notes.append(f"partial: {d}: {what}")
@@ -756,7 +767,7 @@ def apiserver_restarts(
     else:
         row.notes.append(f"operator pid {pid} ran throughout (no restart of its own)")
     row.reconciles += rec.completions() + rec.rollouts()
-    row.duplicates = rec.duplicates()
+    _count_duplicates(row, rec)
     row.seconds = time.monotonic() - started
     return row
 
@@ -876,7 +887,7 @@ def corrupt_artifact(bed: Bed, *, objects: int = 3, deadline: float = 120.0) -> 
             f"the corrupt artifact never reached a Deployment; {len(rolled)} artifact(s) served"
         )
     row.reconciles += rec.completions() + rec.rollouts()
-    row.duplicates = rec.duplicates()
+    _count_duplicates(row, rec)
     row.seconds = time.monotonic() - started
     return row
 
