@@ -115,7 +115,7 @@ class ConnectionGuard:
         headers_due, body_due = now - self.header_timeout, now - self.body_timeout
         for conns in self.open.values():
             for conn in list(conns):
-                if conn.answer_not_read(now, self.body_timeout):
+                if conn.answer_not_read(now, self.body_timeout) or conn.transport.is_closing():
                     continue
                 if conn.phase == HEADERS and conn.since < headers_due:
                     self.metrics.connections_closed.labels("header_timeout").inc()
@@ -212,12 +212,18 @@ class GuardMixin:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def drop(self, response: bytes | None) -> None:
-        """Closes the connection, after ``response`` if one is given."""
-        if self.transport.is_closing():
-            return
-        if response is not None:
+        """Closes the connection, after ``response`` if one is given.
+
+        Without one, anything still waiting to be sent is discarded: a plain
+        close would wait for a client that may never read it.
+        """
+        if response is not None and not self.transport.is_closing():
             self.transport.write(response)
-        self.transport.close()
+            self.transport.close()
+        elif self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def check_body(self, body_due: float) -> None:
         """408 and close if the request's body is still arriving after ``body_timeout``."""
