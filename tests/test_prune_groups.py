@@ -376,3 +376,54 @@ def test_grouped_and_multiplier_depthwise_convs_keep_their_groups_balanced():
     onnx.checker.check_model(out.model, full_check=True)
     feeds = {"input": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)
+
+
+class Attention(torch.nn.Module):
+    """Self-attention written with explicit head counts in its reshapes
+    (view(b, s, 4, 8) and reshape(b, s, 32)), unlike transformers' -1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, 4, 8).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1)
+        return self.o((a @ v).transpose(1, 2).reshape(b, s, 32))
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["constant-shapes", "computed-shapes"])
+def test_head_count_constants_in_reshapes_follow_the_pruned_heads(dynamic: bool):
+    torch.manual_seed(0)
+    module = Attention().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (torch.randn(2, 5, 32),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "b", 1: "s"}, "y": {0: "b", 1: "s"}} if dynamic else None,
+    )
+    model = onnx.load_from_string(buf.getvalue())
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(
+        n.startswith("removed 2/4 heads of /q/MatMul, /k/MatMul, /v/MatMul") for n in out.notes
+    )
+    shapes = {t.name: tuple(t.dims) for t in out.model.graph.initializer}
+    node = {n.name: n for n in out.model.graph.node}
+    assert shapes[node["/q/MatMul"].input[1]] == (32, 16)
+    assert shapes[node["/o/MatMul"].input[1]] == (16, 32)
+    onnx.checker.check_model(out.model, full_check=True)
+    feeds = {"x": RNG.normal(size=(2, 5, 32)).astype(np.float32)}
+    np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)
