@@ -594,12 +594,12 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
         grp = by_group.setdefault(gid, Group(gid, [], [], blocked.get(gid)))
         if all(p is not src.node for p in grp.producers):
             grp.producers.append(src.node)
+    units: dict[int, set[int]] = {}
+    for gid, unit in zip(group_of.tolist(), roots.tolist(), strict=True):
+        units.setdefault(gid, set()).add(unit)
     for grp in by_group.values():
-        members = np.flatnonzero(group_of == grp.root)
-        units, counts = np.unique(roots[members], return_counts=True)
-        grp.units = [int(u) for u in units]
-        # ids per unit and producer: > 1 only where a unit spans several channels (heads)
+        grp.units = sorted(units[grp.root])
+        # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
-        grp.unit_width = max(1, len(first.ids) // max(1, len(np.unique(roots[first.ids]))))
-        del counts
+        grp.unit_width = max(1, len(first.ids) // len(np.unique(roots[first.ids])))
     return Groups(d, list(by_group.values()), roots, group_of)
