@@ -7,5 +7,8 @@ Nothing is imported here, so ``import edgeslim.serving`` costs nothing.
 
 Modules: :mod:`.protocol` (JSON <-> tensors), :mod:`.model` (fetch, load,
 validate, run), :mod:`.cpus` (default thread count), :mod:`.metrics`,
-:mod:`.app` (the ASGI app), :mod:`.server` (uvicorn, signals, ``edgeslim serve``).
+:mod:`.limits` (what a client may cost: the settings, fitted to the open-file
+limit), :mod:`.connections` (connection caps and timeouts in front of uvicorn's
+HTTP protocol), :mod:`.app` (the ASGI app), :mod:`.server` (uvicorn, listeners,
+signals, ``edgeslim serve``).
 """
