@@ -259,12 +259,14 @@ def test_flood_keeps_memory_bounded_and_probes_answering(tiny: Path, tmp_path: P
                         s.sendall(b"host: x\r\n")
                 answers = list(bodies)
 
-            statuses = sorted(a.split(b" ", 2)[1].decode() for a in answers)
+            # "reset": the answer came while this client was still sending (a 408
+            # to an admitted body on a slow machine), and the close reset it.
+            statuses = sorted(a.split(b" ", 2)[1].decode() if a else "reset" for a in answers)
             # The budget admits four 16 MiB bodies at once; every other one is refused
             # before it is read, and the admitted ones time out one byte short.
-            assert statuses.count("503") >= 40 - BUDGET // BODY, statuses
-            assert set(statuses) <= {"503", "408"}, statuses
-            assert "408" in statuses, statuses
+            refused = statuses.count("503") + statuses.count("reset")
+            assert refused >= 40 - BUDGET // BODY and "503" in statuses, statuses
+            assert set(statuses) <= {"503", "408", "reset"}, statuses
 
             assert read_until_closed(keep_alive, 10) == b""
             assert all(read_until_closed(s, 10) == b"" for s in idle)
@@ -295,6 +297,7 @@ def test_flood_keeps_memory_bounded_and_probes_answering(tiny: Path, tmp_path: P
         assert metrics[("edgeslim_serving_body_bytes_reserved", ())] == 0
         requests = "edgeslim_serving_requests_total"
         assert metrics[(requests, (("code", "503"), ("route", "infer")))] >= 36
+        assert 1 <= metrics[(requests, (("code", "408"), ("route", "infer")))] <= BUDGET // BODY
         log = srv.log.read_text()
         assert "Too many open files" not in log and "Traceback" not in log, log
 
