@@ -98,11 +98,12 @@ def load_onnx(
     if not model.graph.node:
         raise BadInput(f"{where}: not a valid ONNX model (the graph has no nodes)")
     _check_external_data(model, path.parent, where)
+    tensor_sizes.check_stored(model, where)  # declared sizes, before external data is read
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise BadInput(f"{where}: cannot read its external data ({_first_line(exc)})") from exc
-    tensor_sizes.check_stored(model, where)
+    tensor_sizes.check_stored(model, where)  # and the bytes each now holds
     try:
         # check_model(full_check=True) is this pair; the inferred copy is kept for the size check.
         onnx.checker.check_model(model)

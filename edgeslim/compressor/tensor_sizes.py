@@ -61,13 +61,16 @@ def declared_bytes(dims: list[int], data_type: int) -> int | None:
 
 
 def _stored_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
-    """(description, tensor) for every tensor the file itself holds, subgraphs included."""
+    """(description, tensor) for every tensor the file itself holds, subgraphs included.
+
+    A sparse tensor comes as its values and indices, and as a data-less tensor
+    with its dense dims: onnxruntime densifies sparse initializers when it loads them.
+    """
     for graph in iter_graphs(model.graph):
         for t in graph.initializer:
             yield f"initializer {t.name!r}", t
         for sparse in graph.sparse_initializer:
-            yield f"sparse initializer {sparse.values.name!r} values", sparse.values
-            yield f"sparse initializer {sparse.values.name!r} indices", sparse.indices
+            yield from _sparse(f"sparse initializer {sparse.values.name!r}", sparse)
         for node in graph.node:
             label = f"{node.op_type} node {node.name or (node.output[0] if node.output else '?')!r}"
             for attr in node.attribute:
@@ -76,14 +79,21 @@ def _stored_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]
                 for t in attr.tensors:
                     yield f"attribute {attr.name!r} of {label}", t
                 if attr.HasField("sparse_tensor"):
-                    yield f"attribute {attr.name!r} of {label}", attr.sparse_tensor.values
+                    yield from _sparse(f"attribute {attr.name!r} of {label}", attr.sparse_tensor)
+
+
+def _sparse(what: str, sparse: onnx.SparseTensorProto) -> Iterator[tuple[str, TensorProto]]:
+    yield f"{what} values", sparse.values
+    yield f"{what} indices", sparse.indices
+    yield f"{what} (dense)", TensorProto(dims=sparse.dims, data_type=sparse.values.data_type)
 
 
 def check_stored(model: onnx.ModelProto, where: str) -> None:
     """Every stored tensor: dims non-negative, size within the limit, raw bytes as declared.
 
-    Run after external data is loaded (it then sits in raw_data) and before
-    the checker and onnxruntime, which would otherwise allocate what is declared.
+    Run before external data is loaded (dims and limits: nothing is read for a
+    tensor that is too big) and again after (it then sits in raw_data), and
+    before the checker and onnxruntime, which would otherwise allocate what is declared.
     """
     limit = limits.max_tensor_bytes()
     for what, t in _stored_tensors(model):
