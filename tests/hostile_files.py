@@ -159,6 +159,15 @@ def huge_initializer(model: onnx.ModelProto) -> onnx.ModelProto:
     return _append(model, [helper.make_node("Add", ["$out", "h"], ["$out"])], [t])
 
 
+def huge_sparse_initializer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One stored value in a sparse [2^20, 2^20] tensor, which onnxruntime densifies."""
+    values = numpy_helper.from_array(np.ones(1, dtype=np.float32), "sparse")
+    indices = numpy_helper.from_array(np.zeros(1, dtype=np.int64), "sparse_indices")
+    out = _append(model, [helper.make_node("Add", ["$out", "sparse"], ["$out"])])
+    out.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [2**20, 2**20]))
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Running the real CLI
 

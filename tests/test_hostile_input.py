@@ -94,6 +94,10 @@ ONNX_CASES: dict[str, tuple[Callable[[onnx.ModelProto], onnx.ModelProto], str]] 
     "Conv with group 0": (hf.conv_group_zero, "onnxruntime cannot run the model"),
     "ConstantOfShape of 4 TiB": (hf.huge_constant_of_shape, "tensor 'zeros' would be"),
     "initializer declaring 4 TiB": (hf.huge_initializer, "initializer 'h' declares dims"),
+    "sparse initializer of 4 TiB dense": (
+        hf.huge_sparse_initializer,
+        "sparse initializer 'sparse' (dense) declares dims",
+    ),
 }
 
 
@@ -205,3 +209,15 @@ def test_malformed_members_are_bad_input(case: str, tmp_path: Path) -> None:
         zf.writestr(zipfile.ZipInfo(name), data)
     with pytest.raises(BadInput, match=r"^dataset m\.npz: "):
         datasets.read(path, "m.npz")
+
+
+def test_tensor_limit_is_a_setting(digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeslim.compressor import model_io
+
+    model_io.load_onnx(digits.model_path, "cnn.onnx")
+    # The largest weight is classifier.1.weight, [256, 1024] float32: 1 MiB.
+    monkeypatch.setenv("EDGESLIM_MAX_TENSOR_BYTES", str(512 * 1024))
+    with pytest.raises(
+        BadInput, match=r"'classifier.1.weight' declares dims \[256, 1024\] \(1 MiB\)"
+    ):
+        model_io.load_onnx(digits.model_path, "cnn.onnx")
