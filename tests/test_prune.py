@@ -502,3 +502,28 @@ def test_calibrated_criteria_need_structured_pruning_and_data(cnn):
         PruneConfig(method="magnitude", sparsity=0.5, criterion="taylor")
     with pytest.raises(BadInput, match=r"prune\.criterion activation needs calibration data"):
         prune(cnn, method="structured", sparsity=0.5, criterion="activation")
+
+
+def test_constant_folding_never_builds_huge_tensors():
+    """A ConstantOfShape asking for 10^12 elements is left in the graph, not evaluated."""
+    from edgeslim.compressor.prune_graph import fold_integer_constants
+
+    huge = numpy_helper.from_array(np.array([10**6, 10**6], np.int64), "huge")
+    small = numpy_helper.from_array(np.array([2, 3], np.int64), "small")
+    one = numpy_helper.from_array(np.array([1], np.int64))
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["huge"], ["a"], name="big", value=one),
+            helper.make_node("ConstantOfShape", ["small"], ["b"], name="ok", value=one),
+            helper.make_node("Shape", ["a"], ["sa"]),
+            helper.make_node("Shape", ["b"], ["sb"]),
+            helper.make_node("Concat", ["sa", "sb"], ["y"], axis=0),
+        ],
+        "fold",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [4])],
+        [huge, small],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_integer_constants(model) == 1
+    assert [n.name for n in model.graph.node if n.op_type == "ConstantOfShape"] == ["big"]

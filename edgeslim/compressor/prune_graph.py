@@ -275,6 +275,9 @@ FOLDABLE = {
     "Reshape", "Slice", "Squeeze", "Unsqueeze", "Transpose", "Range", "Identity",
 }  # fmt: skip
 FOLD_LIMIT = 4096
+# Shape arithmetic reads tiny vectors; this bound keeps every folded result
+# (broadcasts, gathers) small before it is computed, whatever the model says.
+FOLD_INPUT_LIMIT = 64
 
 
 def fold_integer_constants(model: onnx.ModelProto) -> int:
@@ -296,8 +299,9 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
             and node.domain in ("", "ai.onnx")
             and node.input
             and all(name in inits for name in node.input if name)
-            and all(int(np.prod(inits[n].dims)) <= FOLD_LIMIT for n in node.input if n)
+            and all(int(np.prod(inits[n].dims)) <= FOLD_INPUT_LIMIT for n in node.input if n)
             and not any(o in outputs for o in node.output)
+            and _bounded(node, inits)
         )
         values = None
         if ready:
@@ -321,6 +325,21 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(keep)
     return folded
+
+
+def _bounded(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """Whether the node's result is known to stay under FOLD_LIMIT elements (the two
+    ops whose output size is an input *value*)."""
+    try:
+        args = [numpy_helper.to_array(inits[n]) if n else None for n in node.input]
+        if node.op_type == "ConstantOfShape":
+            return int(np.prod(args[0])) <= FOLD_LIMIT and bool((args[0] >= 0).all())
+        if node.op_type == "Range":
+            start, limit, delta = (float(a) for a in args[:3])
+            return delta != 0 and (limit - start) / delta <= FOLD_LIMIT
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return False
+    return True
 
 
 def _single_node_model(
