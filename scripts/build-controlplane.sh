@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the binaries the cluster tests need -- etcd, kube-apiserver,
-# kube-controller-manager, kubectl and helm -- from the Go module proxy, using
+# kube-controller-manager, kubectl and helm -- and kstatus (Flux's status
+# logic from sigs.k8s.io/cli-utils, tests/test_kstatus.py) from the Go module proxy, using
 # the small tools modules under tools/, and caches them outside the checkout:
 #
 #   ${EDGESLIM_TOOLS_CACHE:-$HOME/.cache/edgeslim/tools}/<name>-<version>/
@@ -67,6 +68,7 @@ build() { # <tools dir> <cache key> <ldflags> <binary=package>...
 
 all_cached() {
   [[ -x "$cache/etcd-$ETCD_VERSION/etcd" && -x "$cache/helm-$HELM_VERSION/helm" ]] || return 1
+  [[ -x "$cache/kstatus-$CLI_UTILS_VERSION/kstatus" ]] || return 1
   local b
   for b in kube-apiserver kube-controller-manager kubectl; do
     [[ -x "$cache/kubernetes-$KUBERNETES_VERSION/$b" ]] || return 1
@@ -86,6 +88,7 @@ flock 9
 check_pin k8s k8s.io/kubernetes "$KUBERNETES_VERSION"
 check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
+check_pin kstatus sigs.k8s.io/cli-utils "$CLI_UTILS_VERSION"
 
 # Stamp the version the way upstream's hack/lib/version.sh does; otherwise the
 # API server reports v0.0.0-master and version-gated clients (helm's
@@ -108,9 +111,11 @@ build k8s "kubernetes-$KUBERNETES_VERSION" "$k8s_ldflags" \
 build helm "helm-$HELM_VERSION" \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
   helm=helm.sh/helm/v3/cmd/helm
+build kstatus "kstatus-$CLI_UTILS_VERSION" "" kstatus=edgeslim/tools/kstatus
 
 echo "etcd:                    $cache/etcd-$ETCD_VERSION/etcd"
 echo "kube-apiserver:          $cache/kubernetes-$KUBERNETES_VERSION/kube-apiserver"
 echo "kube-controller-manager: $cache/kubernetes-$KUBERNETES_VERSION/kube-controller-manager"
 echo "kubectl:                 $cache/kubernetes-$KUBERNETES_VERSION/kubectl"
 echo "helm:                    $cache/helm-$HELM_VERSION/helm"
+echo "kstatus:                 $cache/kstatus-$CLI_UTILS_VERSION/kstatus"

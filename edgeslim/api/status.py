@@ -31,6 +31,10 @@ class ConditionType(StrEnum):
     compressed = "Compressed"
     gate_passed = "GatePassed"
     available = "Available"
+    # kstatus (Flux, Config Sync, cli-utils) reads these two before Ready:
+    # Reconciling=True means "still working", Stalled=True means "cannot progress".
+    reconciling = "Reconciling"
+    stalled = "Stalled"
 
 
 class Condition(OpenWireModel):

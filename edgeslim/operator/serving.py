@@ -51,7 +51,7 @@ from edgeslim.operator.names import (
     serving_name,
 )
 from edgeslim.operator.settings import Settings
-from edgeslim.operator.status import MESSAGE_LIMIT, set_condition
+from edgeslim.operator.status import MESSAGE_LIMIT, set_condition, set_progress
 
 Obj = dict[str, Any]
 # The server's probe listener (`edgeslim serve --health-port`): health routes only,
@@ -548,6 +548,7 @@ def apply_plan(current: CompressedModelStatus, generation: int | None, p: Plan, 
         conds = set_condition(
             conds, ConditionType.available, p.available, p.reason, p.message, generation, at
         )
+        conds = set_progress(conds, p.phase, p.reason, p.message, generation, at)
         update |= {
             "phase": p.phase,
             "observed_generation": generation,
@@ -588,8 +589,15 @@ def without_deployment(current: CompressedModelStatus, generation: int | None, a
             "phase": Phase.ready,
             "observed_generation": generation,
             "message": message or None,
-            "conditions": set_condition(
-                conds, ConditionType.ready, "True", "GatePassed", message, generation, at
+            "conditions": set_progress(
+                set_condition(
+                    conds, ConditionType.ready, "True", "GatePassed", message, generation, at
+                ),
+                Phase.ready,
+                "GatePassed",
+                message,
+                generation,
+                at,
             ),
         }
     return current.model_copy(update=update).wire()

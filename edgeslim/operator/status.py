@@ -64,6 +64,53 @@ def set_condition(
     )
 
 
+# Phases in which the operator is still working towards the spec: kstatus
+# reads Reconciling=True on them as InProgress (not Current, as a bare Ready
+# condition of Unknown or False would leave it to guess).
+IN_PROGRESS_PHASES = frozenset({Phase.pending, Phase.queued, Phase.compressing, Phase.deploying})
+# Phases the operator cannot leave without a spec change (or a new source):
+# Stalled=True, which kstatus reads as Failed.
+STALLED_PHASES = frozenset({Phase.rejected, Phase.failed})
+
+
+def set_progress(
+    conditions: list[Condition],
+    phase: Phase,
+    reason: str,
+    message: str,
+    generation: int | None,
+    at: str,
+) -> list[Condition]:
+    """`conditions` with Reconciling and Stalled set for `phase`, the pair
+    kstatus (sigs.k8s.io/cli-utils) and the API conventions define.
+
+    Both are "abnormal-true" conditions, written False rather than left out, so
+    a reader sees the generation they describe. Reconciling's reason is the
+    phase (what the operator is doing); Stalled's is the transition's reason
+    (why it stopped: GateRejected, CompressionFailed, RolloutFailed, ...).
+    """
+    working = phase in IN_PROGRESS_PHASES
+    stalled = phase in STALLED_PHASES
+    conds = set_condition(
+        conditions,
+        ConditionType.reconciling,
+        "True" if working else "False",
+        phase.value,
+        message if working else "",
+        generation,
+        at,
+    )
+    return set_condition(
+        conds,
+        ConditionType.stalled,
+        "True" if stalled else "False",
+        reason if stalled else phase.value,
+        message if stalled else "",
+        generation,
+        at,
+    )
+
+
 @dataclass(frozen=True)
 class Transition:
     """What the reconciler wants the status to say."""
@@ -122,6 +169,7 @@ def apply(current: CompressedModelStatus, generation: int | None, t: Transition,
     conds = set_condition(
         conds, ConditionType.gate_passed, gate, gate_reason, gate_message, generation, at
     )
+    conds = set_progress(conds, t.phase, t.reason, t.message, generation, at)
     new = current.model_copy(
         update={
             "phase": t.phase,

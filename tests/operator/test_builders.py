@@ -181,7 +181,58 @@ def test_condition_keeps_its_transition_time_until_status_flips() -> None:
     )
     ready = next(c for c in third.conditions if c.type == "Ready")
     assert (ready.status, ready.last_transition_time) == ("False", "T3")
-    assert [c.type for c in third.conditions] == ["Ready", "Compressed", "GatePassed"]
+    assert [c.type for c in third.conditions] == [
+        "Ready",
+        "Compressed",
+        "GatePassed",
+        "Reconciling",
+        "Stalled",
+    ]
+
+
+def _conds(raw: dict) -> dict[str, tuple[str, str, int | None]]:
+    return {
+        c.type: (c.status, c.reason, c.observed_generation) for c in status.parse(raw).conditions
+    }
+
+
+@pytest.mark.parametrize("phase", [Phase.pending, Phase.queued, Phase.compressing])
+def test_work_in_progress_is_reconciling_and_not_stalled(phase: Phase) -> None:
+    raw = status.apply(status.parse({}), 4, status.Transition(phase, phase.value, "busy"), "T1")
+    c = _conds(raw)
+    assert c["Reconciling"] == ("True", phase.value, 4)
+    assert c["Stalled"] == ("False", phase.value, 4)
+    assert next(x for x in status.parse(raw).conditions if x.type == "Reconciling").message
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason"),
+    [(Phase.rejected, "GateRejected"), (Phase.failed, "CompressionFailed")],
+)
+def test_rejected_and_failed_are_stalled_with_the_reason(phase: Phase, reason: str) -> None:
+    cur = status.parse(
+        status.apply(status.parse({}), 2, status.Transition(Phase.compressing, "C", "x"), "T1")
+    )
+    raw = status.apply(cur, 2, status.Transition(phase, reason, "drop 0.2 > 0.01"), "T2")
+    c = _conds(raw)
+    assert c["Stalled"] == ("True", reason, 2)
+    assert c["Reconciling"] == ("False", phase.value, 2)
+    stalled = next(x for x in status.parse(raw).conditions if x.type == "Stalled")
+    assert (stalled.message, stalled.last_transition_time) == ("drop 0.2 > 0.01", "T2")
+
+
+def test_ready_is_neither_reconciling_nor_stalled_and_every_condition_has_the_generation() -> None:
+    cur = status.parse(
+        status.apply(status.parse({}), 5, status.Transition(Phase.failed, "Boom", "x"), "T1")
+    )
+    raw = status.apply(cur, 6, status.Transition(Phase.ready, "GatePassed", "ok"), "T2")
+    c = _conds(raw)
+    assert c["Ready"][0] == "True"
+    assert c["Reconciling"][0] == c["Stalled"][0] == "False"
+    assert {g for _, _, g in c.values()} == {6}
+    # A spec change that keeps the artifact moves every condition to the new generation.
+    touched = status.touch_generation(status.parse(raw), 7)
+    assert {g for _, _, g in _conds(touched).values()} == {7}
 
 
 def test_merge_patch_removes_what_went() -> None:
