@@ -87,6 +87,99 @@ class InputIdentity(OpenWireModel):
     """The S3 object version, on versioned buckets."""
 
 
+class CandidateFigures(OpenWireModel):
+    """One recipe the optimize search built and measured."""
+
+    index: int
+    name: str
+    """What the recipe is, in words (e.g. `static int8 per-channel minmax`)."""
+    recipe: list[dict[str, Any]]
+    """The pipeline steps, as spec.pipeline would write them: a passing one can be pinned."""
+    size_bytes: int = 0
+    gzip_size_bytes: int = 0
+    metric: float | None = None
+    drop: float | None = None
+    latency_p50_ms: float | None = None
+    """Batch-1 p50 on the machine that ran the search."""
+    passed: bool = False
+    reason: str = ""
+    """Why it did not pass (gate, slower than the source, or the error that stopped it)."""
+    float_nodes: list[str] = Field(default_factory=list)
+    """Quantizable nodes this recipe keeps in float (mixed precision)."""
+    seconds: float = 0.0
+
+
+class NodeSensitivity(OpenWireModel):
+    """What quantizing one node's output costs, measured by keeping that tensor alone float."""
+
+    node: str
+    """The node that writes the tensor."""
+    op_type: str
+    tensor: str = ""
+    recovery: float
+    """Share of the quantized model's output error that goes away when this tensor stays
+    float (1: all of it, 0: none)."""
+    nodes: list[str] = Field(default_factory=list)
+    """The nodes kept in float (quantize.excludeNodes) to keep the tensor float: its
+    writer and its readers."""
+
+
+class SearchRecord(OpenWireModel):
+    """How an optimize search went."""
+
+    objective: str
+    complete: bool
+    """False in a manifest written while the search was still running (best so far)."""
+    stopped_by: str | None = None
+    """maxCandidates or maxSeconds when a budget ended the search early."""
+    seconds: float = 0.0
+    sensitivity: list[NodeSensitivity] = Field(default_factory=list)
+    """The most sensitive quantizable nodes, most sensitive first."""
+    sensitive_nodes: list[str] = Field(default_factory=list)
+    """Nodes the chosen candidate keeps in float because quantizing them broke the gate."""
+
+
+class ParetoPoint(OpenWireModel):
+    """A candidate no other beats on both download size and metric drop."""
+
+    index: int
+    name: str
+    gzip_size_bytes: int
+    drop: float
+    latency_p50_ms: float | None = None
+    passed: bool
+
+
+PARETO_TOP = 5
+
+
+def pareto_front(candidates: list[CandidateFigures], top: int = PARETO_TOP) -> list[ParetoPoint]:
+    """Measured candidates not dominated on (download size, drop), smallest first."""
+    measured = [c for c in candidates if c.drop is not None and c.gzip_size_bytes]
+    front = [
+        c
+        for c in measured
+        if not any(
+            o.gzip_size_bytes <= c.gzip_size_bytes
+            and o.drop <= c.drop
+            and (o.gzip_size_bytes, o.drop) != (c.gzip_size_bytes, c.drop)
+            for o in measured
+        )
+    ]
+    front.sort(key=lambda c: (c.gzip_size_bytes, c.drop))
+    return [
+        ParetoPoint(
+            index=c.index,
+            name=c.name,
+            gzip_size_bytes=c.gzip_size_bytes,
+            drop=c.drop,
+            latency_p50_ms=c.latency_p50_ms,
+            passed=c.passed,
+        )
+        for c in front[:top]
+    ]
+
+
 class CompressionResult(OpenWireModel):
     api_version: Literal["edgeslim.io/v1alpha1"] = Field(default=GROUP_VERSION, alias="apiVersion")
     kind: Literal["CompressionResult"] = "CompressionResult"
@@ -108,3 +201,10 @@ class CompressionResult(OpenWireModel):
     inputs: list[InputIdentity] = Field(default_factory=list)
     """Every file the result was computed from, with the content identity of the bytes
     used; a stored result is reused only while all of them are unchanged."""
+    candidates: list[CandidateFigures] = Field(default_factory=list)
+    """spec.optimize only: every candidate the search measured, in the order tried."""
+    chosen: int | None = None
+    """spec.optimize only: index of the candidate written as the artifact (the closest
+    one when none passed)."""
+    search: SearchRecord | None = None
+    """spec.optimize only: objective, budgets, sensitivity analysis."""

@@ -186,7 +186,10 @@ def _datasets_in(obj: CompressedModel) -> list[tuple[str, str | None, str]]:
     """(uri, sha256, field) of every dataset the spec names, evaluation first."""
     ev = obj.spec.evaluation
     found = [(ev.dataset, ev.dataset_sha256, "evaluation.dataset")]
-    for i, step in enumerate(obj.spec.pipeline):
+    opt = obj.spec.optimize
+    if opt is not None and opt.train_dataset:
+        found.append((opt.train_dataset, opt.train_dataset_sha256, "optimize.trainDataset"))
+    for i, step in enumerate(obj.spec.pipeline or []):
         cfg = step.config
         if step.type == "distill":
             found.append((cfg.dataset, cfg.dataset_sha256, f"pipeline[{i}].distill.dataset"))
@@ -237,7 +240,7 @@ def compress(
     )
     for uri, sha, field in _datasets_in(obj):
         ws.fetch(uri, sha, field)
-    for i, step in enumerate(spec.pipeline):
+    for i, step in enumerate(spec.pipeline or []):
         if step.type == "distill" and step.config.student is not None:
             student = step.config.student
             field = f"pipeline[{i}].distill.student"
@@ -268,7 +271,7 @@ def compress(
     # Distillation students whose own spec opts in to running their (TorchScript) code.
     model_code_ok = {
         s.config.student.uri
-        for s in spec.pipeline
+        for s in spec.pipeline or []
         if s.type == "distill" and s.config.student and s.config.student.allow_model_code
     }
     ctx = steps.StepContext(
@@ -279,13 +282,19 @@ def compress(
             uri, sha, spec.evaluation.dataset, allow_model_code=uri in model_code_ok
         ),
         evaluation_dataset=spec.evaluation.dataset,
-        train_datasets=[s.config.dataset for s in spec.pipeline if s.type == "distill"],
+        train_datasets=[s.config.dataset for s in spec.pipeline or [] if s.type == "distill"]
+        + ([spec.optimize.train_dataset] if spec.optimize and spec.optimize.train_dataset else []),
         progress=progress,
     )
     source_bytes = source_path.read_bytes()
     # Sizes and sha of the file as given; parameters of the loaded graph (for a
     # TorchScript source, the ONNX it was converted to).
     source_fig = graph.figures(source_bytes, source, uri=spec.source.uri)
+    if spec.optimize is not None:  # a search over recipes instead of one pipeline
+        from edgeslim.compressor import optimize
+
+        run = optimize.Run(obj, prefix, namespace, spec_hash, inputs, source, source_fig, ctx)
+        return optimize.run(run, eval_data, log)
     model, current = source, graph.figures(source.SerializeToString(), source)
     records: list[StepRecord] = []
     for i, entry in enumerate(spec.pipeline):
@@ -414,6 +423,8 @@ def reuse_mismatch(
         return f"names artifact {uri}, not its own {expected}"
     if not stored.inputs:
         return "does not record the content of its inputs"
+    if stored.search is not None and not stored.search.complete:
+        return "is the best so far of a search that was stopped before it finished"
     before = {(i.uri, i.sha256) for i in stored.inputs}
     now = {(i.uri, i.sha256) for i in inputs}
     if before != now:

@@ -1,4 +1,5 @@
-"""Lower precision through onnxruntime.quantization: int8 dynamic, int8 static QDQ, fp16.
+"""Lower precision through onnxruntime.quantization: int8 dynamic, int8 static QDQ, fp16,
+and weight-only int4/int8 MatMul weights (MatMulNBits).
 
 Static quantization writes QDQ (QuantizeLinear/DequantizeLinear pairs around
 standard ops), the format every current runtime understands, with uint8
@@ -7,6 +8,7 @@ activations and int8 weights: onnxruntime's recommended pairing on x86 CPUs.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from edgeslim.errors import BadInput
 
 # DequantizeLinear gained `axis` (per-channel scales) in opset 13.
 PER_CHANNEL_QDQ_OPSET = 13
+# weightOnly defaults: onnxruntime's int4 kernels are tuned for blocks of 32.
+WEIGHT_ONLY_BITS, WEIGHT_ONLY_BLOCK = 4, 32
 # Samples on which an opset conversion must reproduce the original outputs.
 UPGRADE_CHECK_SAMPLES = 16
 
@@ -55,6 +59,16 @@ class Quantize:
             )
             notes.append(
                 f"fp16: {halves} initializers stored as float16, inputs/outputs kept float32"
+            )
+            return StepOutput(model=out, notes=notes)
+        if mode is QuantizeMode.weight_only:
+            out, count = self._weight_only(model)
+            bits = self.config.bits or WEIGHT_ONLY_BITS
+            notes.append(
+                f"weightOnly int{bits}: {count} MatMul weights stored in MatMulNBits "
+                f"(blocks of {self.config.block_size or WEIGHT_ONLY_BLOCK}), activations float"
+                if count
+                else "weightOnly: no MatMul with a constant weight matrix, nothing quantized"
             )
             return StepOutput(model=out, notes=notes)
 
@@ -136,17 +150,35 @@ class Quantize:
             CalibrationMethod.entropy: OrtMethod.Entropy,
             CalibrationMethod.percentile: OrtMethod.Percentile,
         }[self.config.calibration_method]
+        cache = _calibration_cache(src, data, self.config, ctx)
         with ctx.progress.task("calibrate", total=len(data)) as bar:
             quantize_static(
                 src,
                 dst,
                 Reader(),
+                **({"calibration_cache_path": cache} if cache is not None else {}),
                 quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
                 **self._common(per_channel),
             )
+
+    def _weight_only(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+        """MatMul weights in 4 or 8 bits with a float scale per block (com.microsoft
+        MatMulNBits): most of a transformer's bytes, with activations left alone."""
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=self.config.bits or WEIGHT_ONLY_BITS,
+            block_size=self.config.block_size or WEIGHT_ONLY_BLOCK,
+            is_symmetric=True,
+            nodes_to_exclude=self.config.exclude_nodes or None,
+        )
+        quantizer.process()
+        out = quantizer.model.model
+        return out, sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
 
     def _fp16(self, model: onnx.ModelProto, ops_present: set[str]) -> onnx.ModelProto:
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -159,6 +191,31 @@ class Quantize:
             op_block_list=blocked,
             node_block_list=self.config.exclude_nodes or None,
         )
+
+
+def _calibration_cache(
+    src: Path, data: Dataset, config: QuantizeConfig, ctx: StepContext
+) -> Path | None:
+    """Where onnxruntime keeps the activation ranges of this exact model, data and method,
+    when the caller asked for a cache (the optimize search quantizes one model many ways).
+
+    Keyed by the bytes calibrated on, so a pruned model or other data never reuses
+    another's ranges. None without a cache folder or on onnxruntime without the option.
+    """
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    if ctx.calibration_cache is None:
+        return None
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        return None
+    digest = hashlib.sha256(src.read_bytes())
+    digest.update(config.calibration_method.value.encode())
+    for name in sorted(data.inputs):
+        digest.update(name.encode() + np.ascontiguousarray(data.inputs[name]).tobytes())
+    ctx.calibration_cache.mkdir(parents=True, exist_ok=True)
+    return ctx.calibration_cache / f"{digest.hexdigest()[:32]}.json"
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -62,6 +62,9 @@ class StepContext:
     train_datasets: list[str] = field(default_factory=list)
     """Datasets of distill steps in the pipeline, in order (default calibration data)."""
     progress: Progress = field(default_factory=NullProgress)
+    calibration_cache: Path | None = None
+    """Folder where static quantization keeps activation ranges per model and data, for
+    callers that quantize one model many ways (the optimize search); None: no cache."""
 
 
 @dataclass

@@ -1,0 +1,356 @@
+"""spec.optimize: find the best recipe within the gate instead of being told one.
+
+The search, in order, each stage only while the budget lasts:
+1. formats: static QDQ (per-channel / per-tensor, minmax / percentile /
+   entropy), dynamic int8, weight-only int4/int8 for MatMul-heavy models, fp16;
+2. sensitivity and mixed precision, when static int8 misses the gate: the
+   nodes whose quantization costs most (optimize_sensitivity) stay in float,
+   as few as the gate allows (doubling, then bisection);
+3. with a trainDataset, structured sparsity by bisection, distilling after
+   each cut, then the survivor quantized with the passing formats.
+
+Every candidate is a list of ordinary pipeline steps measured by
+`optimize_candidates.evaluate_candidate`. The best passing candidate is
+written (model, then manifest) as soon as it is found, so a budget that runs
+out, a kill or a drained node leaves it usable; its manifest says the search
+was not complete, so a rerun searches again rather than reusing it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from edgeslim import storage
+from edgeslim.api.result import (
+    CompressionResult,
+    GateVerdict,
+    InputIdentity,
+    MemoryFigures,
+    ModelFigures,
+    NodeSensitivity,
+    SearchRecord,
+)
+from edgeslim.api.spec import (
+    CompressedModel,
+    Criterion,
+    DistillConfig,
+    PipelineStep,
+    PruneConfig,
+    PruneMethod,
+    QuantizeMode,
+)
+from edgeslim.compressor import evaluate, graph, optimize_sensitivity, steps
+from edgeslim.compressor.datasets import Dataset
+from edgeslim.compressor.optimize_candidates import (
+    CandidateContext,
+    CandidateResult,
+    Recipe,
+    evaluate_candidate,
+    format_recipes,
+    objective_key,
+    with_float_nodes,
+)
+from edgeslim.errors import BadInput
+
+# Evaluation samples the sensitivity analysis runs per node: enough to rank, cheap.
+SENSITIVITY_SAMPLES = 128
+# Sensitivities kept in the manifest.
+SENSITIVITY_REPORTED = 20
+# Sparsity bisection: where it starts, and how many cuts it tries.
+PRUNE_START, PRUNE_PROBES = 0.5, 3
+PRUNE_DISTILL_EPOCHS = 5
+
+
+class BudgetSpent(Exception):
+    """maxCandidates or maxSeconds reached: the search ends with what it has."""
+
+
+@dataclass
+class Run:
+    """What compress() hands over after fetching and checking the inputs."""
+
+    obj: CompressedModel
+    prefix: str
+    namespace: str
+    spec_hash: str
+    inputs: list[InputIdentity]
+    source: onnx.ModelProto
+    source_fig: ModelFigures
+    step_ctx: steps.StepContext
+
+
+@dataclass
+class Search:
+    ctx: CandidateContext
+    max_candidates: int
+    deadline: float
+    on_best: Callable[[Search], None]
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.monotonic)
+    results: list[CandidateResult] = field(default_factory=list)
+    best: CandidateResult | None = None
+    sensitivity: list[NodeSensitivity] = field(default_factory=list)
+    stopped_by: str | None = None
+
+    def candidate(self, recipe: Recipe) -> CandidateResult:
+        if len(self.results) >= self.max_candidates:
+            raise BudgetSpent("maxCandidates")
+        if time.monotonic() >= self.deadline:
+            raise BudgetSpent("maxSeconds")
+        index = len(self.results)
+        self.log(f"candidate {index + 1}: {recipe.name}")
+        res = evaluate_candidate(recipe, self.ctx, index)
+        self.results.append(res)
+        f = res.figures
+        self.log(
+            f"  {'passed' if f.passed else 'failed'}: "
+            + (f"gzip {f.gzip_size_bytes:,} B, drop {f.drop:+.4f}" if f.drop is not None else "")
+            + (f" ({f.reason})" if f.reason else "")
+        )
+        if res.passed and (
+            self.best is None
+            or objective_key(f, self.ctx.objective)
+            < objective_key(self.best.figures, self.ctx.objective)
+        ):
+            self.best = res
+            self.on_best(self)
+        return res
+
+    def passing(self) -> list[CandidateResult]:
+        return sorted(
+            (r for r in self.results if r.passed),
+            key=lambda r: objective_key(r.figures, self.ctx.objective),
+        )
+
+
+def _formats(search: Search, prefix: list[PipelineStep], model: onnx.ModelProto) -> None:
+    for recipe in format_recipes(model, prefix):
+        search.candidate(recipe)
+
+
+def _mixed_precision(search: Search) -> None:
+    """Keep the most sensitive nodes of the best static recipe in float until the gate holds."""
+    static = [
+        r
+        for r in search.results
+        if r.model is not None
+        and len(r.figures.recipe) == 1
+        and r.figures.recipe[0].get("quantize", {}).get("mode", "static") == QuantizeMode.static
+    ]
+    if not static or any(r.passed for r in static):
+        return
+    # minmax keeps every range whole (percentile and entropy clip them): an outlier
+    # channel then costs only resolution, which keeping its tensor float gives back.
+    base = static[0]
+    ctx = search.ctx
+    search.log(f"sensitivity of the nodes quantized by {base.figures.name}")
+    sample = ctx.data.head(SENSITIVITY_SAMPLES)
+    ranked = optimize_sensitivity.analyse(
+        base.model, ctx.source, sample, ctx.source_out[: len(sample)]
+    )
+    search.sensitivity = ranked[:SENSITIVITY_REPORTED]
+    order = [s for s in ranked if s.recovery > 0]
+    if not order:
+        return
+    recipe = Recipe.model_validate({"name": base.figures.name, "steps": base.figures.recipe})
+
+    def float_nodes(k: int) -> list[str]:  # the nodes that keep the k worst tensors float
+        return list(dict.fromkeys(n for s in order[:k] for n in s.nodes))
+
+    # Doubling finds a count of float tensors that passes; bisection then the fewest.
+    fail, k = 0, 1
+    passed_at: int | None = None
+    while passed_at is None:
+        k = min(k, len(order))
+        if search.candidate(with_float_nodes(recipe, float_nodes(k))).passed:
+            passed_at = k
+        elif k == len(order):
+            return
+        else:
+            fail, k = k, k * 2
+    while passed_at - fail > 1:
+        mid = (fail + passed_at) // 2
+        if search.candidate(with_float_nodes(recipe, float_nodes(mid))).passed:
+            passed_at = mid
+        else:
+            fail = mid
+
+
+def _pruning(search: Search, train: str, train_sha: str | None) -> None:
+    """Structured sparsity by bisection (distilled after each cut), then the survivor quantized."""
+
+    def cut(sparsity: float) -> list[PipelineStep]:
+        return [
+            PipelineStep(
+                prune=PruneConfig(
+                    method=PruneMethod.structured, sparsity=sparsity, criterion=Criterion.l1
+                )
+            ),
+            PipelineStep(
+                distill=DistillConfig(
+                    dataset=train, dataset_sha256=train_sha, epochs=PRUNE_DISTILL_EPOCHS
+                )
+            ),
+        ]
+
+    lo, hi, s = 0.0, 1.0, PRUNE_START
+    survivor: list[PipelineStep] | None = None
+    for _ in range(PRUNE_PROBES):
+        res = search.candidate(Recipe(name=f"prune {s:.0%} + distill", steps=cut(s)))
+        if res.passed:
+            lo, survivor = s, cut(s)
+        else:
+            hi = s
+        s = round((lo + hi) / 2, 4)
+    if survivor is None:
+        return
+    # The formats that passed on the source first (best first), then the rest.
+    quantized = [r.figures.recipe[-1] for r in search.passing() if len(r.figures.recipe) == 1]
+    tried = {json.dumps(q, sort_keys=True) for q in quantized}
+    survivor_model = search.ctx.prefixes.get(
+        json.dumps([st.wire() for st in survivor], sort_keys=True)
+    )
+    rest = format_recipes(survivor_model[0] if survivor_model else search.ctx.source, survivor)
+    name = f"prune {lo:.0%} + distill"
+    for q in quantized:
+        step = PipelineStep.model_validate(q)
+        search.candidate(Recipe(name=f"{name} + {_describe(step)}", steps=[*survivor, step]))
+    for recipe in rest:
+        if json.dumps(recipe.steps[-1].wire(), sort_keys=True) not in tried:
+            search.candidate(recipe)
+
+
+def _describe(step: PipelineStep) -> str:
+    q = step.quantize
+    if q is None:
+        return step.type
+    if q.exclude_nodes:
+        return f"{q.mode.value} int8, {len(q.exclude_nodes)} nodes float"
+    return q.mode.value if q.mode is not QuantizeMode.weight_only else f"weight-only int{q.bits}"
+
+
+def search_all(search: Search, train: str | None, train_sha: str | None) -> None:
+    try:
+        _formats(search, [], search.ctx.source)
+        _mixed_precision(search)
+        if train:
+            _pruning(search, train, train_sha)
+    except BudgetSpent as exc:
+        search.stopped_by = str(exc)
+        search.log(f"search stopped: {exc} reached")
+
+
+# ----------------------------------------------------------------- results
+
+
+def run(r: Run, eval_data: Dataset, log: Callable[[str], None]) -> object:
+    """Search, write the best (or the closest, rejected) with the whole search recorded."""
+    from edgeslim.compressor import pipeline as p
+
+    spec = r.obj.spec
+    opt = spec.optimize
+    assert opt is not None
+    cfg = spec.evaluation
+    src_sess = evaluate.session(r.source)
+    source_out = evaluate.run_batched(src_sess, eval_data, label="evaluate source")
+    src_lat = evaluate.latency(src_sess, eval_data, cfg.latency_runs)
+    ctx = CandidateContext(
+        source=r.source,
+        step_ctx=r.step_ctx,
+        evaluation=cfg,
+        max_metric_drop=cfg.max_metric_drop,
+        objective=opt.objective,
+        data=eval_data,
+        source_out=source_out,
+        source_latency=src_lat,
+        latency_runs=cfg.latency_runs,
+    )
+    workdir = r.step_ctx.workdir
+    source_path = workdir / "source.onnx"
+    onnx.save(r.source, source_path)
+    sample = workdir / "memprobe-sample.npz"
+    np.savez(sample, **eval_data.batch(0, 1))
+    source_rss = evaluate.peak_rss_bytes(source_path, sample)
+
+    def write(search: Search, chosen: CandidateResult, complete: bool) -> p.Outcome:
+        model = chosen.model
+        assert model is not None and chosen.evaluation is not None
+        passed = chosen.passed
+        model_uri = storage.join(r.prefix, p.MODEL_FILE if passed else p.REJECTED_MODEL_FILE)
+        manifest_uri = storage.join(r.prefix, p.MANIFEST_FILE)
+        data = model.SerializeToString()
+        cand_path = workdir / "candidate.onnx"
+        cand_path.write_bytes(data)
+        artifact = graph.figures(data, model, uri=model_uri)
+        reason = chosen.figures.reason
+        gate = GateVerdict(
+            passed=passed,
+            max_metric_drop=cfg.max_metric_drop,
+            reason=(
+                f"candidate {chosen.figures.index} ({chosen.figures.name}): "
+                + p._gate_reason(chosen.evaluation, cfg.max_metric_drop, passed)
+                + (f"; {reason}" if reason and not reason.startswith("drop") else "")
+            ),
+        )
+        result = CompressionResult(
+            name=r.obj.metadata.name,
+            namespace=r.namespace,
+            spec_hash=r.spec_hash,
+            source=r.source_fig,
+            artifact=artifact,
+            steps=chosen.records,
+            evaluation=chosen.evaluation,
+            latency=evaluate.latency_figures(src_lat, chosen.latency),
+            memory=MemoryFigures(
+                source_peak_rss_bytes=source_rss,
+                compressed_peak_rss_bytes=evaluate.peak_rss_bytes(cand_path, sample),
+            ),
+            compression_ratio=round(r.source_fig.size_bytes / artifact.size_bytes, 4),
+            download_ratio=round(r.source_fig.gzip_size_bytes / artifact.gzip_size_bytes, 4),
+            gate=gate,
+            versions=p._versions(),
+            inputs=r.inputs,
+            candidates=[c.figures for c in search.results],
+            chosen=chosen.figures.index,
+            search=SearchRecord(
+                objective=opt.objective.value,
+                complete=complete,
+                stopped_by=search.stopped_by,
+                seconds=round(time.monotonic() - search.started, 3),
+                sensitivity=search.sensitivity,
+                sensitive_nodes=chosen.figures.float_nodes,
+            ),
+        )
+        # The model first, the manifest last: a manifest names a file that is there.
+        storage.put_bytes(data, model_uri)
+        storage.put_bytes(
+            json.dumps(result.wire(), indent=2).encode(), manifest_uri, "application/json"
+        )
+        return p.Outcome(result=result, model_uri=model_uri, manifest_uri=manifest_uri)
+
+    def on_best(search: Search) -> None:
+        log(f"best so far: candidate {search.best.figures.index}, written to {r.prefix}")
+        write(search, search.best, complete=False)
+
+    search = Search(
+        ctx=ctx,
+        max_candidates=opt.max_candidates,
+        deadline=time.monotonic() + opt.max_seconds,
+        on_best=on_best,
+        log=log,
+    )
+    search_all(search, opt.train_dataset, opt.train_dataset_sha256)
+    chosen = search.best
+    if chosen is None:
+        built = [c for c in search.results if c.model is not None]
+        if not built:
+            reasons = "; ".join(f"{c.figures.name}: {c.figures.reason}" for c in search.results)
+            raise BadInput(f"optimize: no candidate could be built ({reasons[:1500]})")
+        chosen = min(built, key=lambda c: c.figures.drop)
+    return write(search, chosen, complete=True)
