@@ -40,7 +40,8 @@ class Prune:
         self.config = config
 
     def run(self, model: onnx.ModelProto, ctx: StepContext | None = None) -> StepOutput:
-        """Prune a copy of `model`; `ctx` is not needed (any value, None included)."""
+        """Prune a copy of `model`; `ctx` is only read for calibration data (criterion
+        activation or taylor), so None does for the others."""
         excluded = set(self.config.exclude_nodes)
         check_excludes(model, excluded)
 

@@ -64,7 +64,7 @@ def _input_axis(mem: Member) -> int:
 
 
 def activation_norms(
-    model: onnx.ModelProto, members: list[Member], data: Dataset, batch: int = 32
+    model: onnx.ModelProto, members: list[Member], data: Dataset, batch: int = 8
 ) -> dict[str, np.ndarray]:
     """L2 norm of each channel of every layer input that `members` read, over `data`."""
     import onnxruntime as ort
