@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -e '.[compressor,operator,serving,dev]'
+	$(BIN)/pip install --quiet -e '.[compressor,operator,serving,dev,plot]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Kubernetes control plane + helm, built from the Go module proxy and cached
