@@ -225,12 +225,23 @@ def _openapi_schema() -> Schema:
         ),
         "type": "object",
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": {
+                "description": "Versioned schema of this object: edgeslim.io/v1alpha1.",
+                "type": "string",
+            },
+            "kind": {"description": "The REST resource: CompressedModel.", "type": "string"},
             # The only metadata a CRD schema may constrain is name / generateName.
             "metadata": {
+                "description": "Standard object metadata.",
                 "type": "object",
-                "properties": {"name": {"type": "string", "maxLength": MAX_NAME_LENGTH}},
+                "properties": {
+                    "name": {
+                        "description": f"At most {MAX_NAME_LENGTH} characters: child objects "
+                        "append the spec hash.",
+                        "type": "string",
+                        "maxLength": MAX_NAME_LENGTH,
+                    }
+                },
             },
             "spec": spec,
             "status": status,

@@ -42,19 +42,31 @@ class StepRecord(OpenWireModel):
 
 
 class EvaluationFigures(OpenWireModel):
+    """The evaluation metric on the source and on the compressed model."""
+
     metric: str
+    """The metric compared (spec.evaluation.metric)."""
     samples: int
+    """Evaluation samples both models ran on."""
     baseline: float
+    """The source model's metric."""
     compressed: float
+    """The compressed model's metric."""
     drop: float
     """baseline - compressed (compressed - baseline for mse): positive means worse."""
 
 
 class LatencyFigures(OpenWireModel):
+    """Batch-1 inference latency of both models, measured by the compressor."""
+
     source_p50_ms: float
+    """Median latency of the source model, milliseconds."""
     source_p95_ms: float
+    """95th-percentile latency of the source model, milliseconds."""
     compressed_p50_ms: float
+    """Median latency of the compressed model, milliseconds."""
     compressed_p95_ms: float
+    """95th-percentile latency of the compressed model, milliseconds."""
     speedup: float
     """source p50 / compressed p50 at batch 1."""
     slower: bool
@@ -67,9 +79,14 @@ class MemoryFigures(OpenWireModel):
 
 
 class GateVerdict(OpenWireModel):
+    """Whether the compressed model may roll out, and why."""
+
     passed: bool
+    """True when the metric drop is within maxMetricDrop."""
     max_metric_drop: float
+    """The gate's limit (spec.evaluation.maxMetricDrop) when it was judged."""
     reason: str
+    """The verdict in words, e.g. the drop compared to the limit."""
 
 
 class InputIdentity(OpenWireModel):

@@ -146,15 +146,20 @@ class DistillConfig(WireModel):
     dataset: Uri
     """Training .npz, same format as the evaluation dataset; labels `y` optional."""
     dataset_sha256: Sha256 | None = None
+    """Expected sha256 of the training dataset file."""
     epochs: int = Field(default=5, ge=1, le=1000)
+    """Passes over the training dataset."""
     temperature: float = Field(default=4.0, gt=0, le=100)
     """Softmax temperature for the teacher's soft targets."""
     alpha: float = Field(default=0.7, ge=0, le=1)
     """Weight of the soft-target loss; 1 - alpha goes to cross-entropy on labels `y`
     (when the dataset has none, only soft targets are used)."""
     batch_size: int = Field(default=64, ge=1, le=65536)
+    """Training samples per optimizer step."""
     learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    """Adam learning rate."""
     seed: int = Field(default=0, ge=0)
+    """Seed for shuffling and initialization, so a run can be repeated."""
     student: Source | None = None
     """Train this model instead of the current one (e.g. a smaller architecture)."""
 
@@ -177,9 +182,14 @@ class QuantizeConfig(WireModel):
     or weightOnly (int4/int8 MatMul weights, float activations)."""
 
     mode: QuantizeMode = QuantizeMode.static
+    """dynamic: int8 weights, activations quantized at run time; static: int8 weights and
+    activations (QDQ), ranges calibrated on data; fp16: half-precision floats;
+    weightOnly: int4/int8 MatMul weights only."""
     calibration_samples: int = Field(default=256, ge=1, le=1_000_000)
     """static only: samples fed through the model to choose activation ranges."""
     calibration_method: CalibrationMethod = CalibrationMethod.minmax
+    """static only: how activation ranges are chosen from the calibration samples
+    (minmax: observed extremes; entropy: least KL divergence; percentile: clips outliers)."""
     calibration_dataset: Uri | None = None
     """static only: defaults to the last distill dataset, else the evaluation dataset."""
     per_channel: bool = True
@@ -258,24 +268,37 @@ class ResourceRequirements(WireModel):
     """Kubernetes resource requests and limits, e.g. {cpu: "2", memory: 4Gi}."""
 
     requests: dict[str, str | int] = Field(default_factory=dict)
+    """Resources the scheduler reserves, e.g. {cpu: 500m, memory: 1Gi}."""
     limits: dict[str, str | int] = Field(default_factory=dict)
+    """Most the container may use (memory above it is OOM-killed)."""
 
 
 class Toleration(WireModel):
+    """A Kubernetes toleration: lets serving pods run on nodes with a matching taint."""
+
     key: str | None = None
+    """Taint key to tolerate; empty with operator Exists tolerates every taint."""
     operator: Literal["Exists", "Equal"] | None = None
+    """Equal (the default) matches key and value; Exists matches the key alone."""
     value: str | None = None
+    """Taint value to match (operator Equal)."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; empty tolerates every effect."""
     toleration_seconds: int | None = None
+    """NoExecute only: how long a pod stays bound after the taint appears (default: forever)."""
 
 
 class DeploymentSpec(WireModel):
     """Serve the compressed model on edge nodes once it passes the gate."""
 
     replicas: int = Field(default=1, ge=0, le=10_000)
+    """Serving pods to run."""
     node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels a serving pod's node must have, e.g. {node-role.kubernetes.io/edge: ""}."""
     tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints of the edge nodes that serving pods tolerate."""
     resources: ResourceRequirements | None = None
+    """Resources of each serving pod."""
     progress_deadline_seconds: int = Field(default=300, ge=10, le=86_400)
     """Pods of a new artifact not ready by then are rolled back to the last good one."""
     threads: int = Field(default=1, ge=1, le=256)
@@ -322,6 +345,7 @@ class CompressedModelSpec(WireModel):
     active_deadline_seconds: int = Field(default=3600, ge=60, le=7 * 86_400)
     """The compressor Job is stopped and marked Failed after this long."""
     deployment: DeploymentSpec | None = None
+    """Serve the artifact on edge nodes once it passes the gate (needs output)."""
 
     @model_validator(mode="after")
     def _pipeline_order(self) -> CompressedModelSpec:

@@ -38,8 +38,12 @@ class ConditionType(StrEnum):
 
 
 class Condition(OpenWireModel):
+    """One aspect of the object's state, in metav1.Condition form."""
+
     type: str
+    """Ready, Compressed, GatePassed, Available, Reconciling or Stalled."""
     status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
     """One CamelCase word, for machines."""
     message: str = Field(default="", max_length=32768)
@@ -47,26 +51,36 @@ class Condition(OpenWireModel):
     last_transition_time: str
     """RFC 3339; changes only when status changes."""
     observed_generation: int | None = None
+    """metadata.generation the condition was set for."""
 
 
 class ArtifactStatus(OpenWireModel):
+    """The compressed model the current spec produced."""
+
     uri: str
+    """Where the compressed model.onnx lies."""
     sha256: str
+    """sha256 of the compressed model file."""
     size_bytes: int
+    """Size of the compressed model file in bytes."""
     manifest_uri: str | None = None
+    """Where its manifest.json (figures, inputs, versions) lies."""
 
 
 class ServedArtifact(OpenWireModel):
     """An artifact the edge Deployment runs (or ran)."""
 
     uri: str
+    """Where the served model.onnx lies."""
     sha256: str
+    """sha256 of the served model file."""
 
 
 class FailedArtifact(OpenWireModel):
     """An artifact whose rollout failed: not rolled out again for the same spec hash."""
 
     sha256: str
+    """sha256 of the artifact that failed."""
     spec_hash: str
     """specHash that produced it; a spec with another hash may try its artifact again."""
     reason: str
@@ -80,7 +94,9 @@ class Results(OpenWireModel):
     """The figures of manifest.json that people look at, under the same names."""
 
     compression_ratio: float
+    """Source size / artifact size, uncompressed."""
     download_ratio: float
+    """Source size / artifact size, both gzipped: what each device downloads."""
     evaluation: EvaluationFigures
     latency: LatencyFigures | None = None
     gate: GateVerdict
@@ -88,12 +104,19 @@ class Results(OpenWireModel):
 
 class CompressedModelStatus(OpenWireModel):
     phase: Phase = Phase.pending
+    """Pending, Queued, Compressing, Deploying, Ready, Rejected (the gate refused the
+    result) or Failed."""
     observed_generation: int | None = None
     """metadata.generation this status describes (GitOps tools wait for it to match)."""
     spec_hash: str | None = None
+    """Hash of the spec fields that decide the artifact; child objects are named after it."""
     job_name: str | None = None
+    """The compressor Job of this spec hash."""
     message: str | None = None
+    """What happened last, for people."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Ready, Compressed, GatePassed, Available, and Reconciling / Stalled (which kstatus
+    reads), each with the generation it describes."""
     artifact: ArtifactStatus | None = None
     results: Results | None = None
     serving_artifact: str | None = None
