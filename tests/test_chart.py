@@ -82,6 +82,7 @@ def test_default_render() -> None:
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "Pod",  # the `helm test` hook
         "Service",
         "ServiceAccount",
     ]
@@ -363,6 +364,141 @@ def test_every_value_is_documented() -> None:
     assert "compressor.maxConcurrentJobs" in leaves and "resources.limits.memory" in leaves
     undocumented = [k for k, doc in leaves.items() if not doc]
     assert not undocumented, f"values without a `# --` comment: {undocumented}"
+
+
+# --- values.schema.json, images, helm test, logs -------------------------------------
+
+
+def _schema_node(schema: Manifest, dotted: str) -> Manifest | None:
+    node: Manifest | None = schema
+    for part in dotted.split("."):
+        if node is None:
+            return None
+        props = node.get("properties", {})
+        extra = node.get("additionalProperties")
+        node = props.get(part) or (extra if isinstance(extra, dict) else None)
+    return node
+
+
+def test_values_schema_types_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    leaves = [k for k, _ in _leaf_keys(CHART / "values.yaml")]
+    untyped = [
+        k
+        for k in leaves
+        if not (node := _schema_node(schema, k)) or not ("type" in node or "oneOf" in node)
+    ]
+    assert not untyped, f"values.yaml keys without a type in values.schema.json: {untyped}"
+
+
+def _template_error(*sets: str) -> str:
+    helm = binaries().helm
+    if not helm.exists():
+        pytest.fail(f"helm is not built ({helm}); run `make controlplane`", pytrace=False)
+    args = [str(helm), "template", "rel", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0, f"helm template accepted {sets}"
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "refusal"),
+    [
+        (
+            "compressor.maxConcurrentJobs=many",
+            "at '/compressor/maxConcurrentJobs': got string, want integer",
+        ),
+        ("metrics.port=70000", "at '/metrics/port'"),
+        (
+            "storage.inheritCredentials=maybe",
+            "at '/storage/inheritCredentials': got string, want boolean",
+        ),
+        ("logFormat=yaml", "at '/logFormat': value must be one of 'text', 'json'"),
+        ("compressor.image=my/compressor:1", "at '/compressor/image': got string, want object"),
+        ("compressor.maxConcurentJobs=2", "additional properties 'maxConcurentJobs' not allowed"),
+    ],
+    ids=["string-for-integer", "port-range", "string-for-bool", "enum", "old-image-form", "typo"],
+)
+def test_values_of_the_wrong_type_are_refused(value: str, refusal: str) -> None:
+    err = _template_error(value)
+    assert "values don't meet the specifications of the schema" in err
+    assert refusal in err
+
+
+def _operator_env(*sets: str) -> dict[str, str]:
+    (container,) = one(render(*sets), "Deployment")["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_compressor_and_serving_images_default_to_the_app_version() -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    env = _operator_env()
+    assert env["EDGESLIM_COMPRESSOR_IMAGE"] == f"ghcr.io/edgeslim/compressor:{app_version}"
+    assert env["EDGESLIM_SERVING_IMAGE"] == f"ghcr.io/edgeslim/serving:{app_version}"
+    env = _operator_env(
+        "compressor.image.repository=reg.local/c,compressor.image.tag=gpu-1",
+        "serving.image.tag=2.0.0",
+    )
+    assert env["EDGESLIM_COMPRESSOR_IMAGE"] == "reg.local/c:gpu-1"
+    assert env["EDGESLIM_SERVING_IMAGE"] == "ghcr.io/edgeslim/serving:2.0.0"
+
+
+def test_log_format_reaches_the_operator() -> None:
+    assert _operator_env()["EDGESLIM_LOG_FORMAT"] == "text"
+    assert _operator_env("logFormat=json")["EDGESLIM_LOG_FORMAT"] == "json"
+
+
+def _healthz_server(status: int) -> tuple[str, Any]:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code = status if self.path == "/healthz" else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"ok" if code == 200 else b"no")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def test_helm_test_pod_checks_healthz_through_the_service() -> None:
+    manifests = render(namespace="ops", release="rel")
+    pod = one(manifests, "Pod")
+    service = one(manifests, "Service", "-metrics")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert (
+        container["image"]
+        == one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    port = service["spec"]["ports"][0]["port"]
+    url = container["command"][-1]
+    assert url == f"http://{service['metadata']['name']}.ops.svc:{port}/healthz"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # The pod's own program, run here against a stand-in for the Service: it
+    # passes on 200 and fails on anything else.
+    for status, rc in ((200, 0), (503, 1)):
+        base, server = _healthz_server(status)
+        try:
+            argv = [shutil.which("python3") or "python3", *container["command"][1:-1]]
+            done = subprocess.run(
+                [*argv, f"{base}/healthz"], capture_output=True, text=True, timeout=30
+            )
+        finally:
+            server.shutdown()
+        assert done.returncode == rc, done.stderr
+    assert container["command"][0] == "python"
+    assert "Pod" not in kinds(render("metrics.service.enabled=false"))
 
 
 # --- Argo CD health check ----------------------------------------------------------

@@ -8,6 +8,7 @@ import logging
 import kopf
 from kubernetes.config import ConfigException
 
+from edgeslim import logs
 from edgeslim.errors import BadInput
 from edgeslim.redact import RedactingFilter
 
@@ -31,9 +32,9 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     logging.getLogger("edgeslim").setLevel(logging.INFO)
     # kopf posts per-object warnings as Events and everything reaches the pod
     # log: redact on the way out ('kopf.objects' is where per-object records start).
-    redacting = RedactingFilter()
-    logging.getLogger("kopf.objects").addFilter(redacting)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redacting)
+    logging.getLogger("kopf.objects").addFilter(RedactingFilter())
+    # Text keeps kopf's [namespace/name] prefix; json (EDGESLIM_LOG_FORMAT) puts the
+    # object under "object". Both redact on kopf's root handler.
+    logs.install(settings.log_format)
     asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
     return 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from edgeslim import logs
 from edgeslim.api.spec import CompressedModel, DeploymentSpec
 from edgeslim.api.status import (
     MAX_FAILED_ARTIFACTS,
@@ -102,7 +103,11 @@ def _deployment_spec(model: CompressedModel) -> DeploymentSpec:
 def _env(model: CompressedModel, settings: Settings) -> list[Obj]:
     # Each replica binds its own pod IP, not every interface.
     pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-    return [pod_ip, *podspec.base_env(model, settings)]
+    env = [pod_ip, *podspec.base_env(model, settings)]
+    if settings.log_format != logs.TEXT:
+        # Only when asked: an unchanged default leaves running Deployments' templates alone.
+        env.append({"name": logs.LOG_FORMAT_ENV, "value": settings.log_format})
+    return env
 
 
 def _probe(path: str, period: int, failures: int) -> Obj:

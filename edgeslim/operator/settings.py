@@ -10,6 +10,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from edgeslim import logs
 from edgeslim.storage.limits import DEFAULT_MAX_BYTES
 
 
@@ -79,6 +80,9 @@ class Settings:
     serving_scratch_bytes: int = 0
     """sizeLimit of the serving pods' /tmp emptyDir in bytes; 0 = derived from
     max_download_bytes (EDGESLIM_SERVING_SCRATCH_BYTES)."""
+    log_format: str = "text"
+    """Log lines of the operator and of the serving pods it makes: text or json
+    (EDGESLIM_LOG_FORMAT; see edgeslim/logs.py)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -104,4 +108,5 @@ class Settings:
                 "EDGESLIM_COMPRESSOR_SCRATCH_BYTES", d.compressor_scratch_bytes
             ),
             serving_scratch_bytes=_int("EDGESLIM_SERVING_SCRATCH_BYTES", d.serving_scratch_bytes),
+            log_format=logs.log_format(),
         )

@@ -20,7 +20,6 @@ import importlib.util
 import logging
 import signal
 import socket
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from types import FrameType
 
 import uvicorn
 
+from edgeslim import logs
 from edgeslim.serving.app import create_app
 from edgeslim.serving.connections import ConnectionGuard, guarded
 from edgeslim.serving.cpus import available_cpus
@@ -85,12 +85,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def configure_logging(level: str) -> None:
-    # One line per event on stderr, which is what `kubectl logs` shows.
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # One line per event on stderr, which is what `kubectl logs` shows: text, or
+    # JSON with EDGESLIM_LOG_FORMAT=json; credentials masked either way.
+    logs.configure(level)
 
 
 def serve(opts: ServeOptions) -> int:

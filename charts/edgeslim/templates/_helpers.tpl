@@ -48,6 +48,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/*
+Image of the Jobs and Deployments the operator creates: repository:tag, the tag
+defaulting to the chart's appVersion. Call with (dict "image" .Values.x.image "root" $).
+*/}}
+{{- define "edgeslim.componentImage" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+
 {{/* compressor.command as one shell-quoted string: settings.py splits it with shlex. */}}
 {{- define "edgeslim.compressorCommand" -}}
 {{- include "edgeslim.shellJoin" .Values.compressor.command }}
