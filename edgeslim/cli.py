@@ -68,11 +68,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
             reuse=not args.force,
         )
     write_termination_message(outcome)
+    pictures = _pareto_pictures(outcome)
     if not args.quiet:
         print_result(outcome)
+        for line in pictures:
+            console.print(line, highlight=False)
     else:
         console.print(outcome.manifest_uri)
     return EXIT_OK if outcome.result.gate.passed else EXIT_REJECTED
+
+
+def _pareto_pictures(outcome) -> list[str]:
+    """pareto.png / pareto.svg beside an optimize search's manifest; what happened, in words."""
+    from edgeslim.compressor import optimize_plot
+
+    if not outcome.result.candidates:
+        return []
+    if not optimize_plot.available():
+        return ["pareto plot skipped: matplotlib is missing (pip install 'edgeslim[plot]')"]
+    return [
+        f"pareto plot {uri}" for uri in optimize_plot.write(outcome.result, outcome.manifest_uri)
+    ]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -197,7 +197,46 @@ def print_result(outcome) -> None:
         _ratio(mem.source_peak_rss_bytes, mem.compressed_peak_rss_bytes) + " smaller",
     )
     console.print(table)
+    if r.candidates:
+        print_candidates(r)
     verdict = "[green]PASSED[/]" if r.gate.passed else "[red]REJECTED[/]"
     console.print(f"gate {verdict}: {r.gate.reason}")
     console.print(f"artifact {outcome.model_uri}  sha256 {art.sha256}")
     console.print(f"manifest {outcome.manifest_uri}")
+
+
+def print_candidates(r) -> None:
+    """The optimize search: every candidate measured, the chosen one marked."""
+    search = r.search
+    title = f"Candidates ({len(r.candidates)} tried"
+    if search is not None:
+        title += f", objective {search.objective}, {search.seconds:.0f} s"
+        title += f", stopped by {search.stopped_by}" if search.stopped_by else ""
+    table = Table(title=title + ")", title_justify="left")
+    for col in ("#", "candidate", "gzip", "ratio", "metric", "drop", "p50", "verdict"):
+        table.add_column(col, justify="left" if col in ("candidate", "verdict") else "right")
+    for c in r.candidates:
+        chosen = c.index == r.chosen
+        measured = c.drop is not None
+        verdict = "[green]passed[/]" if c.passed else f"[red]{c.reason or 'failed'}[/]"
+        table.add_row(
+            f"{c.index}{' *' if chosen else ''}",
+            f"[bold]{c.name}[/]" if chosen else c.name,
+            _mb(c.gzip_size_bytes) if measured else "-",
+            _ratio(r.source.gzip_size_bytes, c.gzip_size_bytes) if measured else "-",
+            f"{c.metric:.4f}" if c.metric is not None else "-",
+            f"{c.drop:+.4f}" if measured else "-",
+            f"{c.latency_p50_ms:.3f} ms" if c.latency_p50_ms is not None else "-",
+            verdict,
+        )
+    console.print(table)
+    if search is not None and search.sensitive_nodes:
+        shown = ", ".join(search.sensitive_nodes[:8])
+        more = (
+            f" and {len(search.sensitive_nodes) - 8} more"
+            if len(search.sensitive_nodes) > 8
+            else ""
+        )
+        console.print(
+            f"kept in float (most sensitive to quantization): {shown}{more}", highlight=False
+        )

@@ -108,31 +108,41 @@ class CandidateFigures(OpenWireModel):
     """One recipe the optimize search built and measured."""
 
     index: int
+    """Position in the order the search tried candidates."""
     name: str
     """What the recipe is, in words (e.g. `static int8 per-channel minmax`)."""
     recipe: list[dict[str, Any]]
     """The pipeline steps, as spec.pipeline would write them: a passing one can be pinned."""
     size_bytes: int = 0
+    """File size of the candidate's model (0: it could not be built)."""
     gzip_size_bytes: int = 0
+    """Download size of the candidate's model."""
     metric: float | None = None
+    """The evaluation metric of the candidate's model."""
     drop: float | None = None
+    """baseline - metric (metric - baseline for mse): positive means worse."""
     latency_p50_ms: float | None = None
     """Batch-1 p50 on the machine that ran the search."""
     passed: bool = False
+    """Within the gate (and, for objective latency, not slower than the source)."""
     reason: str = ""
     """Why it did not pass (gate, slower than the source, or the error that stopped it)."""
     float_nodes: list[str] = Field(default_factory=list)
     """Quantizable nodes this recipe keeps in float (mixed precision)."""
     seconds: float = 0.0
+    """Time to build and measure it."""
 
 
 class NodeSensitivity(OpenWireModel):
-    """What quantizing one node's output costs, measured by keeping that tensor alone float."""
+    """What quantizing one region costs: a computing node, the layout and constant
+    elementwise ops its output flows through, and their readers (optimize_sensitivity)."""
 
     node: str
-    """The node that writes the tensor."""
+    """The computing node whose output region was measured."""
     op_type: str
+    """Its operator type."""
     tensor: str = ""
+    """Its output tensor."""
     recovery: float
     """Share of the quantized model's output error that goes away when this tensor stays
     float (1: all of it, 0: none)."""
@@ -145,11 +155,13 @@ class SearchRecord(OpenWireModel):
     """How an optimize search went."""
 
     objective: str
+    """spec.optimize.objective: what "best" meant."""
     complete: bool
     """False in a manifest written while the search was still running (best so far)."""
     stopped_by: str | None = None
     """maxCandidates or maxSeconds when a budget ended the search early."""
     seconds: float = 0.0
+    """Wall-clock time of the search."""
     sensitivity: list[NodeSensitivity] = Field(default_factory=list)
     """The most sensitive quantizable nodes, most sensitive first."""
     sensitive_nodes: list[str] = Field(default_factory=list)
@@ -160,11 +172,17 @@ class ParetoPoint(OpenWireModel):
     """A candidate no other beats on both download size and metric drop."""
 
     index: int
+    """The candidate's index in the manifest's `candidates`."""
     name: str
+    """What the recipe is, in words."""
     gzip_size_bytes: int
+    """Download size of the candidate's model."""
     drop: float
+    """Its metric drop (the gate compares it to maxMetricDrop)."""
     latency_p50_ms: float | None = None
+    """Batch-1 p50 latency on the machine that ran the search."""
     passed: bool
+    """Whether it passed the gate (and, for objective latency, was not slower)."""
 
 
 PARETO_TOP = 5

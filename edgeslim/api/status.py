@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgeslim.api.base import OpenWireModel
-from edgeslim.api.result import EvaluationFigures, GateVerdict, LatencyFigures
+from edgeslim.api.result import EvaluationFigures, GateVerdict, LatencyFigures, ParetoPoint
 
 
 class Phase(StrEnum):
@@ -100,6 +100,10 @@ class Results(OpenWireModel):
     evaluation: EvaluationFigures
     latency: LatencyFigures | None = None
     gate: GateVerdict
+    candidates_tried: int | None = None
+    """spec.optimize only: candidates the search measured."""
+    pareto: list[ParetoPoint] | None = None
+    """spec.optimize only: the top 5 of the Pareto front, download size against drop."""
 
 
 class CompressedModelStatus(OpenWireModel):

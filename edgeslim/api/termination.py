@@ -19,6 +19,8 @@ from edgeslim.api.result import (
     GateVerdict,
     LatencyFigures,
     ModelFigures,
+    ParetoPoint,
+    pareto_front,
 )
 
 TERMINATION_MESSAGE_LIMIT = 4096
@@ -44,8 +46,13 @@ class TerminationMessage(OpenWireModel):
     download_ratio: float | None = None
     evaluation: EvaluationFigures | None = None
     latency: LatencyFigures | None = None
+    candidates_tried: int | None = None
+    """spec.optimize only: candidates the search measured."""
+    pareto: list[ParetoPoint] | None = None
+    """spec.optimize only: the top of the Pareto front (download size vs drop)."""
 
     DROP_ORDER: ClassVar[tuple[str, ...]] = (
+        "pareto",
         "latency",
         "evaluation",
         "download_ratio",
@@ -73,6 +80,8 @@ class TerminationMessage(OpenWireModel):
             download_ratio=round(result.download_ratio, 4),
             evaluation=result.evaluation,
             latency=result.latency,
+            candidates_tried=len(result.candidates) if result.candidates else None,
+            pareto=pareto_front(result.candidates) if result.candidates else None,
         )
         return full if limit is None else full.fitted(limit)
 
@@ -101,8 +110,13 @@ class TerminationMessage(OpenWireModel):
 
     @property
     def complete(self) -> bool:
-        """Whether it carries every figure (else the manifest has the rest)."""
-        return all(getattr(self, field) is not None for field in self.DROP_ORDER)
+        """Whether it carries every figure (else the manifest has the rest); a search's
+        Pareto front counts only for a search's result (one with candidatesTried)."""
+        return all(
+            getattr(self, field) is not None
+            for field in self.DROP_ORDER
+            if field != "pareto" or self.candidates_tried is not None
+        )
 
     def text(self) -> str:
         """Compact JSON, as written to the termination-message file."""

@@ -210,29 +210,19 @@ def _pruning(search: Search, train: str, train_sha: str | None) -> None:
         s = round((lo + hi) / 2, 4)
     if survivor is None:
         return
-    # The formats that passed on the source first (best first), then the rest.
-    quantized = [r.figures.recipe[-1] for r in search.passing() if len(r.figures.recipe) == 1]
-    tried = {json.dumps(q, sort_keys=True) for q in quantized}
-    survivor_model = search.ctx.prefixes.get(
-        json.dumps([st.wire() for st in survivor], sort_keys=True)
-    )
-    rest = format_recipes(survivor_model[0] if survivor_model else search.ctx.source, survivor)
+    # The formats that passed on the source, best first, until one passes on the
+    # survivor (pruning rarely changes their order); the rest only if none does.
     name = f"prune {lo:.0%} + distill"
-    for q in quantized:
-        step = PipelineStep.model_validate(q)
-        search.candidate(Recipe(name=f"{name} + {_describe(step)}", steps=[*survivor, step]))
-    for recipe in rest:
+    passing = [r.figures for r in search.passing() if len(r.figures.recipe) == 1]
+    for f in passing:
+        step = PipelineStep.model_validate(f.recipe[-1])
+        if search.candidate(Recipe(name=f"{name} + {f.name}", steps=[*survivor, step])).passed:
+            return
+    tried = {json.dumps(f.recipe[-1], sort_keys=True) for f in passing}
+    cached = search.ctx.prefixes.get(json.dumps([st.wire() for st in survivor], sort_keys=True))
+    for recipe in format_recipes(cached[0] if cached else search.ctx.source, survivor, name):
         if json.dumps(recipe.steps[-1].wire(), sort_keys=True) not in tried:
             search.candidate(recipe)
-
-
-def _describe(step: PipelineStep) -> str:
-    q = step.quantize
-    if q is None:
-        return step.type
-    if q.exclude_nodes:
-        return f"{q.mode.value} int8, {len(q.exclude_nodes)} nodes float"
-    return q.mode.value if q.mode is not QuantizeMode.weight_only else f"weight-only int{q.bits}"
 
 
 def search_all(search: Search, train: str | None, train_sha: str | None) -> None:

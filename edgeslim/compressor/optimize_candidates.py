@@ -187,7 +187,9 @@ def matmul_weight_share(model: onnx.ModelProto) -> float:
     return in_matmul / total
 
 
-def format_recipes(model: onnx.ModelProto, prefix: list[PipelineStep]) -> list[Recipe]:
+def format_recipes(
+    model: onnx.ModelProto, prefix: list[PipelineStep], lead: str = ""
+) -> list[Recipe]:
     """Quantization formats worth trying on `model`, the naive one first.
 
     Static QDQ first (what a user tries first and the base of mixed precision),
@@ -212,8 +214,7 @@ def format_recipes(model: onnx.ModelProto, prefix: list[PipelineStep]) -> list[R
     if heavy:
         formats.append(("weight-only int8", {"mode": QuantizeMode.weight_only, "bits": 8}))
     formats.append(("fp16", {"mode": QuantizeMode.fp16}))
-    named = [s.type for s in prefix]
-    lead = f"{' + '.join(named)} + " if named else ""
+    lead = f"{lead} + " if lead else ""
     return [
         Recipe(name=lead + name, steps=[*prefix, quantize_step(**cfg)]) for name, cfg in formats
     ]

@@ -1,21 +1,25 @@
-"""Quantization sensitivity: which activations break the gate when quantized.
+"""Quantization sensitivity: which parts of the graph break the gate when quantized.
 
-One static QDQ model is built (calibrated once); then, for each quantized
-activation, a copy in which that tensor's QuantizeLinear/DequantizeLinear pair
-is bypassed (its readers get the float tensor) runs on a slice of the
-evaluation data. The share of the quantized model's output error that
-disappears is the tensor's sensitivity. No recalibration and no new
-quantization per tensor: a graph edit and one small inference pass each,
-which keeps it affordable for a fleet.
+One static QDQ model is built (calibrated once). The unit measured is a
+*region*: a computing node (MatMul, Conv, Softmax, LayerNorm, a residual Add)
+together with the ops its output flows through unchanged in kind — layout ops
+(Reshape, Transpose, ...) and elementwise ops with a constant operand (a bias
+Add, a scale Mul) — up to the nodes that compute with it next. QDQ shares one
+quantized copy of a tensor among its readers and re-quantizes it after every
+such op, so one node alone in float gains little when its output carries an
+outlier channel: the whole region must stay float.
 
-Tensors rather than nodes, because QDQ shares one quantized copy of a tensor
-among all its readers and passes it through layout ops (Reshape, Transpose):
-keeping one reader in float barely helps when the tensor itself carries an
-outlier channel. Keeping a tensor float in a real quantize step means
-excluding its writer and its readers (`NodeSensitivity.nodes`).
+For each region, a copy of the QDQ model whose region tensors bypass their
+QuantizeLinear/DequantizeLinear pairs runs on a slice of the evaluation data;
+the share of the quantized model's output error that disappears is the
+region's sensitivity. No recalibration and no new quantization per region: a
+graph edit and one small inference pass each. Keeping a region float in a
+real quantize step means excluding its nodes (`NodeSensitivity.nodes`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -24,13 +28,24 @@ from edgeslim.api.result import NodeSensitivity
 from edgeslim.compressor import evaluate
 from edgeslim.compressor.datasets import Dataset
 
-# Ops that move or select values without computing: QDQ passes one quantized copy
-# through them, so a tensor stays float only if the chain of them stays float.
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+# Ops that move or select values without computing with them.
 LAYOUT_OPS = {
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split",
     "Slice", "Concat", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
     "MaxPool", "Resize",
 }  # fmt: skip
+# Elementwise ops that only shift or scale a tensor when their other operand is constant.
+CONST_ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div"}
+
+
+@dataclass
+class Region:
+    root: onnx.NodeProto
+    tensors: list[str]
+    """Activations that stay float."""
+    nodes: list[str]
+    """Nodes kept float to keep them so: the root, the ops in between, the readers at the end."""
 
 
 def _output_error(model: onnx.ModelProto, data: Dataset, reference: np.ndarray) -> float:
@@ -39,38 +54,84 @@ def _output_error(model: onnx.ModelProto, data: Dataset, reference: np.ndarray) 
     return float(np.mean((flat - ref) ** 2) / max(float(np.mean(ref**2)), 1e-12))
 
 
-def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            found.setdefault(i, []).append(n)
+class _Graph:
+    """Readers and writers of a QDQ graph, seen through its Q/DQ pairs."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.inits = {t.name for t in model.graph.initializer}
+        self.writer = {o: n for n in model.graph.node for o in n.output}
+        self.raw_readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.raw_readers.setdefault(i, []).append(n)
+
+    def quantized(self, tensor: str) -> bool:
+        return any(r.op_type == "QuantizeLinear" for r in self.raw_readers.get(tensor, []))
+
+    def readers(self, tensor: str) -> list[onnx.NodeProto]:
+        """Compute nodes reading `tensor`, directly or through its Q/DQ pair."""
+        found = []
+        for r in self.raw_readers.get(tensor, []):
+            if r.op_type == "QuantizeLinear":
+                for dq in self.raw_readers.get(r.output[0], []):
+                    found += [x for x in self.raw_readers.get(dq.output[0], [])]
+            elif r.op_type != "DequantizeLinear":
+                found.append(r)
+        return found
+
+    def constant(self, name: str) -> bool:
+        """An initializer, or the dequantized copy of one (a quantized bias or scale)."""
+        if name in self.inits:
+            return True
+        w = self.writer.get(name)
+        return w is not None and w.op_type == "DequantizeLinear" and w.input[0] in self.inits
+
+    def passes_through(self, node: onnx.NodeProto) -> bool:
+        if node.op_type in LAYOUT_OPS:
+            return True
+        return node.op_type in CONST_ELEMENTWISE_OPS and any(self.constant(i) for i in node.input)
+
+
+def regions(qdq: onnx.ModelProto) -> list[Region]:
+    """One region per computing node whose output QDQ quantizes."""
+    g = _Graph(qdq)
+    found = []
+    for root in qdq.graph.node:
+        if root.op_type in QDQ_OPS or g.passes_through(root):
+            continue
+        outputs = [o for o in root.output if g.quantized(o)]
+        if not outputs:
+            continue
+        tensors, nodes, todo = [], [root.name], list(outputs)
+        while todo:
+            tensor = todo.pop()
+            if tensor in tensors:
+                continue
+            tensors.append(tensor)
+            for r in g.readers(tensor):
+                if r.name not in nodes:
+                    nodes.append(r.name)
+                if g.passes_through(r):
+                    todo += list(r.output)
+        found.append(Region(root, tensors, nodes))
     return found
 
 
-def quantized_activations(qdq: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """QuantizeLinear nodes of activations (not of weights, which are initializers)."""
-    inits = {t.name for t in qdq.graph.initializer}
-    return [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
-
-
-def float_tensor(qdq: onnx.ModelProto, q_name: str) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `qdq` whose quantized tensor (at QuantizeLinear `q_name`) stays float,
-    and the names of the nodes that read it."""
+def float_region(qdq: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of `qdq` in which every reader of `tensors` gets the float tensor."""
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
-    readers = _readers(out)
-    q = next(n for n in out.graph.node if n.name == q_name)
-    tensor = q.input[0]
-    touched: list[str] = []
-    for dq in readers.get(q.output[0], []):
-        if dq.op_type != "DequantizeLinear":
-            continue
-        for reader in readers.get(dq.output[0], []):
-            for i, name in enumerate(reader.input):
-                if name == dq.output[0]:
-                    reader.input[i] = tensor
-            touched.append(reader.name)
-    return out, touched
+    g = _Graph(out)
+    for tensor in tensors:
+        for q in g.raw_readers.get(tensor, []):
+            if q.op_type != "QuantizeLinear":
+                continue
+            for dq in g.raw_readers.get(q.output[0], []):
+                for reader in g.raw_readers.get(dq.output[0], []):
+                    for i, name in enumerate(reader.input):
+                        if name == dq.output[0]:
+                            reader.input[i] = tensor
+    return out
 
 
 def analyse(
@@ -79,77 +140,28 @@ def analyse(
     data: Dataset,
     reference: np.ndarray,
 ) -> list[NodeSensitivity]:
-    """Every quantized activation's sensitivity, most sensitive first."""
+    """Every region's sensitivity, most sensitive first (regions the source cannot name
+    in excludeNodes are left out)."""
     full = _output_error(qdq, data, reference)
     source_nodes = {n.name for n in source.graph.node if n.name}
-    writer = {o: n for n in qdq.graph.node for o in n.output}
     found = []
-    for q in quantized_activations(qdq):
-        try:
-            variant, readers = float_tensor(qdq, q.name)
-            err = _output_error(variant, data, reference)
-        except (ValueError, StopIteration, *evaluate.runtime_errors()):
-            continue  # a bypass onnxruntime refuses: not a candidate
-        producer = writer.get(q.input[0])
-        chain = _layout_chain(qdq, q.input[0], writer)
-        nodes = [n for n in ([producer.name] if producer is not None else []) + readers + chain]
-        nodes = [n for n in nodes if n in source_nodes]
+    for region in regions(qdq):
+        nodes = [n for n in region.nodes if n in source_nodes]
         if not nodes:
-            continue  # only nodes the source has can be named in excludeNodes
+            continue
+        try:
+            err = _output_error(float_region(qdq, region.tensors), data, reference)
+        except (ValueError, *evaluate.runtime_errors()):
+            continue  # a bypass onnxruntime refuses (a type it cannot take float)
         recovery = (full - err) / full if full > 0 else 0.0
         found.append(
             NodeSensitivity(
-                node=producer.name if producer is not None else q.input[0],
-                op_type=producer.op_type if producer is not None else "input",
-                tensor=q.input[0],
+                node=region.root.name,
+                op_type=region.root.op_type,
+                tensor=region.tensors[0],
                 recovery=round(recovery, 4),
-                nodes=list(dict.fromkeys(nodes)),
+                nodes=nodes,
             )
         )
     found.sort(key=lambda s: -s.recovery)
-    return found
-
-
-def _layout_chain(
-    qdq: onnx.ModelProto, tensor: str, writer: dict[str, onnx.NodeProto]
-) -> list[str]:
-    """Layout ops the float tensor flows through, up- and downstream, and the compute
-    nodes at their far ends: all of them must stay float for the tensor to stay float."""
-    readers = _readers(qdq)
-    found: list[str] = []
-    seen: set[str] = set()
-
-    def plain(name: str) -> str:  # the float tensor behind a DequantizeLinear
-        node = writer.get(name)
-        if node is not None and node.op_type == "DequantizeLinear":
-            q = writer.get(node.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                return q.input[0]
-        return name
-
-    def down(name: str) -> None:
-        for r in readers.get(name, []):
-            if r.op_type == "QuantizeLinear":
-                for dq in readers.get(r.output[0], []):
-                    down(dq.output[0])
-            elif r.op_type != "DequantizeLinear" and r.name not in seen:
-                seen.add(r.name)
-                found.append(r.name)
-                if r.op_type in LAYOUT_OPS:
-                    for o in r.output:
-                        down(o)
-
-    def up(name: str) -> None:
-        node = writer.get(plain(name))
-        if node is None or node.name in seen:
-            return
-        seen.add(node.name)
-        found.append(node.name)
-        if node.op_type in LAYOUT_OPS:
-            up(node.input[0])
-
-    w = writer.get(tensor)
-    if w is not None and w.op_type in LAYOUT_OPS:
-        up(w.input[0])
-    down(tensor)
     return found

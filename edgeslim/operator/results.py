@@ -150,6 +150,8 @@ def results_status(result: TerminationMessage) -> Results | None:
         evaluation=result.evaluation,
         latency=result.latency,
         gate=result.gate,
+        candidates_tried=result.candidates_tried,
+        pareto=result.pareto,
     )
 
 
