@@ -360,3 +360,61 @@ def test_the_worker_answers_as_the_installed_cli(
         assert "Traceback" not in real.stderr and real.rc == answer["rc"], real.stderr
         assert real.stderr.strip() == answer["stderr"].strip()
         assert real.peak_rss_bytes < PEAK_LIMIT
+
+
+def _constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer held by a Constant node, as many exporters write it."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    constants = [
+        onnx.helper.make_node("Constant", [], [t.name], value=t) for t in out.graph.initializer
+    ]
+    nodes = [*constants, *out.graph.node]
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+@fuzz_settings(examples=30, deadline_s=120)
+@given(
+    changes=st.lists(
+        st.tuples(st.integers(0, 2**16), st.integers(0, 8), st.integers(0, 2**16)),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_any_constant_node_fields_are_0_2_or_3(
+    worker: Worker, digits, tmp_path: Path, changes: list[tuple[int, int, int]]
+) -> None:
+    """Constant-node attributes (the checker's ValidationError once escaped from them)."""
+    model = _constant_weights(digits.model())
+    constants = [n for n in model.graph.node if n.op_type == "Constant"]
+    names = [n.output[0] for n in constants]
+    for pick, kind, value in changes:
+        node = constants[pick % len(constants)]
+        attr = node.attribute[0]
+        if kind == 0:
+            attr.name = ["value_float", "value_ints", "sparse_value", "value_string", "valu"][
+                value % 5
+            ]
+        elif kind == 1:
+            attr.type = value % 15
+        elif kind == 2:
+            attr.t.data_type = 1 + value % 26
+        elif kind == 3 and attr.t.dims:
+            attr.t.dims[value % len(attr.t.dims)] = [0, 1, 2, 7, 1024][value % 5]
+        elif kind == 4:
+            node.attribute.append(onnx.helper.make_attribute("value_float", 1.0))
+        elif kind == 5:
+            node.output[0] = ["", "input", "logits", names[value % len(names)]][value % 4]
+        elif kind == 6:
+            attr.t.name = ["", "input", "x"][value % 3]
+        elif kind == 7:
+            node.domain = ["ai.onnx", "com.microsoft", "x"][value % 3]
+        else:
+            attr.t.raw_data = attr.t.raw_data[: value % (len(attr.t.raw_data) + 1)]
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    spec = compress_spec(tmp_path, path, digits.val)
+    check(worker.run("compress", str(spec), "--quiet", "--force"), f"constants {changes}")
