@@ -140,6 +140,11 @@ class PruneConfig(WireModel):
         return self
 
 
+class LearningRateSchedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
 class DistillConfig(WireModel):
     """Fine-tune the current model to match the source model's soft outputs."""
 
@@ -157,7 +162,15 @@ class DistillConfig(WireModel):
     batch_size: int = Field(default=64, ge=1, le=65536)
     """Training samples per optimizer step."""
     learning_rate: float = Field(default=1e-3, gt=0, le=10)
-    """Adam learning rate."""
+    """Peak Adam learning rate (reached after a short warm-up)."""
+    schedule: LearningRateSchedule = LearningRateSchedule.cosine
+    """cosine decays the learning rate to zero over the planned epochs; constant keeps it."""
+    validation_split: float = Field(default=0.2, ge=0, le=0.5)
+    """Share of the dataset held out: the student is scored on it before training and
+    after every epoch, the best epoch is kept, and the input weights are kept when no
+    epoch beats them. 0 trains on everything and keeps the last epoch."""
+    patience: int = Field(default=3, ge=1, le=1000)
+    """Stop after this many epochs without a better held-out score."""
     seed: int = Field(default=0, ge=0)
     """Seed for shuffling and initialization, so a run can be repeated."""
     student: Source | None = None

@@ -6,21 +6,52 @@ is the current model (typically just pruned) or a model the spec names, run
 through the torch bridge in `torchgraph` and written back into its own graph.
 Weights that an earlier magnitude-prune step zeroed stay zero: their masks
 are re-applied after every optimiser step, or training would undo the pruning.
+
+Distilling an already-trained model must not make it worse, so training is
+steered by data it does not see: a share of the training set is held out,
+the student is scored on it before training and after every epoch, the best
+epoch's weights are kept, training stops once the score has not improved for
+`patience` epochs, and if no epoch beats the input model, the input weights
+are returned with a note saying so. The learning rate follows a cosine decay
+(with a short warm-up), so late epochs polish instead of jumping around.
+
+The bridge always runs BatchNormalization with the graph's running statistics
+and Dropout as identity, i.e. it trains exactly the function the ONNX file
+computes when served (batch statistics of tiny batches would fit another one).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from edgeslim.api.spec import DistillConfig
+from edgeslim.api.spec import DistillConfig, LearningRateSchedule
 from edgeslim.compressor.steps import StepContext, StepOutput, batches
 from edgeslim.errors import BadInput
 
 # Below this share of zeros a weight counts as dense: a few exact zeros are chance.
 MASK_MIN_SPARSITY = 0.05
+# Fewer held-out samples than this say nothing: train on everything, without the guard.
+MIN_HELD_OUT = 8
+# Share of the optimiser steps spent warming the learning rate up from zero.
+WARMUP_SHARE = 0.05
+KEPT_INPUT_NOTE = "distillation did not improve the held-out metric; kept the input weights"
+
+
+@dataclass(frozen=True, order=True)
+class Score:
+    """A held-out result; higher is better. The metric decides, the loss breaks ties
+    (accuracy on a few hundred samples is coarse and often ties)."""
+
+    metric: float
+    neg_loss: float
+
+    def describe(self, name: str) -> str:
+        return f"{name} {self.metric:.4f} (loss {-self.neg_loss:.4f})"
 
 
 class Distill:
@@ -57,7 +88,6 @@ class Distill:
         ]
         if masks:
             notes.append(f"kept {len(masks)} pruned weight masks fixed while training")
-        optimiser = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate)
         inputs = [torch.from_numpy(data.inputs[name]) for name in student.input_names]
         targets = torch.from_numpy(teacher_out)
         labels = None if data.labels is None else torch.from_numpy(data.labels.astype(np.int64))
@@ -67,39 +97,143 @@ class Distill:
         elif labels is None:
             notes.append("dataset has no labels y: soft targets only")
 
-        n = len(data)
-        loss_value = 0.0
+        train_idx, held_idx = _split(len(data), cfg.validation_split, cfg.seed)
+        guarded = len(held_idx) > 0
+        if cfg.validation_split > 0 and not guarded:
+            notes.append(
+                f"only {len(data)} samples: nothing held out, every epoch trained and the last kept"
+            )
+        metric_name = (
+            "mse" if not classification else "accuracy" if labels is not None else "agreement"
+        )
+
+        def loss_of(idx: torch.Tensor) -> torch.Tensor:
+            logits = student(*(t[idx] for t in inputs))[0]
+            return _loss(
+                logits,
+                targets[idx],
+                None if labels is None else labels[idx],
+                cfg.temperature,
+                cfg.alpha,
+                classification,
+            )
+
+        def held_out_score() -> Score:
+            with torch.no_grad():
+                outs, loss_sum = [], 0.0
+                for start, stop in batches(len(held_idx), cfg.batch_size):
+                    idx = held_idx[start:stop]
+                    outs.append(student(*(t[idx] for t in inputs))[0])
+                    loss_sum += float(loss_of(idx)) * len(idx)
+                out = torch.cat(outs)
+                teacher = targets[held_idx]
+                if not classification:
+                    metric = -float(torch.mean((out - teacher) ** 2))
+                elif labels is not None:
+                    metric = float((out.argmax(1) == labels[held_idx]).float().mean())
+                else:
+                    metric = float((out.argmax(1) == teacher.argmax(1)).float().mean())
+            return Score(metric, -loss_sum / len(held_idx))
+
+        def show(score: Score) -> str:
+            if metric_name == "mse":
+                return f"mse {-score.metric:.6f} (loss {-score.neg_loss:.4f})"
+            return score.describe(metric_name)
+
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimiser = torch.optim.Adam(params, lr=cfg.learning_rate)
+        steps_per_epoch = -(-len(train_idx) // cfg.batch_size)
+        schedule = _schedule(cfg.schedule, cfg.epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+
+        input_state = {k: v.detach().clone() for k, v in student.params.items()}
+        best_state = input_state
+        best = held_out_score() if guarded else None
+        input_score, best_epoch, stale, epochs_run, loss_value = best, 0, 0, 0, 0.0
         with ctx.progress.task(
-            f"distill ({cfg.epochs} epochs)", total=cfg.epochs * -(-n // cfg.batch_size)
+            f"distill ({cfg.epochs} epochs)", total=cfg.epochs * steps_per_epoch
         ) as bar:
-            for epoch in range(cfg.epochs):
-                order = torch.randperm(n)
-                total, count = 0.0, 0
-                for start, stop in batches(n, cfg.batch_size):
+            for epoch in range(1, cfg.epochs + 1):
+                order = train_idx[torch.randperm(len(train_idx))]
+                total = 0.0
+                for start, stop in batches(len(order), cfg.batch_size):
                     idx = order[start:stop]
-                    logits = student(*(t[idx] for t in inputs))[0]
-                    loss = _loss(
-                        logits,
-                        targets[idx],
-                        None if labels is None else labels[idx],
-                        cfg.temperature,
-                        cfg.alpha,
-                        classification,
-                    )
+                    loss = loss_of(idx)
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
+                    scheduler.step()
                     if masks:
                         with torch.no_grad():
                             for weight, mask in masks:
                                 weight.mul_(mask)
                     total += loss.item() * len(idx)
-                    count += len(idx)
                     bar.advance()
-                loss_value = total / count
-                bar.note(f"epoch {epoch + 1} loss {loss_value:.4f}")
-        notes.append(f"{cfg.epochs} epochs on {n} samples, final loss {loss_value:.4f}")
+                loss_value = total / len(order)
+                epochs_run = epoch
+                if not guarded:
+                    bar.note(f"epoch {epoch} loss {loss_value:.4f}")
+                    continue
+                score = held_out_score()
+                bar.note(f"epoch {epoch} loss {loss_value:.4f} held-out {show(score)}")
+                if score > best:
+                    best, best_epoch, stale = score, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in student.params.items()}
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        bar.advance((cfg.epochs - epoch) * steps_per_epoch)
+                        break
+
+        summary = (
+            f"{epochs_run} of {cfg.epochs} epochs on {len(train_idx)} samples, "
+            f"final training loss {loss_value:.4f}"
+        )
+        if not guarded:
+            notes.append(summary)
+            return StepOutput(model=student.write_back(student_model), notes=notes)
+        assert input_score is not None and best is not None
+        if epochs_run < cfg.epochs:
+            summary += f" (stopped early: no held-out gain for {cfg.patience} epochs)"
+        notes.append(summary)
+        notes.append(
+            f"held out {len(held_idx)} samples: input {show(input_score)}, "
+            f"best epoch {best_epoch} {show(best)}"
+        )
+        if best_epoch == 0:
+            notes.append(KEPT_INPUT_NOTE)
+            return StepOutput(model=student_model, notes=notes)
+        with torch.no_grad():
+            for key, value in best_state.items():
+                student.params[key].copy_(value)
+        notes.append(f"kept the weights of epoch {best_epoch}")
         return StepOutput(model=student.write_back(student_model), notes=notes)
+
+
+def _split(n: int, share: float, seed: int):
+    """(train indices, held-out indices) as tensors: a seeded random share held out."""
+    import torch
+
+    held = round(n * share)
+    if held < MIN_HELD_OUT or n - held < 1:
+        return torch.arange(n), torch.arange(0)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def _schedule(kind: LearningRateSchedule, total_steps: int):
+    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine to zero."""
+    warmup = max(1, int(total_steps * WARMUP_SHARE))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    if kind == LearningRateSchedule.cosine:
+        return cosine
+    return lambda step: 1.0
 
 
 def _loss(logits, teacher, labels, temperature: float, alpha: float, classification: bool):
