@@ -230,9 +230,10 @@ def _openapi_schema() -> Schema:
                 "type": "string",
             },
             "kind": {"description": "The REST resource: CompressedModel.", "type": "string"},
-            # The only metadata a CRD schema may constrain is name / generateName.
+            # The only metadata a CRD schema may constrain is name / generateName
+            # (a description on metadata itself is refused too; kubectl explain
+            # shows ObjectMeta's own).
             "metadata": {
-                "description": "Standard object metadata.",
                 "type": "object",
                 "properties": {
                     "name": {
