@@ -72,7 +72,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_result(outcome)
         for line in pictures:
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
     else:
         console.print(outcome.manifest_uri)
     return EXIT_OK if outcome.result.gate.passed else EXIT_REJECTED

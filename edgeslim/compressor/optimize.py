@@ -104,7 +104,7 @@ class Search:
         if time.monotonic() >= self.deadline:
             raise BudgetSpent("maxSeconds")
         index = len(self.results)
-        self.log(f"candidate {index + 1}: {recipe.name}")
+        self.log(f"candidate {index}: {recipe.name}")
         res = evaluate_candidate(recipe, self.ctx, index)
         self.results.append(res)
         f = res.figures

@@ -1,0 +1,303 @@
+"""spec.optimize end to end: the search over recipes, its manifest, its budget, a kill.
+
+Real models built here: the digits CNN (conftest) and a small BERT from a
+`transformers` config, trained on a toy task, with outlier channels like those
+of real transformers: its naive static int8 misses the gate, and the search
+must find a mixed-precision recipe that keeps the sensitive nodes in float.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from edgeslim import storage
+from edgeslim.api.result import CandidateFigures, CompressionResult, pareto_front
+from edgeslim.api.spec import CompressedModel, PipelineStep
+from edgeslim.api.termination import TerminationMessage
+from edgeslim.cli import EXIT_OK, EXIT_REJECTED, main
+from edgeslim.compressor import datasets, evaluate
+from edgeslim.compressor.pipeline import reuse_mismatch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 64, 16
+
+
+@dataclass(frozen=True)
+class ToyBert:
+    model: Path
+    val: Path
+
+
+def _toy_task(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Is the first half of the sequence's token sum bigger than the second's?"""
+    ids = rng.integers(4, VOCAB, (n, SEQ))
+    return ids, (ids[:, : SEQ // 2].sum(1) > ids[:, SEQ // 2 :].sum(1)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def toy_bert(tmp_path_factory: pytest.TempPathFactory) -> ToyBert:
+    """A 2-layer BERT (hidden 64) trained for a few steps, with two outlier channels
+    per attention layer: query channels scaled up, the matching key channels down by
+    the same factor. The float model computes exactly the same scores; per-tensor
+    int8 of those activations loses the other channels' resolution."""
+    out = tmp_path_factory.mktemp("toy-bert")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        num_labels=2,
+    )
+    config._attn_implementation = "eager"
+    module = transformers.BertForSequenceClassification(config)
+    ids, labels = _toy_task(2048, rng)
+    optimiser = torch.optim.Adam(module.parameters(), 2e-3)
+    module.train()
+    for _ in range(120):
+        batch = rng.integers(0, len(ids), 64)
+        loss = module(
+            input_ids=torch.from_numpy(ids[batch]), labels=torch.from_numpy(labels[batch])
+        ).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    module.eval()
+    with torch.no_grad():
+        for layer in module.bert.encoder.layer:
+            attention = layer.attention.self
+            for channel, factor in ((3, 150.0), (40, 100.0)):
+                attention.query.weight[channel] *= factor
+                attention.query.bias[channel] *= factor
+                attention.key.weight[channel] /= factor
+                attention.key.bias[channel] /= factor
+    val_ids, val_labels = _toy_task(512, np.random.default_rng(1))
+    buf = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (torch.from_numpy(val_ids[:2]),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["input_ids"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    (out / "bert.onnx").write_bytes(buf.getvalue())
+    np.savez(out / "val.npz", input_ids=val_ids, y=val_labels)
+    return ToyBert(out / "bert.onnx", out / "val.npz")
+
+
+def spec(
+    name: str, model: Path, val: Path, out: Path, evaluation: dict, **optimize: object
+) -> dict:
+    return {
+        "apiVersion": "edgeslim.io/v1alpha1",
+        "kind": "CompressedModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"uri": str(model)},
+            "evaluation": {"dataset": str(val), "latencyRuns": 10, **evaluation},
+            "optimize": optimize,
+            "output": {"uri": str(out)},
+        },
+    }
+
+
+def bert_spec(bert: ToyBert, out: Path, **optimize: object) -> dict:
+    evaluation = {"metric": "cosine", "maxMetricDrop": 0.005}
+    return spec("toy-bert", bert.model, bert.val, out, evaluation, **optimize)
+
+
+def digits_spec(digits, out: Path, **optimize: object) -> dict:
+    evaluation = {"metric": "accuracy", "maxMetricDrop": 0.01}
+    return spec("digits-cnn", digits.model_path, digits.val, out, evaluation, **optimize)
+
+
+def compress(doc: dict, tmp_path: Path) -> int:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return main(["compress", str(path), "--quiet"])
+
+
+def folder(doc: dict, out: Path) -> Path:
+    spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
+    return out / "default" / doc["metadata"]["name"] / spec_hash
+
+
+def manifest(doc: dict, out: Path) -> CompressionResult:
+    return CompressionResult.model_validate_json((folder(doc, out) / "manifest.json").read_text())
+
+
+def accuracy_of(model_path: Path, val: Path) -> float:
+    model = onnx.load(str(model_path))
+    data = datasets.bind(datasets.read(val, str(val)), model, str(val))
+    out = evaluate.run_batched(evaluate.session(model), data)
+    return float((out.argmax(1) == data.labels).mean())
+
+
+def test_digits_search_passes_and_writes_table_and_pareto(digits, tmp_path: Path) -> None:
+    """Through the real CLI: exit 0, the candidates table, the pictures beside the manifest."""
+    out = tmp_path / "out"
+    doc = digits_spec(digits, out, maxCandidates=4)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeslim.cli", "compress", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
+    assert "Candidates (4 tried, objective download" in done.stdout
+    assert "static int8 per-channel minmax" in done.stdout
+    result = manifest(doc, out)
+    assert len(result.candidates) == 4 and result.search.complete
+    chosen = result.candidates[result.chosen]
+    assert chosen.passed and result.gate.passed
+    assert result.download_ratio >= 3.5, result.download_ratio
+    # The chosen candidate is the smallest passing download, and what was written.
+    passing = [c for c in result.candidates if c.passed]
+    assert chosen.gzip_size_bytes == min(c.gzip_size_bytes for c in passing)
+    written = folder(doc, out)
+    assert result.artifact.sha256 == storage.sha256_file(written / "model.onnx")
+    assert accuracy_of(written / "model.onnx", digits.val) >= result.evaluation.baseline - 0.01
+    # Its recipe is a pipeline a spec could pin.
+    assert [PipelineStep.model_validate(s).type for s in chosen.recipe] == ["quantize"]
+    assert (written / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in (written / "pareto.svg").read_bytes()[:500]
+    assert f"pareto plot {written / 'pareto.png'}" in done.stdout
+
+
+def test_transformer_search_keeps_sensitive_nodes_in_float(toy_bert, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    doc = bert_spec(toy_bert, out)
+    assert compress(doc, tmp_path) == EXIT_OK
+    result = manifest(doc, out)
+    by_name = {c.name: c for c in result.candidates}
+    naive = by_name["static int8 per-channel minmax"]
+    assert not naive.passed and naive.drop > 2 * 0.005, naive
+    mixed = [c for c in result.candidates if c.float_nodes and c.passed]
+    assert mixed, [(c.name, c.drop) for c in result.candidates]
+    best_mixed = min(mixed, key=lambda c: len(c.float_nodes))
+    # Fewer nodes float than all the quantizable ones, and the outlier path among them.
+    assert len(best_mixed.float_nodes) < 40
+    assert any("attention/self/query" in n for n in best_mixed.float_nodes)
+    assert any("attention/self/key" in n for n in best_mixed.float_nodes)
+    recipe = best_mixed.recipe[0]["quantize"]
+    assert recipe["mode"] == "static" and recipe["excludeNodes"] == best_mixed.float_nodes
+    # The sensitivity analysis names the nodes, the query projections ranked first.
+    ranked = result.search.sensitivity
+    assert ranked and ranked[0].recovery >= ranked[-1].recovery
+    assert "attention/self/query" in ranked[0].node, ranked[:3]
+    # The chosen one passes, and is the smallest download among those that do.
+    chosen = result.candidates[result.chosen]
+    assert chosen.passed and result.gate.passed
+    assert chosen.gzip_size_bytes == min(c.gzip_size_bytes for c in result.candidates if c.passed)
+    assert result.search.sensitive_nodes == chosen.float_nodes
+    # status.results' figures travel in the termination message.
+    message = TerminationMessage.from_result(result, "manifest.json")
+    assert message.candidates_tried == len(result.candidates)
+    assert message.pareto and len(message.pareto) <= 5
+    assert message.complete
+
+
+def test_budget_is_respected_and_nothing_passing_is_rejected(toy_bert, tmp_path: Path) -> None:
+    """maxCandidates 3 and a gate nothing meets: exit 3, the closest kept as rejected."""
+    out = tmp_path / "out"
+    doc = bert_spec(toy_bert, out, maxCandidates=3)
+    doc["spec"]["evaluation"]["maxMetricDrop"] = 0.0
+    assert compress(doc, tmp_path) == EXIT_REJECTED
+    result = manifest(doc, out)
+    assert len(result.candidates) == 3
+    assert result.search.stopped_by == "maxCandidates" and result.search.complete
+    assert not any(c.passed for c in result.candidates)
+    closest = min(result.candidates, key=lambda c: c.drop)
+    assert result.chosen == closest.index and not result.gate.passed
+    names = sorted(p.name for p in folder(doc, out).iterdir())
+    assert names == ["manifest.json", "model.rejected.onnx", "pareto.png", "pareto.svg"]
+
+
+def test_best_so_far_survives_a_kill(digits, tmp_path: Path) -> None:
+    """The CLI killed mid-search leaves the best passing candidate usable, and marked as
+    an unfinished search, so a rerun searches again instead of reusing it."""
+    out = tmp_path / "out"
+    # trainDataset makes the search long (prune + distill candidates follow the formats).
+    doc = digits_spec(digits, out, trainDataset=str(digits.train))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    written = folder(doc, out)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeslim.cli", "compress", str(path), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (written / "manifest.json").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no best-so-far manifest written"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    result = manifest(doc, out)
+    assert result.gate.passed and not result.search.complete
+    assert result.candidates[result.chosen].passed
+    model = written / "model.onnx"
+    assert storage.sha256_file(model) == result.artifact.sha256
+    assert accuracy_of(model, digits.val) >= result.evaluation.baseline - 0.01
+    inputs = result.inputs
+    prefix = str(written)
+    why = reuse_mismatch(result, "digits-cnn", "default", result.spec_hash, prefix, inputs)
+    assert why is not None and "stopped before it finished" in why
+
+
+def test_pareto_front_keeps_the_undominated_smallest_first() -> None:
+    def c(i: int, size: int, drop: float | None) -> CandidateFigures:
+        return CandidateFigures(
+            index=i, name=f"c{i}", recipe=[], gzip_size_bytes=size, drop=drop, passed=True
+        )
+
+    front = pareto_front([c(0, 100, 0.02), c(1, 200, 0.01), c(2, 300, 0.015), c(3, 50, None)])
+    assert [p.index for p in front] == [0, 1]
+    many = [c(i, 100 + i, 0.1 - i / 100) for i in range(8)]
+    assert [p.index for p in pareto_front(many)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_digits_with_a_train_set_prunes_distills_and_quantizes(digits, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    doc = digits_spec(digits, out, trainDataset=str(digits.train))
+    assert compress(doc, tmp_path) == EXIT_OK
+    result = manifest(doc, out)
+    chosen = result.candidates[result.chosen]
+    types = [PipelineStep.model_validate(s).type for s in chosen.recipe]
+    assert types == ["prune", "distill", "quantize"], chosen.name
+    assert result.download_ratio >= 8, result.download_ratio
+    assert result.evaluation.drop <= 0.01
+    assert [s.type for s in result.steps] == types
+    probes = [c for c in result.candidates if c.name.endswith("% + distill")]
+    assert len(probes) == 3  # the sparsity bisection
+    assert json.loads((folder(doc, out) / "manifest.json").read_text())["chosen"] == chosen.index
