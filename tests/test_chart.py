@@ -786,6 +786,7 @@ def test_install_notes_render(k8s: K8s, namespace: str) -> None:
         kubeconfig=k8s.kubeconfig,
     )
     assert "kubectl get cmodels" in notes
+    assert f"helm test notes -n {namespace}" in notes
     assert "resource.customizations.health.edgeslim.io_CompressedModel" in notes
     assert "crds.enabled is false" in notes
 
