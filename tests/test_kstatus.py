@@ -4,7 +4,9 @@ The status comes from the operator's own status builders (the compression
 transitions and the serving rollout plan), and the verdict from the real kstatus
 code: `tools/kstatus`, a small Go program around
 sigs.k8s.io/cli-utils/pkg/kstatus/status.Compute that `make controlplane`
-builds from the Go module proxy.
+builds from the Go module proxy. The last test stores each status on a real
+API server first (CRD status schema, merge patches as the operator writes them)
+and asks kstatus about the live object.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from edgeslim.api.base import API_GROUP, API_VERSION, PLURAL
 from edgeslim.api.status import CompressedModelStatus, Phase, ServedArtifact
 from edgeslim.operator import serving, status
 from edgeslim.operator.serving import Rollout, RolloutState
+from tests.cluster.fixtures import K8s
 from tests.cluster.tools import cache_dir, read_versions
+from tests.operator.support import apply_crd
 
 Obj = dict[str, Any]
 GENERATION = 3
@@ -36,16 +42,20 @@ def kstatus_binary() -> Path:
     return path
 
 
-def kstatus(raw_status: Obj | None, generation: int = GENERATION) -> str:
-    """kstatus' verdict (InProgress, Current, Failed, ...) on a CompressedModel."""
-    obj: Obj = {
-        "apiVersion": "edgeslim.io/v1alpha1",
-        "kind": "CompressedModel",
-        "metadata": {"name": "digits", "namespace": "vision", "generation": generation},
-        "spec": {},
-    }
-    if raw_status is not None:
-        obj["status"] = raw_status
+def kstatus(raw_status: Obj | None, generation: int | None = GENERATION) -> str:
+    """kstatus' verdict (InProgress, Current, Failed, ...) on a CompressedModel with
+    this status; generation None: `raw_status` is a whole object, as it is."""
+    if generation is None:
+        obj: Obj = raw_status or {}
+    else:
+        obj = {
+            "apiVersion": "edgeslim.io/v1alpha1",
+            "kind": "CompressedModel",
+            "metadata": {"name": "digits", "namespace": "vision", "generation": generation},
+            "spec": {},
+        }
+        if raw_status is not None:
+            obj["status"] = raw_status
     out = subprocess.run(
         [str(kstatus_binary())],
         input=json.dumps(obj),
@@ -144,3 +154,53 @@ def test_a_status_from_before_the_generation_reads_in_progress() -> None:
     raw = transition(status.parse({}), Phase.ready, "GatePassed").wire()
     raw["observedGeneration"] = GENERATION - 1
     assert kstatus(raw) == "InProgress"
+
+
+# --- through a real API server ---------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits" / "digits-s3.yaml"
+
+
+@pytest.mark.cluster
+def test_live_objects_read_the_same_after_the_api_server_stored_them(
+    k8s: K8s, namespace: str
+) -> None:
+    """The statuses go through the CRD's status schema (pruning, list-map merge of
+    conditions) the way the operator writes them: as merge patches."""
+    apply_crd(k8s)
+    api = (API_GROUP, API_VERSION, namespace, PLURAL)
+    body = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"] = {"name": "digits"}
+    k8s.custom.create_namespaced_custom_object(*api, body)
+    for drop in (0.02, 0.03):  # two spec edits: metadata.generation 3, as the builders say
+        patch = {"spec": {"evaluation": {"maxMetricDrop": drop}}}
+        k8s.custom.patch_namespaced_custom_object(*api, "digits", patch)
+
+    deploying = compressed(Phase.deploying)
+    rolling = rolled(deploying, Rollout.progressing, NEW)
+    steps: list[tuple[str, Obj, str]] = [
+        *(
+            (p.value, transition(status.parse({}), p, p.value).wire(), "InProgress")
+            for p in (Phase.pending, Phase.queued, Phase.compressing)
+        ),
+        ("Deploying", rolling, "InProgress"),
+        ("Ready", rolled(status.parse(rolling), Rollout.complete, NEW), "Current"),
+        ("Rejected", compressed(Phase.rejected).wire(), "Failed"),
+        ("Failed", compressed(Phase.failed).wire(), "Failed"),
+        ("Ready", transition(deploying, Phase.ready, "GatePassed").wire(), "Current"),
+    ]
+    old: Obj = {}
+    for phase, new, expected in steps:
+        k8s.custom.patch_namespaced_custom_object_status(
+            *api, "digits", {"status": status.merge_patch(old, new)}
+        )
+        live = k8s.custom.get_namespaced_custom_object(*api, "digits")
+        assert live["status"]["phase"] == phase
+        types = {c["type"] for c in live["status"]["conditions"]}
+        assert {"Reconciling", "Stalled"} <= types
+        assert (phase, kstatus(live, generation=None)) == (phase, expected)
+        old = new
+    # A spec edit the operator has not seen yet.
+    patch = {"spec": {"evaluation": {"maxMetricDrop": 0.04}}}
+    k8s.custom.patch_namespaced_custom_object(*api, "digits", patch)
+    assert kstatus(k8s.custom.get_namespaced_custom_object(*api, "digits"), None) == "InProgress"
