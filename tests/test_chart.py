@@ -418,8 +418,17 @@ def _template_error(*sets: str) -> str:
         ("logFormat=yaml", "at '/logFormat': value must be one of 'text', 'json'"),
         ("compressor.image=my/compressor:1", "at '/compressor/image': got string, want object"),
         ("compressor.maxConcurentJobs=2", "additional properties 'maxConcurentJobs' not allowed"),
+        ("logformat=json", "at '': additional properties 'logformat' not allowed"),
     ],
-    ids=["string-for-integer", "port-range", "string-for-bool", "enum", "old-image-form", "typo"],
+    ids=[
+        "string-for-integer",
+        "port-range",
+        "string-for-bool",
+        "enum",
+        "old-image-form",
+        "typo",
+        "top-level-typo",
+    ],
 )
 def test_values_of_the_wrong_type_are_refused(value: str, refusal: str) -> None:
     err = _template_error(value)
