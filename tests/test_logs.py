@@ -80,10 +80,10 @@ def test_the_operator_hands_json_to_the_serving_pods(monkeypatch: pytest.MonkeyP
 
 
 OPERATOR_LOGGING = """
-import logging, kopf
+import logging
 from edgeslim import logs
-kopf.configure(verbose=False, log_prefix=True)   # as edgeslim.operator.main.run does
-logs.install(logs.log_format())
+from edgeslim.operator.main import configure_logging
+configure_logging(logs.log_format())   # what `edgeslim operator` does before kopf starts
 ref = {"kind": "CompressedModel", "namespace": "vision", "name": "digits"}
 logging.getLogger("kopf.objects").warning(
     "s3 said %s", "http://key:hunter22@minio:9000", extra={"k8s_ref": ref}

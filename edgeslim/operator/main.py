@@ -28,13 +28,17 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
         ) from exc
     settings = Settings.from_env()
     watched = namespaces or ([settings.namespace] if settings.namespace else [])
+    configure_logging(settings.log_format, verbose)
+    asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
+    return 0
+
+
+def configure_logging(fmt: str, verbose: bool = False) -> None:
+    """kopf's root handler, redacting, in `fmt` (EDGESLIM_LOG_FORMAT: text or json)."""
     kopf.configure(verbose=verbose, log_prefix=True)
     logging.getLogger("edgeslim").setLevel(logging.INFO)
     # kopf posts per-object warnings as Events and everything reaches the pod
     # log: redact on the way out ('kopf.objects' is where per-object records start).
     logging.getLogger("kopf.objects").addFilter(RedactingFilter())
-    # Text keeps kopf's [namespace/name] prefix; json (EDGESLIM_LOG_FORMAT) puts the
-    # object under "object". Both redact on kopf's root handler.
-    logs.install(settings.log_format)
-    asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
-    return 0
+    # Text keeps kopf's [namespace/name] prefix; json puts the object under "object".
+    logs.install(fmt)
