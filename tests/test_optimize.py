@@ -23,10 +23,11 @@ import onnx
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from edgeslim import storage
 from edgeslim.api.result import CandidateFigures, CompressionResult, pareto_front
-from edgeslim.api.spec import CompressedModel, PipelineStep
+from edgeslim.api.spec import CompressedModel, PipelineStep, QuantizeConfig
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.cli import EXIT_OK, EXIT_REJECTED, main
 from edgeslim.compressor import datasets, evaluate
@@ -171,6 +172,13 @@ def test_digits_search_passes_and_writes_table_and_pareto(digits, tmp_path: Path
     assert "Candidates (4 tried, objective download" in done.stdout
     assert "static int8 per-channel minmax" in done.stdout
     result = manifest(doc, out)
+    # A Conv model gets no weight-only (MatMul) formats.
+    assert [c.name for c in result.candidates] == [
+        "static int8 per-channel minmax",
+        "dynamic int8",
+        "static int8 per-channel percentile",
+        "static int8 per-tensor minmax",
+    ]
     assert len(result.candidates) == 4 and result.search.complete
     chosen = result.candidates[result.chosen]
     assert chosen.passed and result.gate.passed
@@ -194,6 +202,9 @@ def test_transformer_search_keeps_sensitive_nodes_in_float(toy_bert, tmp_path: P
     assert compress(doc, tmp_path) == EXIT_OK
     result = manifest(doc, out)
     by_name = {c.name: c for c in result.candidates}
+    # MatMul-heavy: weight-only candidates (onnxruntime's MatMulNBits) are measured too.
+    int4 = by_name["weight-only int4"]
+    assert int4.drop is not None and int4.size_bytes < by_name["weight-only int8"].size_bytes
     naive = by_name["static int8 per-channel minmax"]
     assert not naive.passed and naive.drop > 2 * 0.005, naive
     mixed = [c for c in result.candidates if c.float_nodes and c.passed]
@@ -272,6 +283,13 @@ def test_best_so_far_survives_a_kill(digits, tmp_path: Path) -> None:
     prefix = str(written)
     why = reuse_mismatch(result, "digits-cnn", "default", result.spec_hash, prefix, inputs)
     assert why is not None and "stopped before it finished" in why
+
+
+def test_weight_only_settings_belong_to_weight_only() -> None:
+    assert QuantizeConfig(mode="weightOnly", bits=8, blockSize=64).bits == 8
+    for bad in ({"mode": "static", "bits": 4}, {"mode": "weightOnly", "blockSize": 48}):
+        with pytest.raises(ValidationError):
+            QuantizeConfig.model_validate(bad)
 
 
 def test_pareto_front_keeps_the_undominated_smallest_first() -> None:
