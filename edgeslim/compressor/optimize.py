@@ -18,6 +18,7 @@ was not complete, so a rerun searches again rather than reusing it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -239,28 +240,38 @@ def search_all(search: Search, train: str | None, train_sha: str | None) -> None
 # ----------------------------------------------------------------- results
 
 
+def candidate_context(r: Run, eval_data: Dataset) -> CandidateContext:
+    """What every candidate of this spec is measured against: the source's outputs and
+    latency, computed once. A candidate Job builds the same from the same spec."""
+    spec = r.obj.spec
+    assert spec.optimize is not None
+    cfg = spec.evaluation
+    src_sess = evaluate.session(r.source)
+    return CandidateContext(
+        source=r.source,
+        # One calibration per model, data and method, however many ways it is quantized.
+        step_ctx=dataclasses.replace(
+            r.step_ctx, calibration_cache=r.step_ctx.workdir / "calibration"
+        ),
+        evaluation=cfg,
+        max_metric_drop=cfg.max_metric_drop,
+        objective=spec.optimize.objective,
+        data=eval_data,
+        source_out=evaluate.run_batched(src_sess, eval_data, label="evaluate source"),
+        source_latency=evaluate.latency(src_sess, eval_data, cfg.latency_runs),
+        latency_runs=cfg.latency_runs,
+    )
+
+
 def run(r: Run, eval_data: Dataset, log: Callable[[str], None]) -> object:
     """Search, write the best (or the closest, rejected) with the whole search recorded."""
     from edgeslim.compressor import pipeline as p
 
-    spec = r.obj.spec
-    opt = spec.optimize
+    opt = r.obj.spec.optimize
     assert opt is not None
-    cfg = spec.evaluation
-    src_sess = evaluate.session(r.source)
-    source_out = evaluate.run_batched(src_sess, eval_data, label="evaluate source")
-    src_lat = evaluate.latency(src_sess, eval_data, cfg.latency_runs)
-    ctx = CandidateContext(
-        source=r.source,
-        step_ctx=r.step_ctx,
-        evaluation=cfg,
-        max_metric_drop=cfg.max_metric_drop,
-        objective=opt.objective,
-        data=eval_data,
-        source_out=source_out,
-        source_latency=src_lat,
-        latency_runs=cfg.latency_runs,
-    )
+    cfg = r.obj.spec.evaluation
+    ctx = candidate_context(r, eval_data)
+    src_lat = ctx.source_latency
     workdir = r.step_ctx.workdir
     source_path = workdir / "source.onnx"
     onnx.save(r.source, source_path)

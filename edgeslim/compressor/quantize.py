@@ -211,7 +211,9 @@ def _calibration_cache(
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         return None
     digest = hashlib.sha256(src.read_bytes())
-    digest.update(config.calibration_method.value.encode())
+    # The calibrator collects the tensors of these op types (not per node: exclusions
+    # only choose among the ranges later).
+    digest.update(f"{config.calibration_method.value}:{sorted(config.op_types)}".encode())
     for name in sorted(data.inputs):
         digest.update(name.encode() + np.ascontiguousarray(data.inputs[name]).tobytes())
     ctx.calibration_cache.mkdir(parents=True, exist_ok=True)
