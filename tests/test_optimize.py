@@ -8,6 +8,7 @@ must find a mixed-precision recipe that keeps the sensitive nodes in float.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -27,11 +28,21 @@ from pydantic import ValidationError
 
 from edgeslim import storage
 from edgeslim.api.result import CandidateFigures, CompressionResult, pareto_front
-from edgeslim.api.spec import CompressedModel, PipelineStep, QuantizeConfig
+from edgeslim.api.spec import (
+    CompressedModel,
+    Evaluation,
+    Objective,
+    PipelineStep,
+    QuantizeConfig,
+)
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.cli import EXIT_OK, EXIT_REJECTED, main
 from edgeslim.compressor import datasets, evaluate
+from edgeslim.compressor.optimize_candidates import CandidateContext, Recipe, evaluate_candidate
 from edgeslim.compressor.pipeline import reuse_mismatch
+from edgeslim.compressor.quantize import Quantize
+from edgeslim.compressor.steps import StepContext
+from edgeslim.operator.results import results_status
 
 transformers = pytest.importorskip("transformers")
 
@@ -230,6 +241,9 @@ def test_transformer_search_keeps_sensitive_nodes_in_float(toy_bert, tmp_path: P
     assert message.candidates_tried == len(result.candidates)
     assert message.pareto and len(message.pareto) <= 5
     assert message.complete
+    status = results_status(TerminationMessage.parse(message.text()))
+    assert status.candidates_tried == len(result.candidates)
+    assert [p.index for p in status.pareto] == [p.index for p in pareto_front(result.candidates)]
 
 
 def test_budget_is_respected_and_nothing_passing_is_rejected(toy_bert, tmp_path: Path) -> None:
@@ -285,6 +299,54 @@ def test_best_so_far_survives_a_kill(digits, tmp_path: Path) -> None:
     assert why is not None and "stopped before it finished" in why
 
 
+def _candidate_context(digits, workdir: Path, objective: Objective) -> CandidateContext:
+    """What the search measures candidates against, built by hand for the digits model."""
+    source = digits.model()
+    arrays = datasets.read(digits.val, str(digits.val))
+    data = datasets.bind(arrays, source, "val")
+    step_ctx = StepContext(
+        source=source,
+        workdir=workdir,
+        load_dataset=lambda uri, sha, model: datasets.bind(arrays, model, uri),
+        load_model=lambda uri, sha: source,
+        evaluation_dataset=str(digits.val),
+        calibration_cache=workdir / "calibration",
+    )
+    evaluation = Evaluation(dataset=str(digits.val), metric="accuracy", maxMetricDrop=0.01)
+    return CandidateContext(
+        source=source,
+        step_ctx=step_ctx,
+        evaluation=evaluation,
+        max_metric_drop=0.01,
+        objective=objective,
+        data=data,
+        source_out=evaluate.run_batched(evaluate.session(source), data),
+        # A source that answers instantly: every candidate is slower than it.
+        source_latency=evaluate.Latency(p50_ms=1e-9, p95_ms=1e-9),
+        latency_runs=5,
+    )
+
+
+def test_latency_objective_drops_candidates_slower_than_the_source(digits, tmp_path: Path) -> None:
+    recipe = Recipe(name="dynamic", steps=[{"quantize": {"mode": "dynamic"}}])
+    for objective, passed in ((Objective.latency, False), (Objective.download, True)):
+        ctx = _candidate_context(digits, tmp_path, objective)
+        result = evaluate_candidate(recipe, ctx, index=7)
+        f = result.figures
+        assert (f.index, f.passed, f.drop is not None) == (7, passed, True)
+        assert ("slower than the source" in f.reason) is not passed
+        assert result.model is not None and [r.type for r in result.records] == ["quantize"]
+
+
+def test_a_cached_calibration_gives_the_same_model(digits, tmp_path: Path) -> None:
+    ctx = _candidate_context(digits, tmp_path, Objective.download)
+    step = Quantize(QuantizeConfig(mode="static", calibrationSamples=64))
+    cached = [step.run(ctx.source, ctx.step_ctx).model.SerializeToString() for _ in range(2)]
+    assert len(list((tmp_path / "calibration").iterdir())) == 1  # written once, then read
+    plain = dataclasses.replace(ctx.step_ctx, calibration_cache=None)
+    assert cached[0] == cached[1] == step.run(ctx.source, plain).model.SerializeToString()
+
+
 def test_weight_only_settings_belong_to_weight_only() -> None:
     assert QuantizeConfig(mode="weightOnly", bits=8, blockSize=64).bits == 8
     for bad in ({"mode": "static", "bits": 4}, {"mode": "weightOnly", "blockSize": 48}):
@@ -319,3 +381,18 @@ def test_digits_with_a_train_set_prunes_distills_and_quantizes(digits, tmp_path:
     probes = [c for c in result.candidates if c.name.endswith("% + distill")]
     assert len(probes) == 3  # the sparsity bisection
     assert json.loads((folder(doc, out) / "manifest.json").read_text())["chosen"] == chosen.index
+
+
+@pytest.mark.slow
+def test_max_seconds_ends_the_search_with_the_best_so_far(digits, tmp_path: Path) -> None:
+    """A search far longer than its budget (pruning with distillation) stops at it,
+    between candidates, with a passing result written as complete."""
+    out = tmp_path / "out"
+    doc = digits_spec(digits, out, trainDataset=str(digits.train), maxSeconds=10)
+    assert compress(doc, tmp_path) == EXIT_OK
+    result = manifest(doc, out)
+    assert result.search.stopped_by == "maxSeconds" and result.search.complete
+    assert result.gate.passed and result.candidates[result.chosen].passed
+    # Every candidate but the last started before the budget ran out.
+    started = sum(c.seconds for c in result.candidates[:-1])
+    assert started < 10 + 1, [(c.name, c.seconds) for c in result.candidates]
