@@ -462,7 +462,8 @@ def lifecycle(
             row.reconciles += len(names)
             if after_change:
                 after_change()
-        done = wait_settled(bed, names, deadline)
+        # Every result passes the gate: anything but Ready (RolloutFailed, say) is wrong.
+        done = wait_settled(bed, names, deadline, lambda o: settled(o, {"Ready"}))
         row.final += len(done)
         row.checks += len(names)
         if len(done) < len(names):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -22,6 +23,7 @@ def main() -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", required=True)
+    p.add_argument("--health-port", type=int, help="the probes' own port, when there is one")
     args, _ = p.parse_known_args()
     answers = {
         "/v2/health/ready": {"ready": True},
@@ -42,6 +44,9 @@ def main() -> None:
         def log_message(self, *_: object) -> None:
             pass
 
+    if args.health_port:
+        health = ThreadingHTTPServer((args.host, args.health_port), Handler)
+        threading.Thread(target=health.serve_forever, daemon=True).start()
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 
