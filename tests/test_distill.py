@@ -27,6 +27,7 @@ from edgeslim.compressor import datasets
 from edgeslim.compressor.distill import KEPT_INPUT_NOTE, Distill, _split
 from edgeslim.compressor.prune import Prune
 from edgeslim.compressor.steps import StepContext
+from edgeslim.errors import BadInput
 
 SIZE = 16
 
@@ -193,3 +194,21 @@ def test_a_run_that_only_hurts_returns_the_input_weights_and_says_so(
     assert got.keys() == want.keys()
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
+
+
+def test_intermediate_features_are_matched_and_unknown_names_refused(
+    mobilenet, tmp_path: Path
+) -> None:
+    source, dataset = mobilenet
+    ctx = context(source, tmp_path)
+    pooled = next(n.output[0] for n in source.graph.node if n.op_type == "GlobalAveragePool")
+    pruned = Prune(PruneConfig(method="magnitude", sparsity=0.1)).run(source, ctx).model
+    cfg = DistillConfig(dataset=str(dataset), epochs=2, batch_size=32, features=[pooled])
+    out = Distill(cfg).run(pruned, ctx)
+    assert "matching 1 intermediate tensors as well" in out.notes
+    assert held_out_accuracy(out.model, dataset, cfg) >= held_out_accuracy(pruned, dataset, cfg)
+    onnx.checker.check_model(out.model)
+
+    bad = DistillConfig(dataset=str(dataset), epochs=1, features=["no/such/tensor"])
+    with pytest.raises(BadInput, match="'no/such/tensor' is not a tensor computed in the source"):
+        Distill(bad).run(source, ctx)

@@ -171,6 +171,14 @@ class DistillConfig(WireModel):
     epoch beats them. 0 trains on everything and keeps the last epoch."""
     patience: int = Field(default=3, ge=1, le=1000)
     """Stop after this many epochs without a better held-out score."""
+    features: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Intermediate tensors (named alike, same shape in the source and the student) whose
+    activations the student matches too, by mean squared error scaled by the teacher's
+    variance: helps deep students. Empty: outputs only."""
+    feature_weight: float = Field(default=1.0, ge=0, le=1000)
+    """Weight of the feature loss beside the output loss."""
     seed: int = Field(default=0, ge=0)
     """Seed for shuffling and initialization, so a run can be repeated."""
     student: Source | None = None

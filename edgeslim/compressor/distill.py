@@ -39,6 +39,8 @@ MASK_MIN_SPARSITY = 0.05
 MIN_HELD_OUT = 8
 # Share of the optimiser steps spent warming the learning rate up from zero.
 WARMUP_SHARE = 0.05
+# Teacher activations for feature matching are held in memory for the whole dataset.
+MAX_FEATURE_BYTES = 2 * 2**30
 KEPT_INPUT_NOTE = "distillation did not improve the held-out metric; kept the input weights"
 
 
@@ -60,6 +62,7 @@ class Distill:
 
     def run(self, model: onnx.ModelProto, ctx: StepContext) -> StepOutput:
         import torch
+        import torch.nn.functional as F
 
         from edgeslim.compressor.evaluate import run_batched, session
         from edgeslim.compressor.torchgraph import OnnxModule
@@ -77,9 +80,20 @@ class Distill:
             session(ctx.source, threads=os.cpu_count() or 1), data, cfg.batch_size
         )
 
+        feature_names = list(dict.fromkeys(cfg.features))
+        teacher_feats: list = []
+        if feature_names:
+            teacher_feats = _teacher_features(ctx.source, student_model, data, feature_names, cfg)
+            notes.append(f"matching {len(feature_names)} intermediate tensors as well")
+
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(os.cpu_count() or 1)
         student = OnnxModule(student_model)
+        student.extra_outputs = feature_names
+        feat_targets = [torch.from_numpy(f) for f in teacher_feats]
+        # Scale each feature's error by the teacher's variance so that wide, large-valued
+        # activations do not drown the others (or the output loss).
+        feat_scales = [1.0 / (float(f.var()) + 1e-8) for f in feat_targets]
         # (parameter, mask) pairs: the parameters are the module's own tensors.
         masks = [
             (w, (w != 0).to(w.dtype))
@@ -108,8 +122,8 @@ class Distill:
         )
 
         def loss_of(idx: torch.Tensor) -> torch.Tensor:
-            logits = student(*(t[idx] for t in inputs))[0]
-            return _loss(
+            logits, *feats = student(*(t[idx] for t in inputs))
+            loss = _loss(
                 logits,
                 targets[idx],
                 None if labels is None else labels[idx],
@@ -117,6 +131,17 @@ class Distill:
                 cfg.alpha,
                 classification,
             )
+            for name, got, want, scale in zip(
+                feature_names, feats, feat_targets, feat_scales, strict=True
+            ):
+                want = want[idx]
+                if got.shape != want.shape:
+                    raise BadInput(
+                        f"distill.features: tensor {name!r} has shape {list(got.shape)} in the "
+                        f"student and {list(want.shape)} in the source model"
+                    )
+                loss = loss + cfg.feature_weight * scale * F.mse_loss(got, want) / len(feats)
+            return loss
 
         def held_out_score() -> Score:
             with torch.no_grad():
@@ -208,6 +233,52 @@ class Distill:
                 student.params[key].copy_(value)
         notes.append(f"kept the weights of epoch {best_epoch}")
         return StepOutput(model=student.write_back(student_model), notes=notes)
+
+
+def _teacher_features(
+    source: onnx.ModelProto,
+    student: onnx.ModelProto,
+    data,
+    names: list[str],
+    cfg: DistillConfig,
+) -> list[np.ndarray]:
+    """The source model's values of the named intermediate tensors over the dataset."""
+    from onnx import helper
+
+    from edgeslim.compressor.evaluate import run, session
+
+    for where, model in (("the source model", source), ("the student", student)):
+        produced = {o for n in model.graph.node for o in n.output}
+        missing = [name for name in names if name not in produced]
+        if missing:
+            raise BadInput(
+                f"distill.features: {', '.join(map(repr, missing[:5]))} is not a tensor "
+                f"computed in {where}"
+            )
+    probe = onnx.ModelProto()
+    probe.CopyFrom(source)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+        for n in names
+        if n not in present
+    )
+    order = [o.name for o in probe.graph.output]
+    sess = session(probe, threads=os.cpu_count() or 1, where="distill teacher")
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for start, stop in batches(len(data), cfg.batch_size):
+        outs = dict(zip(order, run(sess, data.batch(start, stop), "distill teacher"), strict=True))
+        for i, name in enumerate(names):
+            chunks[i].append(np.asarray(outs[name], dtype=np.float32))
+        if start == 0:
+            per_sample = sum(c[0].nbytes for c in chunks) / max(1, stop - start)
+            if per_sample * len(data) > MAX_FEATURE_BYTES:
+                raise BadInput(
+                    f"distill.features: the named tensors take {per_sample * len(data) / 2**30:.1f}"
+                    f" GiB over the dataset (at most {MAX_FEATURE_BYTES / 2**30:.0f} GiB): name "
+                    "fewer or smaller tensors"
+                )
+    return [np.concatenate(c) for c in chunks]
 
 
 def _split(n: int, share: float, seed: int):

@@ -124,6 +124,8 @@ class OnnxModule(nn.Module):
         initializers = {t.name for t in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in initializers]
         self.output_names = [o.name for o in graph.output]
+        # Intermediate tensors forward() returns after the outputs (feature distillation).
+        self.extra_outputs: list[str] = []
         weight_inputs = _weight_names(graph)
         bn_stats = {
             name for n in graph.node if n.op_type == "BatchNormalization" for name in n.input[3:5]
@@ -221,7 +223,7 @@ class OnnxModule(nn.Module):
             if len(self._shape_cache) >= SHAPE_CACHE_SIZE:
                 self._shape_cache.clear()
             self._shape_cache[key] = {n: env[n].detach() for n in self.shape_outputs}
-        return [env[name] for name in self.output_names]
+        return [env[name] for name in [*self.output_names, *self.extra_outputs]]
 
     def weights(self) -> dict[str, Tensor]:
         return {name: self.params[key] for name, key in self.param_names.items()}
