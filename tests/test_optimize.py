@@ -338,6 +338,14 @@ def test_latency_objective_drops_candidates_slower_than_the_source(digits, tmp_p
         assert result.model is not None and [r.type for r in result.records] == ["quantize"]
 
 
+def test_a_recipe_that_cannot_be_built_is_a_failed_candidate(digits, tmp_path: Path) -> None:
+    ctx = _candidate_context(digits, tmp_path, Objective.download)
+    recipe = Recipe(name="bad", steps=[{"quantize": {"mode": "static", "excludeNodes": ["x"]}}])
+    result = evaluate_candidate(recipe, ctx, index=2)
+    assert result.model is None and not result.passed and result.figures.drop is None
+    assert result.figures.reason.startswith("failed: BadInput: quantize.excludeNodes: no node")
+
+
 def test_a_cached_calibration_gives_the_same_model(digits, tmp_path: Path) -> None:
     ctx = _candidate_context(digits, tmp_path, Objective.download)
     step = Quantize(QuantizeConfig(mode="static", calibrationSamples=64))
