@@ -9,6 +9,7 @@ must find a mixed-precision recipe that keeps the sensitive nodes in float.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import onnx
 import pytest
 import torch
 import yaml
+from onnx import helper, numpy_helper
 from pydantic import ValidationError
 
 from edgeslim import storage
@@ -47,6 +49,7 @@ from edgeslim.operator.results import results_status
 transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ = 64, 16
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "digits" / "build.py"
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,56 @@ def test_transformer_search_keeps_sensitive_nodes_in_float(toy_bert, tmp_path: P
     status = results_status(TerminationMessage.parse(message.text()))
     assert status.candidates_tried == len(result.candidates)
     assert [p.index for p in status.pareto] == [p.index for p in pareto_front(result.candidates)]
+
+
+def _opset12_constant_weights(digits, path: Path) -> Path:
+    """The trained digits CNN as an older exporter writes it: opset 12, weights in
+    Constant nodes (per-channel QDQ needs opset 13; the search must cope)."""
+    spec = importlib.util.spec_from_file_location("digits_build", BUILD_SCRIPT)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    net = build.DigitsCNN()
+    trained = digits.model()
+    net.load_state_dict(
+        {
+            t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+            for t in trained.graph.initializer
+        }
+    )
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net.eval(),
+        (torch.zeros(1, 1, 8, 8),),
+        buf,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=12,
+        dynamo=False,
+    )
+    model = onnx.load_from_string(buf.getvalue())
+    g = model.graph
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
+    nodes = constants + list(g.node)
+    del g.initializer[:]
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(model, path)
+    return path
+
+
+def test_an_opset_12_model_with_constant_weights_is_searched(digits, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model = _opset12_constant_weights(digits, tmp_path / "cnn-opset12.onnx")
+    evaluation = {"metric": "accuracy", "maxMetricDrop": 0.01}
+    doc = spec("old-exporter", model, digits.val, out, evaluation, maxCandidates=4)
+    assert compress(doc, tmp_path) == EXIT_OK
+    result = manifest(doc, out)
+    assert all(c.drop is not None for c in result.candidates), result.candidates
+    assert result.gate.passed and result.download_ratio >= 3.5
+    # Static per-channel int8, which crashed on such files before, is built and passes.
+    first = result.candidates[0]
+    assert first.name == "static int8 per-channel minmax" and first.passed, first
 
 
 def test_budget_is_respected_and_nothing_passing_is_rejected(toy_bert, tmp_path: Path) -> None:
