@@ -1,0 +1,339 @@
+"""Structured pruning benchmark (issue 9): edgeslim's dependency groups on the ONNX
+graph versus Torch-Pruning's DepGraph on the same torch module.
+
+    python bench/pruning.py [--quick] [--arch resnet18 ...] [--sparsity 0.3 0.5 0.7]
+
+Each architecture of `bench/archs.py` is trained briefly from scratch and exported
+to ONNX (the source). At every sparsity:
+
+- edgeslim: the real pipeline (`compress`) on the source ONNX with
+  `prune: {method: structured, sparsity: s}` then `distill` on the training split;
+- Torch-Pruning: `MetaPruner` with `MagnitudeImportance(p=1)` (L1, edgeslim's default
+  criterion too), `pruning_ratio=s`, the final layer ignored (BERT: heads pruned whole
+  with `num_heads`), then the same distillation budget in plain torch (epochs,
+  samples, batch, learning rate, temperature, alpha; cosine schedule, train mode)
+  and exported the same way as the source.
+
+Both results are measured the same way from their ONNX files: conv/linear layers
+whose weights changed shape, of all of them; parameters; file and gzip (download)
+size; batch-1 latency p50 in onnxruntime on one thread; the metric on the held-out
+split after pruning and after distillation (accuracy, or IoU of the detector's map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import archs  # bench/archs.py: the script's folder is first on sys.path
+import numpy as np
+import onnx
+import torch
+from torch.nn import functional as F
+
+from edgeslim.api.spec import CompressedModel, DistillConfig, PruneConfig
+from edgeslim.compressor import evaluate, graph
+from edgeslim.compressor.datasets import Dataset
+from edgeslim.compressor.pipeline import compress
+from edgeslim.compressor.prune import Prune
+
+# arch -> teacher training epochs (enough for a usable source on two cores)
+ARCHS = {"mobilenet_v3_small": 12, "resnet18": 6, "bert": 8, "detector": 8}
+CNNS = ("mobilenet_v3_small", "resnet18")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LATENCY_RUNS = 200
+
+
+@dataclass
+class Result:
+    layers: tuple[int, int]
+    params: int
+    size: int
+    gzip: int
+    p50: float
+    pruned: float | None
+    metric: float
+    seconds: float = 0.0
+
+
+def weight_layers(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Conv / ConvTranspose / Gemm / MatMul nodes with a weight initializer: their shapes."""
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return {
+        n.name: inits[n.input[1]]
+        for n in model.graph.node
+        if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits
+    }
+
+
+def layers_changed(source: onnx.ModelProto, result: onnx.ModelProto) -> tuple[int, int]:
+    """(weight layers whose shape changed, weight layers of the source); matched by
+    node name, or in graph order when the names differ."""
+    before, after = weight_layers(source), weight_layers(result)
+    if set(before) == set(after):
+        return sum(before[k] != after[k] for k in before), len(before)
+    return sum(a != b for a, b in zip(before.values(), after.values(), strict=False)), len(before)
+
+
+def dataset(task: archs.Task) -> Dataset:
+    return Dataset(task.val, None, "val")
+
+
+def measure(
+    model: onnx.ModelProto, source: onnx.ModelProto, task: archs.Task, pruned: float | None
+) -> Result:
+    raw = model.SerializeToString()
+    sess = evaluate.session(model, threads=1)
+    out = evaluate.run_batched(sess, dataset(task))
+    return Result(
+        layers=layers_changed(source, model),
+        params=graph.weight_stats(model)[0],
+        size=len(raw),
+        gzip=len(gzip.compress(raw, compresslevel=9, mtime=0)),
+        p50=evaluate.latency(sess, dataset(task), LATENCY_RUNS).p50_ms,
+        pruned=pruned,
+        metric=archs.metric(task, out),
+    )
+
+
+def quick_metric(model: onnx.ModelProto, task: archs.Task) -> float:
+    return archs.metric(task, evaluate.run_batched(evaluate.session(model), dataset(task)))
+
+
+def write_data(task: archs.Task, folder: Path) -> None:
+    """train.npz / val.npz in edgeslim's format; the detector's masks are not class
+    labels (one label per sample), so its files carry inputs only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, inputs, labels in (
+        ("train", task.train, task.y_train),
+        ("val", task.val, task.y_val),
+    ):
+        np.savez(folder / f"{name}.npz", **inputs, **({} if task.dense else {"y": labels}))
+
+
+def edgeslim(
+    folder: Path, source: onnx.ModelProto, task: archs.Task, sparsity: float, epochs: int
+) -> tuple[Result, list[str]]:
+    """The source ONNX through the real pipeline: prune (structured) then distill."""
+    started = time.perf_counter()
+    spec = {
+        "apiVersion": "edgeslim.io/v1alpha1",
+        "kind": "CompressedModel",
+        "metadata": {"name": "bench"},
+        "spec": {
+            "source": {"uri": str(folder / "source.onnx")},
+            "evaluation": {
+                "dataset": str(folder / "val.npz"),
+                "metric": "cosine" if task.dense else "accuracy",
+                "maxMetricDrop": 1e6,  # the table judges, not the gate
+                "latencyRuns": 5,
+            },
+            "pipeline": [
+                {"prune": {"method": "structured", "sparsity": sparsity}},
+                {"distill": {"dataset": str(folder / "train.npz"), "epochs": epochs}},
+            ],
+        },
+    }
+    run = folder / f"edgeslim-{sparsity}"
+    run.mkdir()
+    outcome = compress(
+        CompressedModel.model_validate(spec), output=str(run / "out"), workdir=run, reuse=False
+    )
+    seconds = time.perf_counter() - started
+    result = onnx.load(outcome.model_uri)
+    # The pruned model before distillation: the same prune step on its own (l1 needs no data).
+    loaded = onnx.load(folder / "source.onnx")
+    graph.constants_to_initializers(loaded)
+    pruned = Prune(PruneConfig(method="structured", sparsity=sparsity)).run(loaded, None).model
+    row = measure(result, source, task, quick_metric(pruned, task))
+    row.seconds = seconds
+    notes = [n for step in outcome.result.steps for n in step.notes]
+    return row, notes
+
+
+def torch_pruning(
+    module: torch.nn.Module,
+    source: onnx.ModelProto,
+    task: archs.Task,
+    teacher: np.ndarray,
+    sparsity: float,
+    epochs: int,
+) -> Result:
+    """Torch-Pruning's DepGraph on a copy of the module, then plain-torch distillation."""
+    import torch_pruning as tp
+
+    started = time.perf_counter()
+    model = copy.deepcopy(module).eval()
+    heads: dict[torch.nn.Module, int] = {}
+    if isinstance(model, archs.BertLogits):
+        from transformers.models.bert.modeling_bert import BertSelfAttention
+
+        for m in model.modules():
+            if isinstance(m, BertSelfAttention):
+                heads.update({m.query: m.num_attention_heads, m.key: m.num_attention_heads})
+                heads[m.value] = m.num_attention_heads
+    pruner = tp.pruner.MetaPruner(
+        model,
+        archs.example(task, 2),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=sparsity,
+        ignored_layers=[archs.final_layer(model)],
+        num_heads=heads,
+        prune_num_heads=bool(heads),
+        prune_head_dims=not heads,
+        head_pruning_ratio=sparsity,
+    )
+    pruner.step()
+    if heads:
+        for m in model.modules():
+            if isinstance(m, BertSelfAttention):
+                m.num_attention_heads = pruner.num_heads[m.query]
+                m.all_head_size = m.query.out_features
+    pruned = quick_metric(archs.export(model, task), task)
+    distill(model, task, teacher, epochs)
+    seconds = time.perf_counter() - started
+    row = measure(archs.export(model, task), source, task, pruned)
+    row.seconds = seconds
+    return row
+
+
+def distill(model: torch.nn.Module, task: archs.Task, teacher: np.ndarray, epochs: int) -> None:
+    """Knowledge distillation with edgeslim's default settings (Hinton loss with
+    labels, or MSE on a map), Adam with a cosine schedule, as one would by hand."""
+    cfg = DistillConfig(dataset="unused")
+    torch.manual_seed(cfg.seed)
+    inputs = [torch.from_numpy(v) for v in task.train.values()]
+    targets = torch.from_numpy(teacher)
+    labels = torch.from_numpy(task.y_train)
+    n, t = len(targets), cfg.temperature
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / cfg.batch_size))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            out = model(*(x[idx] for x in inputs))
+            if task.dense:
+                loss = F.mse_loss(out, targets[idx])
+            else:
+                soft = F.kl_div(
+                    F.log_softmax(out / t, 1), F.softmax(targets[idx] / t, 1), reduction="batchmean"
+                )
+                hard = F.cross_entropy(out, labels[idx])
+                loss = cfg.alpha * soft * t * t + (1 - cfg.alpha) * hard
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+def fmt_row(arch: str, s: str, method: str, r: Result, src: Result) -> str:
+    pruned = "" if r.pruned is None else f"{100 * r.pruned:.1f}"
+    return (
+        f"| {arch} | {s} | {method} | {r.layers[0]}/{r.layers[1]} | {r.params:,} "
+        f"| {src.params / r.params:.2f}x | {r.size / 1e3:.0f} | {r.gzip / 1e3:.0f} "
+        f"| {r.p50:.3f} | {pruned} | {100 * r.metric:.1f} | {100 * (r.metric - src.metric):+.1f} "
+        f"| {r.seconds:.0f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS))
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--epochs", type=int, default=6, help="distillation epochs (both)")
+    parser.add_argument("--quick", action="store_true", help="sparsity 0.5, 2 epochs")
+    args = parser.parse_args()
+    if args.quick:
+        args.sparsity, args.epochs = [0.5], 2
+    threads = os.cpu_count() or 1
+
+    began = time.perf_counter()
+    table: list[str] = []
+    notes: list[str] = []
+    goals: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch:
+            print(f"{arch}: training the source ...", file=sys.stderr, flush=True)
+            # One thread for the sources: extra threads on a shared two-core machine cost
+            # far more than they bring (ten times slower on small batches, measured).
+            torch.set_num_threads(1)
+            module, task = archs.build(arch)
+            archs.train(module, task, ARCHS[arch])
+            folder = Path(tmp) / arch
+            write_data(task, folder)
+            source = archs.export(module, task)
+            onnx.save(source, folder / "source.onnx")
+            graph.constants_to_initializers(source)
+            src = measure(source, source, task, None)
+            with torch.no_grad():
+                teacher = module(*archs.example(task, len(task.y_train))).numpy()
+            table.append(fmt_row(arch, "-", "source", src, src))
+            for s in args.sparsity:
+                print(f"{arch} {s}: edgeslim ...", file=sys.stderr, flush=True)
+                ours, step_notes = edgeslim(folder, source, task, s, args.epochs)
+                print(f"{arch} {s}: torch-pruning ...", file=sys.stderr, flush=True)
+                torch.set_num_threads(threads)  # what edgeslim's distill chose for itself
+                peer = torch_pruning(module, source, task, teacher, s, args.epochs)
+                table.append(fmt_row(arch, f"{s:g}", "edgeslim", ours, src))
+                table.append(fmt_row(arch, f"{s:g}", "torch-pruning", peer, src))
+                notes += [f"{arch} {s:g}: {n}" for n in step_notes if _summary(n)]
+                goals += _goals(arch, s, ours, peer, src)
+    minutes = (time.perf_counter() - began) / 60
+
+    print(
+        f"\nsparsity = share of channels / neurons / heads removed per group; distillation "
+        f"{args.epochs} epochs on the training split (both); metric on the held-out split "
+        f"(accuracy %, detector: IoU %); latency batch 1, 1 thread, p50 of {LATENCY_RUNS}; "
+        f"{threads} CPU cores; {minutes:.1f} min\n"
+    )
+    print(
+        "| arch | sparsity | method | layers pruned | params | fewer | size kB | gzip kB "
+        "| p50 ms | metric pruned | metric distilled | vs source | time s |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(table))
+    print("\nedgeslim step notes:\n" + "\n".join(f"- {n}" for n in notes))
+    print("\ngoals:\n" + "\n".join(f"- {g}" for g in goals))
+
+
+def _summary(note: str) -> bool:
+    """The notes worth a line under the table: prune's summary and distill's outcome."""
+    return note.startswith(("structured:", "removed")) or "epoch" in note or "worse" in note
+
+
+def _goals(arch: str, s: float, ours: Result, peer: Result, src: Result) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "ok  " if ok else "MISS"
+
+    out = []
+    if s == 0.5:
+        share = ours.layers[0] / ours.layers[1]
+        out.append(
+            f"{mark(share >= 0.9)} {arch}: {share:.0%} of conv/linear layers pruned (>= 90%)"
+        )
+        ratio = src.params / ours.params
+        out.append(f"{mark(ratio >= 1.8)} {arch} 0.5: {ratio:.2f}x fewer parameters (>= 1.8x)")
+        if arch in CNNS:
+            drop = 100 * (src.metric - ours.metric)
+            out.append(f"{mark(drop <= 1)} {arch} 0.5: {drop:+.1f} points below the source (<= 1)")
+    delta = 100 * (ours.metric - peer.metric)
+    out.append(
+        f"{mark(delta >= 0)} {arch} {s:g}: metric {delta:+.1f} points vs torch-pruning, "
+        f"parameters {ours.params:,} vs {peer.params:,}, p50 {ours.p50:.3f} vs {peer.p50:.3f} ms"
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()
