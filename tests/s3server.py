@@ -266,7 +266,7 @@ class _Gate:
         self._conns: set[socket.socket] = set()
         self._trap: tuple[re.Pattern[bytes], int] | None = None
 
-    def up(self) -> int:
+    def up(self, announce: bool = True) -> int:
         with self._lock:
             if self._listener is None:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -276,7 +276,8 @@ class _Gate:
                 self.port = sock.getsockname()[1]
                 self._listener = sock
                 threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
-        print("UP", flush=True)
+        if announce:  # not before READY: the parent reads that line with select()
+            print("UP", flush=True)
         return self.port
 
     def down(self) -> None:
@@ -388,7 +389,7 @@ def _serve(argv: list[str] | None = None) -> int:
     _, port = server.get_host_and_port()
     if args.faults:
         gate = _Gate(args.host, args.port, (args.host, port))
-        port = gate.up()
+        port = gate.up(announce=False)
         threading.Thread(target=_control, args=(gate,), daemon=True).start()
     endpoint = f"http://{args.host}:{port}"
     if args.bucket:
