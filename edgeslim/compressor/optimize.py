@@ -96,6 +96,10 @@ class Search:
     started: float = field(default_factory=time.monotonic)
     results: list[CandidateResult] = field(default_factory=list)
     best: CandidateResult | None = None
+    closest: CandidateResult | None = None
+    """The built candidate with the smallest drop: the rejected artifact if none passes."""
+    base: CandidateResult | None = None
+    """The first plain static int8 candidate built: what mixed precision starts from."""
     sensitivity: list[NodeSensitivity] = field(default_factory=list)
     stopped_by: str | None = None
 
@@ -121,6 +125,16 @@ class Search:
         ):
             self.best = res
             self.on_best(self)
+        if f.drop is not None and (self.closest is None or f.drop < self.closest.figures.drop):
+            self.closest = res
+        if self.base is None and res.model is not None and _plain_static(f.recipe):
+            self.base = res
+        # Only these models are needed later; the rest would hold one model per candidate.
+        for r in self.results:
+            if r.model is not None and not any(
+                r is k for k in (self.best, self.closest, self.base)
+            ):
+                r.model = None
         return res
 
     def passing(self) -> list[CandidateResult]:
@@ -135,20 +149,24 @@ def _formats(search: Search, prefix: list[PipelineStep], model: onnx.ModelProto)
         search.candidate(recipe)
 
 
+def _plain_static(recipe: list[dict]) -> bool:
+    """One static quantize step, nothing kept float."""
+    if len(recipe) != 1 or "quantize" not in recipe[0]:
+        return False
+    q = recipe[0]["quantize"]
+    return q.get("mode") == QuantizeMode.static and not q.get("excludeNodes")
+
+
 def _mixed_precision(search: Search) -> None:
-    """Keep the most sensitive nodes of the best static recipe in float until the gate holds."""
-    static = [
-        r
-        for r in search.results
-        if r.model is not None
-        and len(r.figures.recipe) == 1
-        and r.figures.recipe[0].get("quantize", {}).get("mode", "static") == QuantizeMode.static
-    ]
-    if not static or any(r.passed for r in static):
+    """Keep the most sensitive regions of static int8 in float until the gate holds."""
+    if any(r.passed for r in search.results if _plain_static(r.figures.recipe)):
         return
-    # minmax keeps every range whole (percentile and entropy clip them): an outlier
-    # channel then costs only resolution, which keeping its tensor float gives back.
-    base = static[0]
+    # The first is per-channel minmax, which keeps every range whole (percentile and
+    # entropy clip them): an outlier channel then costs only resolution, which keeping
+    # its region float gives back.
+    base = search.base
+    if base is None:
+        return
     ctx = search.ctx
     search.log(f"sensitivity of the nodes quantized by {base.figures.name}")
     sample = ctx.data.head(SENSITIVITY_SAMPLES)
@@ -347,11 +365,8 @@ def run(r: Run, eval_data: Dataset, log: Callable[[str], None]) -> object:
         log=log,
     )
     search_all(search, opt.train_dataset, opt.train_dataset_sha256)
-    chosen = search.best
-    if chosen is None:
-        built = [c for c in search.results if c.model is not None]
-        if not built:
-            reasons = "; ".join(f"{c.figures.name}: {c.figures.reason}" for c in search.results)
-            raise BadInput(f"optimize: no candidate could be built ({reasons[:1500]})")
-        chosen = min(built, key=lambda c: c.figures.drop)
+    chosen = search.best or search.closest
+    if chosen is None:  # nothing could be built at all
+        reasons = "; ".join(f"{c.figures.name}: {c.figures.reason}" for c in search.results)
+        raise BadInput(f"optimize: no candidate could be built ({reasons[:1500]})")
     return write(search, chosen, complete=True)
