@@ -175,6 +175,7 @@ class Distill:
         best_state = input_state
         best = held_out_score() if guarded else None
         input_score, best_epoch, stale, epochs_run, loss_value = best, 0, 0, 0, 0.0
+        best_loss = best.neg_loss if best is not None else -math.inf
         with ctx.progress.task(
             f"distill ({cfg.epochs} epochs)", total=cfg.epochs * steps_per_epoch
         ) as bar:
@@ -201,9 +202,15 @@ class Distill:
                     continue
                 score = held_out_score()
                 bar.note(f"epoch {epoch} loss {loss_value:.4f} held-out {show(score)}")
+                # Progress is a better score or a lower held-out loss: a badly damaged
+                # student's loss falls for epochs before its accuracy moves.
+                progress = score > best or score.neg_loss > best_loss
+                best_loss = max(best_loss, score.neg_loss)
                 if score > best:
-                    best, best_epoch, stale = score, epoch, 0
+                    best, best_epoch = score, epoch
                     best_state = {k: v.detach().clone() for k, v in student.params.items()}
+                if progress:
+                    stale = 0
                 else:
                     stale += 1
                     if stale >= cfg.patience:
@@ -219,7 +226,7 @@ class Distill:
             return StepOutput(model=student.write_back(student_model), notes=notes)
         assert input_score is not None and best is not None
         if epochs_run < cfg.epochs:
-            summary += f" (stopped early: no held-out gain for {cfg.patience} epochs)"
+            summary += f" (stopped early: no held-out progress for {cfg.patience} epochs)"
         notes.append(summary)
         notes.append(
             f"held out {len(held_idx)} samples: input {show(input_score)}, "
