@@ -106,3 +106,35 @@ def test_bridge_matches_onnxruntime_on_exported_architectures(arch: str, opset: 
         again = module(*(torch.from_numpy(feeds[n]) for n in module.input_names))[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(again, got)  # the second run reuses the cached shape values
+
+
+def test_constant_node_weights_are_trained_and_written_back_in_place() -> None:
+    """Weights stored as Constant nodes (as some exporters write them) are parameters too,
+    and write_back puts the trained values into those nodes, not into new initializers."""
+    model, feeds = build("mobilenet_v3_small", 11)
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    constants = [
+        onnx.helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+        for t in floats
+    ]
+    keep = [t for t in model.graph.initializer if t.data_type != onnx.TensorProto.FLOAT]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(constants + nodes)
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    module = OnnxModule(model)
+    assert len(module.param_names) == 71  # every conv and linear weight and bias
+    with torch.no_grad():
+        got = module(torch.from_numpy(feeds["input"]))[0].numpy()
+        np.testing.assert_allclose(got, session.run(None, feeds)[0], rtol=1e-3, atol=1e-4)
+        for weight in module.weights().values():
+            weight.mul_(0.5)
+        halved = module(torch.from_numpy(feeds["input"]))[0].numpy()
+    updated = module.write_back(model)
+    assert len(updated.graph.initializer) == len(keep)  # still Constant nodes
+    assert [n.name for n in updated.graph.node] == [n.name for n in model.graph.node]
+    session = ort.InferenceSession(updated.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, feeds)[0], halved, rtol=1e-3, atol=1e-4)
