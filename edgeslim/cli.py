@@ -54,12 +54,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if (args.spec is None) == (args.spec_env is None):
         raise BadInput("give a spec file or --spec-env NAME, not both or neither")
     obj = load_spec(args.spec) if args.spec else load_spec_from_env(args.spec_env)
+    if args.plan or args.candidate is not None:
+        return _fanout_step(args, obj)
     bars = console.is_terminal or args.quiet
     with (
         tempfile.TemporaryDirectory(prefix="edgeslim-", dir=args.workdir) as tmp,
         RichProgress(quiet=args.quiet) if bars else LineProgress() as progress,
     ):
-        outcome = compress(
+        if args.pick:
+            from edgeslim.compressor import optimize_fanout
+
+            run = optimize_fanout.pick
+        else:
+            run = compress
+        outcome = run(
             obj,
             output=args.output,
             workdir=Path(tmp),
@@ -76,6 +84,41 @@ def cmd_compress(args: argparse.Namespace) -> int:
     else:
         console.print(outcome.manifest_uri)
     return EXIT_OK if outcome.result.gate.passed else EXIT_REJECTED
+
+
+def candidate_index(value: str | None) -> int:
+    """--candidate N, or a bare --candidate in an Indexed Job: JOB_COMPLETION_INDEX."""
+    text = value if value is not None else os.environ.get("JOB_COMPLETION_INDEX", "")
+    if not re.fullmatch(r"[0-9]{1,6}", text.strip()):
+        source = "--candidate" if value is not None else "JOB_COMPLETION_INDEX"
+        raise BadInput(f"{source} {text!r}: expected a candidate index (0, 1, ...)")
+    return int(text)
+
+
+def _fanout_step(args: argparse.Namespace, obj: CompressedModel) -> int:
+    """--plan or --candidate: one step of a search fanned out over processes (Jobs)."""
+    from edgeslim.clitable import LineProgress, RichProgress, console
+    from edgeslim.compressor import optimize_fanout
+
+    bars = console.is_terminal or args.quiet
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeslim-", dir=args.workdir) as tmp,
+        RichProgress(quiet=args.quiet) if bars else LineProgress() as progress,
+    ):
+        log = progress.log
+        common = {"output": args.output, "workdir": Path(tmp), "log": log, "progress": progress}
+        if args.plan:
+            plan, uri = optimize_fanout.write_plan(obj, **common)
+            console.print(
+                f"{uri} ({len(plan.recipes)} candidates)", highlight=False, soft_wrap=True
+            )
+            return EXIT_OK
+        n = candidate_index(None if args.candidate == "" else args.candidate)
+        record, uri, skipped = optimize_fanout.evaluate_one(obj, n, **common)
+    verdict = "passed" if record.figures.passed else "failed"
+    line = f"{uri} {verdict}{' (already stored)' if skipped else ''}"
+    console.print(line, highlight=False, soft_wrap=True)  # one line: scripts read it
+    return EXIT_OK
 
 
 def _pareto_pictures(outcome) -> list[str]:
@@ -175,6 +218,25 @@ def parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="recompute even when a result for this spec hash is already stored",
+    )
+    fan = c.add_mutually_exclusive_group()  # spec.optimize over separate processes (Jobs)
+    fan.add_argument(
+        "--plan",
+        action="store_true",
+        help="optimize: write the candidates that can run independently (plan.json)",
+    )
+    fan.add_argument(
+        "--candidate",
+        nargs="?",
+        const="",
+        metavar="N",
+        help="optimize: evaluate candidate N of the plan into candidates/N/ (skipped when "
+        "stored); without N, JOB_COMPLETION_INDEX (an Indexed Job)",
+    )
+    fan.add_argument(
+        "--pick",
+        action="store_true",
+        help="optimize: finish the search with the stored candidates and write the winner",
     )
     c.set_defaults(func=cmd_compress)
 

@@ -86,6 +86,13 @@ class Run:
     step_ctx: steps.StepContext
 
 
+def run_of(f, ld) -> Run:
+    """The Run of a spec whose inputs pipeline.fetch_inputs and load_inputs prepared."""
+    return Run(
+        f.obj, f.prefix, f.namespace, f.spec_hash, f.inputs, ld.source, ld.source_fig, ld.step_ctx
+    )
+
+
 @dataclass
 class Search:
     ctx: CandidateContext
@@ -102,6 +109,8 @@ class Search:
     """The first plain static int8 candidate built: what mixed precision starts from."""
     sensitivity: list[NodeSensitivity] = field(default_factory=list)
     stopped_by: str | None = None
+    prior: Callable[[Recipe, int], CandidateResult | None] | None = None
+    """Candidates measured elsewhere (a candidate Job): taken as they are, not evaluated again."""
 
     def candidate(self, recipe: Recipe) -> CandidateResult:
         if len(self.results) >= self.max_candidates:
@@ -110,7 +119,11 @@ class Search:
             raise BudgetSpent("maxSeconds")
         index = len(self.results)
         self.log(f"candidate {index}: {recipe.name}")
-        res = evaluate_candidate(recipe, self.ctx, index)
+        res = self.prior(recipe, index) if self.prior is not None else None
+        if res is None:
+            res = evaluate_candidate(recipe, self.ctx, index)
+        else:
+            self.log("  (measured by its own run)")
         self.results.append(res)
         f = res.figures
         self.log(
@@ -281,7 +294,12 @@ def candidate_context(r: Run, eval_data: Dataset) -> CandidateContext:
     )
 
 
-def run(r: Run, eval_data: Dataset, log: Callable[[str], None]) -> object:
+def run(
+    r: Run,
+    eval_data: Dataset,
+    log: Callable[[str], None],
+    prior: Callable[[Recipe, int], CandidateResult | None] | None = None,
+) -> object:
     """Search, write the best (or the closest, rejected) with the whole search recorded."""
     from edgeslim.compressor import pipeline as p
 
@@ -363,6 +381,7 @@ def run(r: Run, eval_data: Dataset, log: Callable[[str], None]) -> object:
         deadline=time.monotonic() + opt.max_seconds,
         on_best=on_best,
         log=log,
+        prior=prior,
     )
     search_all(search, opt.train_dataset, opt.train_dataset_sha256)
     chosen = search.best or search.closest

@@ -25,6 +25,7 @@ from edgeslim.api.result import (
     EvaluationFigures,
     GateVerdict,
     InputIdentity,
+    ModelFigures,
     StepRecord,
 )
 from edgeslim.api.spec import CompressedModel, Evaluation
@@ -200,6 +201,30 @@ def _datasets_in(obj: CompressedModel) -> list[tuple[str, str | None, str]]:
     return found
 
 
+@dataclass
+class Fetched:
+    """A spec's inputs fetched into scratch with every pin checked, and where its result goes."""
+
+    obj: CompressedModel
+    prefix: str
+    namespace: str
+    spec_hash: str
+    ws: Workspace
+    source_path: Path
+    ev_path: Path
+    inputs: list[InputIdentity]
+
+
+@dataclass
+class Loaded:
+    """The source loaded and every dataset checked against it: what steps and candidates run on."""
+
+    source: onnx.ModelProto
+    source_fig: ModelFigures
+    eval_data: Dataset
+    step_ctx: steps.StepContext
+
+
 def compress(
     obj: CompressedModel,
     *,
@@ -217,8 +242,48 @@ def compress(
     and an artifact that pods may be serving is never replaced by different
     bytes. Inputs with new content at the same URIs are computed again.
     """
-    spec = obj.spec
     progress = progress or steps.NullProgress()
+    f = fetch_inputs(obj, output=output, workdir=workdir, log=log)
+    if reuse and (done := stored_result(f, log)) is not None:
+        return done
+    ld = load_inputs(f, progress)
+    spec, source, ctx = obj.spec, ld.source, ld.step_ctx
+    if spec.optimize is not None:  # a search over recipes instead of one pipeline
+        from edgeslim.compressor import optimize
+
+        return optimize.run(optimize.run_of(f, ld), ld.eval_data, log)
+    model, current = source, graph.figures(source.SerializeToString(), source)
+    records: list[StepRecord] = []
+    for i, entry in enumerate(spec.pipeline):
+        log(f"step {i + 1}/{len(spec.pipeline)}: {entry.type}")
+        started = time.perf_counter()
+        try:
+            out = steps.build(entry).run(model, ctx)
+        except BadInput as exc:
+            raise BadInput(f"pipeline[{i}].{entry.type}: {exc}") from exc
+        data = out.model.SerializeToString()
+        after = graph.figures(data, out.model)
+        records.append(
+            StepRecord(
+                type=entry.type,
+                config=entry.config.wire(),
+                before=current,
+                after=after,
+                seconds=round(time.perf_counter() - started, 3),
+                changed=after.sha256 != current.sha256,
+                grew=after.size_bytes > current.size_bytes,
+                notes=out.notes,
+            )
+        )
+        model, current = out.model, after
+    return _finish(obj, f, ld, model, records, progress, log)
+
+
+def fetch_inputs(
+    obj: CompressedModel, *, output: str | None, workdir: Path, log: Callable[[str], None]
+) -> Fetched:
+    """Fetch every input and check every pin: the first thing any run of a spec does."""
+    spec = obj.spec
     output_uri = output or (spec.output.uri if spec.output else None)
     if not output_uri:
         raise BadInput("output: no output location; set spec.output.uri or pass --output")
@@ -245,12 +310,19 @@ def compress(
             student = step.config.student
             field = f"pipeline[{i}].distill.student"
             ws.model_file(student.uri, student.sha256, field, field)
-    inputs = ws.identities()
-    if reuse:
-        done = _stored_result(prefix, obj.metadata.name, namespace, spec_hash, inputs, ws, log)
-        if done is not None:
-            return done
+    return Fetched(obj, prefix, namespace, spec_hash, ws, source_path, ev_path, ws.identities())
 
+
+def stored_result(f: Fetched, log: Callable[[str], None]) -> Outcome | None:
+    """The complete result already stored for this spec and these input bytes, if any."""
+    name = f.obj.metadata.name
+    return _stored_result(f.prefix, name, f.namespace, f.spec_hash, f.inputs, f.ws, log)
+
+
+def load_inputs(f: Fetched, progress: steps.Progress) -> Loaded:
+    """Load the source and check every dataset against it before any step spends time."""
+    obj, ws, source_path, ev_path, workdir = f.obj, f.ws, f.source_path, f.ev_path, f.ws.root
+    spec = obj.spec
     source = model_io.load_model(
         source_path,
         f"source model {spec.source.uri}",
@@ -290,36 +362,22 @@ def compress(
     # Sizes and sha of the file as given; parameters of the loaded graph (for a
     # TorchScript source, the ONNX it was converted to).
     source_fig = graph.figures(source_bytes, source, uri=spec.source.uri)
-    if spec.optimize is not None:  # a search over recipes instead of one pipeline
-        from edgeslim.compressor import optimize
+    return Loaded(source, source_fig, eval_data, ctx)
 
-        run = optimize.Run(obj, prefix, namespace, spec_hash, inputs, source, source_fig, ctx)
-        return optimize.run(run, eval_data, log)
-    model, current = source, graph.figures(source.SerializeToString(), source)
-    records: list[StepRecord] = []
-    for i, entry in enumerate(spec.pipeline):
-        log(f"step {i + 1}/{len(spec.pipeline)}: {entry.type}")
-        started = time.perf_counter()
-        try:
-            out = steps.build(entry).run(model, ctx)
-        except BadInput as exc:
-            raise BadInput(f"pipeline[{i}].{entry.type}: {exc}") from exc
-        data = out.model.SerializeToString()
-        after = graph.figures(data, out.model)
-        records.append(
-            StepRecord(
-                type=entry.type,
-                config=entry.config.wire(),
-                before=current,
-                after=after,
-                seconds=round(time.perf_counter() - started, 3),
-                changed=after.sha256 != current.sha256,
-                grew=after.size_bytes > current.size_bytes,
-                notes=out.notes,
-            )
-        )
-        model, current = out.model, after
 
+def _finish(
+    obj: CompressedModel,
+    f: Fetched,
+    ld: Loaded,
+    model: onnx.ModelProto,
+    records: list[StepRecord],
+    progress: steps.Progress,
+    log: Callable[[str], None],
+) -> Outcome:
+    """Measure the pipeline's model against the gate and write it with its manifest."""
+    spec, prefix, workdir = obj.spec, f.prefix, f.ws.root
+    source, eval_data = ld.source, ld.eval_data
+    source_fig, namespace, spec_hash, inputs = ld.source_fig, f.namespace, f.spec_hash, f.inputs
     log("evaluating")
     result_bytes = model.SerializeToString()
     ev_fig, lat_fig, mem_fig = _measure(
