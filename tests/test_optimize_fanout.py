@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from edgeslim import storage
 from edgeslim.api.result import CompressionResult
 from edgeslim.api.spec import CompressedModel
 from edgeslim.cli import EXIT_BAD_INPUT, EXIT_OK, main
@@ -171,3 +172,36 @@ def test_fanout_steps_refuse_what_cannot_work(digits, tmp_path: Path, capsys) ->
     with pytest.raises(SystemExit) as exc:  # argparse: one step at a time
         cli(str(spec), "--plan", "--pick")
     assert exc.value.code == EXIT_BAD_INPUT
+
+
+def test_the_steps_share_their_work_through_s3(digits, tmp_path: Path, s3_server, s3: str) -> None:
+    """What Jobs on different nodes see: plan and candidates only under the object's S3 prefix."""
+    for name, path in (("cnn.onnx", digits.model_path), ("val.npz", digits.val)):
+        storage.put_file(path, f"s3://{s3}/inputs/{name}")
+    spec, _ = write_spec(
+        digits, tmp_path, tmp_path / "unused", optimize={"objective": "size", "maxCandidates": 2}
+    )
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["source"]["uri"] = f"s3://{s3}/inputs/cnn.onnx"
+    doc["spec"]["evaluation"]["dataset"] = f"s3://{s3}/inputs/val.npz"
+    doc["spec"]["output"]["uri"] = f"s3://{s3}/edge/"
+    spec.write_text(yaml.safe_dump(doc))
+    prefix = f"edge/default/digits-fan/{CompressedModel.model_validate(doc).spec.spec_hash()}/"
+    assert cli(str(spec), "--plan") == EXIT_OK
+    assert cli(str(spec), "--candidate", "0") == EXIT_OK
+    assert cli(str(spec), "--candidate", "1") == EXIT_OK
+    record = CandidateRecord.model_validate_json(
+        storage.read_bytes(f"s3://{s3}/{prefix}candidates/1/manifest.json")
+    )
+    assert record.model_uri == f"s3://{s3}/{prefix}candidates/1/model.onnx"
+    assert cli(str(spec), "--pick") == EXIT_OK
+    result = CompressionResult.model_validate_json(
+        storage.read_bytes(f"s3://{s3}/{prefix}manifest.json")
+    )
+    assert [c.name for c in result.candidates] == FORMATS[:2] and result.search.complete
+    # Taken as stored: nothing measured it again.
+    assert result.candidates[1].seconds == record.figures.seconds
+    listed = s3_server.client().list_objects_v2(Bucket=s3, Prefix=prefix)["Contents"]
+    keys = {o["Key"].removeprefix(prefix) for o in listed}
+    assert {"plan.json", "manifest.json", "model.onnx", "candidates/0/manifest.json"} <= keys
+    assert {"candidates/0/model.onnx", "candidates/1/model.onnx"} <= keys
