@@ -109,6 +109,7 @@ def _fanout_step(args: argparse.Namespace, obj: CompressedModel) -> int:
         common = {"output": args.output, "workdir": Path(tmp), "log": log, "progress": progress}
         if args.plan:
             plan, uri = optimize_fanout.write_plan(obj, **common)
+            optimize_fanout.write_plan_message(plan, uri)
             console.print(
                 f"{uri} ({len(plan.recipes)} candidates)", highlight=False, soft_wrap=True
             )

@@ -68,9 +68,20 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def test_plan_candidates_and_pick_give_the_local_searchs_winner(digits, tmp_path: Path) -> None:
+def test_plan_candidates_and_pick_give_the_local_searchs_winner(
+    digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec, folder = write_spec(digits, tmp_path, tmp_path / "fan")
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("EDGESLIM_TERMINATION_LOG", str(termination))
     assert cli(str(spec), "--plan") == EXIT_OK
+    # The operator learns the plan's size from the plan pod's termination message.
+    message = json.loads(termination.read_text())
+    assert message == {
+        "kind": "OptimizePlan",
+        "candidates": len(FORMATS),
+        "planUri": str(folder / "plan.json"),
+    }
     plan_bytes = (folder / "plan.json").read_bytes()
     plan = OptimizePlan.model_validate_json(plan_bytes)
     assert [r.name for r in plan.recipes] == FORMATS  # the search's order; no MatMul formats
@@ -141,7 +152,6 @@ def test_fanout_steps_refuse_what_cannot_work(digits, tmp_path: Path, capsys) ->
     # No plan yet: a candidate run says what to run first.
     assert cli(str(spec), "--candidate", "0") == EXIT_BAD_INPUT
     assert "run `edgeslim compress SPEC --plan`" in capsys.readouterr().err
-    assert cli(str(spec), "--pick") == EXIT_BAD_INPUT
     assert cli(str(spec), "--plan") == EXIT_OK
     assert cli(str(spec), "--candidate", "6") == EXIT_BAD_INPUT
     assert "the plan has candidates 0..5" in capsys.readouterr().err
@@ -205,3 +215,14 @@ def test_the_steps_share_their_work_through_s3(digits, tmp_path: Path, s3_server
     keys = {o["Key"].removeprefix(prefix) for o in listed}
     assert {"plan.json", "manifest.json", "model.onnx", "candidates/0/manifest.json"} <= keys
     assert {"candidates/0/model.onnx", "candidates/1/model.onnx"} <= keys
+
+
+def test_pick_without_a_plan_searches_in_its_own_process(digits, tmp_path: Path) -> None:
+    """A plan step that failed or never ran must not cost the result."""
+    spec, folder = write_spec(
+        digits, tmp_path, tmp_path / "fan", optimize={"objective": "download", "maxCandidates": 2}
+    )
+    assert cli(str(spec), "--pick") == EXIT_OK
+    result = CompressionResult.model_validate_json((folder / "manifest.json").read_text())
+    assert [c.name for c in result.candidates] == FORMATS[:2] and result.search.complete
+    assert not (folder / "candidates").exists()

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import onnx
@@ -80,6 +82,26 @@ class CandidateRecord(OpenWireModel):
     model_uri: str | None = None
     """The candidate's model (None: it could not be built)."""
     model_sha256: str | None = None
+
+
+class PlanMessage(OpenWireModel):
+    """What a plan step tells the operator through its pod's termination message."""
+
+    kind: Literal["OptimizePlan"] = "OptimizePlan"
+    candidates: int
+    plan_uri: str
+
+
+def write_plan_message(plan: OptimizePlan, uri: str) -> Path | None:
+    """The plan's size for the operator, which then starts one Job per candidate."""
+    path = os.environ.get("EDGESLIM_TERMINATION_LOG")
+    if not path:
+        if not Path("/dev/termination-log").exists():
+            return None
+        path = "/dev/termination-log"
+    message = PlanMessage(candidates=len(plan.recipes), plan_uri=uri)
+    Path(path).write_text(json.dumps(message.wire(), separators=(",", ":")))
+    return Path(path)
 
 
 def plan_uri(prefix: str) -> str:
@@ -251,13 +273,18 @@ def pick(
     f = p.fetch_inputs(obj, output=output, workdir=workdir, log=log)
     if reuse and (done := p.stored_result(f, log)) is not None:
         return done
-    plan = _plan_of(f)
-    keys = {json.dumps(r.wire_steps(), sort_keys=True): i for i, r in enumerate(plan.recipes)}
+    # Without a plan (its step failed or never ran) the whole search runs here.
+    plan = _read(plan_uri(f.prefix), OptimizePlan, "stored plan")
+    if plan is None or not _same_run(plan, f):
+        log("pick: no plan for this spec and these inputs; searching in this process")
+        plan = None
+    recipes = plan.recipes if plan is not None else []
+    keys = {json.dumps(r.wire_steps(), sort_keys=True): i for i, r in enumerate(recipes)}
     used: list[int] = []
 
     def prior(recipe: Recipe, index: int) -> CandidateResult | None:
         i = keys.get(json.dumps(recipe.wire_steps(), sort_keys=True))
-        rec = _stored_candidate(f, i, plan.recipes[i]) if i is not None else None
+        rec = _stored_candidate(f, i, recipes[i]) if i is not None else None
         res = _result_of(f, rec, index) if rec is not None else None
         if res is not None:
             used.append(i)
@@ -265,5 +292,5 @@ def pick(
 
     ld = p.load_inputs(f, progress)
     outcome = optimize.run(optimize.run_of(f, ld), ld.eval_data, log, prior=prior)
-    log(f"pick: {len(used)} of {len(plan.recipes)} planned candidates were stored by their runs")
+    log(f"pick: {len(used)} of {len(recipes)} planned candidates were stored by their runs")
     return outcome
