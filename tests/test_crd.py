@@ -393,6 +393,7 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         {
             "status": {
                 "phase": "Ready",
+                "candidates": "6/6",
                 "artifact": {"uri": "s3://m/a/model.onnx", "sha256": "a" * 64, "sizeBytes": 10},
                 "results": {
                     "compressionRatio": 3.9,
@@ -418,6 +419,7 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "PHASE",
         "RATIO",
         "DROP",
+        "CANDIDATES",
         "AGE",
         "SIZE-RATIO",
         "SPEEDUP",
@@ -426,4 +428,4 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "SERVING",
         "REPLICAS",
     ]
-    assert row.split()[1:4] == ["Ready", "4.25", "0.005"]
+    assert row.split()[1:5] == ["Ready", "4.25", "0.005", "6/6"]

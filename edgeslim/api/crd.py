@@ -170,6 +170,13 @@ CEL_RULES: dict[str, list[Schema]] = {
             "give exactly one of pipeline and optimize",
             reason="FieldValueRequired",
         ),
+        _rule(
+            "!has(self.optimize) || !has(self.optimize.placeOnDeploymentNodes)"
+            " || !self.optimize.placeOnDeploymentNodes || has(self.deployment)",
+            "optimize.placeOnDeploymentNodes: needs spec.deployment",
+            fieldPath=".deployment",
+            reason="FieldValueRequired",
+        ),
     ],
     "spec.pipeline": [
         _rule("self.size() >= 1", "pipeline needs at least one step", reason="FieldValueRequired"),
@@ -271,6 +278,12 @@ PRINTER_COLUMNS: list[Schema] = [
         "type": "number",
         "jsonPath": ".status.results.evaluation.drop",
         "description": "How much worse the metric got (the gate compares it to maxMetricDrop)",
+    },
+    {
+        "name": "Candidates",
+        "type": "string",
+        "jsonPath": ".status.candidates",
+        "description": "spec.optimize: candidate Jobs finished / planned",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {

@@ -348,6 +348,9 @@ class Optimize(WireModel):
     """Most candidates evaluated (the sensitivity analysis is not counted)."""
     max_seconds: int = Field(default=900, ge=10, le=7 * 86_400)
     """Wall-clock budget of the search; the best result so far is kept when it runs out."""
+    place_on_deployment_nodes: bool | None = None
+    """In a cluster: run the search's Jobs on the nodes spec.deployment selects (its
+    nodeSelector and tolerations), so latency is measured on the hardware that serves."""
 
 
 class CompressedModelSpec(WireModel):
@@ -381,6 +384,8 @@ class CompressedModelSpec(WireModel):
                 raise ValueError("pipeline: prune and distill cannot follow quantize")
         if self.deployment is not None and self.output is None:
             raise ValueError("output: a deployment needs an output location")
+        if self.optimize and self.optimize.place_on_deployment_nodes and not self.deployment:
+            raise ValueError("optimize.placeOnDeploymentNodes: needs spec.deployment")
         return self
 
     def spec_hash(self) -> str:

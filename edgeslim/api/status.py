@@ -118,6 +118,8 @@ class CompressedModelStatus(OpenWireModel):
     """The compressor Job of this spec hash."""
     message: str | None = None
     """What happened last, for people."""
+    candidates: str | None = None
+    """spec.optimize searched by parallel Jobs: candidate Jobs finished / planned (`3/6`)."""
     conditions: list[Condition] = Field(default_factory=list)
     """Ready, Compressed, GatePassed, Available, and Reconciling / Stalled (which kstatus
     reads), each with the generation it describes."""

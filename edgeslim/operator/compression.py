@@ -16,7 +16,7 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import jobs, ownership, results, status
+from edgeslim.operator import fanout, jobs, ownership, results, status
 from edgeslim.operator.kube import Conflict, api_message
 from edgeslim.operator.names import job_name
 from edgeslim.operator.queue import ModelKey, Waiting
@@ -190,6 +190,11 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
             # says so without a 409 round-trip.
             log.info("%s/%s: adopted existing Job %s", *key, job)
             return
+        if fanout.applies(model, rt.settings):  # a search: plan, candidates, then this Job
+            plan = fanout.step_job_name(model.metadata.name, spec_hash, fanout.PLAN)
+            rt.slots.hand_over(key, entry.job, plan)
+            fanout.advance(rt, key)
+            return
         manifest = jobs.build_job(model, rt.settings, spec_hash)
         try:
             created = rt.kube.create_job(manifest)
@@ -251,8 +256,12 @@ def _start_quietly(rt: Runtime, entry: Waiting) -> None:
 
 
 def dispatch(rt: Runtime) -> None:
-    """Fills free slots with the oldest queued objects."""
-    if rt.slots.unlimited or rt.settings.kueue_queue:
+    """Fills free slots: searches under way first, then the oldest queued objects."""
+    if rt.settings.kueue_queue:
+        return
+    for key in fanout.in_progress(rt):
+        fanout.advance_quietly(rt, key)
+    if rt.slots.unlimited:
         return
     for w in rt.slots.take(queued_models(rt.models_index), running_jobs(rt.jobs_index)):
         _start_quietly(rt, w)
@@ -289,7 +298,13 @@ def job_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
         dispatch(rt)
         return
     state = jobs.job_state(body)
-    if state in (jobs.JobState.succeeded, jobs.JobState.failed):
+    if state in (jobs.JobState.succeeded, jobs.JobState.failed) and fanout.is_step(body):
+        rt.slots.release(key, ref.name)
+        try:  # a search step's result is in storage: the search goes on
+            fanout.advance(rt, key)
+        finally:
+            dispatch(rt)
+    elif state in (jobs.JobState.succeeded, jobs.JobState.failed):
         rt.slots.release(key, ref.name)
         try:
             record_result(rt, body)

@@ -72,7 +72,15 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
         "name": CONTAINER,
         "image": settings.compressor_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": [*settings.compressor_command, "compress", "--spec-env", SPEC_ENV],
+        "command": [
+            *settings.compressor_command,
+            "compress",
+            "--spec-env",
+            SPEC_ENV,
+            # An optimize search ends with the pick step (operator/fanout.py), which
+            # also searches alone when no plan ran (e.g. under Kueue).
+            *(["--pick"] if model.spec.optimize is not None else []),
+        ],
         "env": [
             {"name": SPEC_ENV, "value": spec_payload(model)},
             *podspec.base_env(model, settings),
@@ -118,6 +126,14 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
             },
         },
     }
+    opt, deployment = model.spec.optimize, model.spec.deployment
+    if opt is not None and opt.place_on_deployment_nodes and deployment is not None:
+        # Latency decides among candidates: measure it on the node class that serves.
+        pod = spec["template"]["spec"]
+        if deployment.node_selector:
+            pod["nodeSelector"] = dict(deployment.node_selector)
+        if deployment.tolerations:
+            pod["tolerations"] = [t.wire() for t in deployment.tolerations]
     if settings.kueue_queue:
         # Kueue un-suspends the Job when it admits the workload.
         spec["suspend"] = True

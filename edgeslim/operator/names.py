@@ -20,12 +20,16 @@ __all__ = [
     "PLURAL",
     "SPEC_ENV",
     "SPEC_HASH_LABEL",
+    "STEP_LABEL",
     "job_name",
     "serving_name",
 ]
 
 MODEL_LABEL = f"{API_GROUP}/model"
 SPEC_HASH_LABEL = f"{API_GROUP}/spec-hash"
+# On an optimize search's plan and candidate Jobs (`plan`, `candidate`): steps whose
+# result is in storage, not a CompressedModel's result (the pick Job has none).
+STEP_LABEL = f"{API_GROUP}/step"
 # Opt-in: deleting the object also deletes its artifacts from storage.
 CLEANUP_ANNOTATION = f"{API_GROUP}/cleanup-artifacts"
 FINALIZER = f"{API_GROUP}/cleanup-artifacts"

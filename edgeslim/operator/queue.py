@@ -61,6 +61,9 @@ class Slots:
         self._lock = threading.Lock()
         self._reserved: dict[ModelKey, str] = {}  # model -> job name not yet seen
         self._waiting: dict[ModelKey, Waiting] = {}  # asked for a slot, not yet admitted
+        # An optimize search's step Jobs (plan, candidates, pick) not yet seen: an
+        # object fans out over several slots, each counted like a queued object's.
+        self._steps: dict[ModelKey, set[str]] = {}
 
     @property
     def unlimited(self) -> bool:
@@ -75,12 +78,14 @@ class Slots:
         with self._lock:
             self._waiting.pop(key, None)
             self._reserved.pop(key, None)
+            self._steps.pop(key, None)
 
     def release(self, key: ModelKey, job: str) -> None:
         """The reservation for `job` is over (the index shows it, or it failed)."""
         with self._lock:
             if self._reserved.get(key) == job:
                 del self._reserved[key]
+            self._steps.get(key, set()).discard(job)
 
     def take(
         self,
@@ -94,18 +99,48 @@ class Slots:
         never take a second slot.
         """
         with self._lock:
-            # A reservation whose Job the index now shows is counted there.
-            for key, job in list(self._reserved.items()):
-                if job in running.get(key, set()):
-                    del self._reserved[key]
-            busy = set(running) | set(self._reserved)
-            count = sum(len(jobs) for jobs in running.values()) + len(self._reserved)
+            count = self._count(running)
+            busy = set(running) | set(self._reserved) | {k for k, v in self._steps.items() if v}
             candidates = [w for w in {*queued, *self._waiting.values()} if w.key not in busy]
             chosen = admissible(candidates, count, self.limit)
             for w in chosen:
                 self._reserved[w.key] = w.job
                 self._waiting.pop(w.key, None)
             return chosen
+
+    def _count(self, running: dict[ModelKey, set[str]]) -> int:
+        """Running Jobs plus reservations the index does not show yet (lock held)."""
+        # A reservation whose Job the index now shows is counted there.
+        for key, job in list(self._reserved.items()):
+            if job in running.get(key, set()):
+                del self._reserved[key]
+        for key, jobs in list(self._steps.items()):
+            jobs -= running.get(key, set())
+            if not jobs:
+                del self._steps[key]
+        steps = sum(len(v) for v in self._steps.values())
+        return sum(len(jobs) for jobs in running.values()) + len(self._reserved) + steps
+
+    def take_steps(
+        self, key: ModelKey, wanted: list[str], running: dict[ModelKey, set[str]]
+    ) -> list[str]:
+        """Reserves slots for as many of an object's step Jobs `wanted` as the limit
+        allows now, in order, and returns those names (all of them when unlimited)."""
+        with self._lock:
+            held = self._steps.get(key, set())
+            new = [w for w in wanted if w not in held]
+            free = len(new) if self.unlimited else max(0, self.limit - self._count(running))
+            granted = set(new[:free]) | {w for w in wanted if w in held}
+            if granted:
+                self._steps.setdefault(key, set()).update(granted)
+            return [w for w in wanted if w in granted]
+
+    def hand_over(self, key: ModelKey, job: str, step: str) -> None:
+        """The slot reserved for `job` goes to the object's first step Job instead."""
+        with self._lock:
+            if self._reserved.get(key) == job:
+                del self._reserved[key]
+                self._steps.setdefault(key, set()).add(step)
 
     def waiting_now(self, queued: Iterable[Waiting]) -> list[Waiting]:
         with self._lock:

@@ -24,6 +24,7 @@ from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput
 from edgeslim.operator import events, jobs, status
 from edgeslim.operator.kube import Conflict, Kube
+from edgeslim.operator.names import STEP_LABEL
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import COMPRESSED_PHASES, Transition
@@ -60,6 +61,7 @@ class JobEntry:
     spec_hash: str
     state: jobs.JobState
     owner_uid: str | None = None  # its controller's uid: only the owner may adopt or delete it
+    step: str = ""  # an optimize search's plan or candidate Job; "" for the result's Job
 
 
 def model_entry(body: Obj) -> ModelEntry:
@@ -78,7 +80,11 @@ def model_entry(body: Obj) -> ModelEntry:
 def job_entry(body: Obj) -> JobEntry:
     ref = jobs.JobRef.of(body)
     return JobEntry(
-        name=ref.name, spec_hash=ref.spec_hash, state=jobs.job_state(body), owner_uid=ref.owner_uid
+        name=ref.name,
+        spec_hash=ref.spec_hash,
+        state=jobs.job_state(body),
+        owner_uid=ref.owner_uid,
+        step=((body.get("metadata") or {}).get("labels") or {}).get(STEP_LABEL, ""),
     )
 
 
