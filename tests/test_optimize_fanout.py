@@ -226,3 +226,39 @@ def test_pick_without_a_plan_searches_in_its_own_process(digits, tmp_path: Path)
     result = CompressionResult.model_validate_json((folder / "manifest.json").read_text())
     assert [c.name for c in result.candidates] == FORMATS[:2] and result.search.complete
     assert not (folder / "candidates").exists()
+
+
+@pytest.mark.slow
+def test_with_a_train_set_the_first_sparsity_probes_are_planned(digits, tmp_path: Path) -> None:
+    """The bisection's first probe and both second ones run as candidates of their own;
+    the pick goes on from them (the survivor is not pruned and distilled again)."""
+    optimize = {"objective": "download", "trainDataset": str(digits.train)}
+    spec, folder = write_spec(digits, tmp_path, tmp_path / "fan", optimize=optimize)
+    assert cli(str(spec), "--plan") == EXIT_OK
+    plan = OptimizePlan.model_validate_json((folder / "plan.json").read_text())
+    probes = ["prune 50% + distill", "prune 75% + distill", "prune 25% + distill"]
+    assert [r.name for r in plan.recipes] == FORMATS + probes
+    for i in range(len(FORMATS), len(plan.recipes)):
+        assert cli(str(spec), "--candidate", str(i)) == EXIT_OK
+    stored = {
+        r.name: CandidateRecord.model_validate_json(
+            (folder / f"candidates/{i}/manifest.json").read_text()
+        )
+        for i, r in enumerate(plan.recipes)
+        if r.name in probes
+    }
+    assert cli(str(spec), "--pick") == EXIT_OK
+    result = CompressionResult.model_validate_json((folder / "manifest.json").read_text())
+    by_name = {c.name: c for c in result.candidates}
+    # The probes the bisection reached were taken as stored.
+    reached = [n for n in probes if n in by_name]
+    assert "prune 50% + distill" in reached and len(reached) >= 2
+    for name in reached:
+        assert by_name[name].seconds == stored[name].figures.seconds
+    # A survivor's quantized candidate starts from the stored survivor: no prune record
+    # measured in the pick (its prune and distill records are the stored candidate's).
+    chosen = result.candidates[result.chosen]
+    assert chosen.passed and result.gate.passed
+    survivor = [n for n in reached if stored[n].figures.recipe == chosen.recipe[:2]]
+    if survivor:  # the survivor is a planned probe (not the pick's own later one)
+        assert result.steps[:2] == stored[survivor[0]].records

@@ -124,6 +124,10 @@ class Search:
             res = evaluate_candidate(recipe, self.ctx, index)
         else:
             self.log("  (measured by its own run)")
+            if res.model is not None and recipe.steps[-1].type in ("prune", "distill"):
+                # As evaluate_candidate caches it: later recipes extend this model.
+                key = json.dumps(recipe.wire_steps(), sort_keys=True)
+                self.ctx.prefixes[key] = (res.model, res.records)
         self.results.append(res)
         f = res.figures
         self.log(
@@ -214,22 +218,33 @@ def _mixed_precision(search: Search) -> None:
             fail = mid
 
 
+def prune_cut(sparsity: float, train: str, train_sha: str | None) -> list[PipelineStep]:
+    """The steps of one sparsity probe: a structured cut, then distillation."""
+    return [
+        PipelineStep(
+            prune=PruneConfig(
+                method=PruneMethod.structured, sparsity=sparsity, criterion=Criterion.l1
+            )
+        ),
+        PipelineStep(
+            distill=DistillConfig(
+                dataset=train, dataset_sha256=train_sha, epochs=PRUNE_DISTILL_EPOCHS
+            )
+        ),
+    ]
+
+
+def first_prune_probes() -> list[float]:
+    """The bisection's first probe and both second ones: what can be measured before
+    any result is known (a fanned-out search runs them in parallel)."""
+    return [PRUNE_START, round((PRUNE_START + 1) / 2, 4), round(PRUNE_START / 2, 4)]
+
+
 def _pruning(search: Search, train: str, train_sha: str | None) -> None:
     """Structured sparsity by bisection (distilled after each cut), then the survivor quantized."""
 
     def cut(sparsity: float) -> list[PipelineStep]:
-        return [
-            PipelineStep(
-                prune=PruneConfig(
-                    method=PruneMethod.structured, sparsity=sparsity, criterion=Criterion.l1
-                )
-            ),
-            PipelineStep(
-                distill=DistillConfig(
-                    dataset=train, dataset_sha256=train_sha, epochs=PRUNE_DISTILL_EPOCHS
-                )
-            ),
-        ]
+        return prune_cut(sparsity, train, train_sha)
 
     lo, hi, s = 0.0, 1.0, PRUNE_START
     survivor: list[PipelineStep] | None = None

@@ -4,10 +4,13 @@
     edgeslim compress SPEC --candidate N   <prefix>/candidates/N/model.onnx + manifest.json
     edgeslim compress SPEC --pick          the winner's model + manifest, as a local search writes
 
-The plan is the search's first stage, the formats on the source: it needs
-nothing but the source, so its candidates are independent. The adaptive
-stages (mixed precision grown from the sensitivity of the static base, the
-sparsity bisection) depend on those results; they run in the pick step, which
+The plan is what needs nothing but the source, so its candidates are
+independent: the formats on the source and, with a trainDataset, the
+bisection's first sparsity probe and both of its possible second ones (one of
+those is measured for nothing, and the two distillations run in parallel
+instead of one after the other). The adaptive rest (mixed precision grown
+from the sensitivity of the static base, the bisection's later probes, the
+survivor's formats) depends on results; it runs in the pick step, which
 takes every stored candidate as already measured and evaluates in-process
 any the candidate runs did not store, so a pick is right whatever ran before.
 
@@ -149,13 +152,23 @@ def write_plan(
         log(f"keeping the stored plan {uri} ({len(stored.recipes)} candidates)")
         return stored, uri
     ld = p.load_inputs(f, progress)
+    opt = obj.spec.optimize
+    recipes = format_recipes(ld.source, [])
+    if opt.train_dataset:
+        recipes += [
+            Recipe(
+                name=f"prune {s:.0%} + distill",
+                steps=optimize.prune_cut(s, opt.train_dataset, opt.train_dataset_sha256),
+            )
+            for s in optimize.first_prune_probes()
+        ]
     plan = OptimizePlan(
         name=obj.metadata.name,
         namespace=f.namespace,
         spec_hash=f.spec_hash,
         inputs=f.inputs,
         # No more than the search may try: maxCandidates bounds the Jobs too.
-        recipes=format_recipes(ld.source, [])[: obj.spec.optimize.max_candidates],
+        recipes=recipes[: opt.max_candidates],
     )
     storage.put_bytes(json.dumps(plan.wire(), indent=2).encode(), uri, "application/json")
     log(f"wrote {uri} ({len(plan.recipes)} candidates)")
