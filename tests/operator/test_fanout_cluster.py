@@ -113,7 +113,7 @@ def test_candidates_run_as_separate_jobs_within_the_limit_and_resume(
         assert cand["seconds"] == record["figures"]["seconds"], i
 
 
-def test_a_spec_change_stops_the_search_and_starts_the_new_one(
+def test_a_spec_change_or_deletion_stops_the_search(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits
 ) -> None:
     bucket = s3_server.client()
@@ -163,3 +163,24 @@ def test_a_spec_change_stops_the_search_and_starts_the_new_one(
     names = sorted(j.metadata.name for j in model_jobs(k8s, namespace, "changed"))
     short = f"changed-{new[:10]}"
     assert names == [short, f"{short}-c0", f"{short}-c1", f"{short}-plan"]
+
+    # Deleting the object mid-search takes the search's Jobs with it.
+    third = k8s.custom.patch_namespaced_custom_object(
+        "edgeslim.io",
+        "v1alpha1",
+        namespace,
+        "compressedmodels",
+        "changed",
+        {"spec": {"optimize": {"maxCandidates": 3}}},
+    )
+    plan = f"changed-{CompressedModel.model_validate(third).spec.spec_hash()[:10]}-plan"
+    wait_until(
+        lambda: any(j.metadata.name == plan for j in model_jobs(k8s, namespace, "changed")),
+        TIMEOUT,
+        0.2,
+        "the third search's plan Job",
+    )
+    k8s.custom.delete_namespaced_custom_object(
+        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "changed"
+    )
+    wait_until(lambda: not model_jobs(k8s, namespace, "changed"), 60, 0.5, "the Jobs to go")
