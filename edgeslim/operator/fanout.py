@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 
+from edgeslim import metrics
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.operator import jobs, status
@@ -156,8 +157,10 @@ def advance(rt: Runtime, key: tuple[str, str]) -> None:
     plan = step_job_name(name, spec_hash, PLAN)
     if plan not in mine:
         _set_progress(rt, key, body, spec_hash, None)  # a new search: no stale count
-        if _slots(rt, key, [plan]):
-            _create(rt, key, build_step_job(model, rt.settings, spec_hash, PLAN, ["--plan"]))
+        if _slots(rt, key, [plan]) and _create(
+            rt, key, build_step_job(model, rt.settings, spec_hash, PLAN, ["--plan"])
+        ):
+            metrics.compressions_started.inc()  # one per search, as for one Job
         return
     if mine[plan].state not in FINISHED:
         return
@@ -185,7 +188,8 @@ def _slots(rt: Runtime, key: tuple[str, str], wanted: list[str]) -> list[str]:
     return rt.slots.take_steps(key, wanted, running_jobs(rt.jobs_index))
 
 
-def _create(rt: Runtime, key: tuple[str, str], manifest: Obj) -> None:
+def _create(rt: Runtime, key: tuple[str, str], manifest: Obj) -> bool:
+    """Creates the Job; False when it exists already."""
     job = manifest["metadata"]["name"]
     try:
         created = rt.kube.create_job(manifest)
@@ -196,8 +200,9 @@ def _create(rt: Runtime, key: tuple[str, str], manifest: Obj) -> None:
         # Created a moment ago by a concurrent advance: the reservation stays until
         # the index shows it running (or its end releases it), as for that creator.
         log.info("%s/%s: search Job %s exists already", *key, job)
-    else:
-        log.info("%s/%s: created search Job %s", *key, job)
+        return False
+    log.info("%s/%s: created search Job %s", *key, job)
+    return True
 
 
 def _planned_from_pod(rt: Runtime, key: tuple[str, str], plan: str, entry: JobEntry) -> int:
