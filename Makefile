@@ -56,6 +56,15 @@ bench-pruning: venv
 bench-serving: venv
 	$(BIN)/python bench/serving.py
 
+# spec.optimize against NNCF accuracy control, INC tuning and Olive auto-opt (issue
+# 10). The peers get their own venvs (bench/.venv-peers/), never the project's.
+.PHONY: bench-optimize bench-optimize-peers
+bench-optimize-peers:
+	PYTHON=$(PYTHON) bench/peers/install.sh
+
+bench-optimize: venv bench-optimize-peers
+	OMP_NUM_THREADS=1 $(BIN)/python bench/optimize.py $(ARGS)
+
 bench-operator: venv controlplane
 	$(BIN)/python bench/operator_scale.py --n 100 --n 1000
 
