@@ -7,6 +7,7 @@ before the readers checked declared sizes (issue 8, item 2).
 
 from __future__ import annotations
 
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,51 @@ def test_hostile_model_is_exit_2_in_one_line(case: str, digits, tmp_path: Path) 
     build, mention = ONNX_CASES[case]
     model = tmp_path / "hostile.onnx"
     onnx.save(build(digits.model()), str(model))
+    run = hf.run_cli(["compress", str(spec(tmp_path, model, digits.val)), "--quiet"], tmp_path)
+    assert_refused(run, tmp_path, str(model), mention)
+
+
+def _zip_of_many_entries(path: Path, entries: int, comment: int = 0) -> Path:
+    """A zip whose central directory lists `entries` entries (each `comment` bytes of comment).
+
+    Every entry points at the one local header, so the file is ~50 bytes an
+    entry; zipfile would read the directory whole and build an object per
+    entry before anyone could look at the names. Zip64 end records carry counts
+    past 65535, as a real archive of that many entries would.
+    """
+    name = b"archive/data/0"
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, 0, 0, 0, len(name), 0)
+    central = struct.pack(
+        "<4s6H3L5H2L", b"PK\x01\x02", 45, 45, 0, 0, 0, 0x21, 0, 0, 0,
+        len(name), 0, comment, 0, 0, 0, 0,
+    ) + name + b"c" * comment  # fmt: skip
+    with open(path, "wb") as f:
+        f.write(local + name)
+        directory_at = f.tell()
+        for _ in range(entries):
+            f.write(central)
+        directory_size = f.tell() - directory_at
+        end64_at = f.tell()
+        end64 = struct.pack(
+            "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
+            directory_size, directory_at,
+        )  # fmt: skip
+        f.write(end64)
+        f.write(struct.pack("<4sLQL", b"PK\x06\x07", 0, end64_at, 1))
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, *[0xFFFFFFFF] * 2, 0))
+    return path
+
+
+ARCHIVE_CASES: dict[str, tuple[int, int, str]] = {
+    "200000 entries": (200_000, 0, "declares 200000 entries"),
+    "an 18 MiB central directory": (320, 60_000, "320 entries in a 19219200-byte directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARCHIVE_CASES))
+def test_model_archive_with_a_huge_directory_is_exit_2(case: str, digits, tmp_path: Path) -> None:
+    entries, comment, mention = ARCHIVE_CASES[case]
+    model = _zip_of_many_entries(tmp_path / "hostile.pt", entries, comment)
     run = hf.run_cli(["compress", str(spec(tmp_path, model, digits.val)), "--quiet"], tmp_path)
     assert_refused(run, tmp_path, str(model), mention)
 

@@ -11,6 +11,7 @@ after that sees one format and none of the model's code runs in this process.
 
 from __future__ import annotations
 
+import struct
 import zipfile
 from pathlib import Path
 
@@ -27,22 +28,51 @@ PICKLE_ADVICE = (
 )
 
 
-def sniff(path: Path) -> str:
-    """'onnx', 'torchscript' or 'pickle', from the file's content, not its name."""
+#: A TorchScript or torch.save archive holds one entry per tensor storage plus its
+#: code and pickles: tens of thousands is already far beyond a real model.
+MAX_ARCHIVE_ENTRIES = 65_536
+#: Its central directory (~100 bytes an entry), bounded before zipfile reads it whole.
+MAX_ARCHIVE_DIRECTORY_BYTES = 16 * 1024 * 1024
+# What zipfile raises on a malformed archive (the ONNX parser then names the file's fault).
+_BAD_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error)
+
+
+def sniff(path: Path, where: str | None = None) -> str:
+    """'onnx', 'torchscript' or 'pickle', from the file's content, not its name.
+
+    A zip's central directory is bounded from its end record before zipfile
+    lists it (zipfile reads it whole and builds an object per entry), so a
+    crafted archive with millions of entries is BadInput, not unbounded memory.
+    """
+    from edgeslim.compressor import npz
+
     with path.open("rb") as f:
         head = f.read(4)
-    if head[:1] == b"\x80":  # pickle protocol 2+ opcode PROTO
-        return "pickle"
-    if head == b"PK\x03\x04":
+        if head[:1] == b"\x80":  # pickle protocol 2+ opcode PROTO
+            return "pickle"
+        if head != b"PK\x03\x04":
+            return "onnx"
         try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
+            declared = npz.zip_directory(f)
+        except _BAD_ZIP:
             return "onnx"  # let the ONNX parser produce the error
-        if any("/code/" in n for n in names):
-            return "torchscript"
-        return "pickle"  # torch.save's zip format: data.pkl + tensors, no code/
-    return "onnx"
+    if declared is None:
+        return "onnx"
+    entries, directory = declared
+    if entries > MAX_ARCHIVE_ENTRIES or directory > MAX_ARCHIVE_DIRECTORY_BYTES:
+        raise BadInput(
+            f"{where or path}: the zip archive declares {entries} entries in a "
+            f"{directory}-byte directory; a model archive holds at most "
+            f"{MAX_ARCHIVE_ENTRIES} entries in {MAX_ARCHIVE_DIRECTORY_BYTES} bytes"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except _BAD_ZIP:
+        return "onnx"  # let the ONNX parser produce the error
+    if any("/code/" in n for n in names):
+        return "torchscript"
+    return "pickle"  # torch.save's zip format: data.pkl + tensors, no code/
 
 
 def _check_external_data(model: onnx.ModelProto, base: Path, where: str) -> None:
@@ -192,7 +222,7 @@ def load_model(
     A TorchScript file is refused unless `allow_model_code` (the source's
     `allowModelCode`) says its code may run, confined, in a child process.
     """
-    kind = sniff(path)
+    kind = sniff(path, where)
     if kind == "pickle":
         raise BadInput(f"{where}: {PICKLE_ADVICE}")
     if kind == "torchscript":

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from numpy.lib import format as npy
@@ -92,17 +93,29 @@ def read_npz(
         raise BadInput(f"dataset {where}: not a readable .npz ({reason})") from exc
 
 
-def _check_directory(f: io.BufferedReader, where: str) -> None:
-    """Bound the zip's central directory before zipfile reads it whole."""
+def zip_directory(f: BinaryIO) -> tuple[int, int] | None:
+    """(entries, directory bytes) the zip's end record declares; None if it is not a zip.
+
+    Read before `zipfile.ZipFile` is opened, which reads the whole central
+    directory and builds an object per entry: the caller bounds both first.
+    """
     # zipfile._EndRecData is the very routine ZipFile.__init__ uses to find the
-    # directory, so the figures checked here are the ones it acts on next.
+    # directory (zip64 included), so the figures checked are the ones it acts on next.
     end = zipfile._EndRecData(f)  # type: ignore[attr-defined]
     if end is None:
+        return None
+    return end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+
+
+def _check_directory(f: BinaryIO, where: str) -> None:
+    """Bound the zip's central directory before zipfile reads it whole."""
+    declared = zip_directory(f)
+    if declared is None:
         raise BadInput(
             f"dataset {where}: not a zip archive (an .npz is a zip of .npy arrays, "
             "as numpy.savez writes)"
         )
-    entries, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    entries, directory = declared
     if entries > MAX_ARRAYS or directory > MAX_DIRECTORY_BYTES:
         raise BadInput(
             f"dataset {where}: the zip declares {entries} entries in a {directory}-byte "

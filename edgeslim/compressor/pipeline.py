@@ -94,7 +94,7 @@ class Workspace:
         """
         path = self.fetch(uri, sha256, what, field)
         if uri not in self.sidecars:
-            self.sidecars[uri] = _external_data(path)
+            self.sidecars[uri] = _external_data(path, uri)
         locations = self.sidecars[uri]
         if not locations:
             return path
@@ -162,11 +162,11 @@ class Workspace:
         return model_io.load_model(path, uri, example, allow_model_code=allow_model_code)
 
 
-def _external_data(path: Path) -> list[str]:
+def _external_data(path: Path, where: str) -> list[str]:
     """Locations of the external-data files an ONNX file refers to (none for other formats)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    if model_io.sniff(path) != "onnx":
+    if model_io.sniff(path, where) != "onnx":
         return []
     try:
         proto = onnx.load(str(path), load_external_data=False)
