@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from edgeslim import __version__
 from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
-from edgeslim.errors import BadInput, StorageUnavailable
+from edgeslim.errors import BadInput, OutputModelFailed, StorageUnavailable
 from edgeslim.redact import redact
 from edgeslim.serving.limits import SETTINGS as SERVE_LIMITS
 from edgeslim.serving.limits import env_default
@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except StorageUnavailable as exc:
         print(f"edgeslim: storage unavailable: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except OutputModelFailed as exc:
+        # Ours, but already located (the step chain is named): one line, no traceback.
+        print(f"edgeslim: error: {one_line(redact(str(exc)))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

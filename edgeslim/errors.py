@@ -27,3 +27,11 @@ class BadInput(EdgeslimError):
 
 class StorageUnavailable(EdgeslimError):
     """A storage endpoint failed in a way that may pass (network, 5xx): worth a retry."""
+
+
+class OutputModelFailed(EdgeslimError):
+    """A model edgeslim made (the pipeline's output) fails to run, though its source ran.
+
+    The fault lies in edgeslim or one of its steps, not in the input, so it is
+    not BadInput (CLI exit 1); the message names the step chain that made it.
+    """

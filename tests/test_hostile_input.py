@@ -7,6 +7,7 @@ before the readers checked declared sizes (issue 8, item 2).
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from collections.abc import Callable
@@ -154,6 +155,87 @@ def test_model_archive_with_a_huge_directory_is_exit_2(case: str, digits, tmp_pa
     model = _zip_of_many_entries(tmp_path / "hostile.pt", entries, comment)
     run = hf.run_cli(["compress", str(spec(tmp_path, model, digits.val)), "--quiet"], tmp_path)
     assert_refused(run, tmp_path, str(model), mention)
+
+
+def _batch_one_model(reshape_first: bool) -> onnx.ModelProto:
+    """x [N, 64] -> MatMul [64, 10], with a Reshape to [1, -1] written for batch 1.
+
+    Reshape first: at batch N > 1 the MatMul sees [1, 64N] and onnxruntime
+    fails. Reshape last: it runs, but answers N samples with one row of 10N.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(64, 10)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "batch_of_one")
+    reshape = ("x", "flat") if reshape_first else ("mm", "y")
+    matmul = ("flat", "y") if reshape_first else ("x", "mm")
+    nodes = [
+        helper.make_node("Reshape", [reshape[0], "batch_of_one"], [reshape[1]]),
+        helper.make_node("MatMul", [matmul[0], "w"], [matmul[1]]),
+    ]
+    graph = helper.make_graph(
+        nodes if reshape_first else nodes[::-1],
+        "batch_of_one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "cols"])],
+        [weight, shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("reshape_first", [True, False], ids=["fails", "wrong rows"])
+def test_source_that_only_runs_at_batch_1_is_evaluated_one_sample_at_a_time(
+    reshape_first: bool, tmp_path: Path
+) -> None:
+    model, dataset = tmp_path / "batch1.onnx", tmp_path / "val.npz"
+    onnx.save(_batch_one_model(reshape_first), str(model))
+    rng = np.random.default_rng(1)
+    np.savez(dataset, x=rng.normal(size=(40, 64)).astype(np.float32), y=np.arange(40) % 10)
+    run = hf.run_cli(["compress", str(spec(tmp_path, model, dataset)), "--quiet"], tmp_path)
+    assert run.rc in (0, 3), run.stderr  # 3: the gate may reject the pruned model; not a crash
+    assert "Traceback" not in run.stderr
+    (manifest,) = (tmp_path / "out").rglob("manifest.json")
+    result = json.loads(manifest.read_text())
+    assert result["evaluation"]["samples"] == 40
+    assert len(result["notes"]) == 2, result["notes"]  # source, then the compressed model
+    why = "onnxruntime fails" if reshape_first else "its first output has shape [1, 400]"
+    assert result["notes"][0].startswith(f"evaluate source: {model} ran one sample at a time")
+    assert f"(at batch 40 {why}" in result["notes"][0], result["notes"][0]
+
+
+def test_a_compressed_model_onnxruntime_refuses_names_the_steps(tmp_path: Path) -> None:
+    from edgeslim.api.result import ModelFigures, StepRecord
+    from edgeslim.api.spec import Evaluation
+    from edgeslim.compressor import pipeline
+    from edgeslim.compressor.steps import NullProgress
+    from edgeslim.errors import OutputModelFailed
+
+    source = _batch_one_model(reshape_first=False)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(source)
+    broken.graph.node[0].op_type = "NoSuchOp"  # what a faulty step could leave behind
+    data = datasets.Dataset({"x": np.ones((4, 64), np.float32)}, None, "val.npz")
+    figures = ModelFigures()
+    records = [
+        StepRecord(type=t, before=figures, after=figures, seconds=0.0, changed=True)
+        for t in ("prune", "quantize")
+    ]
+    with pytest.raises(
+        OutputModelFailed,
+        match=r"^the compressed model \(source -> prune -> quantize\) fails in onnxruntime, "
+        r"though its source runs: .*NoSuchOp",
+    ):
+        pipeline._measure(
+            Evaluation(dataset="val.npz", metric="agreement"),
+            source,
+            broken,
+            data,
+            tmp_path,
+            NullProgress(),
+            "batch1.onnx",
+            records,
+        )
 
 
 def _laughs(levels: int = 9) -> str:

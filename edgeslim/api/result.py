@@ -233,6 +233,9 @@ class CompressionResult(OpenWireModel):
     download_ratio: float
     gate: GateVerdict
     versions: dict[str, str]
+    notes: list[str] = Field(default_factory=list)
+    """What the evaluation did differently, in words (e.g. a model run one sample at a
+    time because it fails on larger batches)."""
     inputs: list[InputIdentity] = Field(default_factory=list)
     """Every file the result was computed from, with the content identity of the bytes
     used; a stored result is reused only while all of them are unchanged."""

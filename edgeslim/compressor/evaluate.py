@@ -21,7 +21,7 @@ import onnx
 from edgeslim.api.result import EvaluationFigures, LatencyFigures, MemoryFigures
 from edgeslim.api.spec import Evaluation, Metric
 from edgeslim.compressor.datasets import Dataset
-from edgeslim.compressor.steps import NullProgress, Progress, batches
+from edgeslim.compressor.steps import NullProgress, Progress
 from edgeslim.errors import BadInput
 
 WARMUP_RUNS = 10
@@ -88,6 +88,10 @@ def _batch_size(sess, wanted: int) -> int:
     return first if isinstance(first, int) and first > 0 else wanted
 
 
+class _WrongRows(Exception):
+    """A batch's first output does not hold one row per sample (a batch hard-coded to 1)."""
+
+
 def run_batched(
     sess,
     data: Dataset,
@@ -95,18 +99,49 @@ def run_batched(
     progress: Progress | None = None,
     label: str = "evaluate",
     where: str | None = None,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
     """The first output of `sess` over the whole dataset, concatenated.
 
-    `where` names a user-supplied model: its run-time failures are then BadInput.
+    A model that works one sample at a time but fails on a larger batch, or
+    answers it with other than one row per sample (a Reshape to [1, -1], a
+    graph written for batch 1 behind a dynamic input), is run one sample at a
+    time from there on, and `notes` gets a line saying so. What fails one
+    sample at a time is raised; `where` names a user-supplied model, and then
+    it is BadInput naming that model and onnxruntime's message.
     """
     size = _batch_size(sess, batch_size)
     outputs = []
     n = len(data)
+    start = 0
     with (progress or NullProgress()).task(label, total=n) as bar:
-        for start, stop in batches(n, size):
-            outputs.append(np.asarray(run(sess, data.batch(start, stop), where)[0]))
+        while start < n:
+            stop = min(start + size, n)
+            try:
+                out = np.asarray(sess.run(None, data.batch(start, stop))[0])
+                if size > 1 and (out.ndim == 0 or len(out) != stop - start):
+                    raise _WrongRows(
+                        f"its first output has shape {list(out.shape)} for {stop - start} samples"
+                    )
+            except (*runtime_errors(), _WrongRows) as exc:
+                if size == 1:
+                    if where is None:
+                        raise
+                    raise BadInput(
+                        f"{where}: onnxruntime cannot run the model: {_first_line(exc)}"
+                    ) from exc
+                if notes is not None:
+                    why = _first_line(exc)
+                    why = why if isinstance(exc, _WrongRows) else f"onnxruntime fails: {why}"
+                    notes.append(
+                        f"{label}: {where or 'the model'} ran one sample at a time "
+                        f"(at batch {stop - start} {why})"
+                    )
+                size = 1
+                continue
+            outputs.append(out)
             bar.advance(stop - start)
+            start = stop
     return np.concatenate(outputs).astype(np.float32)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +26,8 @@ from edgeslim.api.result import (
     EvaluationFigures,
     GateVerdict,
     InputIdentity,
+    LatencyFigures,
+    MemoryFigures,
     ModelFigures,
     StepRecord,
 )
@@ -32,7 +35,7 @@ from edgeslim.api.spec import CompressedModel, Evaluation
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.compressor import datasets, evaluate, graph, model_io, steps
 from edgeslim.compressor.datasets import Dataset
-from edgeslim.errors import BadInput
+from edgeslim.errors import BadInput, OutputModelFailed
 
 MODEL_FILE = "model.onnx"
 # A rejected artifact is kept for inspection under a name no deployer looks for.
@@ -380,9 +383,11 @@ def _finish(
     source_fig, namespace, spec_hash, inputs = ld.source_fig, f.namespace, f.spec_hash, f.inputs
     log("evaluating")
     result_bytes = model.SerializeToString()
-    ev_fig, lat_fig, mem_fig = _measure(
-        spec.evaluation, source, model, eval_data, workdir, progress
+    ev_fig, lat_fig, mem_fig, notes = _measure(
+        spec.evaluation, source, model, eval_data, workdir, progress, spec.source.uri, records
     )
+    for note in notes:
+        log(note)
     passed = ev_fig.drop <= spec.evaluation.max_metric_drop
     gate = GateVerdict(
         passed=passed,
@@ -407,6 +412,7 @@ def _finish(
         gate=gate,
         versions=_versions(),
         inputs=inputs,
+        notes=notes,
     )
     log(f"writing {prefix}")
     # The model goes first and the manifest last: a manifest's presence means a complete result.
@@ -498,21 +504,51 @@ def _measure(
     data: Dataset,
     workdir: Path,
     progress: steps.Progress,
-):
-    src_sess, out_sess = evaluate.session(source), evaluate.session(result)
-    src_out = evaluate.run_batched(src_sess, data, progress=progress, label="evaluate source")
-    out_out = evaluate.run_batched(out_sess, data, progress=progress, label="evaluate compressed")
+    source_uri: str,
+    records: list[StepRecord],
+) -> tuple[EvaluationFigures, LatencyFigures, MemoryFigures, list[str]]:
+    """Both models on the evaluation data; notes say what was done differently (batch 1).
+
+    The source is the user's: what it fails on is BadInput naming it. The
+    compressed model is ours: what it fails on names the steps that made it.
+    """
+    notes: list[str] = []
+    src_sess = evaluate.session(source, where=source_uri)
+    src_out = evaluate.run_batched(
+        src_sess, data, progress=progress, label="evaluate source", where=source_uri, notes=notes
+    )
+    with _output_model_errors(records):
+        out_sess = evaluate.session(result)
+        out_out = evaluate.run_batched(
+            out_sess, data, progress=progress, label="evaluate compressed", notes=notes
+        )
     ev_fig = evaluate.evaluation_figures(cfg, data, src_out, out_out)
     with progress.task("latency", total=2) as bar:
         src_lat = evaluate.latency(src_sess, data, cfg.latency_runs)
         bar.advance()
-        out_lat = evaluate.latency(out_sess, data, cfg.latency_runs)
+        with _output_model_errors(records):
+            out_lat = evaluate.latency(out_sess, data, cfg.latency_runs)
         bar.advance()
     paths = workdir / "source.onnx", workdir / "compressed.onnx"
     onnx.save(source, paths[0])
     onnx.save(result, paths[1])
     mem = evaluate.memory_figures(paths[0], paths[1], data, workdir)
-    return ev_fig, evaluate.latency_figures(src_lat, out_lat), mem
+    return ev_fig, evaluate.latency_figures(src_lat, out_lat), mem, notes
+
+
+@contextmanager
+def _output_model_errors(records: list[StepRecord]) -> Iterator[None]:
+    """onnxruntime refusing the pipeline's output: one line naming the steps that made it."""
+    try:
+        yield
+    except evaluate.runtime_errors() as exc:
+        chain = " -> ".join(["source", *(r.type for r in records)])
+        text = str(exc).strip()
+        raise OutputModelFailed(
+            f"the compressed model ({chain}) fails in onnxruntime, though its source runs: "
+            f"{text.splitlines()[0] if text else type(exc).__name__}; a bug in edgeslim or "
+            "one of these steps, not in the input"
+        ) from exc
 
 
 def _gate_reason(ev: EvaluationFigures, limit: float, passed: bool) -> str:
