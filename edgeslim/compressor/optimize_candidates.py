@@ -92,23 +92,9 @@ def _build(recipe: Recipe, ctx: CandidateContext) -> tuple[onnx.ModelProto, list
     current = graph.figures(model.SerializeToString(), model)
     for i in range(start, len(recipe.steps)):
         entry = recipe.steps[i]
-        began = time.perf_counter()
-        out = steps.build(entry).run(model, ctx.step_ctx)
-        after = graph.figures(out.model.SerializeToString(), out.model)
-        records = [
-            *records,
-            StepRecord(
-                type=entry.type,
-                config=entry.config.wire(),
-                before=current,
-                after=after,
-                seconds=round(time.perf_counter() - began, 3),
-                changed=after.sha256 != current.sha256,
-                grew=after.size_bytes > current.size_bytes,
-                notes=out.notes,
-            ),
-        ]
-        model, current = out.model, after
+        model, record = steps.run_recorded(entry, model, current, ctx.step_ctx)
+        records = [*records, record]  # a new list: cached prefixes keep theirs
+        current = record.after
         if entry.type in ("prune", "distill"):  # the costly steps: later recipes extend them
             ctx.prefixes[_key(recipe.steps[: i + 1])] = (model, records)
     return model, records

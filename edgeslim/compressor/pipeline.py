@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -259,26 +258,12 @@ def compress(
     records: list[StepRecord] = []
     for i, entry in enumerate(spec.pipeline):
         log(f"step {i + 1}/{len(spec.pipeline)}: {entry.type}")
-        started = time.perf_counter()
         try:
-            out = steps.build(entry).run(model, ctx)
+            model, record = steps.run_recorded(entry, model, current, ctx)
         except BadInput as exc:
             raise BadInput(f"pipeline[{i}].{entry.type}: {exc}") from exc
-        data = out.model.SerializeToString()
-        after = graph.figures(data, out.model)
-        records.append(
-            StepRecord(
-                type=entry.type,
-                config=entry.config.wire(),
-                before=current,
-                after=after,
-                seconds=round(time.perf_counter() - started, 3),
-                changed=after.sha256 != current.sha256,
-                grew=after.size_bytes > current.size_bytes,
-                notes=out.notes,
-            )
-        )
-        model, current = out.model, after
+        records.append(record)
+        current = record.after
     return _finish(obj, f, ld, model, records, progress, log)
 
 

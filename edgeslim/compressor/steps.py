@@ -7,6 +7,7 @@ onnxruntime.quantization) happen inside `run` so importing the registry is cheap
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import onnx
 
+from edgeslim.api.result import ModelFigures, StepRecord
 from edgeslim.api.spec import PipelineStep
 from edgeslim.compressor.datasets import Dataset
 
@@ -88,6 +90,28 @@ def build(step: PipelineStep) -> Step:
         "quantize": quantize.Quantize,
     }
     return registry[step.type](step.config)
+
+
+def run_recorded(
+    entry: PipelineStep, model: onnx.ModelProto, before: ModelFigures, ctx: StepContext
+) -> tuple[onnx.ModelProto, StepRecord]:
+    """Run one pipeline entry on `model` (whose figures are `before`) and record it:
+    the new model, and what the manifest says of the step (figures after, time, notes)."""
+    from edgeslim.compressor import graph
+
+    began = time.perf_counter()
+    out = build(entry).run(model, ctx)
+    after = graph.figures(out.model.SerializeToString(), out.model)
+    return out.model, StepRecord(
+        type=entry.type,
+        config=entry.config.wire(),
+        before=before,
+        after=after,
+        seconds=round(time.perf_counter() - began, 3),
+        changed=after.sha256 != before.sha256,
+        grew=after.size_bytes > before.size_bytes,
+        notes=out.notes,
+    )
 
 
 def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
