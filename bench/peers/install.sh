@@ -27,7 +27,7 @@ only="${*:-nncf inc olive}"
 for p in $only; do
   case "$p" in
     nncf) install nncf "nncf==3.4.*" onnx onnxruntime ;;
-    inc) install inc "neural-compressor<3" "numpy<2" onnx onnxruntime ;;
-    olive) install olive "olive-ai[cpu]==0.13.*" ;;
+    inc) install inc "neural-compressor<3" "numpy<2" "onnx<1.17" "onnxruntime<1.21" six ;;
+    olive) install olive "olive-ai[cpu]==0.13.*" requests ;;
   esac
 done
