@@ -226,11 +226,13 @@ class Meter:
 # ---------------------------------------------------------------- the tools
 
 
-def run_edgeslim(case: Case, work: Path, max_seconds: int) -> tuple[Row, Path | None]:
+def run_edgeslim(
+    case: Case, work: Path, max_seconds: int, objective: str
+) -> tuple[Row, Path | None]:
     """The real CLI on a spec.optimize spec, in a subprocess like the peers."""
-    folder = work / "edgeslim"
+    folder = work / f"edgeslim-{objective}"
     (folder / "work").mkdir(parents=True, exist_ok=True)
-    optimize: dict = {"objective": "download", "maxSeconds": max_seconds}
+    optimize: dict = {"objective": objective, "maxSeconds": max_seconds}
     if case.train:
         optimize["trainDataset"] = str(case.train)
     doc = {
@@ -262,7 +264,7 @@ def run_edgeslim(case: Case, work: Path, max_seconds: int) -> tuple[Row, Path | 
         check=False,
     )
     seconds = time.perf_counter() - started
-    row = Row("edgeslim optimize", seconds)
+    row = Row(f"edgeslim ({objective})", seconds)
     manifests = sorted((folder / "out").rglob("manifest.json"))
     if not manifests:
         row.note = f"exit {proc.returncode}: {_last_line(proc.stderr or proc.stdout)}"
@@ -408,12 +410,15 @@ def main() -> None:
         )
         print(intro, flush=True)
         lines.append(intro)
-        row, model = run_edgeslim(case, work, args.max_seconds)
-        if model is not None:
-            meter.measure(model, row)
-        row.note = f"{row.note}  [{goals(row, case)}]".strip()
-        lines.append(fmt(row, case))
-        print(lines[-1], flush=True)
+        # objective download is the default; where the issue sets a speed goal the
+        # latency objective runs too, since "best" then means something else.
+        for objective in ("download", "latency") if case.goal_speedup else ("download",):
+            row, model = run_edgeslim(case, work, args.max_seconds, objective)
+            if model is not None:
+                meter.measure(model, row)
+            row.note = f"{row.note}  [{goals(row, case)}]".strip()
+            lines.append(fmt(row, case))
+            print(lines[-1], flush=True)
         for peer in args.peers:
             row, model = run_peer(peer, case, work)
             if model is not None:
