@@ -204,6 +204,32 @@ def test_source_that_only_runs_at_batch_1_is_evaluated_one_sample_at_a_time(
     assert f"(at batch 40 {why}" in result["notes"][0], result["notes"][0]
 
 
+def test_a_source_failing_one_sample_at_a_time_is_bad_input_naming_it() -> None:
+    """Each sample is the shape a Reshape takes: (2, 3) fits six values, (4, 4) does not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeslim.compressor import evaluate
+
+    six = numpy_helper.from_array(np.arange(6, dtype=np.float32), "six")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Squeeze", ["x", "axis0"], ["shape"]),  # batch 1 only
+            helper.make_node("Reshape", ["six", "shape"], ["y"]),
+        ],
+        "shape_from_data",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+        [six, numpy_helper.from_array(np.array([0], dtype=np.int64), "axis0")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = datasets.Dataset({"x": np.array([[2, 3], [3, 2], [4, 4]], np.int64)}, None, "d")
+    sess = evaluate.session(model)
+    notes: list[str] = []
+    with pytest.raises(BadInput, match=r"^src\.onnx: onnxruntime cannot run the model: "):
+        evaluate.run_batched(sess, data, where="src.onnx", notes=notes)
+    assert len(notes) == 1 and "ran one sample at a time (at batch 3" in notes[0], notes
+
+
 def test_a_compressed_model_onnxruntime_refuses_names_the_steps(tmp_path: Path) -> None:
     from edgeslim.api.result import ModelFigures, StepRecord
     from edgeslim.api.spec import Evaluation
