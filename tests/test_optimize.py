@@ -8,6 +8,7 @@ must find a mixed-precision recipe that keeps the sensitive nodes in float.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import io
@@ -148,9 +149,16 @@ def digits_spec(digits, out: Path, **optimize: object) -> dict:
 
 
 def compress(doc: dict, tmp_path: Path) -> int:
+    """The CLI in-process, from an empty working directory that must stay empty
+    (onnxruntime's shape inference once left temp files in the caller's folder)."""
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(doc))
-    return main(["compress", str(path), "--quiet"])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    with contextlib.chdir(cwd):
+        code = main(["compress", str(path), "--quiet"])
+    assert not list(cwd.iterdir()), "edgeslim compress wrote into its working directory"
+    return code
 
 
 def folder(doc: dict, out: Path) -> Path:

@@ -8,6 +8,7 @@ activations and int8 weights: onnxruntime's recommended pairing on x86 CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 from pathlib import Path
@@ -273,7 +274,11 @@ def _pre_process(path: Path) -> list[str]:
 
     staged = path.with_suffix(".pre.onnx")
     try:
-        quant_pre_process(path, staged)
+        # onnxruntime's symbolic shape inference saves `sym_shape_infer_temp.onnx`
+        # (plus external-data files) into the current directory when it gives up;
+        # running it from the scratch folder keeps that out of the user's folder.
+        with contextlib.chdir(path.parent):
+            quant_pre_process(path, staged)
     except Exception as exc:  # the inferencer raises bare Exceptions on unusual graphs
         return [f"pre-processing skipped: {type(exc).__name__}: {str(exc)[:200]}"]
     staged.replace(path)
