@@ -346,7 +346,7 @@ class Optimize(WireModel):
     """Expected sha256 of the training dataset."""
     max_candidates: int = Field(default=32, ge=1, le=1000)
     """Most candidates evaluated (the sensitivity analysis is not counted)."""
-    max_seconds: int = Field(default=900, ge=10, le=7 * 86_400)
+    max_seconds: int = Field(default=900, ge=1, le=7 * 86_400)
     """Wall-clock budget of the search; the best result so far is kept when it runs out."""
     place_on_deployment_nodes: bool | None = None
     """In a cluster: run the search's Jobs on the nodes spec.deployment selects (its
