@@ -676,7 +676,7 @@ def test_sigterm_lets_an_in_flight_request_finish(int8: Int8, tmp_path: Path) ->
 def test_default_threads_follow_the_container_cpu_quota(
     tmp_path: Path, files: dict[str, str], quota: float | None
 ) -> None:
-    from edgeslim.serving.cpus import available_cpus, cgroup_quota
+    from edgeslim.cpus import available_cpus, cgroup_quota
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -685,3 +685,14 @@ def test_default_threads_follow_the_container_cpu_quota(
     affinity = len(os.sched_getaffinity(0))
     expected = affinity if quota is None else min(affinity, math.ceil(quota))
     assert available_cpus(tmp_path) == expected
+
+
+@pytest.mark.parametrize("omp", ["3", "", "0", "lots"])
+def test_compute_threads_take_omp_num_threads_else_the_cpus_available(
+    omp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Distillation sizes torch by this: a pod's quota, not the node's cores."""
+    from edgeslim.cpus import available_cpus, compute_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert compute_threads() == (3 if omp == "3" else available_cpus())

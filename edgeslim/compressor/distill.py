@@ -23,7 +23,6 @@ computes when served (batch statistics of tiny batches would fit another one).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ import onnx
 
 from edgeslim.api.spec import DistillConfig, LearningRateSchedule
 from edgeslim.compressor.steps import StepContext, StepOutput, batches
+from edgeslim.cpus import compute_threads
 from edgeslim.errors import BadInput
 
 # Below this share of zeros a weight counts as dense: a few exact zeros are chance.
@@ -77,7 +77,7 @@ class Distill:
 
         data = ctx.load_dataset(cfg.dataset, cfg.dataset_sha256, student_model)
         teacher_out = run_batched(
-            session(ctx.source, threads=os.cpu_count() or 1), data, cfg.batch_size
+            session(ctx.source, threads=compute_threads()), data, cfg.batch_size
         )
 
         feature_names = list(dict.fromkeys(cfg.features))
@@ -87,7 +87,7 @@ class Distill:
             notes.append(f"matching {len(feature_names)} intermediate tensors as well")
 
         torch.manual_seed(cfg.seed)
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(compute_threads())
         student = OnnxModule(student_model)
         student.extra_outputs = feature_names
         feat_targets = [torch.from_numpy(f) for f in teacher_feats]
@@ -271,7 +271,7 @@ def _teacher_features(
         if n not in present
     )
     order = [o.name for o in probe.graph.output]
-    sess = session(probe, threads=os.cpu_count() or 1, where="distill teacher")
+    sess = session(probe, threads=compute_threads(), where="distill teacher")
     chunks: list[list[np.ndarray]] = [[] for _ in names]
     for start, stop in batches(len(data), cfg.batch_size):
         outs = dict(zip(order, run(sess, data.batch(start, stop), "distill teacher"), strict=True))

@@ -18,8 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeslim import storage
+from edgeslim.cpus import available_cpus
 from edgeslim.errors import BadInput
-from edgeslim.serving.cpus import available_cpus
 from edgeslim.serving.protocol import DATATYPES, ORT_TYPES, InferRequest, RequestError, to_array
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def session_options(threads: int) -> ort.SessionOptions:
     """Options for a small, possibly shared edge CPU.
 
     ``threads`` sets intra-op parallelism; 0 means the CPUs this container may
-    use (:func:`~edgeslim.serving.cpus.available_cpus`), not onnxruntime's own
+    use (:func:`~edgeslim.cpus.available_cpus`), not onnxruntime's own
     default of every core on the node. Inter-op is 1 and execution sequential:
     these models are small chains where parallel branches do not pay for the
     extra threads.

@@ -29,9 +29,9 @@ from types import FrameType
 import uvicorn
 
 from edgeslim import logs
+from edgeslim.cpus import available_cpus
 from edgeslim.serving.app import create_app
 from edgeslim.serving.connections import ConnectionGuard, guarded
-from edgeslim.serving.cpus import available_cpus
 from edgeslim.serving.limits import (
     HEALTH_MAX_CONNECTIONS,
     ServingLimits,

@@ -1,4 +1,5 @@
-"""How many CPUs this process may really use: the default onnxruntime thread count.
+"""How many CPUs this process may really use: the default thread count for
+onnxruntime (serving, the compressor's teacher runs) and torch (distillation).
 
 onnxruntime's own default is one thread per physical core of the *machine*,
 which in a pod limited to 2 CPUs on a 64-core node means 64 threads fighting
@@ -43,3 +44,12 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def compute_threads() -> int:
+    """Threads for a compute-heavy step: ``OMP_NUM_THREADS`` when the caller set it
+    (a test, a bench, a user sharing the machine), else :func:`available_cpus`."""
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return available_cpus()
