@@ -27,6 +27,7 @@ from edgeslim.compressor import graph as g
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.steps import StepContext
+from tests.archs import export
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
@@ -38,24 +39,6 @@ RNG = np.random.default_rng(0)
 class Case:
     model: onnx.ModelProto
     feeds: dict[str, np.ndarray]
-
-
-def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    dynamic = {name: {0: "batch"} for name in [*names, "output"]}
-    if "input_ids" in names:  # sequence length too
-        dynamic = {**{n: {0: "batch", 1: "seq"} for n in names}, "output": {0: "batch"}}
-    torch.onnx.export(
-        module.eval(),
-        args,
-        buf,
-        dynamo=False,
-        opset_version=opset,
-        input_names=names,
-        output_names=["output"],
-        dynamic_axes=dynamic,
-    )
-    return onnx.load_from_string(buf.getvalue())
 
 
 def build(arch: str, opset: int) -> Case:

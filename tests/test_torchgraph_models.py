@@ -10,8 +10,6 @@ downloaded.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from edgeslim.compressor.torchgraph import OnnxModule
+from tests.archs import export
 
 torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
@@ -47,24 +46,6 @@ class SegHead(torch.nn.Module):
         y = self.fuse(f.pad(torch.cat([a, b], 1), (1, 1, 1, 1), mode="reflect"))
         y = f.interpolate(y, size=(x.shape[2], x.shape[3]), mode="nearest")
         return torch.sigmoid(y)
-
-
-def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    dynamic = {name: {0: "batch"} for name in [*names, "output"]}
-    if "input_ids" in names:
-        dynamic = {**{n: {0: "batch", 1: "seq"} for n in names}, "output": {0: "batch"}}
-    torch.onnx.export(
-        module.eval(),
-        args,
-        buf,
-        dynamo=False,
-        opset_version=opset,
-        input_names=names,
-        output_names=["output"],
-        dynamic_axes=dynamic,
-    )
-    return onnx.load_from_string(buf.getvalue())
 
 
 def build(arch: str, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -1,0 +1,28 @@
+"""Exporting torch modules to ONNX the way third-party files are made
+(TorchScript exporter, a fixed opset, dynamic batch and sequence axes), for
+the tests that run real architectures."""
+
+from __future__ import annotations
+
+import io
+
+import onnx
+import torch
+
+
+def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    dynamic = {name: {0: "batch"} for name in [*names, "output"]}
+    if "input_ids" in names:  # sequence length too
+        dynamic = {**{n: {0: "batch", 1: "seq"} for n in names}, "output": {0: "batch"}}
+    torch.onnx.export(
+        module.eval(),
+        args,
+        buf,
+        dynamo=False,
+        opset_version=opset,
+        input_names=names,
+        output_names=["output"],
+        dynamic_axes=dynamic,
+    )
+    return onnx.load_from_string(buf.getvalue())
