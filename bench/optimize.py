@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -42,7 +41,6 @@ import numpy as np
 import onnx
 import torch
 import yaml
-from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -118,37 +116,10 @@ def digits_case(out: Path) -> Case:
 
 def opset12_case(out: Path, digits: Case) -> Case:
     """The trained digits CNN re-exported at opset 12 with every weight in a Constant
-    node (the same construction as tests/test_optimize.py)."""
+    node (examples/digits/build.py reexport, as tests/test_optimize.py does)."""
     path = out / "cnn-opset12" / "cnn-opset12.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    build = _load_build()
-    net = build.DigitsCNN()
-    trained = onnx.load(digits.model)
-    net.load_state_dict(
-        {
-            t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-            for t in trained.graph.initializer
-        }
-    )
-    buf = io.BytesIO()
-    torch.onnx.export(
-        net.eval(),
-        (torch.zeros(1, 1, 8, 8),),
-        buf,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=12,
-        dynamo=False,
-    )
-    model = onnx.load_from_string(buf.getvalue())
-    g = model.graph
-    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
-    nodes = constants + list(g.node)
-    del g.initializer[:]
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.save(model, path)
+    _load_build().reexport(digits.model, path, 12, constant_weights=True)
     return Case("cnn-opset12", path, digits.val, 0.01, goal_ratio=3.0, goal_speedup=0.95)
 
 

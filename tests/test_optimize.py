@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -26,7 +25,6 @@ import onnx
 import pytest
 import torch
 import yaml
-from onnx import helper, numpy_helper
 from pydantic import ValidationError
 
 from edgeslim import storage
@@ -46,11 +44,11 @@ from edgeslim.compressor.pipeline import reuse_mismatch
 from edgeslim.compressor.quantize import Quantize
 from edgeslim.compressor.steps import StepContext
 from edgeslim.operator.results import results_status
+from tests.archs import digits_build
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ = 64, 16
-BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "digits" / "build.py"
 
 
 @dataclass(frozen=True)
@@ -260,36 +258,7 @@ def test_transformer_search_keeps_sensitive_nodes_in_float(toy_bert, tmp_path: P
 def _opset12_constant_weights(digits, path: Path) -> Path:
     """The trained digits CNN as an older exporter writes it: opset 12, weights in
     Constant nodes (per-channel QDQ needs opset 13; the search must cope)."""
-    spec = importlib.util.spec_from_file_location("digits_build", BUILD_SCRIPT)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    net = build.DigitsCNN()
-    trained = digits.model()
-    net.load_state_dict(
-        {
-            t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-            for t in trained.graph.initializer
-        }
-    )
-    buf = io.BytesIO()
-    torch.onnx.export(
-        net.eval(),
-        (torch.zeros(1, 1, 8, 8),),
-        buf,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=12,
-        dynamo=False,
-    )
-    model = onnx.load_from_string(buf.getvalue())
-    g = model.graph
-    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
-    nodes = constants + list(g.node)
-    del g.initializer[:]
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.save(model, path)
+    digits_build().reexport(digits.model_path, path, 12, constant_weights=True)
     return path
 
 

@@ -8,77 +8,33 @@ The digits CNN is re-exported at each opset and compressed by the real CLI.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import warnings
 from pathlib import Path
 
 import onnx
 import pytest
-import torch
 import yaml
-from onnx import helper, numpy_helper
 
 from edgeslim.compressor import datasets, evaluate
 from tests import cli_process
+from tests.archs import digits_build
 
-ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_REJECTED = 0, 3
 MAX_DROP = 0.02
-
-
-def _digits_cnn() -> type[torch.nn.Module]:
-    spec = importlib.util.spec_from_file_location(
-        "digits_build", ROOT / "examples" / "digits" / "build.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.DigitsCNN
-
-
-def _with_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Weights as Constant nodes instead of initializers, as some third-party exporters write."""
-    g = model.graph
-    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
-    nodes = constants + list(g.node)
-    del g.initializer[:]
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.fixture(scope="module")
 def exported(digits, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """The trained digits CNN exported at opsets 11, 12 and 13 with Constant-node weights."""
-    trained = digits.model()
-    net = _digits_cnn()()
-    net.load_state_dict(
-        {
-            t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-            for t in trained.graph.initializer
-        }
-    )
-    net.eval()
+    build = digits_build()
     out = tmp_path_factory.mktemp("opsets")
     paths = {}
     for opset in (11, 12, 13):
         path = out / f"cnn-opset{opset}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                net,
-                (torch.zeros(1, 1, 8, 8),),
-                str(path),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-        model = _with_constant_weights(onnx.load(str(path)))
+        build.reexport(digits.model_path, path, opset, constant_weights=True)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
         assert model.opset_import[0].version == opset and not model.graph.initializer
-        onnx.save(model, path)
         paths[opset] = path
     return paths
 

@@ -75,7 +75,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
-def export(model: nn.Module, path: Path) -> None:
+def export(model: nn.Module, path: Path, opset: int = 17) -> None:
     # The TorchScript-based exporter (dynamo=False) writes the plain
     # Conv/Relu/MaxPool/Flatten/Gemm graph most real-world files still have.
     with warnings.catch_warnings():
@@ -87,9 +87,33 @@ def export(model: nn.Module, path: Path) -> None:
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
+            opset_version=opset,
             dynamo=False,
         )
+
+
+def reexport(trained: Path, path: Path, opset: int, constant_weights: bool = False) -> None:
+    """The trained `cnn.onnx` written again as an older or third-party exporter
+    would: at `opset`, and with `constant_weights` every weight in a Constant node
+    instead of an initializer (what tests and benches feed the compressor)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    net = DigitsCNN()
+    weights = onnx.load(str(trained)).graph.initializer
+    net.load_state_dict(
+        {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in weights}
+    )
+    export(net.eval(), path, opset)
+    if constant_weights:
+        model = onnx.load(str(path))
+        g = model.graph
+        constants = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
+        nodes = constants + list(g.node)
+        del g.initializer[:]
+        del g.node[:]
+        g.node.extend(nodes)
+        onnx.save(model, str(path))
 
 
 def main() -> None:
