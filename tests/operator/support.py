@@ -4,6 +4,7 @@ that completes compressor pods at once with a valid result."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from edgeslim import storage
@@ -146,6 +148,22 @@ def model_body(
             "output": {"uri": f"s3://{bucket}/edge/"},
         },
     }
+
+
+def digits_in_s3(k8s: Any, namespace: str, s3_server: Any, bucket: str, digits: Any) -> None:
+    """The digits model, train and val sets under `s3://<bucket>/digits/`, and the
+    `s3-creds` Secret (the test S3 server's endpoint and keys) in `namespace`."""
+    s3 = s3_server.client()
+    for path, key in (
+        (digits.model_path, "cnn.onnx"),
+        (digits.train, "train.npz"),
+        (digits.val, "val.npz"),
+    ):
+        s3.upload_file(str(path), bucket, f"digits/{key}")
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in s3_server.env().items()}
+    k8s.core.create_namespaced_secret(
+        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), data=data)
+    )
 
 
 def create_model(k8s: Any, namespace: str, body: Obj) -> Obj:

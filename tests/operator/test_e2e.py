@@ -6,7 +6,6 @@ spec (then changed), a rejecting spec and a spec whose dataset does not exist.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.cluster.processes import wait_until
 from tests.operator.support import (
     condition,
     create_model,
+    digits_in_s3,
     get_model,
     model_body,
     model_jobs,
@@ -27,23 +27,6 @@ from tests.operator.support import (
 pytestmark = pytest.mark.cluster
 CLEANUP = {"edgeslim.io/cleanup-artifacts": "true"}
 TIMEOUT = 240  # a real compressor run, three at a time on a small machine
-
-
-def _secret(k8s: K8s, namespace: str, env: dict[str, str]) -> None:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in env.items()}
-    k8s.core.create_namespaced_secret(
-        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), data=data)
-    )
-
-
-def _upload(s3_server, bucket: str, digits) -> None:
-    s3 = s3_server.client()
-    for path, key in (
-        (digits.model_path, "cnn.onnx"),
-        (digits.train, "train.npz"),
-        (digits.val, "val.npz"),
-    ):
-        s3.upload_file(str(path), bucket, f"digits/{key}")
 
 
 def _s3_sha(s3_server, uri: str) -> str:
@@ -61,8 +44,7 @@ def _keys(s3_server, bucket: str, prefix: str) -> list[str]:
 def test_compress_change_reject_fail_and_delete(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits, tmp_path: Path
 ) -> None:
-    _upload(s3_server, s3, digits)
-    _secret(k8s, namespace, s3_server.env())
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
     op = run_operator()
 
     create_model(k8s, namespace, model_body("digits", s3, annotations=CLEANUP))

@@ -5,7 +5,6 @@ a search whose operator is killed halfway resumes without redoing a candidate.""
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -16,7 +15,14 @@ from kubernetes import client
 from edgeslim.api.spec import CompressedModel
 from tests.cluster.fixtures import K8s
 from tests.cluster.processes import wait_until
-from tests.operator.support import create_model, get_model, model_body, model_jobs, wait_phase
+from tests.operator.support import (
+    create_model,
+    digits_in_s3,
+    get_model,
+    model_body,
+    model_jobs,
+    wait_phase,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TIMEOUT = 300
@@ -32,13 +38,8 @@ def _finished(job: client.V1Job) -> bool:
 def test_candidates_run_as_separate_jobs_within_the_limit_and_resume(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits
 ) -> None:
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
     bucket = s3_server.client()
-    for path, key in ((digits.model_path, "cnn.onnx"), (digits.val, "val.npz")):
-        bucket.upload_file(str(path), s3, f"digits/{key}")
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in s3_server.env().items()}
-    k8s.core.create_namespaced_secret(
-        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), data=data)
-    )
     body = model_body("fanned", s3, max_drop=0.01)
     del body["spec"]["pipeline"]
     body["spec"]["optimize"] = {"objective": "download", "maxCandidates": PLANNED}
@@ -116,13 +117,7 @@ def test_candidates_run_as_separate_jobs_within_the_limit_and_resume(
 def test_a_spec_change_or_deletion_stops_the_search(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits
 ) -> None:
-    bucket = s3_server.client()
-    for path, key in ((digits.model_path, "cnn.onnx"), (digits.val, "val.npz")):
-        bucket.upload_file(str(path), s3, f"digits/{key}")
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in s3_server.env().items()}
-    k8s.core.create_namespaced_secret(
-        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), data=data)
-    )
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
     body = model_body("changed", s3, max_drop=0.01)
     del body["spec"]["pipeline"]
     body["spec"]["optimize"] = {"objective": "download", "maxCandidates": PLANNED}

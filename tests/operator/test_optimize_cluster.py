@@ -3,13 +3,10 @@ status.results carries what the search found (candidatesTried, the Pareto front)
 
 from __future__ import annotations
 
-import base64
-
 import pytest
-from kubernetes import client
 
 from tests.cluster.fixtures import K8s
-from tests.operator.support import condition, create_model, model_body, wait_phase
+from tests.operator.support import condition, create_model, digits_in_s3, model_body, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TIMEOUT = 300
@@ -18,13 +15,8 @@ TIMEOUT = 300
 def test_an_optimize_spec_reports_its_search_in_status(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits
 ) -> None:
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
     bucket = s3_server.client()
-    for path, key in ((digits.model_path, "cnn.onnx"), (digits.val, "val.npz")):
-        bucket.upload_file(str(path), s3, f"digits/{key}")
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in s3_server.env().items()}
-    k8s.core.create_namespaced_secret(
-        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), data=data)
-    )
     op = run_operator()
     body = model_body("searched", s3, max_drop=0.01)
     del body["spec"]["pipeline"]
