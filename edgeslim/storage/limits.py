@@ -10,14 +10,18 @@ through.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgeslim.errors import BadInput
+
+T = TypeVar("T")
 
 GiB = 1024**3
 MiB = 1024**2
@@ -188,3 +192,35 @@ def _copy_limited(
 def _check_sha(expected: str | None, got: str, what: str, uri: str) -> None:
     if expected is not None and got != expected:
         raise BadInput(f"{what} {uri}: sha256 mismatch: expected {expected}, got {got}")
+
+
+def _stage_checked(
+    dest_dir: Path,
+    name: str,
+    stream: Callable[[Callable[[bytes], Any]], tuple[int, str, T]],
+    *,
+    expected: str | None,
+    what: str,
+    uri: str,
+) -> tuple[Path, int, str, T]:
+    """Runs ``stream(sink)`` into ``dest_dir/name`` so that only a checked file appears.
+
+    The data lands under a hidden ``.<name>.part-<uuid>`` name and is renamed
+    into place only after the stream's own size checks and the sha256 check
+    (``expected``: normalised hex, or None) pass; on any failure it is removed.
+    ``stream`` returns ``(bytes, sha256 hex, extra)``; extra is passed back.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final = dest_dir / name
+    part = dest_dir / f".{name}.part-{uuid.uuid4().hex}"
+    try:
+        with open(part, "wb") as f:
+            n, digest, extra = stream(f.write)
+        _check_sha(expected, digest, what, uri)
+        os.replace(part, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise
+    return final, n, digest, extra

@@ -12,14 +12,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from edgeslim.errors import BadInput
 from edgeslim.storage.fetched import Fetched
-from edgeslim.storage.limits import _CHUNK, _check_sha, _copy_limited, _limit, _too_big
+from edgeslim.storage.limits import _CHUNK, _copy_limited, _limit, _stage_checked, _too_big
 from edgeslim.storage.uris import parse
 
 # ----------------------------------------------------------------------- reading
@@ -77,24 +76,17 @@ def fetch(
     place and opened again later could be swapped in between, and a
     different model would then run under the pinned sha256. One pass reads
     the original once, writes the copy and hashes exactly the bytes written.
-    Like S3 downloads, the copy lands under a hidden ``.part`` name renamed
-    into place only after size and sha256 (``expected``, normalised hex, or
-    None) check out.
+    Like S3 downloads, the copy is staged and renamed into place only after
+    size and sha256 check out (:func:`~edgeslim.storage.limits._stage_checked`).
     """
-    name = _local_path(uri).name
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    final = dest_dir / name
-    part = dest_dir / f".{name}.part-{uuid.uuid4().hex}"
-    try:
-        with open(part, "wb") as f:
-            n, digest = read(uri, f.write, max_bytes=max_bytes, what=what)
-        _check_sha(expected, digest, what, uri)
-        os.replace(part, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            part.unlink()
-        raise
+    final, n, digest, _ = _stage_checked(
+        dest_dir,
+        _local_path(uri).name,
+        lambda sink: (*read(uri, sink, max_bytes=max_bytes, what=what), None),
+        expected=expected,
+        what=what,
+        uri=uri,
+    )
     return Fetched(uri=uri, path=final, sha256=digest, size_bytes=n)
 
 

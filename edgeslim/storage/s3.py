@@ -35,7 +35,15 @@ from botocore.config import Config
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.redact import redact, remember
 from edgeslim.storage.fetched import Fetched
-from edgeslim.storage.limits import _CHUNK, GiB, MiB, _check_sha, _copy_limited, _limit, _too_big
+from edgeslim.storage.limits import (
+    _CHUNK,
+    GiB,
+    MiB,
+    _copy_limited,
+    _limit,
+    _stage_checked,
+    _too_big,
+)
 from edgeslim.storage.uris import parse
 
 log = logging.getLogger(__name__)
@@ -331,25 +339,19 @@ def fetch(
 ) -> Fetched:
     """Streams one object into ``dest_dir/<basename of key>``; returns it with its identity.
 
-    The data goes to a hidden ``.<name>.part-<uuid>`` file that is renamed into
-    place only after size and sha256 (``expected``, already normalised hex, or
-    None) check out; on any failure it is removed.
+    The data is staged and renamed into place only after size and sha256
+    (``expected``, already normalised hex, or None) check out
+    (:func:`~edgeslim.storage.limits._stage_checked`).
     """
     _, key = _s3_object(uri, what)
-    name = key.rsplit("/", 1)[-1]
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    final = dest_dir / name
-    part = dest_dir / f".{name}.part-{uuid.uuid4().hex}"
-    try:
-        with open(part, "wb") as f:
-            n, digest, head = _stream(uri, f.write, max_bytes=max_bytes, what=what)
-        _check_sha(expected, digest, what, uri)
-        os.replace(part, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            part.unlink()
-        raise
+    final, n, digest, head = _stage_checked(
+        dest_dir,
+        key.rsplit("/", 1)[-1],
+        lambda sink: _stream(uri, sink, max_bytes=max_bytes, what=what),
+        expected=expected,
+        what=what,
+        uri=uri,
+    )
     return Fetched(
         uri=uri,
         path=final,
