@@ -292,7 +292,8 @@ def candidate_context(r: Run, eval_data: Dataset) -> CandidateContext:
     spec = r.obj.spec
     assert spec.optimize is not None
     cfg = spec.evaluation
-    src_sess = evaluate.session(r.source)
+    # The source is the user's: what it fails on is BadInput naming it, as in the pipeline.
+    src_sess = evaluate.session(r.source, where=spec.source.uri)
     return CandidateContext(
         source=r.source,
         # One calibration per model, data and method, however many ways it is quantized.
@@ -303,7 +304,9 @@ def candidate_context(r: Run, eval_data: Dataset) -> CandidateContext:
         max_metric_drop=cfg.max_metric_drop,
         objective=spec.optimize.objective,
         data=eval_data,
-        source_out=evaluate.run_batched(src_sess, eval_data, label="evaluate source"),
+        source_out=evaluate.run_batched(
+            src_sess, eval_data, label="evaluate source", where=spec.source.uri
+        ),
         source_latency=evaluate.latency(src_sess, eval_data, cfg.latency_runs),
         latency_runs=cfg.latency_runs,
     )
