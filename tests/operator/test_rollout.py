@@ -41,12 +41,12 @@ from tests.cluster.tools import binaries
 from tests.operator.support import (
     condition,
     create_model,
+    digits_in_s3,
     get_model,
     model_body,
     result_message,
     wait_phase,
 )
-from tests.operator.test_e2e import _secret, _upload
 
 pytestmark = pytest.mark.cluster
 TIMEOUT = 240
@@ -136,8 +136,7 @@ def patch_spec(k8s: K8s, namespace: str, spec: Obj) -> int:
 def test_rollout_new_artifact_and_rollback(
     k8s: K8s, namespace: str, run_operator, s3_server, s3: str, digits, node_agent: NodeAgent
 ) -> None:
-    _upload(s3_server, s3, digits)
-    _secret(k8s, namespace, s3_server.env())
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
     op = run_operator()
     val = np.load(digits.val)
     samples = [(val["x"][i : i + 1], int(val["y"][i])) for i in range(5)]
