@@ -19,6 +19,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 PHASES = ("Pending", "Queued", "Compressing", "Rejected", "Deploying", "Ready", "Failed")
 RESULTS = ("passed", "rejected", "failed")
+# How a serving rollout of a new artifact ended: every pod ready on it (complete),
+# not ready by progressDeadlineSeconds and returned to the last good artifact
+# (rolled_back), or not ready with nothing to return to (failed).
+ROLLOUT_RESULTS = ("complete", "rolled_back", "failed")
 
 compressions_started = Counter(
     "edgeslim_compressions_started_total",
@@ -65,6 +69,12 @@ jobs_queued = Gauge(
     "CompressedModels waiting for a compressor slot (phase Queued).",
     registry=REGISTRY,
 )
+rollouts = Counter(
+    "edgeslim_rollouts_total",
+    "Serving rollouts of a new artifact that ended, by result (complete, rolled_back, failed).",
+    ["result"],
+    registry=REGISTRY,
+)
 reconcile_errors = Counter(
     "edgeslim_reconcile_errors_total",
     "Handler runs that ended in an error (each retry counts).",
@@ -74,6 +84,8 @@ reconcile_errors = Counter(
 
 for _result in RESULTS:
     compressions_finished.labels(result=_result)
+for _result in ROLLOUT_RESULTS:
+    rollouts.labels(result=_result)
 for _phase in PHASES:
     models.labels(phase=_phase).set(0)
 

@@ -144,6 +144,9 @@ def _roll_out(
     old, p = decided[0]
     for event in serving.events_for(old, p):
         post_event(rt, body, event)
+    result = serving.rollout_result(old, p)
+    if result is not None:
+        metrics.rollouts.labels(result=result).inc()
     # Again on the written status: a rollback just recorded now targets the last good.
     p = serving.plan(status.parse(new), spec_hash, state)
     if p.target is not None and serving.needs_storage_check(

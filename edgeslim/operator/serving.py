@@ -573,6 +573,21 @@ def events_for(old: CompressedModelStatus, p: Plan) -> list[tuple[str, str, str]
     return out
 
 
+def rollout_result(old: CompressedModelStatus, p: Plan) -> str | None:
+    """How a rollout ended, once, when `p` is written over `old` (a value of
+    metrics.ROLLOUT_RESULTS), or None when `p` ends none. A rollback is seen once:
+    `plan` sets `event` only when it first records the failed artifact."""
+    if p.event is not None and p.reason in ("RollingBack", "RolledBack"):
+        return "rolled_back"
+    if p.event is not None and p.reason == "RolloutFailed":
+        return "failed"
+    if p.reason == "RolloutComplete" and (
+        old.phase is not Phase.ready or old.serving_artifact != p.serving
+    ):
+        return "complete"
+    return None
+
+
 def without_deployment(current: CompressedModelStatus, generation: int | None, at: str) -> Obj:
     """spec.deployment removed: no serving fields, no Available condition; an
     object that was deploying or rolled back is Ready with its compressed artifact."""

@@ -407,3 +407,27 @@ def test_a_corrupted_artifact_is_never_rolled_out_and_the_last_good_keeps_servin
     assert serving.plan(marked, "c" * 16, state(Rollout.complete, GOOD)).reason != (
         "ArtifactCorrupted"
     )
+
+
+def test_rollout_result_counts_each_ending_once() -> None:
+    """edgeslim_rollouts_total{result}: one count when a rollout ends, none on a
+    reconcile that only re-reads the same state."""
+    deploying = passed()
+    done = serving.plan(deploying, HASH, state(Rollout.complete))
+    assert serving.rollout_result(deploying, done) == "complete"
+    ready = status.parse(serving.apply_plan(deploying, 3, done, "2024-01-02T00:00:00Z"))
+    again = serving.plan(ready, HASH, state(Rollout.complete))
+    assert serving.rollout_result(ready, again) is None
+    # Still rolling: nothing ended.
+    rolling = serving.plan(deploying, HASH, state(Rollout.progressing, NEW))
+    assert serving.rollout_result(deploying, rolling) is None
+    # The deadline passes: one rollback, then RolledBack without another count.
+    back = serving.plan(deploying, HASH, state(Rollout.failed, NEW))
+    assert serving.rollout_result(deploying, back) == "rolled_back"
+    after = passed(failed=list(back.failed))
+    settled = serving.plan(after, HASH, state(Rollout.complete, GOOD))
+    assert settled.reason == "RolledBack" and serving.rollout_result(after, settled) is None
+    # Nothing to return to: failed.
+    first = passed(last_good=None)
+    lost = serving.plan(first, HASH, state(Rollout.failed, NEW, ready=0))
+    assert serving.rollout_result(first, lost) == "failed"
