@@ -155,13 +155,7 @@ def write_plan(
     opt = obj.spec.optimize
     recipes = format_recipes(ld.source, [])
     if opt.train_dataset:
-        recipes += [
-            Recipe(
-                name=f"prune {s:.0%} + distill",
-                steps=optimize.prune_cut(s, opt.train_dataset, opt.train_dataset_sha256),
-            )
-            for s in optimize.first_prune_probes()
-        ]
+        recipes += optimize.first_prune_probes(opt.train_dataset, opt.train_dataset_sha256)
     plan = OptimizePlan(
         name=obj.metadata.name,
         namespace=f.namespace,
