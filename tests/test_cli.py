@@ -16,6 +16,7 @@ from onnx import TensorProto
 from edgeslim import storage
 from edgeslim.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, main
 from edgeslim.compressor import datasets, evaluate
+from tests.results import expected_prefix
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits" / "digits.yaml"
 
@@ -61,7 +62,9 @@ def test_demo_spec_passes_the_gate_and_writes_a_content_addressed_result(
     from edgeslim.api.spec import CompressedModel
 
     spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
-    folder = tmp_path / "out" / "default" / "digits-cnn" / spec_hash  # CLI: namespace "default"
+    # CLI: namespace "default"; the last folder is named by the inputs' content.
+    folder = Path(expected_prefix(doc, str(tmp_path / "out")))
+    assert folder.parent.name == spec_hash
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["kind"] == "CompressionResult" and manifest["specHash"] == spec_hash
@@ -136,13 +139,11 @@ def test_s3_source_and_output_over_http(digits, tmp_path: Path, s3: str) -> None
     from edgeslim.api.spec import CompressedModel
 
     spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
-    manifest = json.loads(
-        storage.read_bytes(f"s3://{s3}/edge/default/digits-cnn/{spec_hash}/manifest.json")
-    )
+    prefix = expected_prefix(doc, f"s3://{s3}/edge/")
+    assert prefix.startswith(f"s3://{s3}/edge/default/digits-cnn/{spec_hash}/")
+    manifest = json.loads(storage.read_bytes(f"{prefix}manifest.json"))
     model = storage.read_bytes(manifest["artifact"]["uri"])
-    assert manifest["artifact"]["uri"] == (
-        f"s3://{s3}/edge/default/digits-cnn/{spec_hash}/model.onnx"
-    )
+    assert manifest["artifact"]["uri"] == f"{prefix}model.onnx"
     import hashlib
 
     assert hashlib.sha256(model).hexdigest() == manifest["artifact"]["sha256"]

@@ -9,6 +9,7 @@ namespaces never share a prefix, and no message carries a credential.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ from edgeslim.operator import events
 from edgeslim.operator.cleanup import cleanup_artifacts
 from edgeslim.redact import redact, redact_messages, remember
 from tests.cluster.processes import free_port
+from tests.results import current_result
 from tests.test_cli import run, spec_for, written
 
 QUICK = [{"quantize": {"mode": "dynamic"}}]
@@ -45,9 +47,8 @@ def quick_spec(digits, tmp_path: Path, **spec_updates) -> dict:
 
 
 def manifest_of(doc: dict, output: str, namespace: str = "default") -> tuple[str, dict]:
-    obj = CompressedModel.model_validate(doc)
-    prefix = storage.result_prefix(output, namespace, obj.metadata.name, obj.spec.spec_hash())
-    return prefix, json.loads(storage.read_bytes(storage.join(prefix, MANIFEST_FILE)))
+    """(prefix, manifest) of the result for the inputs' bytes as they are now."""
+    return current_result(doc, output, namespace)
 
 
 def variant(src: Path, dest: Path, text: str) -> Path:
@@ -248,7 +249,7 @@ def test_a_source_replaced_at_the_same_s3_uri_is_recomputed(
     doc["spec"]["output"]["uri"] = f"s3://{s3}/edge/"
     output = doc["spec"]["output"]["uri"]
     assert run(doc, tmp_path) == EXIT_OK
-    _, old = manifest_of(doc, output)
+    old_prefix, old = manifest_of(doc, output)
     assert old["source"]["sha256"] == sha(digits.model_path)
     etag = s3_etag(src)
     assert {i["field"]: i.get("etag") for i in old["inputs"]}["source"] == etag
@@ -262,16 +263,45 @@ def test_a_source_replaced_at_the_same_s3_uri_is_recomputed(
 
     outcome = compress(obj, output=None, workdir=tmp_path / "w", log=logs.append)
     assert outcome.result.source.sha256 == sha(new) != old["source"]["sha256"]
-    assert any("recomputing" in line and "(source)" in line for line in logs), logs
-    _, fresh = manifest_of(doc, output)
+    assert not any("reusing" in line for line in logs), logs
+    fresh_prefix, fresh = manifest_of(doc, output)
     assert fresh["source"]["sha256"] == sha(new)
     assert {i["field"]: i.get("etag") for i in fresh["inputs"]}["source"] == s3_etag(src) != etag
+    # Written beside the old result, which stays whole: pods may still be serving it.
+    assert fresh_prefix != old_prefix
+    assert fresh_prefix.rsplit("/", 2)[0] == old_prefix.rsplit("/", 2)[0]  # same spec hash
+    old_model = storage.read_bytes(old["artifact"]["uri"])
+    assert hashlib.sha256(old_model).hexdigest() == old["artifact"]["sha256"]
+    assert json.loads(storage.read_bytes(storage.join(old_prefix, MANIFEST_FILE))) == old
 
     # Unchanged inputs: reused as before.
     logs.clear()
     again = compress(obj, output=None, workdir=tmp_path / "w2", log=logs.append)
     assert again.result.source.sha256 == sha(new)
     assert any("reusing the stored result" in line for line in logs), logs
+
+
+def test_a_result_in_the_layout_before_inputs_ids_is_still_reused(digits, tmp_path: Path) -> None:
+    """Results stored as <spec-hash>/model.onnx (before the inputs named a folder)
+    are found and reused for the same bytes: no migration, no second compression."""
+    doc = quick_spec(digits, tmp_path)
+    assert run(doc, tmp_path) == EXIT_OK
+    prefix, manifest = manifest_of(doc, str(tmp_path / "out"))
+    legacy = Path(prefix).parent
+    for name in (MODEL_FILE, MANIFEST_FILE):
+        (Path(prefix) / name).rename(legacy / name)
+    Path(prefix).rmdir()
+    manifest["artifact"]["uri"] = str(legacy / MODEL_FILE)
+    (legacy / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    from edgeslim.compressor.pipeline import compress
+
+    logs: list[str] = []
+    obj = CompressedModel.model_validate(doc)
+    outcome = compress(obj, output=None, workdir=tmp_path / "w", log=logs.append)
+    assert any("reusing the stored result" in line for line in logs), logs
+    assert outcome.model_uri == str(legacy / MODEL_FILE)
+    assert not Path(prefix).exists()  # nothing computed again
 
 
 def s3_etag(uri: str) -> str:

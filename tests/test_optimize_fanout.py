@@ -20,9 +20,9 @@ import yaml
 
 from edgeslim import storage
 from edgeslim.api.result import CompressionResult
-from edgeslim.api.spec import CompressedModel
 from edgeslim.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from edgeslim.compressor.optimize_fanout import CandidateRecord, OptimizePlan
+from tests.results import expected_prefix
 
 FORMATS = [
     "static int8 per-channel minmax",
@@ -55,8 +55,7 @@ def write_spec(digits, tmp_path: Path, out: Path, **spec: object) -> tuple[Path,
     }
     path = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.yaml"
     path.write_text(yaml.safe_dump(doc))
-    spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
-    return path, out / "default" / "digits-fan" / spec_hash
+    return path, Path(expected_prefix(doc, str(out)))
 
 
 def cli(*args: str) -> int:
@@ -196,7 +195,7 @@ def test_the_steps_share_their_work_through_s3(digits, tmp_path: Path, s3_server
     doc["spec"]["evaluation"]["dataset"] = f"s3://{s3}/inputs/val.npz"
     doc["spec"]["output"]["uri"] = f"s3://{s3}/edge/"
     spec.write_text(yaml.safe_dump(doc))
-    prefix = f"edge/default/digits-fan/{CompressedModel.model_validate(doc).spec.spec_hash()}/"
+    prefix = expected_prefix(doc, f"s3://{s3}/edge/").removeprefix(f"s3://{s3}/")
     assert cli(str(spec), "--plan") == EXIT_OK
     assert cli(str(spec), "--candidate", "0") == EXIT_OK
     assert cli(str(spec), "--candidate", "1") == EXIT_OK
@@ -230,13 +229,19 @@ def test_pick_without_a_plan_searches_in_its_own_process(digits, tmp_path: Path)
 
 @pytest.mark.slow
 def test_with_a_train_set_the_first_sparsity_probes_are_planned(digits, tmp_path: Path) -> None:
-    """The bisection's first probe and both second ones run as candidates of their own;
-    the pick goes on from them (the survivor is not pruned and distilled again)."""
-    optimize = {"objective": "download", "trainDataset": str(digits.train)}
+    """The first pruning probe and both that can follow it (a second cut, a retry at
+    another learning rate) run as candidates of their own; the pick goes on from them
+    (a passing student is not pruned and distilled again)."""
+    # maxCandidates bounds the pick's own search (it would go on cutting deeper).
+    optimize = {"objective": "download", "trainDataset": str(digits.train), "maxCandidates": 12}
     spec, folder = write_spec(digits, tmp_path, tmp_path / "fan", optimize=optimize)
     assert cli(str(spec), "--plan") == EXIT_OK
     plan = OptimizePlan.model_validate_json((folder / "plan.json").read_text())
-    probes = ["prune 50% + distill", "prune 75% + distill", "prune 25% + distill"]
+    probes = [
+        "prune 50% + distill",
+        "prune 50% > 50% + distill",
+        "prune 50% + distill (lr 0.01)",
+    ]
     assert [r.name for r in plan.recipes] == FORMATS + probes
     for i in range(len(FORMATS), len(plan.recipes)):
         assert cli(str(spec), "--candidate", str(i)) == EXIT_OK
@@ -255,10 +260,15 @@ def test_with_a_train_set_the_first_sparsity_probes_are_planned(digits, tmp_path
     assert "prune 50% + distill" in reached and len(reached) >= 2
     for name in reached:
         assert by_name[name].seconds == stored[name].figures.seconds
-    # A survivor's quantized candidate starts from the stored survivor: no prune record
-    # measured in the pick (its prune and distill records are the stored candidate's).
+    # A student's quantized (or further cut) candidate starts from the stored student:
+    # no prune record measured in the pick (those steps' records are the stored ones).
     chosen = result.candidates[result.chosen]
     assert chosen.passed and result.gate.passed
-    survivor = [n for n in reached if stored[n].figures.recipe == chosen.recipe[:2]]
-    if survivor:  # the survivor is a planned probe (not the pick's own later one)
-        assert result.steps[:2] == stored[survivor[0]].records
+    survivor = [
+        n
+        for n in reached
+        if chosen.recipe[: len(stored[n].figures.recipe)] == stored[n].figures.recipe
+    ]
+    if survivor:  # the student is a planned probe (not only the pick's own later ones)
+        longest = max(survivor, key=lambda n: len(stored[n].figures.recipe))
+        assert result.steps[: len(stored[longest].records)] == stored[longest].records

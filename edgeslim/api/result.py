@@ -6,6 +6,7 @@ camelCase; `status.results` of a CompressedModel reuses the same names.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import Field
@@ -102,6 +103,21 @@ class InputIdentity(OpenWireModel):
     """The store's ETag for those bytes (S3 only)."""
     version_id: str | None = None
     """The S3 object version, on versioned buckets."""
+
+
+INPUTS_ID_CHARS = 16
+
+
+def inputs_id(inputs: list[InputIdentity]) -> str:
+    """A short digest of the content of every input (URI and sha256 of the bytes used).
+
+    Names the folder a result is stored in under its spec hash, so the same spec
+    over new bytes at the same URIs (a replaced source model) gets a folder of its
+    own. The spec field is left out: it names, it does not change content.
+    """
+    pairs = sorted({(i.uri, i.sha256) for i in inputs})
+    canonical = "\n".join(f"{uri}\0{sha}" for uri, sha in pairs)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:INPUTS_ID_CHARS]
 
 
 class CandidateFigures(OpenWireModel):

@@ -29,6 +29,7 @@ from edgeslim.api.result import (
     MemoryFigures,
     ModelFigures,
     StepRecord,
+    inputs_id,
 )
 from edgeslim.api.spec import CompressedModel, Evaluation
 from edgeslim.api.termination import TerminationMessage
@@ -237,7 +238,8 @@ def compress(
     reuse: bool = True,
 ) -> Outcome:
     """Run the spec's pipeline and write its result under storage.result_prefix
-    (<output>/<namespace>/<name>/<spec-hash>/; namespace `default` without one).
+    (<output>/<namespace>/<name>/<spec-hash>/<inputs-id>/; namespace `default`
+    without one; inputs-id a digest of the bytes of every input).
 
     With `reuse`, a complete result already stored there for the same input
     bytes is returned as it is: a retried Job or a rerun never recomputes it,
@@ -277,7 +279,7 @@ def fetch_inputs(
         raise BadInput("output: no output location; set spec.output.uri or pass --output")
     spec_hash = spec.spec_hash()
     namespace = obj.metadata.namespace or storage.DEFAULT_NAMESPACE
-    prefix = storage.result_prefix(output_uri, namespace, obj.metadata.name, spec_hash)
+    storage.result_prefix(output_uri, namespace, obj.metadata.name, spec_hash)  # validates
     ws = Workspace(workdir)
 
     # Every input is fetched, and every pin checked, before anything else: a
@@ -298,13 +300,25 @@ def fetch_inputs(
             student = step.config.student
             field = f"pipeline[{i}].distill.student"
             ws.model_file(student.uri, student.sha256, field, field)
-    return Fetched(obj, prefix, namespace, spec_hash, ws, source_path, ev_path, ws.identities())
+    inputs = ws.identities()
+    # The result's folder is named by the inputs' content too: new bytes at the
+    # same URIs never overwrite the artifact the old bytes made (pods may serve it).
+    prefix = storage.result_prefix(
+        output_uri, namespace, obj.metadata.name, spec_hash, inputs_id(inputs)
+    )
+    return Fetched(obj, prefix, namespace, spec_hash, ws, source_path, ev_path, inputs)
 
 
 def stored_result(f: Fetched, log: Callable[[str], None]) -> Outcome | None:
     """The complete result already stored for this spec and these input bytes, if any."""
     name = f.obj.metadata.name
-    return _stored_result(f.prefix, name, f.namespace, f.spec_hash, f.inputs, f.ws, log)
+    found = _stored_result(f.prefix, name, f.namespace, f.spec_hash, f.inputs, f.ws, log)
+    if found is not None:
+        return found
+    # Results stored before the inputs named their folder lie in the spec hash's
+    # folder itself; one computed from these same bytes is still this run's.
+    legacy = f.prefix.rstrip("/").rsplit("/", 1)[0] + "/"
+    return _stored_result(legacy, name, f.namespace, f.spec_hash, f.inputs, f.ws, log)
 
 
 def load_inputs(f: Fetched, progress: steps.Progress) -> Loaded:

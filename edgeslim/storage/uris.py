@@ -123,11 +123,27 @@ def model_prefix(output: str, namespace: str | None, name: str) -> str:
     return join(output, ns, name) + "/"
 
 
-def result_prefix(output: str, namespace: str | None, name: str, spec_hash: str) -> str:
-    """``<output>/<namespace>/<name>/<spec-hash>/``: where one spec's result lives."""
+def result_prefix(
+    output: str, namespace: str | None, name: str, spec_hash: str, inputs_id: str | None = None
+) -> str:
+    """``<output>/<namespace>/<name>/<spec-hash>/<inputs-id>/``: where one spec's result
+    for one content of its inputs lives.
+
+    Keyed by the inputs too (:func:`edgeslim.api.result.inputs_id`, a digest of the
+    bytes of source and datasets), so a re-compression after a source was replaced
+    at the same URI writes beside the artifact that pods may be serving, never over
+    it. Without ``inputs_id``, the spec hash's folder: everything the spec ever
+    produced lies under it (the operator checks result URIs against it), and results
+    stored before the inputs were part of the layout lie directly in it.
+    """
     if not re.match(r"^[0-9a-f]{8,64}$", spec_hash):
         raise BadInput(f"spec hash {spec_hash!r} is not hexadecimal")
-    return join(model_prefix(output, namespace, name), spec_hash) + "/"
+    spec_dir = join(model_prefix(output, namespace, name), spec_hash) + "/"
+    if inputs_id is None:
+        return spec_dir
+    if not re.match(r"^[0-9a-f]{8,64}$", inputs_id):
+        raise BadInput(f"inputs id {inputs_id!r} is not hexadecimal")
+    return join(spec_dir, inputs_id) + "/"
 
 
 def within(uri: str, prefix: str) -> bool:

@@ -66,7 +66,10 @@ def test_compress_change_reject_fail_and_delete(
     assert st["results"]["gate"]["passed"] is True
     assert st["results"]["downloadRatio"] > 1 and "drop" in st["results"]["evaluation"]
     artifact = st["artifact"]
-    assert artifact["uri"] == f"s3://{s3}/edge/{namespace}/digits/{st['specHash']}/model.onnx"
+    # <spec-hash>/<inputs-id>/: a folder per content of the inputs
+    spec_dir = f"s3://{s3}/edge/{namespace}/digits/{st['specHash']}/"
+    assert artifact["uri"].startswith(spec_dir) and artifact["uri"].endswith("/model.onnx")
+    assert artifact["uri"].count("/") == spec_dir.count("/") + 1
     assert _s3_sha(s3_server, artifact["uri"]) == artifact["sha256"]
     assert artifact["manifestUri"].endswith("/manifest.json")
     [job] = model_jobs(k8s, namespace, "digits")
