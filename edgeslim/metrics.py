@@ -23,6 +23,9 @@ RESULTS = ("passed", "rejected", "failed")
 # not ready by progressDeadlineSeconds and returned to the last good artifact
 # (rolled_back), or not ready with nothing to return to (failed).
 ROLLOUT_RESULTS = ("complete", "rolled_back", "failed")
+# The handlers that count edgeslim_reconcile_errors_total; created at 0 so a
+# dashboard and a rate() see a flat line rather than no data until the first error.
+HANDLERS = ("reconcile", "dispatch", "job", "serving", "resync", "cleanup")
 
 compressions_started = Counter(
     "edgeslim_compressions_started_total",
@@ -84,6 +87,8 @@ reconcile_errors = Counter(
 
 for _result in RESULTS:
     compressions_finished.labels(result=_result)
+for _handler in HANDLERS:
+    reconcile_errors.labels(handler=_handler)
 for _result in ROLLOUT_RESULTS:
     rollouts.labels(result=_result)
 for _phase in PHASES:
