@@ -76,7 +76,7 @@ bench-chaos: venv controlplane
 
 # Regenerate the CRD (and the chart's copy) from the pydantic models.
 crd: venv
-	$(BIN)/edgeslim crd --output crds/compressedmodel.yaml --chart charts/edgeslim
+	$(BIN)/edgeslim crd --output crds/compressedmodel.yaml --policy-output crds/compressionpolicy.yaml --chart charts/edgeslim
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

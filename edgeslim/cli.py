@@ -148,17 +148,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from edgeslim.api.crd import HELM_TEMPLATE, render_crd, render_helm_crd
+    from edgeslim.api import crd
 
-    text = render_crd()
+    text = crd.render_crd()
     if args.output is None:
         sys.stdout.write(text)
     else:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
+    if args.policy_output is not None:
+        args.policy_output.parent.mkdir(parents=True, exist_ok=True)
+        args.policy_output.write_text(crd.render_policy_crd())
     if args.chart is not None:
-        (args.chart / HELM_TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
-        (args.chart / HELM_TEMPLATE).write_text(render_helm_crd())
+        for template, render in (
+            (crd.HELM_TEMPLATE, crd.render_helm_crd),
+            (crd.POLICY_HELM_TEMPLATE, crd.render_policy_helm_crd),
+        ):
+            (args.chart / template).parent.mkdir(parents=True, exist_ok=True)
+            (args.chart / template).write_text(render())
     return EXIT_OK
 
 
@@ -247,7 +254,15 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")
     d.add_argument("--output", type=Path, default=None, help="write it to this file instead")
-    d.add_argument("--chart", type=Path, default=None, help="also write it into this Helm chart")
+    d.add_argument(
+        "--policy-output",
+        type=Path,
+        default=None,
+        help="also write the CompressionPolicy CRD to this file",
+    )
+    d.add_argument(
+        "--chart", type=Path, default=None, help="also write both CRDs into this Helm chart"
+    )
     d.set_defaults(func=cmd_crd)
 
     s = sub.add_parser("serve", help="serve an ONNX model over the Open Inference Protocol v2")

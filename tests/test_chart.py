@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from edgeslim.api.crd import render_crd, render_helm_crd
+from edgeslim.api.crd import build_crd, build_policy_crd, render_crd, render_helm_crd
 from tests.cluster.fixtures import K8s
 from tests.cluster.tools import binaries
 
@@ -81,6 +81,7 @@ def test_default_render() -> None:
         "ClusterRoleBinding",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
+        "CustomResourceDefinition",
         "Deployment",
         "Pod",  # the `helm test` hook
         "Service",
@@ -132,22 +133,25 @@ def test_compressor_command_round_trips_through_shlex() -> None:
 
 def test_crds_can_be_left_out_or_dropped_on_uninstall() -> None:
     assert "CustomResourceDefinition" not in kinds(render("crds.enabled=false"))
-    kept = one(render(), "CustomResourceDefinition")
-    assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
-    not_kept = one(render("crds.keep=false"), "CustomResourceDefinition")
-    assert "annotations" not in not_kept["metadata"]
+    for name in ("compressedmodels.edgeslim.io", "compressionpolicies.edgeslim.io"):
+        kept = one(render(), "CustomResourceDefinition", name)
+        assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        not_kept = one(render("crds.keep=false"), "CustomResourceDefinition", name)
+        assert "annotations" not in not_kept["metadata"]
 
 
-def test_chart_crd_is_the_generated_crd() -> None:
-    template = CHART / "templates" / "crds" / "compressedmodel.yaml"
-    assert template.read_text() == render_helm_crd(), (
-        "the chart's CRD template is out of date; run "
-        "`edgeslim crd --output crds/compressedmodel.yaml --chart charts/edgeslim`"
+@pytest.mark.parametrize(
+    ("file", "crd"),
+    [("compressedmodel.yaml", build_crd), ("compressionpolicy.yaml", build_policy_crd)],
+)
+def test_chart_crd_is_the_generated_crd(file: str, crd: Callable[[], Manifest]) -> None:
+    template = CHART / "templates" / "crds" / file
+    assert template.read_text() == render_helm_crd(crd()), (
+        "the chart's CRD template is out of date; run `make crd`"
     )
-    rendered = one(render(), "CustomResourceDefinition")
-    committed = yaml.safe_load(render_crd())
+    committed = yaml.safe_load(render_crd(crd()))
+    rendered = one(render(), "CustomResourceDefinition", committed["metadata"]["name"])
     assert rendered["spec"] == committed["spec"]
-    assert rendered["metadata"]["name"] == committed["metadata"]["name"]
     assert committed["metadata"]["labels"].items() <= rendered["metadata"]["labels"].items()
 
 
@@ -173,6 +177,8 @@ _CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create"
 APPLY_CREATES = {("apps", "deployments"), ("", "services")}
 KOPF_NEEDS = {
     ("edgeslim.io", "compressedmodels"): {"list", "watch", "patch"},
+    # Policies are indexed and watched (on.event, no kopf progress annotations).
+    ("edgeslim.io", "compressionpolicies"): {"list", "watch"},
     ("batch", "jobs"): {"list", "watch"},
     ("apps", "deployments"): {"list", "watch"},
     ("", "events"): {"create"},
@@ -183,13 +189,16 @@ def verbs_the_operator_uses() -> dict[tuple[str, str], set[str]]:
     """Every API call in kube.py (the operator's only client) plus kopf's own needs."""
     calls = re.findall(
         r"self\.(?:core|batch|apps|custom)\.(read|get|list|create|patch|delete|replace)"
-        r"_namespaced_(\w+)",
+        r"_namespaced_(\w+)([^)]{0,200})",
         KUBE.read_text(),
     )
     assert calls, "no API calls found in kube.py: the pattern is out of date"
     out: dict[tuple[str, str], set[str]] = {k: set(v) for k, v in KOPF_NEEDS.items()}
-    for verb, resource in calls:
-        out.setdefault(_CLIENT_RESOURCES[resource], set()).add(_CLIENT_VERBS[verb])
+    for verb, resource, args in calls:
+        group, kind = _CLIENT_RESOURCES[resource]
+        if "POLICY_PLURAL" in args:  # a custom-object call on CompressionPolicies
+            kind = kind.replace("compressedmodels", "compressionpolicies")
+        out.setdefault((group, kind), set()).add(_CLIENT_VERBS[verb])
     for applied in APPLY_CREATES:
         assert "patch" in out[applied], f"{applied} is no longer applied"
         out[applied].add("create")
@@ -199,7 +208,8 @@ def verbs_the_operator_uses() -> dict[tuple[str, str], set[str]]:
 def test_kopf_needs_match_the_handlers() -> None:
     from edgeslim.operator import handlers
 
-    watched = {(g, r) for g, _v, r in (handlers.MODELS, handlers.JOBS, handlers.DEPLOYMENTS)}
+    resources = (handlers.MODELS, handlers.POLICIES, handlers.JOBS, handlers.DEPLOYMENTS)
+    watched = {(g, r) for g, _v, r in resources}
     assert watched == {k for k, v in KOPF_NEEDS.items() if "watch" in v}
 
 
@@ -214,6 +224,8 @@ def test_expected_rules_are_the_calls_the_code_makes() -> None:
     assert verbs_the_operator_uses() == {
         ("edgeslim.io", "compressedmodels"): {"get", "list", "watch", "patch"},
         ("edgeslim.io", "compressedmodels/status"): {"patch"},
+        ("edgeslim.io", "compressionpolicies"): {"list", "watch"},
+        ("edgeslim.io", "compressionpolicies/status"): {"patch"},
         ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
         ("", "pods"): {"list"},
         ("", "secrets"): {"get"},
@@ -761,6 +773,9 @@ def test_rbac_grants_exactly_what_the_operator_needs(
     try:
         assert allowed("patch", "edgeslim.io", "compressedmodels", "status")
         assert allowed("watch", "edgeslim.io", "compressedmodels")
+        assert allowed("watch", "edgeslim.io", "compressionpolicies")
+        assert allowed("patch", "edgeslim.io", "compressionpolicies", "status")
+        assert not allowed("patch", "edgeslim.io", "compressionpolicies")
         assert allowed("create", "batch", "jobs")
         assert allowed("list", "", "pods")
         assert allowed("get", "", "secrets")

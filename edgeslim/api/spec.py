@@ -282,6 +282,17 @@ class PipelineStep(WireModel):
         return getattr(self, self.type)
 
 
+def check_step_order(pipeline: list[PipelineStep]) -> None:
+    """Step order rules, shared with a CompressionPolicy's default pipeline."""
+    types = [s.type for s in pipeline]
+    if types.count("quantize") > 1:
+        raise ValueError("pipeline: quantize may appear at most once")
+    if "quantize" in types:
+        after = types[types.index("quantize") + 1 :]
+        if any(t in ("prune", "distill") for t in after):
+            raise ValueError("pipeline: prune and distill cannot follow quantize")
+
+
 class Output(WireModel):
     uri: Uri
     """Prefix under which <namespace>/<name>/<spec-hash>/model.onnx and manifest.json are
@@ -378,13 +389,7 @@ class CompressedModelSpec(WireModel):
     def _pipeline_order(self) -> CompressedModelSpec:
         if (self.pipeline is None) == (self.optimize is None):
             raise ValueError("give exactly one of pipeline and optimize")
-        types = [s.type for s in self.pipeline or []]
-        if types.count("quantize") > 1:
-            raise ValueError("pipeline: quantize may appear at most once")
-        if "quantize" in types:
-            after = types[types.index("quantize") + 1 :]
-            if any(t in ("prune", "distill") for t in after):
-                raise ValueError("pipeline: prune and distill cannot follow quantize")
+        check_step_order(self.pipeline or [])
         if self.deployment is not None and self.output is None:
             raise ValueError("output: a deployment needs an output location")
         if self.optimize and self.optimize.place_on_deployment_nodes and not self.deployment:

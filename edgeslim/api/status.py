@@ -106,6 +106,15 @@ class Results(OpenWireModel):
     """spec.optimize only: the top 5 of the Pareto front, download size against drop."""
 
 
+class PolicyRef(OpenWireModel):
+    """The CompressionPolicy whose defaults the status reflects."""
+
+    name: str
+    """The policy's name (same namespace)."""
+    generation: int | None = None
+    """The policy's metadata.generation merged into the current specHash."""
+
+
 class CompressedModelStatus(OpenWireModel):
     phase: Phase = Phase.pending
     """Pending, Queued, Compressing, Deploying, Ready, Rejected (the gate refused the
@@ -136,3 +145,6 @@ class CompressedModelStatus(OpenWireModel):
     )
     """Artifacts whose pods never became ready (newest last): never rolled out
     again while the spec keeps the hash that produced them."""
+    policy: PolicyRef | None = None
+    """The CompressionPolicy that selects this object and the generation of it
+    merged into the current specHash; absent when no policy selects it."""

@@ -19,6 +19,12 @@ from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.operator import fanout, jobs, ownership, results, status
 from edgeslim.operator.kube import Conflict, api_message
 from edgeslim.operator.names import job_name
+from edgeslim.operator.policy_hooks import (
+    policy_groups,
+    policy_limited,
+    queued_message,
+    record_policy_ref,
+)
 from edgeslim.operator.queue import ModelKey, Waiting
 from edgeslim.operator.rollout import reconcile_serving, serve_quietly
 from edgeslim.operator.runtime import (
@@ -70,6 +76,7 @@ def reconcile_model(rt: Runtime, body: Obj) -> None:
     key = model_key(body)
     model = parse_model(body)  # InvalidSpec propagates; the handler records it
     spec_hash = model.spec.spec_hash()
+    body = record_policy_ref(rt, key, body, spec_hash)
     job = job_name(model.metadata.name, spec_hash)
     current = status.parse(body.get("status"))
     _supersede(rt, key, spec_hash, model.metadata.uid)
@@ -90,13 +97,16 @@ def reconcile_model(rt: Runtime, body: Obj) -> None:
         # Resumed after a restart: the Job exists (adopted on 409) or is made again.
         start(rt, key, Waiting(body["metadata"].get("creationTimestamp", ""), *key, job), body)
         return
-    if rt.settings.kueue_queue or rt.slots.unlimited:
+    # A CompressionPolicy's maxConcurrent queues its models even with no overall limit.
+    if rt.settings.kueue_queue or (rt.slots.unlimited and not policy_limited(rt, key)):
         start(rt, key, Waiting(body["metadata"].get("creationTimestamp", ""), *key, job), body)
         return
 
     entry = Waiting(body["metadata"].get("creationTimestamp", ""), key[0], key[1], job)
     rt.slots.wait(entry)
-    admitted = rt.slots.take(queued_models(rt.models_index), running_jobs(rt.jobs_index))
+    admitted = rt.slots.take(
+        queued_models(rt.models_index), running_jobs(rt.jobs_index), policy_groups(rt)
+    )
     started_self = False
     for w in admitted:
         if w.key == key:
@@ -117,7 +127,7 @@ def _mark_queued(rt: Runtime, key: ModelKey, spec_hash: str, job: str, body: Obj
         return Transition(
             Phase.queued,
             "Queued",
-            f"waiting for one of {limit} compressor slots (first come, first served)",
+            queued_message(rt, key, limit),
             spec_hash=spec_hash,
             job_name=job,
         )
@@ -261,9 +271,10 @@ def dispatch(rt: Runtime) -> None:
         return
     for key in fanout.in_progress(rt):
         fanout.advance_quietly(rt, key)
-    if rt.slots.unlimited:
+    groups = policy_groups(rt)
+    if rt.slots.unlimited and not groups:
         return
-    for w in rt.slots.take(queued_models(rt.models_index), running_jobs(rt.jobs_index)):
+    for w in rt.slots.take(queued_models(rt.models_index), running_jobs(rt.jobs_index), groups):
         _start_quietly(rt, w)
 
 

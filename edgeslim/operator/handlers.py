@@ -26,6 +26,7 @@ from typing import Any
 import kopf
 
 from edgeslim import metrics
+from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.operator import cleanup, compression, rollout, runtime, server
 from edgeslim.operator.kube import Kube, is_transient
@@ -37,10 +38,14 @@ from edgeslim.operator.names import (
     MODEL_LABEL,
     PLURAL,
 )
+from edgeslim.operator.policy import policy_entry
+from edgeslim.operator.policy_sync import model_seen, policy_changed
+from edgeslim.operator.policy_sync import resync as resync_policies
 from edgeslim.operator.queue import Slots
 from edgeslim.operator.settings import Settings
 
 MODELS = (API_GROUP, API_VERSION, PLURAL)
+POLICIES = (API_GROUP, API_VERSION, POLICY_PLURAL)
 JOBS = ("batch", "v1", "jobs")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 OURS = {MODEL_LABEL: kopf.PRESENT}
@@ -70,6 +75,7 @@ async def configure(
     memo: kopf.Memo,
     model_index: kopf.Index,
     job_index: kopf.Index,
+    policy_index: kopf.Index,
     **_: Any,
 ) -> None:
     # Our own group on everything kopf writes, so it reads as ours in kubectl.
@@ -104,8 +110,10 @@ async def configure(
         slots=Slots(cfg.max_concurrent_jobs),
         models_index=model_index,
         jobs_index=job_index,
+        policies_index=policy_index,
     )
     metrics.watch_queue(rt.running_count, rt.queued_count)
+    runtime.use_policies(policy_index)
     memo.runtime = rt
     memo.http = await server.serve(lambda: rt.ready, cfg.metrics_port)
     memo.resync = asyncio.create_task(resync_loop(rt))
@@ -118,6 +126,7 @@ async def resync_loop(rt: runtime.Runtime) -> None:
         await asyncio.sleep(RESYNC_SECONDS)
         try:
             await asyncio.to_thread(compression.resync, rt)
+            await asyncio.to_thread(resync_policies, rt)
         except Exception as exc:
             metrics.reconcile_errors.labels(handler="resync").inc()
             log.warning("resync failed: %s", exc)
@@ -146,6 +155,8 @@ def job_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) ->
 @kopf.on.resume(*MODELS, retries=RETRIES)
 @kopf.on.create(*MODELS, retries=RETRIES)
 @kopf.on.update(*MODELS, field="spec", retries=RETRIES)
+# Labels decide which CompressionPolicy selects the object, hence its effective spec.
+@kopf.on.update(*MODELS, field="metadata.labels", retries=RETRIES)
 def reconcile_model(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     rt: runtime.Runtime = memo.runtime
     try:
@@ -171,6 +182,25 @@ def model_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
         )
     else:
         compression.observe_model(memo.runtime, dict(body))
+    # The index already has the change: recount the policies it may count towards.
+    model_seen(memo.runtime, dict(body))
+
+
+@kopf.index(*POLICIES)
+def policy_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): policy_entry(dict(body))}
+
+
+@kopf.on.event(*POLICIES)
+def policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        policy_changed(memo.runtime, type, dict(body))
+    except Exception as exc:
+        # Not retried by kopf: the resync reconciles models left on an old generation.
+        metrics.reconcile_errors.labels(handler="policy").inc()
+        log.warning(
+            "CompressionPolicy %s: %s (the resync will retry)", body["metadata"]["name"], exc
+        )
 
 
 @kopf.on.event(*JOBS, labels=OURS)

@@ -18,6 +18,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from edgeslim import __version__
+from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.operator.names import API_GROUP, API_VERSION, PLURAL
 
 Obj = dict[str, Any]
@@ -127,6 +128,24 @@ class Kube:
             if exc.status == 409:
                 raise Conflict(api_message(exc)) from exc
             raise
+
+    # -- CompressionPolicies -------------------------------------------------
+
+    def patch_policy_status(self, namespace: str, name: str, status: Obj) -> Obj | None:
+        """Merge-patches a policy's status (the model counts); None when it is gone.
+        No resourceVersion: the counts are recomputed whole from the indexes on
+        every write, so the last write is the right one."""
+        return _request(
+            self.custom.patch_namespaced_custom_object_status,
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            POLICY_PLURAL,
+            name,
+            {"status": status},
+            missing_ok=True,
+            _content_type="application/merge-patch+json",
+        )
 
     # -- Jobs --------------------------------------------------------------
 

@@ -11,7 +11,7 @@ so two handlers cannot both take the last slot.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 ModelKey = tuple[str, str]  # (namespace, name)
@@ -43,6 +43,28 @@ def admissible(waiting: Iterable[Waiting], running: int, limit: int) -> list[Wai
     if limit <= 0:
         return queue
     return queue[: max(0, limit - running)]
+
+
+def within_groups(
+    queue: list[Waiting],
+    busy: Iterable[ModelKey],
+    groups: dict[ModelKey, tuple[Hashable, int]],
+) -> list[Waiting]:
+    """The queue (in order) less what would take a group over its limit, counting
+    the group's objects already holding a slot (`busy`)."""
+    held: dict[Hashable, int] = {}
+    for key in busy:
+        if key in groups:
+            held[groups[key][0]] = held.get(groups[key][0], 0) + 1
+    out = []
+    for w in queue:
+        group = groups.get(w.key)
+        if group is not None:
+            if held.get(group[0], 0) >= group[1]:
+                continue
+            held[group[0]] = held.get(group[0], 0) + 1
+        out.append(w)
+    return out
 
 
 def position(waiting: Iterable[Waiting], key: ModelKey) -> int | None:
@@ -91,17 +113,22 @@ class Slots:
         self,
         queued: Iterable[Waiting],
         running: dict[ModelKey, set[str]],
+        groups: dict[ModelKey, tuple[Hashable, int]] | None = None,
     ) -> list[Waiting]:
         """Reserves slots for the objects that may start now and returns them.
 
         `queued`: Queued objects the index knows of; `running`: running Job
         names per object (index). Objects already holding a running Job
-        never take a second slot.
+        never take a second slot. `groups`: object -> (group, its limit), e.g.
+        a CompressionPolicy and its maxConcurrent: at most that many objects of
+        a group hold slots at once, on top of the overall limit.
         """
         with self._lock:
             count = self._count(running)
             busy = set(running) | set(self._reserved) | {k for k, v in self._steps.items() if v}
             candidates = [w for w in {*queued, *self._waiting.values()} if w.key not in busy]
+            if groups:
+                candidates = within_groups(order(candidates), busy, groups)
             chosen = admissible(candidates, count, self.limit)
             for w in chosen:
                 self._reserved[w.key] = w.job

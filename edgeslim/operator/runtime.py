@@ -22,7 +22,7 @@ from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput
-from edgeslim.operator import events, jobs, status
+from edgeslim.operator import events, jobs, policy, status
 from edgeslim.operator.kube import Conflict, Kube
 from edgeslim.operator.names import STEP_LABEL
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
@@ -53,6 +53,11 @@ class ModelEntry:
     job_name: str | None
     generation: int | None
     observed_generation: int | None
+    # For CompressionPolicies: which policy selects it (labels) and which
+    # generation of it the status reflects (status.policy).
+    labels: tuple[tuple[str, str], ...] = ()
+    policy: str | None = None
+    policy_generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ def model_entry(body: Obj) -> ModelEntry:
         job_name=raw.get("jobName"),
         generation=meta.get("generation"),
         observed_generation=raw.get("observedGeneration"),
+        labels=tuple(sorted((meta.get("labels") or {}).items())),
+        policy=(raw.get("policy") or {}).get("name"),
+        policy_generation=(raw.get("policy") or {}).get("generation"),
     )
 
 
@@ -148,6 +156,7 @@ class Runtime:
     phases: metrics.PhaseTracker = field(default_factory=metrics.PhaseTracker)
     models_index: Any = None
     jobs_index: Any = None
+    policies_index: Any = None
     ready: bool = False
 
     def running_count(self) -> int:
@@ -229,11 +238,40 @@ def post_event(rt: Runtime, body: Obj, event: tuple[str, str, str] | None) -> No
 # --------------------------------------------------------------------- spec
 
 
-def parse_model(body: Obj) -> CompressedModel:
+# The CompressionPolicy index, registered once at startup (`use_policies`). A
+# module-level source rather than an argument: every parse of a model in the
+# operator (reconcile, Job result, rollout, cleanup, search fan-out) must see the
+# same merged spec, or spec hashes would disagree; an argument threaded through
+# each of those call sites is the one that gets forgotten.
+_policies: Any = None
+
+
+def use_policies(index: Any) -> None:
+    global _policies
+    _policies = index
+
+
+def policies() -> list[policy.PolicyEntry]:
+    """The CompressionPolicies the operator knows of (empty outside the operator)."""
+    return policy.flatten(snapshot(_policies))
+
+
+def selecting_policy(body: Obj) -> policy.PolicyEntry | None:
+    """The policy that selects the object; InvalidSpec when two do."""
     try:
-        return CompressedModel.model_validate(body)
+        return policy.policy_for(policies(), body)
+    except policy.PolicyConflict as exc:
+        raise InvalidSpec(str(exc)) from exc
+
+
+def parse_model(body: Obj) -> CompressedModel:
+    """The object with its CompressionPolicy's defaults merged in, validated in full."""
+    chosen = selecting_policy(body)
+    try:
+        return CompressedModel.model_validate(policy.effective_body(body, chosen))
     except ValidationError as exc:
-        raise InvalidSpec(format_validation_error(exc)) from exc
+        message = format_validation_error(exc)
+        raise InvalidSpec(message + policy.missing_hint(chosen, message)) from exc
 
 
 # ------------------------------------------------------------------ storage

@@ -1,0 +1,76 @@
+"""Where the compression flow consults CompressionPolicies: the policy a model's
+status reflects, and the per-policy limit the queue applies on top of the
+operator's own Job limit (a policy edit then re-compresses its models in a
+rolling wave of `maxConcurrent`)."""
+
+from __future__ import annotations
+
+from edgeslim.api.status import CompressedModelStatus, Phase
+from edgeslim.operator import policy, status
+from edgeslim.operator.queue import ModelKey
+from edgeslim.operator.runtime import (
+    Obj,
+    Runtime,
+    policies,
+    selecting_policy,
+    snapshot,
+    write_status,
+)
+from edgeslim.operator.status import Transition, now
+
+
+def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj, spec_hash: str) -> Obj:
+    """Writes status.policy (the policy and generation merged into `spec_hash`)
+    when it changed; returns the object to carry on with.
+
+    When the policy change also changes the spec hash, the same write moves the
+    object to Pending: its old result no longer describes its spec, and the
+    policy must not count it Ready for the new generation meanwhile.
+    """
+    if "/" in key[1]:
+        return body  # a spec.targets variant: its status lives in status.targets
+    chosen = selecting_policy(body)
+    ref = chosen.ref() if chosen is not None else None
+    raw = body.get("status") or {}
+    if raw.get("policy") == (ref.wire() if ref else None):
+        return body
+    message = (
+        f"CompressionPolicy {ref.name} generation {ref.generation} changed the spec"
+        if ref is not None
+        else "no CompressionPolicy selects this object any more"
+    )
+
+    def compute(cur: CompressedModelStatus, b: Obj) -> Obj:
+        if cur.spec_hash not in (None, spec_hash):
+            generation = b["metadata"].get("generation")
+            t = Transition(Phase.pending, "PolicyChanged", message)
+            cur = CompressedModelStatus.model_validate(status.apply(cur, generation, t, now()))
+        return cur.model_copy(update={"policy": ref}).wire()
+
+    write_status(rt, key, compute, body)
+    return rt.kube.get_model(*key) or body
+
+
+def policy_groups(rt: Runtime) -> dict[ModelKey, tuple[policy.PolicyKey, int]]:
+    """Each policy-selected model's policy and that policy's maxConcurrent."""
+    known = policies()
+    if not known:
+        return {}
+    models = [(k, dict(es[0].labels)) for k, es in snapshot(rt.models_index) if es]
+    return policy.groups(models, known)
+
+
+def policy_limited(rt: Runtime, key: ModelKey) -> bool:
+    """True when a policy's maxConcurrent applies to the model (it must queue)."""
+    return key in policy_groups(rt)
+
+
+def queued_message(rt: Runtime, key: ModelKey, limit: int) -> str:
+    """Why a Queued object waits: the operator's Job limit or its policy's."""
+    group = policy_groups(rt).get(key)
+    if group is not None and (limit <= 0 or group[1] < limit):
+        return (
+            f"waiting for one of CompressionPolicy {group[0][1]}'s {group[1]} slots "
+            "(maxConcurrent; first come, first served)"
+        )
+    return f"waiting for one of {limit} compressor slots (first come, first served)"

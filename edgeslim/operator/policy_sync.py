@@ -1,0 +1,163 @@
+"""CompressionPolicy side effects: a policy edit re-reconciles the models it
+selects (the queue then admits them `maxConcurrent` at a time), and the
+policy's status counts its models by phase.
+
+Cheap by construction: which models a policy selects and what phase each is in
+come from the in-memory model index (labels, phase, status.policy), never
+from an API list; a policy's status is written only when a count or condition
+changes, and at most once per model event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+from edgeslim import metrics
+from edgeslim.operator import compression, policy
+from edgeslim.operator.runtime import (
+    InvalidSpec,
+    ModelEntry,
+    Obj,
+    Runtime,
+    policies,
+    snapshot,
+)
+from edgeslim.operator.status import now
+
+log = logging.getLogger("edgeslim.operator")
+
+# One writer at a time: two threads counting from index snapshots a moment
+# apart could otherwise write the older counts last.
+_status_lock = threading.Lock()
+# metadata.generation of each policy whose models were last reconciled for it.
+_handled: dict[policy.PolicyKey, int | None] = {}
+_handled_lock = threading.Lock()
+
+
+def _object_key(key: tuple[str, str]) -> tuple[str, str]:
+    # A spec.targets variant's key is (namespace, "<name>/<target>").
+    return key[0], key[1].partition("/")[0]
+
+
+def _model_entries(rt: Runtime) -> list[tuple[tuple[str, str], ModelEntry]]:
+    return [(k, es[0]) for k, es in snapshot(rt.models_index) if es]
+
+
+def selected_models(
+    entry: policy.PolicyEntry, models: Iterable[tuple[tuple[str, str], ModelEntry]]
+) -> list[tuple[tuple[str, str], ModelEntry]]:
+    return [(k, m) for k, m in models if entry.selects(k[0], dict(m.labels))]
+
+
+def _affected(rt: Runtime, entry: policy.PolicyEntry) -> list[tuple[str, str]]:
+    """Objects the policy selects now or whose status still names it."""
+    keys = set()
+    for key, m in _model_entries(rt):
+        named = key[0] == entry.namespace and m.policy == entry.name
+        if named or entry.selects(key[0], dict(m.labels)):
+            keys.add(_object_key(key))
+    return sorted(keys)
+
+
+def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
+    """A policy event. A new generation (or a deleted policy) re-reconciles its
+    models; the initial listing at startup does not (each model's resume does)."""
+    entry = policy.policy_entry(body)
+    with _handled_lock:
+        before = _handled.get(entry.key, "unseen")
+        if event_type == "DELETED":
+            _handled.pop(entry.key, None)
+        else:
+            _handled[entry.key] = entry.generation
+    if event_type is None or (event_type != "DELETED" and before == entry.generation):
+        refresh(rt, [entry.key])
+        return
+    log.info(
+        "%s/%s: CompressionPolicy %s (generation %s): reconciling its models",
+        entry.namespace,
+        entry.name,
+        "deleted" if event_type == "DELETED" else "changed",
+        entry.generation,
+    )
+    for key in _affected(rt, entry):
+        reconcile_quietly(rt, key)
+    if event_type != "DELETED":
+        refresh(rt, [entry.key])
+
+
+def reconcile_quietly(rt: Runtime, key: tuple[str, str]) -> None:
+    """Re-reconciles one model for its policy; a failure stays with that model."""
+    try:
+        body = rt.kube.get_model(*key)
+        if body is None:
+            return
+        try:
+            compression.reconcile_model(rt, body)
+        except InvalidSpec as exc:
+            compression.fail_invalid(rt, body, str(exc))
+    except Exception as exc:
+        metrics.reconcile_errors.labels(handler="policy").inc()
+        log.warning("%s/%s: not reconciled for its policy: %s (resync retries)", *key, exc)
+
+
+def model_seen(rt: Runtime, body: Obj) -> None:
+    """A model event: refresh the counts of the policies it may count towards."""
+    meta = body.get("metadata") or {}
+    namespace, labels = meta.get("namespace") or "", meta.get("labels") or {}
+    named = ((body.get("status") or {}).get("policy") or {}).get("name")
+    keys = [
+        p.key
+        for p in policies()
+        if p.selects(namespace, labels)
+        or (p.namespace, p.name)
+        == (
+            namespace,
+            named,
+        )
+    ]
+    if keys:
+        refresh(rt, keys)
+
+
+def refresh(rt: Runtime, keys: Iterable[policy.PolicyKey] | None = None) -> None:
+    """Writes the status of the policies `keys` (all when None) where it changed."""
+    wanted = set(keys) if keys is not None else None
+    with _status_lock:
+        models = _model_entries(rt)
+        for entry in policies():
+            if wanted is not None and entry.key not in wanted:
+                continue
+            states = [
+                policy.ModelState(m.phase, m.policy, m.policy_generation)
+                for _k, m in selected_models(entry, models)
+            ]
+            new = policy.policy_status(entry, states, now())
+            if policy.same_status(entry.status, new):
+                continue
+            try:
+                rt.kube.patch_policy_status(entry.namespace, entry.name, new)
+            except Exception as exc:
+                metrics.reconcile_errors.labels(handler="policy").inc()
+                log.warning("%s/%s: policy status not written: %s", *entry.key, exc)
+
+
+def resync(rt: Runtime) -> None:
+    """Safety net: models whose status reflects an older generation of the policy
+    that selects them (a reconcile failed or an event was missed) get reconciled;
+    every policy's counts are refreshed."""
+    by_key = {p.key: p for p in policies()}
+    models = _model_entries(rt)
+    stale = set()
+    for entry in by_key.values():
+        for key, m in selected_models(entry, models):
+            if m.phase == "Failed":
+                continue  # reconciling cannot help; a spec or policy change will
+            if m.observed_generation is None:
+                continue  # not handled at all yet: its create handler is on it
+            if (m.policy, m.policy_generation) != (entry.name, entry.generation):
+                stale.add(_object_key(key))
+    for key in sorted(stale):
+        reconcile_quietly(rt, key)
+    refresh(rt)
