@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from edgeslim.api.base import WireModel
+from edgeslim.api.lineage import MAX_HISTORY
 
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
 # s3://bucket/key, file:///abs/path or a plain filesystem path.
@@ -41,6 +42,10 @@ class Metric(StrEnum):
         return self in (Metric.accuracy, Metric.top5)
 
 
+MIN_SOURCE_CHECK_SECONDS = 60
+"""Shortest spec.source.checkIntervalSeconds: a HEAD per object per minute is cheap."""
+
+
 class Source(WireModel):
     """Where the model to compress lives."""
 
@@ -59,6 +64,22 @@ class Source(WireModel):
     credentials or environment, no network, and file access confined to a private scratch
     folder (Landlock; refused where the kernel cannot confine it). ONNX files are data and
     never need this."""
+    check_interval_seconds: int | None = Field(default=None, ge=0, le=7 * 86_400)
+    """In a cluster: how often the operator compares the source in storage with the one
+    the artifact was made from (S3 HEAD: ETag / VersionId; a file's size and mtime, then
+    its sha256) and re-compresses once when it was replaced; the artifact serving keeps
+    serving until the new one passes the gate. 0 = never; at least 60; default: the
+    operator's EDGESLIM_SOURCE_CHECK_SECONDS (600). A pinned sha256 is never checked."""
+
+    @model_validator(mode="after")
+    def _check_interval(self) -> Source:
+        every = self.check_interval_seconds
+        if every is not None and 0 < every < MIN_SOURCE_CHECK_SECONDS:
+            raise ValueError(
+                f"source.checkIntervalSeconds: {every} is below the minimum of "
+                f"{MIN_SOURCE_CHECK_SECONDS} (0 turns checks off)"
+            )
+        return self
 
 
 class Evaluation(WireModel):
@@ -295,8 +316,10 @@ def check_step_order(pipeline: list[PipelineStep]) -> None:
 
 class Output(WireModel):
     uri: Uri
-    """Prefix under which <namespace>/<name>/<spec-hash>/model.onnx and manifest.json are
-    written (namespace `default` for the CLI on a spec without one)."""
+    """Prefix under which <namespace>/<name>/<spec-hash>/<inputs-id>/model.onnx and
+    manifest.json are written (namespace `default` for the CLI on a spec without one;
+    inputs-id a digest of the bytes of the source and datasets, so new bytes at the same
+    URIs never overwrite an artifact that may be serving)."""
 
 
 class ResourceRequirements(WireModel):
@@ -384,6 +407,12 @@ class CompressedModelSpec(WireModel):
     """The compressor Job is stopped and marked Failed after this long."""
     deployment: DeploymentSpec | None = None
     """Serve the artifact on edge nodes once it passes the gate (needs output)."""
+    recompress_on_upgrade: bool = False
+    """Re-compress (once) when the operator's compressor is another edgeslim version than
+    the one that made the current artifact; the artifact serving keeps serving until the
+    new one passes the gate. Off: an upgrade changes nothing that already runs."""
+    history_limit: int = Field(default=5, ge=1, le=MAX_HISTORY)
+    """Artifacts kept in status.history (source identity, toolchain versions, verdict)."""
 
     @model_validator(mode="after")
     def _pipeline_order(self) -> CompressedModelSpec:
@@ -399,10 +428,21 @@ class CompressedModelSpec(WireModel):
     def spec_hash(self) -> str:
         """Content hash of everything that changes the artifact (not the deployment)."""
         payload = self.model_dump(
-            mode="json", by_alias=True, exclude_none=True, exclude={"deployment", "resources"}
+            mode="json", by_alias=True, exclude_none=True, exclude=_NOT_HASHED
         )
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# Fields that do not change the artifact: how it is served, the Job's resources,
+# and how the operator watches and records it.
+_NOT_HASHED: Any = {
+    "deployment": True,
+    "resources": True,
+    "recompress_on_upgrade": True,
+    "history_limit": True,
+    "source": {"check_interval_seconds": True},
+}
 
 
 class ObjectMeta(WireModel):

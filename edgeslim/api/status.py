@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgeslim.api.base import OpenWireModel
+from edgeslim.api.lineage import MAX_HISTORY, HistoryEntry, Recompression, SourceIdentity
 from edgeslim.api.result import EvaluationFigures, GateVerdict, LatencyFigures, ParetoPoint
 
 
@@ -145,6 +146,15 @@ class CompressedModelStatus(OpenWireModel):
     )
     """Artifacts whose pods never became ready (newest last): never rolled out
     again while the spec keeps the hash that produced them."""
+    source: SourceIdentity | None = None
+    """The source model the current artifact was made from, and when the operator last
+    compared it with storage (a change starts one re-compression)."""
+    recompression: Recompression | None = None
+    """The re-compression under way without a spec change (source replaced, or a new
+    compressor with spec.recompressOnUpgrade); the previous artifact serves meanwhile."""
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=MAX_HISTORY)
+    """The last spec.historyLimit artifacts (newest last) with source identity, toolchain
+    versions and verdict: lineage for audits."""
     policy: PolicyRef | None = None
     """The CompressionPolicy that selects this object and the generation of it
     merged into the current specHash; absent when no policy selects it."""
