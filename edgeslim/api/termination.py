@@ -17,6 +17,7 @@ from edgeslim.api.result import (
     CompressionResult,
     EvaluationFigures,
     GateVerdict,
+    InputIdentity,
     LatencyFigures,
     ModelFigures,
     ParetoPoint,
@@ -50,6 +51,11 @@ class TerminationMessage(OpenWireModel):
     """spec.optimize only: candidates the search measured."""
     pareto: list[ParetoPoint] | None = None
     """spec.optimize only: the top of the Pareto front (download size vs drop)."""
+    source: InputIdentity | None = None
+    """The source bytes the result was made from (the operator records it as lineage
+    and compares storage with it later)."""
+    versions: dict[str, str] | None = None
+    """Toolchain versions that made the result (manifest.json `versions`)."""
 
     DROP_ORDER: ClassVar[tuple[str, ...]] = (
         "pareto",
@@ -60,6 +66,9 @@ class TerminationMessage(OpenWireModel):
         "artifact",
     )
     """Figures left out, in this order, until the message fits; all are in the manifest."""
+    LINEAGE: ClassVar[tuple[str, ...]] = ("versions", "source")
+    """Left out only after every figure: a message without figures sends the operator to
+    the manifest, which has these too."""
 
     @classmethod
     def from_result(
@@ -82,6 +91,8 @@ class TerminationMessage(OpenWireModel):
             latency=result.latency,
             candidates_tried=len(result.candidates) if result.candidates else None,
             pareto=pareto_front(result.candidates) if result.candidates else None,
+            source=next((i for i in result.inputs if i.field == "source"), None),
+            versions=dict(result.versions) or None,
         )
         return full if limit is None else full.fitted(limit)
 
@@ -91,7 +102,7 @@ class TerminationMessage(OpenWireModel):
         the spec's limits (names of 63, URIs of 1024 characters) keep them far below
         4096 bytes, and a message that still does not fit is refused, never cut."""
         msg = self
-        for field in self.DROP_ORDER:
+        for field in (*self.DROP_ORDER, *self.LINEAGE):
             if msg.size() <= limit:
                 return msg
             msg = msg.model_copy(update={field: None})
