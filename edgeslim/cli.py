@@ -199,6 +199,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    """`edgeslim split`: the model cut into parts that run one after another (model parallelism)."""
+    from edgeslim.api.split import SplitCheck
+    from edgeslim.compressor import split as splitting
+    from edgeslim.compressor.datasets import load as load_dataset
+    from edgeslim.compressor.model_io import load_model
+
+    if args.parts < 1:
+        raise BadInput(f"--parts {args.parts}: a model is split into 1 or more parts")
+    if args.max_part_bytes is not None and args.max_part_bytes < 1:
+        raise BadInput(f"--max-part-bytes {args.max_part_bytes}: must be a positive byte count")
+    if not args.model.is_file():
+        raise BadInput(f"{args.model}: no such model file")
+    model = load_model(args.model, str(args.model))
+    result = splitting.split(
+        model, args.parts, max_part_bytes=args.max_part_bytes, source_file=args.model.name
+    )
+    if args.check is not None:
+        data = load_dataset(args.check, model, str(args.check)).head(splitting.CHECK_SAMPLES)
+        feeds = [data.batch(i, i + 1) for i in range(len(data))]
+        source = str(args.check)
+    else:
+        feeds, source = [splitting.synthetic_feed(model)], "synthetic"
+    diff, samples = splitting.compare_chain(model, result.parts, feeds)
+    check = SplitCheck(
+        source=source,
+        samples=samples,
+        max_abs_diff=diff,
+        tolerance=splitting.CHECK_TOLERANCE,
+        passed=diff <= splitting.CHECK_TOLERANCE,
+    )
+    plan = result.plan.model_copy(update={"check": check})
+    args.output.mkdir(parents=True, exist_ok=True)
+    for part, record in zip(result.parts, plan.parts, strict=True):
+        (args.output / record.file).write_bytes(part.SerializeToString())
+    (args.output / "split.json").write_text(
+        plan.model_dump_json(by_alias=True, exclude_none=True, indent=2) + "\n"
+    )
+    for part in plan.parts:
+        print(
+            f"{args.output / part.file}: {part.nodes} nodes, {part.parameter_bytes} parameter "
+            f"bytes, ~{part.estimated_peak_bytes} bytes peak, "
+            f"{len(part.inputs)} inputs -> {len(part.outputs)} outputs"
+        )
+    for cut in plan.cuts:
+        names = ", ".join(t.name for t in cut.tensors)
+        print(f"cut after part {cut.after}: {cut.bytes} bytes per sample ({names})")
+    verdict = "ok" if check.passed else f"over the {check.tolerance} tolerance"
+    print(f"chain vs whole model on {samples} samples ({source}): max |diff| {diff:.3g}, {verdict}")
+    if not check.passed:
+        raise OutputModelFailed(
+            f"the chain of parts differs from the whole model by {diff:.3g} "
+            f"(tolerance {check.tolerance}); {args.output / 'split.json'} records it"
+        )
+    return EXIT_OK
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from edgeslim.operator.main import run
 
@@ -296,6 +353,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", type=Path, default=None, help="where s3:// models are downloaded")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser(
+        "split",
+        help="cut an ONNX model into parts that run one after another on separate devices",
+    )
+    sp.add_argument("model", type=Path, help="the ONNX model file")
+    sp.add_argument("--parts", type=int, required=True, help="how many parts (1 or more)")
+    sp.add_argument(
+        "--max-part-bytes",
+        type=int,
+        default=None,
+        help="a budget of parameter bytes per part (default: balance the parts)",
+    )
+    sp.add_argument(
+        "--output", type=Path, required=True, help="folder for part-N.onnx and split.json"
+    )
+    sp.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="DATASET.npz",
+        help="compare the chain with the whole model on this dataset "
+        "(default: one synthetic sample)",
+    )
+    sp.set_defaults(func=cmd_split)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     o.add_argument(
