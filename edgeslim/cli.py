@@ -183,6 +183,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if args.sha256 and not re.fullmatch(r"(sha256:)?[0-9a-fA-F]{64}", args.sha256.strip()):
         raise BadInput(f"--sha256 {args.sha256!r}: expected 64 hexadecimal characters")
+    if args.next_part_url:
+        from edgeslim.serving.chain import NextPart
+
+        # Checked here, so a malformed URL is exit 2 before anything listens.
+        NextPart(
+            args.next_part_url, args.name, timeout=args.next_part_timeout, max_response_bytes=1
+        )
     return serve(
         ServeOptions(
             model=args.model,
@@ -195,6 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             graceful_timeout=args.graceful_timeout,
             workdir=args.workdir,
             log_level=args.log_level,
+            next_part_url=args.next_part_url or None,
+            next_part_timeout=args.next_part_timeout,
         )
     )
 
@@ -351,6 +360,19 @@ def parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish after SIGTERM",
     )
     s.add_argument("--workdir", type=Path, default=None, help="where s3:// models are downloaded")
+    s.add_argument(
+        "--next-part-url",
+        default=os.environ.get("EDGESLIM_NEXT_PART_URL"),
+        help="serve one part of a split model (edgeslim split): send its outputs to the next "
+        "part at http://host:port[/v2/models/NAME] and answer with what comes back; ready "
+        "only while the next part is (env EDGESLIM_NEXT_PART_URL)",
+    )
+    s.add_argument(
+        "--next-part-timeout",
+        type=float,
+        default=os.environ.get("EDGESLIM_NEXT_PART_TIMEOUT", "30"),
+        help="seconds to wait on the next part (default 30; env EDGESLIM_NEXT_PART_TIMEOUT)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 

@@ -29,6 +29,7 @@ from typing import Any
 from edgeslim import __version__
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.serving import protocol
+from edgeslim.serving.chain import NextPart
 from edgeslim.serving.connections import BODY_TIMED_OUT
 from edgeslim.serving.limits import ServingLimits
 from edgeslim.serving.metrics import ServingMetrics
@@ -134,8 +135,11 @@ class ServingApp:
         *,
         limits: ServingLimits | None = None,
         workers: int = 2,
+        next_part: NextPart | None = None,
     ) -> None:
         self.name = name
+        #: A split model's next part: this part's outputs go there (serving/chain.py).
+        self.next_part = next_part
         self.metrics = ServingMetrics()
         self.state = ModelState(name, self.metrics)
         self.limits = limits or ServingLimits()
@@ -228,7 +232,7 @@ class ServingApp:
             return 200, protocol.dumps({"live": True})
         if route == "server_ready":
             _allow(method, "GET")
-            return self._readiness()
+            return await self._chain_readiness()
         if route == "server_metadata":
             _allow(method, "GET")
             return 200, protocol.dumps(
@@ -244,8 +248,12 @@ class ServingApp:
             return await self._infer(scope, receive)
         _allow(method, "GET")
         if route == "model_ready":
-            return self._readiness()
-        return 200, protocol.dumps(self._ready_model().metadata())
+            return await self._chain_readiness()
+        metadata = self._ready_model().metadata()
+        if self.next_part is not None:  # the chain answers with the last part's outputs
+            following = await asyncio.to_thread(self.next_part.metadata)
+            metadata["outputs"] = following.get("outputs", [])
+        return 200, protocol.dumps(metadata)
 
     def _on_probe_port(self, scope: Scope) -> bool:
         server = scope.get("server")
@@ -260,6 +268,18 @@ class ServingApp:
         if st.model is not None:
             return 200, protocol.dumps({"ready": True})
         return 503, protocol.dumps({"ready": False, "state": st.state, "reason": st.reason})
+
+    async def _chain_readiness(self) -> tuple[int, bytes]:
+        """Ready when this part is and, for a split model, the next part is too."""
+        status, body = self._readiness()
+        if status != 200 or self.next_part is None:
+            return status, body
+        # A thread: the next part's answer may take up to its timeout, and probes
+        # and requests keep being answered meanwhile.
+        ok, reason = await asyncio.to_thread(self.next_part.ready)
+        if ok:
+            return status, body
+        return 503, protocol.dumps({"ready": False, "state": "waiting", "reason": reason})
 
     def _ready_model(self) -> LoadedModel:
         model = self.state.model
@@ -299,7 +319,11 @@ class ServingApp:
             self.metrics.request_duration.observe(time.perf_counter() - start)
 
     async def _run(self, model: LoadedModel, body: bytes) -> bytes:
-        small = len(body) <= INLINE_MAX_BODY_BYTES and model.warmup_seconds < INLINE_MAX_RUN_SECONDS
+        small = (
+            len(body) <= INLINE_MAX_BODY_BYTES
+            and model.warmup_seconds < INLINE_MAX_RUN_SECONDS
+            and self.next_part is None  # a chain waits on the network: never on the loop
+        )
         if small:
             # One turn of the loop lets requests that arrived with this one
             # check in, so in_flight tells whether this one is alone.
@@ -313,10 +337,15 @@ class ServingApp:
         """Decode, validate, run, encode: everything between the bytes in and out."""
         request = protocol.parse_infer_request(body)
         feed = model.feed(request)
-        names = model.output_names(request.outputs)
+        # A part of a split model computes all its outputs (the next part's inputs);
+        # the outputs the client names are the last part's to pick.
+        chained = self.next_part is not None
+        names = model.output_names(None if chained else request.outputs)
         start = time.perf_counter()
         outputs = model.run(feed, names)
         self.metrics.inference_duration.observe(time.perf_counter() - start)
+        if self.next_part is not None:
+            return self.next_part.infer(outputs, request.id, request.outputs)
         return protocol.encode_infer_response(model.name, model.version, request.id, outputs)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, int]:
@@ -456,11 +485,28 @@ def create_app(
     sha256: str | None = None,
     threads: int = 0,
     limits: ServingLimits | None = None,
+    next_part_url: str | None = None,
+    next_part_timeout: float = 30.0,
 ) -> ServingApp:
-    """The app for one model; it fetches ``model_uri`` into ``workdir`` once started."""
+    """The app for one model; it fetches ``model_uri`` into ``workdir`` once started.
+
+    With ``next_part_url`` it serves one part of a split model and hands its
+    outputs on to the next part (:mod:`edgeslim.serving.chain`)."""
     from edgeslim.serving.model import load
 
     def loader() -> LoadedModel:
         return load(model_uri, name, workdir=workdir, sha256=sha256, threads=threads)
 
-    return ServingApp(name, loader, limits=limits)
+    limits = limits or ServingLimits()
+    next_part = None
+    workers = 2
+    if next_part_url:
+        next_part = NextPart(
+            next_part_url,
+            name,
+            timeout=next_part_timeout,
+            max_response_bytes=limits.max_body_bytes,
+        )
+        # Workers also wait on the next part: more of them keep this part computing.
+        workers = 4
+    return ServingApp(name, loader, limits=limits, workers=workers, next_part=next_part)

@@ -55,6 +55,9 @@ class ServeOptions:
     graceful_timeout: float = 30.0
     workdir: Path | None = None
     log_level: str = "info"
+    next_part_url: str | None = None
+    """A split model's next part (http://host:port/v2/models/NAME): outputs go on there."""
+    next_part_timeout: float = 30.0
 
 
 def _fastest(module: str, fallback: str) -> str:
@@ -113,6 +116,8 @@ def serve(opts: ServeOptions) -> int:
             sha256=opts.sha256,
             threads=opts.threads,
             limits=limits,
+            next_part_url=opts.next_part_url,
+            next_part_timeout=opts.next_part_timeout,
         )
         caps = {opts.port: limits.max_connections}
         if limits.health_port:
@@ -149,6 +154,12 @@ def serve(opts: ServeOptions) -> int:
             opts.port,
             opts.threads or available_cpus(),
         )
+        if app.next_part is not None:
+            log.info(
+                "part of a split model: outputs go on to %s (timeout %g s)",
+                app.next_part.url,
+                app.next_part.timeout,
+            )
         log.info(
             "limits: %d connections (+%d on probe port %d), backlog %d, bodies %d bytes each "
             "and %d in flight, body %.0f s, headers %.0f s and %d bytes, keep-alive %.0f s",
