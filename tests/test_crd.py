@@ -402,6 +402,7 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
             "status": {
                 "phase": "Ready",
                 "candidates": "6/6",
+                "targetsReady": "1/2",
                 "artifact": {"uri": "s3://m/a/model.onnx", "sha256": "a" * 64, "sizeBytes": 10},
                 "results": {
                     "compressionRatio": 3.9,
@@ -428,6 +429,7 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "RATIO",
         "DROP",
         "CANDIDATES",
+        "TARGETS",
         "AGE",
         "SIZE-RATIO",
         "SPEEDUP",
@@ -436,4 +438,4 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "SERVING",
         "REPLICAS",
     ]
-    assert row.split()[1:5] == ["Ready", "4.25", "0.005", "6/6"]
+    assert row.split()[1:6] == ["Ready", "4.25", "0.005", "6/6", "1/2"]

@@ -338,6 +338,12 @@ PRINTER_COLUMNS: list[Schema] = [
         "jsonPath": ".status.candidates",
         "description": "spec.optimize: candidate Jobs finished / planned",
     },
+    {
+        "name": "Targets",
+        "type": "string",
+        "jsonPath": ".status.targetsReady",
+        "description": "spec.targets: targets Ready / targets",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
         "name": "Size-Ratio",

@@ -363,6 +363,38 @@ class DeploymentSpec(WireModel):
     """onnxruntime intra-op threads per replica (small edge CPUs)."""
 
 
+MAX_TARGETS = 16
+
+
+class Target(WireModel):
+    """A node class the model is compressed and served for: its own compressor Job on
+    those nodes (so the manifest's latency is that hardware's own), its own artifact and
+    gate verdict, and with spec.deployment its own Deployment and Service
+    `<name>-<target>` on that node pool."""
+
+    name: str = Field(max_length=30, pattern=DNS_LABEL)
+    """Name of the node class (a DNS label, unique among the targets), e.g. arm64 or gpu."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels of this class, e.g. {kubernetes.io/arch: arm64}; merged over
+    spec.deployment.nodeSelector (this wins per key) for the Job and the serving pods."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints of this class's nodes that its Job and serving pods tolerate (added to
+    spec.deployment.tolerations)."""
+    quantize: QuantizeConfig | None = None
+    """Replaces the config of the pipeline's quantize step for this class (appended as
+    the last step when the pipeline has none), e.g. mode static for VNNI x86, fp16 for
+    accelerators. Needs spec.pipeline."""
+    pipeline: list[PipelineStep] | None = Field(default=None, min_length=1, max_length=32)
+    """A whole pipeline for this class instead of spec.pipeline or spec.optimize."""
+
+    @model_validator(mode="after")
+    def _one_override(self) -> Target:
+        if self.quantize is not None and self.pipeline is not None:
+            raise ValueError(f"targets[{self.name}]: give at most one of quantize and pipeline")
+        check_step_order(self.pipeline or [])
+        return self
+
+
 class Objective(StrEnum):
     download = "download"
     size = "size"
@@ -413,6 +445,9 @@ class CompressedModelSpec(WireModel):
     new one passes the gate. Off: an upgrade changes nothing that already runs."""
     history_limit: int = Field(default=5, ge=1, le=MAX_HISTORY)
     """Artifacts kept in status.history (source identity, toolchain versions, verdict)."""
+    targets: list[Target] | None = Field(default=None, min_length=1, max_length=MAX_TARGETS)
+    """Node classes to build for: each gets its own Job on its nodes, artifact, gate
+    verdict, Deployment and an entry in status.targets (see Target)."""
 
     @model_validator(mode="after")
     def _pipeline_order(self) -> CompressedModelSpec:
@@ -424,6 +459,51 @@ class CompressedModelSpec(WireModel):
         if self.optimize and self.optimize.place_on_deployment_nodes and not self.deployment:
             raise ValueError("optimize.placeOnDeploymentNodes: needs spec.deployment")
         return self
+
+    @model_validator(mode="after")
+    def _targets(self) -> CompressedModelSpec:
+        names = [t.name for t in self.targets or []]
+        if len(set(names)) != len(names):
+            raise ValueError("targets: names must be unique")
+        for t in self.targets or []:
+            if t.quantize is not None and self.pipeline is None:
+                raise ValueError(f"targets[{t.name}].quantize: needs spec.pipeline")
+            check_step_order(self._target_pipeline(t) or [])
+        return self
+
+    def _target_pipeline(self, target: Target) -> list[PipelineStep] | None:
+        if target.pipeline is not None:
+            return list(target.pipeline)
+        if target.quantize is None or self.pipeline is None:
+            return self.pipeline
+        steps = [s for s in self.pipeline if s.quantize is None]
+        at = next((i for i, s in enumerate(self.pipeline) if s.quantize is not None), len(steps))
+        return [*steps[:at], PipelineStep(quantize=target.quantize), *steps[at:]]
+
+    def for_target(self, name: str) -> CompressedModelSpec:
+        """The spec one target's Job compresses: its pipeline (override applied), its
+        placement merged into spec.deployment, and `targets` reduced to that one class
+        with the merged placement and no overrides. Its spec_hash is the target's own
+        (name and placement included: the same recipe measured on other hardware is
+        another artifact), and for_target of the result is the result itself."""
+        target = next((t for t in self.targets or [] if t.name == name), None)
+        if target is None:
+            raise KeyError(name)
+        selector = {**(self.deployment.node_selector if self.deployment else {})}
+        selector |= target.node_selector
+        tolerations = list(self.deployment.tolerations) if self.deployment else []
+        tolerations += [t for t in target.tolerations if t not in tolerations]
+        pipeline = self._target_pipeline(target)
+        update: dict[str, Any] = {
+            "pipeline": pipeline,
+            "optimize": None if target.pipeline is not None else self.optimize,
+            "targets": [Target(name=name, node_selector=selector, tolerations=tolerations)],
+        }
+        if self.deployment is not None:
+            update["deployment"] = self.deployment.model_copy(
+                update={"node_selector": selector, "tolerations": tolerations}
+            )
+        return self.model_validate(self.model_copy(update=update).wire())
 
     def spec_hash(self) -> str:
         """Content hash of everything that changes the artifact (not the deployment)."""

@@ -116,6 +116,38 @@ class PolicyRef(OpenWireModel):
     """The policy's metadata.generation merged into the current specHash."""
 
 
+class TargetStatus(OpenWireModel):
+    """One spec.targets entry's state: the same fields, with the same meaning, as the
+    object's own status has for an object without targets."""
+
+    name: str
+    """The target (spec.targets[].name)."""
+    phase: Phase = Phase.pending
+    """This target's phase (Pending ... Ready, Rejected, Failed)."""
+    observed_generation: int | None = None
+    """metadata.generation this entry describes."""
+    spec_hash: str | None = None
+    """Hash of the target's effective spec; its Job and artifact prefix are named after it."""
+    job_name: str | None = None
+    """The target's compressor Job."""
+    message: str | None = None
+    """What happened last to this target, for people."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Ready, Compressed, GatePassed, Available, Reconciling, Stalled of this target."""
+    artifact: ArtifactStatus | None = None
+    results: Results | None = None
+    serving_artifact: str | None = None
+    """sha256 of the artifact the target's Deployment serves on all its replicas."""
+    ready_replicas: int | None = None
+    """Ready pods of the target's serving Deployment."""
+    last_good_artifact: ServedArtifact | None = None
+    """The target's last artifact rolled out completely."""
+    failed_artifacts: list[FailedArtifact] = Field(
+        default_factory=list, max_length=MAX_FAILED_ARTIFACTS
+    )
+    """The target's artifacts whose pods never became ready (newest last)."""
+
+
 class CompressedModelStatus(OpenWireModel):
     phase: Phase = Phase.pending
     """Pending, Queued, Compressing, Deploying, Ready, Rejected (the gate refused the
@@ -158,3 +190,9 @@ class CompressedModelStatus(OpenWireModel):
     policy: PolicyRef | None = None
     """The CompressionPolicy that selects this object and the generation of it
     merged into the current specHash; absent when no policy selects it."""
+    targets: list[TargetStatus] | None = Field(default=None, max_length=16)
+    """spec.targets only: one entry per target; the phase and conditions above then
+    sum them up (Ready when every target is; while any still works, the furthest
+    behind; then Failed, else Rejected, if any target ended so)."""
+    targets_ready: str | None = None
+    """spec.targets only: targets Ready / targets (`1/2`), the TARGETS column."""

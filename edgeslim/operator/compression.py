@@ -16,7 +16,7 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import fanout, jobs, ownership, results, status
+from edgeslim.operator import fanout, jobs, ownership, results, status, targets, variants
 from edgeslim.operator.kube import Conflict, api_message
 from edgeslim.operator.names import job_name
 from edgeslim.operator.policy_hooks import (
@@ -31,6 +31,7 @@ from edgeslim.operator.runtime import (
     InvalidSpec,
     Obj,
     Runtime,
+    get_model,
     model_key,
     parse_model,
     queued_models,
@@ -38,6 +39,7 @@ from edgeslim.operator.runtime import (
     snapshot,
     storage_credentials,
     unrecorded_results,
+    variant_body,
     write_status,
 )
 from edgeslim.operator.status import COMPRESSED_PHASES, Transition
@@ -72,7 +74,25 @@ def fail_reconcile(rt: Runtime, body: Obj, message: str) -> None:
 
 
 def reconcile_model(rt: Runtime, body: Obj) -> None:
-    """Create, spec change and resume: make sure the current spec gets (or has) its Job."""
+    """Create, spec change and resume: make sure the current spec gets (or has) its Job.
+
+    With spec.targets each target goes through the same steps as a variant (its
+    own key, effective spec and status entry, see `variants`)."""
+    model = parse_model(body)  # InvalidSpec propagates; the handler records it
+    if not model.spec.targets and not variants.status_entries(body.get("status")):
+        _reconcile_one(rt, body)
+        return
+    targets.retire(rt, body, model)
+    if not model.spec.targets:  # they were all removed: the object is itself again
+        _reconcile_one(rt, rt.kube.get_model(*model_key(body)) or body)
+        return
+    for t in model.spec.targets:
+        variant = variant_body(body, t.name)
+        if variant is not None:
+            _reconcile_one(rt, variant)
+
+
+def _reconcile_one(rt: Runtime, body: Obj) -> None:
     key = model_key(body)
     model = parse_model(body)  # InvalidSpec propagates; the handler records it
     spec_hash = model.spec.spec_hash()
@@ -156,7 +176,7 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
     """
     try:
         if body is None:
-            body = rt.kube.get_model(*key)
+            body = get_model(rt, key)
             if body is None:
                 rt.slots.forget(key)
                 return
@@ -200,7 +220,8 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
             # says so without a 409 round-trip.
             log.info("%s/%s: adopted existing Job %s", *key, job)
             return
-        if fanout.applies(model, rt.settings):  # a search: plan, candidates, then this Job
+        # A search fans out (plan, candidates, then this Job); a target's searches alone.
+        if fanout.applies(model, rt.settings) and not model.spec.targets:
             plan = fanout.step_job_name(model.metadata.name, spec_hash, fanout.PLAN)
             rt.slots.hand_over(key, entry.job, plan)
             fanout.advance(rt, key)
@@ -303,7 +324,7 @@ def observe_model(rt: Runtime, body: Obj) -> None:
 def job_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
     """A Job with our label changed: record a final result, free its slot, start the next."""
     ref = jobs.JobRef.of(body)
-    key = (ref.namespace, ref.model)
+    key = ref.key
     if event_type == "DELETED":
         rt.slots.release(key, ref.name)
         dispatch(rt)
@@ -356,10 +377,10 @@ def _already_recorded(rt: Runtime, key: ModelKey, job: str) -> bool:
 
 def record_result(rt: Runtime, job_body: Obj) -> None:
     ref = jobs.JobRef.of(job_body)
-    key = (ref.namespace, ref.model)
+    key = ref.key
     if _already_recorded(rt, key, ref.name):
         return
-    body = rt.kube.get_model(*key)
+    body = get_model(rt, key)
     if body is None or body["metadata"].get("uid") != ref.owner_uid:
         return  # the object is gone (or replaced): the garbage collector takes the Job
     try:

@@ -28,7 +28,7 @@ import kopf
 from edgeslim import metrics
 from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import cleanup, compression, rollout, runtime, server
+from edgeslim.operator import cleanup, compression, rollout, runtime, server, variants
 from edgeslim.operator.kube import Kube, is_transient
 from edgeslim.operator.names import (
     API_GROUP,
@@ -37,6 +37,7 @@ from edgeslim.operator.names import (
     FINALIZER,
     MODEL_LABEL,
     PLURAL,
+    TARGET_LABEL,
 )
 from edgeslim.operator.policy import policy_entry
 from edgeslim.operator.policy_sync import model_seen, policy_changed
@@ -144,12 +145,14 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 # restart the queue and the running-Job count come from the cluster, not memory.
 @kopf.index(*MODELS)
 def model_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, name): runtime.model_entry(dict(body))}
+    # With spec.targets: one entry per target, under its variant key (see `variants`).
+    return runtime.model_entries(namespace, name, dict(body))
 
 
 @kopf.index(*JOBS, labels=OURS)
 def job_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels[MODEL_LABEL]): runtime.job_entry(dict(body))}
+    key = variants.variant_key(namespace, labels[MODEL_LABEL], labels.get(TARGET_LABEL, ""))
+    return {key: runtime.job_entry(dict(body))}
 
 
 @kopf.on.resume(*MODELS, retries=RETRIES)

@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from edgeslim.api.spec import CompressedModel
-from edgeslim.operator import podspec
+from edgeslim.operator import podspec, variants
 from edgeslim.operator.names import (
     CONTAINER,
     GROUP_VERSION,
@@ -21,6 +21,7 @@ from edgeslim.operator.names import (
     MODEL_LABEL,
     SPEC_ENV,
     SPEC_HASH_LABEL,
+    TARGET_LABEL,
     job_name,
 )
 from edgeslim.operator.settings import Settings
@@ -32,14 +33,24 @@ EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
 
 
-def labels(model_name: str, spec_hash: str) -> dict[str, str]:
-    return {
+def labels(model_name: str, spec_hash: str, target: str = "") -> dict[str, str]:
+    out = {
         MODEL_LABEL: model_name,
         SPEC_HASH_LABEL: spec_hash,
         "app.kubernetes.io/name": "edgeslim",
         "app.kubernetes.io/component": "compressor",
         "app.kubernetes.io/managed-by": "edgeslim-operator",
     }
+    if target:
+        out[TARGET_LABEL] = target
+    return out
+
+
+def target_name(model: CompressedModel) -> str:
+    """The target a spec is the effective spec of (exactly one in spec.targets, see
+    `variants`), else ""."""
+    targets = model.spec.targets or []
+    return targets[0].name if len(targets) == 1 else ""
 
 
 def spec_payload(model: CompressedModel) -> str:
@@ -65,7 +76,8 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
             "build_job needs the object as the API server returned it (uid, namespace)"
         )
     name = job_name(meta.name, spec_hash)
-    job_labels = labels(meta.name, spec_hash)
+    target = target_name(model)
+    job_labels = labels(meta.name, spec_hash, target)
     if settings.kueue_queue:
         job_labels[KUEUE_QUEUE_LABEL] = settings.kueue_queue
     container: Obj = {
@@ -113,7 +125,7 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
             ]
         },
         "template": {
-            "metadata": {"labels": labels(meta.name, spec_hash)},
+            "metadata": {"labels": labels(meta.name, spec_hash, target)},
             "spec": {
                 "restartPolicy": "Never",  # retries are the Job's (backoffLimit), not the kubelet's
                 "automountServiceAccountToken": False,
@@ -134,6 +146,17 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
             pod["nodeSelector"] = dict(deployment.node_selector)
         if deployment.tolerations:
             pod["tolerations"] = [t.wire() for t in deployment.tolerations]
+    if target:
+        # A target's Job runs on its node class: the latency in its manifest is that
+        # hardware's own (for_target merged the class into this placement).
+        pod = spec["template"]["spec"]
+        place = (model.spec.targets or [])[0]
+        pod.pop("nodeSelector", None)
+        pod.pop("tolerations", None)
+        if place.node_selector:
+            pod["nodeSelector"] = dict(place.node_selector)
+        if place.tolerations:
+            pod["tolerations"] = [t.wire() for t in place.tolerations]
     if settings.kueue_queue:
         # Kueue un-suspends the Job when it admits the workload.
         spec["suspend"] = True
@@ -218,6 +241,12 @@ class JobRef:
     model: str
     spec_hash: str
     owner_uid: str | None
+    target: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The key of the object (or of its target, see `variants`) the Job is for."""
+        return variants.variant_key(self.namespace, self.model, self.target)
 
     @classmethod
     def of(cls, job: Obj) -> JobRef:
@@ -238,6 +267,7 @@ class JobRef:
             model=labels_.get(MODEL_LABEL, ""),
             spec_hash=labels_.get(SPEC_HASH_LABEL, ""),
             owner_uid=(owner or {}).get("uid"),
+            target=labels_.get(TARGET_LABEL, ""),
         )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "SPEC_ENV",
     "SPEC_HASH_LABEL",
     "STEP_LABEL",
+    "TARGET_LABEL",
     "job_name",
     "serving_name",
 ]
@@ -30,6 +31,8 @@ SPEC_HASH_LABEL = f"{API_GROUP}/spec-hash"
 # On an optimize search's plan and candidate Jobs (`plan`, `candidate`): steps whose
 # result is in storage, not a CompressedModel's result (the pick Job has none).
 STEP_LABEL = f"{API_GROUP}/step"
+# On a spec.targets entry's Job, serving Deployment, Service and pods: which target.
+TARGET_LABEL = f"{API_GROUP}/target"
 # Opt-in: deleting the object also deletes its artifacts from storage.
 CLEANUP_ANNOTATION = f"{API_GROUP}/cleanup-artifacts"
 FINALIZER = f"{API_GROUP}/cleanup-artifacts"
@@ -80,7 +83,7 @@ def job_name(model_name: str, spec_hash: str) -> str:
     return f"{model_name[:JOB_NAME_KEEPS]}-{_digest(model_name, spec_hash)}-{spec_hash[:10]}"
 
 
-def serving_name(model_name: str) -> str:
+def serving_name(model_name: str, target: str = "") -> str:
     """Deployment and Service of a model: `<name>`, so `kubectl get deploy,svc <name>`
     finds them.
 
@@ -92,9 +95,28 @@ def serving_name(model_name: str) -> str:
     cannot rule out: the operator then refuses to touch the other's objects,
     see `ownership`.)
     """
+    if target:
+        return target_serving_name(model_name, target)
     if model_name[:1].isalpha():
         return model_name  # a model name is a DNS label of at most 63 already
     prefixed = f"m-{model_name}"
     if len(prefixed) <= NAME_LIMIT:
         return prefixed
     return f"m-{model_name[:50]}-{_digest(model_name)}"
+
+
+def target_serving_name(model_name: str, target: str) -> str:
+    """Deployment and Service of one spec.targets entry: `<name>-<target>`, so
+    `kubectl get deploy` lists a model's node classes side by side.
+
+    Like `serving_name`: an `m-` prefix when the name starts with a digit, and past
+    63 characters its first 50 plus a digest of model *and* target, so two long
+    names that differ only at the end stay apart. `<name>-<target>` can equal
+    another object's serving name (model `a-b` beside model `a`'s target `b`); as
+    for `serving_name`, ownership then refuses to touch the other's objects.
+    """
+    whole = f"{model_name}-{target}"
+    head = whole if whole[:1].isalpha() else f"m-{whole}"
+    if len(head) <= NAME_LIMIT:
+        return head
+    return f"{head[:50]}-{_digest(model_name, target)}"

@@ -14,14 +14,20 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, ServedArtifact
 from edgeslim.errors import BadInput
-from edgeslim.operator import ownership, serving, status
+from edgeslim.operator import ownership, serving, status, variants
 from edgeslim.operator.kube import Conflict
-from edgeslim.operator.names import APPLIED_HASH_ANNOTATION, MODEL_LABEL, serving_name
+from edgeslim.operator.names import (
+    APPLIED_HASH_ANNOTATION,
+    MODEL_LABEL,
+    TARGET_LABEL,
+    serving_name,
+)
 from edgeslim.operator.queue import ModelKey
 from edgeslim.operator.runtime import (
     InvalidSpec,
     Obj,
     Runtime,
+    get_model,
     parse_model,
     post_event,
     storage_credentials,
@@ -35,8 +41,10 @@ log = logging.getLogger("edgeslim.operator")
 def deployment_changed(rt: Runtime, event_type: str | None, deployment: Obj) -> None:
     """A serving Deployment changed (its controller reports rollout progress)."""
     meta = deployment["metadata"]
-    key = (meta["namespace"], (meta.get("labels") or {}).get(MODEL_LABEL, ""))
-    if not key[1] or meta["name"] != serving_name(key[1]):
+    labels = meta.get("labels") or {}
+    model, target = labels.get(MODEL_LABEL, ""), labels.get(TARGET_LABEL, "")
+    key = variants.variant_key(meta["namespace"], model, target)
+    if not model or meta["name"] != serving_name(model, target):
         return  # carries our label but not our name: not a serving Deployment of ours
     reconcile_serving(rt, key, None if event_type == "DELETED" else deployment)
 
@@ -57,15 +65,15 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
     Status first: a rollback records the failed artifact before the Deployment
     changes, so an operator that dies in between never rolls it out again.
     """
-    body = rt.kube.get_model(*key)
+    body = get_model(rt, key)  # a target's key: its variant body (see `variants`)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # ownerReferences: the garbage collector takes Deployment and Service
     try:
         model = parse_model(body)
     except InvalidSpec:
         return  # the model handler reports this
-    namespace, name = key
-    sname = serving_name(name)
+    namespace, name = key[0], model.metadata.name
+    sname = serving_name(name, variants.target_of(key))
     uid = model.metadata.uid or ""
     if deployment is None:
         deployment = rt.kube.read_deployment(namespace, sname)

@@ -22,7 +22,7 @@ from edgeslim.api.errors import format_validation_error
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput
-from edgeslim.operator import events, jobs, policy, status
+from edgeslim.operator import events, jobs, policy, status, variants
 from edgeslim.operator.kube import Conflict, Kube
 from edgeslim.operator.names import STEP_LABEL
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
@@ -83,6 +83,27 @@ def model_entry(body: Obj) -> ModelEntry:
         policy=(raw.get("policy") or {}).get("name"),
         policy_generation=(raw.get("policy") or {}).get("generation"),
     )
+
+
+def model_entries(namespace: str, name: str, body: Obj) -> dict[ModelKey, ModelEntry]:
+    """The model index's entries of an object: its own, or with spec.targets one per
+    target under its variant key (see `variants`) and none of its own."""
+    targets = variants.spec_target_names(body)
+    if not targets:
+        return {(namespace, name): model_entry(body)}
+    meta = body.get("metadata") or {}
+    return {
+        variants.variant_key(namespace, name, e["name"]): ModelEntry(
+            created=meta.get("creationTimestamp") or "",
+            phase=e.get("phase"),
+            spec_hash=e.get("specHash"),
+            job_name=e.get("jobName"),
+            generation=meta.get("generation"),
+            observed_generation=e.get("observedGeneration"),
+        )
+        for e in variants.status_entries(body.get("status"))
+        if e["name"] in targets
+    }
 
 
 def job_entry(body: Obj) -> JobEntry:
@@ -170,7 +191,27 @@ class Runtime:
 
 
 def model_key(body: Obj) -> ModelKey:
-    return body["metadata"]["namespace"], body["metadata"]["name"]
+    meta = body["metadata"]
+    return variants.variant_key(meta["namespace"], meta["name"], body.get(variants.TARGET_KEY, ""))
+
+
+def get_model(rt: Runtime, key: ModelKey) -> Obj | None:
+    """The object of `key`; for a target's key its variant body (see `variants`)."""
+    namespace, name, target = variants.split(key)
+    body = rt.kube.get_model(namespace, name)
+    if body is None or not target:
+        return body
+    return variant_body(body, target)
+
+
+def variant_body(body: Obj, target: str) -> Obj | None:
+    """`variants.variant_body` of the object with its CompressionPolicy merged in (the
+    target's spec derives from the merged spec, as the object's own would)."""
+    try:
+        merged = policy.effective_body(body, selecting_policy(body))
+    except InvalidSpec:
+        return None  # the object's own reconcile reports it
+    return variants.variant_body(merged, target)
 
 
 def write_status(
@@ -185,6 +226,8 @@ def write_status(
     a whole new status dict, or None for "nothing to write".
     """
     namespace, name = key
+    if variants.target_of(key):
+        return _write_target_status(rt, key, compute)
     for _ in range(STATUS_WRITE_ATTEMPTS):
         if body is None:
             body = rt.kube.get_model(namespace, name)
@@ -224,6 +267,47 @@ def write_status(
             )
         return new
     raise Conflict(f"{namespace}/{name}: status kept changing under {STATUS_WRITE_ATTEMPTS} writes")
+
+
+def _write_target_status(
+    rt: Runtime,
+    key: ModelKey,
+    compute: Callable[[CompressedModelStatus, Obj], Transition | Obj | None],
+) -> Obj | None:
+    """write_status for a target: `compute` sees the target's entry as a status and
+    the variant body; the entry goes back into status.targets under the summary.
+    Returns the target's new entry (as a status), like write_status does."""
+    namespace, name, target = variants.split(key)
+    done: list[tuple[Obj, Phase, Transition]] = []
+
+    def whole(_cur: CompressedModelStatus, body: Obj) -> Obj | None:
+        done.clear()  # recomputed after a conflict
+        vbody = variant_body(body, target)
+        if vbody is None:
+            return None  # the target is gone from the spec (or the spec broke)
+        view = status.parse(vbody["status"])
+        generation = body["metadata"].get("generation")
+        wanted = compute(view, vbody)
+        if wanted is None:
+            return None
+        at = status.now()
+        if isinstance(wanted, Transition):
+            new_view = status.apply(view, generation, wanted, at)
+            done[:] = [(body, view.phase, wanted)]
+        else:
+            new_view = wanted
+        order = variants.spec_target_names(body)
+        return variants.with_target(
+            body.get("status") or {}, target, new_view, order, generation, at
+        )
+
+    new = write_status(rt, (namespace, name), whole)
+    if new is None:
+        return None
+    for body, old, t in done:
+        event = events.for_transition(old, t.phase, t.reason, f"target {target}: {t.message}")
+        post_event(rt, body, event)
+    return variants.view(new, target)
 
 
 def post_event(rt: Runtime, body: Obj, event: tuple[str, str, str] | None) -> None:

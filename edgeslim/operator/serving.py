@@ -39,7 +39,7 @@ from edgeslim.api.status import (
     Phase,
     ServedArtifact,
 )
-from edgeslim.operator import events, podspec
+from edgeslim.operator import events, jobs, podspec
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     ARTIFACT_SHA_ANNOTATION,
@@ -49,6 +49,7 @@ from edgeslim.operator.names import (
     MODEL_LABEL,
     SERVING_CONTAINER,
     SERVING_PORT,
+    TARGET_LABEL,
     serving_name,
 )
 from edgeslim.operator.settings import Settings
@@ -69,14 +70,18 @@ GRACE_SECONDS = 35
 # ------------------------------------------------------------------ builders
 
 
-def selector_labels(model_name: str) -> dict[str, str]:
-    """The Deployment's selector (immutable) and the Service's: model + component."""
-    return {MODEL_LABEL: model_name, "app.kubernetes.io/component": "serving"}
+def selector_labels(model_name: str, target: str = "") -> dict[str, str]:
+    """The Deployment's selector (immutable) and the Service's: model + component
+    (+ target for a spec.targets entry, so each node class has its own pods)."""
+    out = {MODEL_LABEL: model_name, "app.kubernetes.io/component": "serving"}
+    if target:
+        out[TARGET_LABEL] = target
+    return out
 
 
-def labels(model_name: str) -> dict[str, str]:
+def labels(model_name: str, target: str = "") -> dict[str, str]:
     return {
-        **selector_labels(model_name),
+        **selector_labels(model_name, target),
         "app.kubernetes.io/name": "edgeslim",
         "app.kubernetes.io/instance": model_name,
         "app.kubernetes.io/managed-by": "edgeslim-operator",
@@ -133,6 +138,7 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
             "build_deployment needs the object as the API server returned it (uid, namespace)"
         )
     spec = _deployment_spec(model)
+    target = jobs.target_name(model)
     command = [
         *settings.serving_command,
         "serve",
@@ -189,15 +195,15 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": serving_name(meta.name),
+            "name": serving_name(meta.name, target),
             "namespace": meta.namespace,
-            "labels": labels(meta.name),
+            "labels": labels(meta.name, target),
             "annotations": dict(artifact_annotations),
             "ownerReferences": [owner_reference(model)],
         },
         "spec": {
             "replicas": spec.replicas,
-            "selector": {"matchLabels": selector_labels(meta.name)},
+            "selector": {"matchLabels": selector_labels(meta.name, target)},
             # The controller marks the rollout failed after this; the operator
             # then rolls back to the last good artifact.
             "progressDeadlineSeconds": spec.progress_deadline_seconds,
@@ -210,7 +216,10 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
             "template": {
-                "metadata": {"labels": labels(meta.name), "annotations": artifact_annotations},
+                "metadata": {
+                    "labels": labels(meta.name, target),
+                    "annotations": artifact_annotations,
+                },
                 "spec": pod_spec,
             },
         },
@@ -222,18 +231,19 @@ def build_deployment(model: CompressedModel, artifact: ServedArtifact, settings:
 def build_service(model: CompressedModel) -> Obj:
     """ClusterIP Service on port 8080 in front of the model's serving pods."""
     meta = model.metadata
+    target = jobs.target_name(model)
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": serving_name(meta.name),
+            "name": serving_name(meta.name, target),
             "namespace": meta.namespace,
-            "labels": labels(meta.name),
+            "labels": labels(meta.name, target),
             "ownerReferences": [owner_reference(model)],
         },
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(meta.name),
+            "selector": selector_labels(meta.name, target),
             "ports": [
                 {"name": "http", "port": SERVING_PORT, "targetPort": "http", "protocol": "TCP"}
             ],

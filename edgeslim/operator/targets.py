@@ -1,0 +1,68 @@
+"""spec.targets in the cluster: what the variants (see `variants`) cannot see.
+
+Each target is reconciled, compressed, verified and rolled out by the same code
+as an object without targets, under its own key. What is left is the object's
+side of a change of targets: Jobs, Deployments and Services of targets the spec
+no longer names (or of the object itself, once it names targets; or of every
+target, once it names none) are deleted -- only those this object owns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from edgeslim.api.spec import CompressedModel
+from edgeslim.operator import ownership, variants
+from edgeslim.operator.names import serving_name
+from edgeslim.operator.runtime import Obj, Runtime, snapshot, write_status
+
+log = logging.getLogger("edgeslim.operator")
+
+
+def stale_serving_names(name: str, wanted: set[str], recorded: list[str]) -> list[str]:
+    """Serving names (Deployment and Service) nobody wants: those of targets in the
+    status but no longer in the spec, and the object's own while it has targets."""
+    gone = [serving_name(name, t) for t in recorded if t not in wanted]
+    return gone + ([serving_name(name)] if wanted else [])
+
+
+def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
+    """Deletes the children no target wants, before the targets are reconciled."""
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
+    wanted = {t.name for t in model.spec.targets or []}
+    for key, entries in snapshot(rt.jobs_index):
+        k_ns, k_name, target = variants.split(key)
+        if (k_ns, k_name) != (namespace, name) or (target in wanted if target else not wanted):
+            continue
+        for e in entries:
+            if e.owner_uid == uid:
+                log.info("%s/%s: deleting Job %s (no such target now)", namespace, name, e.name)
+                rt.kube.delete_job(namespace, e.name)
+        rt.slots.forget(key)
+    entries = variants.status_entries(body.get("status"))
+    recorded = [e["name"] for e in entries]
+    # The object's own serving objects can only exist from before it had targets.
+    check = stale_serving_names(name, wanted, recorded)
+    if wanted and entries:
+        check = check[:-1]
+    for sname in check:
+        _delete_owned(rt, namespace, sname, name, uid or "")
+    if not wanted and entries:
+        write_status(
+            rt,
+            (namespace, name),
+            lambda _c, b: variants.without_targets(b.get("status") or {}),
+        )
+
+
+def _delete_owned(rt: Runtime, namespace: str, sname: str, model: str, uid: str) -> None:
+    for kind, read, delete in (
+        ("Deployment", rt.kube.read_deployment, rt.kube.delete_deployment),
+        ("Service", rt.kube.read_service, rt.kube.delete_service),
+    ):
+        obj = read(namespace, sname)
+        found = ownership.claim(obj, kind, sname, model, uid)
+        if obj is not None and found.verdict is ownership.Verdict.owned:
+            delete(namespace, sname, obj["metadata"]["uid"])
+            log.info("%s/%s: deleted %s %s (no such target now)", namespace, model, kind, sname)
