@@ -124,6 +124,9 @@ class Group:
     blocked: str | None = None
     unit_width: int = 1
     """ids per unit in one producer (> 1 for attention heads)."""
+    normalized: str | None = None
+    """A LayerNorm over these channels (the hidden width of a transformer): removing
+    channels changes its mean and variance, so the result is not exact."""
 
     @property
     def label(self) -> str:
@@ -136,6 +139,8 @@ class Group:
     def unit_name(self) -> str:
         if self.unit_width > 1:
             return "heads"
+        if self.normalized:
+            return "hidden channels"
         convs = any(n.op_type in ("Conv", "ConvTranspose") for n in self.producers)
         return "channels" if convs else "neurons"
 
@@ -155,6 +160,8 @@ class Discovery(LayoutOps):
         self.members: dict[tuple[int, int, int], Member] = {}
         self.fixups: list[Fixup] = []
         self.blocked: list[tuple[np.ndarray, str]] = []
+        self.normalized: list[tuple[np.ndarray, str]] = []
+        """ids a LayerNorm normalizes over, and that LayerNorm."""
         self.sources: list[Source] = []
         self.layers: list[onnx.NodeProto] = []
         """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight."""
@@ -269,6 +276,8 @@ class Discovery(LayoutOps):
     def produce(self, node: onnx.NodeProto, ins: list[Track | None]) -> dict[str, Track]:
         """New ids for the output channels of a Conv/ConvTranspose/Gemm/MatMul layer."""
         op = node.op_type
+        if op == "Gather":
+            return self._embedding(node, ins)
         w = self._weight(node)
         if w is None or op not in WEIGHT_LAYERS:
             return {}
@@ -313,6 +322,34 @@ class Discovery(LayoutOps):
         except Block as why:
             self.block(ids, str(why))
         return {node.output[0]: track}
+
+    def _embedding(self, node: onnx.NodeProto, ins: list[Track | None]) -> dict[str, Track]:
+        """Rows of a constant [V, H] table picked by computed indices (word, position and
+        token-type embeddings): its H columns start ids like a layer's outputs, so the
+        residual stream they open becomes one group (the hidden width)."""
+        table = self.m.float_weight(node.input[0])
+        if (
+            table is None
+            or table.ndim != 2
+            or ins[0] is not None
+            or int(attr(node, "axis", 0)) != 0
+            or node.domain not in ("", "ai.onnx")
+            or self.m.array(node.input[1]) is not None
+        ):
+            return {}
+        rank = self.m.rank(node.input[1])
+        ids = self.new_ids(node, table.shape[1])
+        try:
+            if node.name in self.m.excluded:
+                raise Block("excluded")
+            if node.input[0] in self.m.graph_inputs:
+                raise Block("its table is also a graph input (overridable at run time)")
+            if self.m.uses(node.input[0]) > 1:
+                raise Block("its table is shared with other nodes (tied embeddings)")
+            self.member(node, 0, 1, ids, "out")
+        except Block as why:
+            self.block(ids, str(why))
+        return {node.output[0]: Track(-1, ids, None if rank is None else rank + 1)}
 
     # -- pass-through ops --------------------------------------------------------
 
@@ -399,9 +436,16 @@ class Discovery(LayoutOps):
         rank = t.rank
         if rank is None:
             raise Block(f"rank unknown at {where}")
-        if t.pos(where) >= axis % rank:
-            raise Block(f"{where} normalizes over the channels")
         self._only_first_output(node)
+        if t.pos(where) < axis % rank:
+            return {node.output[0]: t}
+        if axis % rank != rank - 1 or t.pos(where) != rank - 1:
+            raise Block(f"{where} normalizes over the channels and other axes together")
+        # Over the channels alone (a transformer's hidden width): scale and bias follow.
+        for i in (1, 2):
+            if len(node.input) > i and node.input[i]:
+                self.member(node, i, -1, t.ids, "param")
+        self.normalized.append((t.ids, where))
         return {node.output[0]: t}
 
     def _softmax(self, node, ins, where):
@@ -432,12 +476,81 @@ class Discovery(LayoutOps):
             raise Block(f"{where} reduces every axis")
         axes = [a % t.rank for a in axes]  # type: ignore[operator]
         if pos in axes:
+            if axes == [pos] and self._decomposed_layer_norm(node):
+                # The row statistics broadcast back over the channels: nothing to track.
+                self.normalized.append((t.ids, where))
+                return {}
             raise Block(f"{where} reduces over the channels")
         if not attr(node, "keepdims", 1):
             rank = t.rank - len(axes)  # type: ignore[operator]
             pos -= sum(a < pos for a in axes)
             return {node.output[0]: Track(pos - rank, t.ids, rank)}
         return {node.output[0]: t}
+
+    def _only_reader(self, name: str) -> onnx.NodeProto | None:
+        readers = self.m.consumers.get(name, [])
+        return readers[0] if len(readers) == 1 and self.m.uses(name) == 1 else None
+
+    def _decomposed_layer_norm(self, node: onnx.NodeProto) -> bool:
+        """Whether ReduceMean `node` is the mean or the variance of a LayerNorm written out
+        (what exporters write before opset 17): d = x - mean(x); d / sqrt(mean(d^2) + eps).
+
+        Anything else that averages over the channels changes meaning when channels go."""
+        m = self.m
+        mean = node
+        pow_ = m.producers.get(node.input[0])
+        if pow_ is not None and pow_.op_type == "Pow":  # the variance: find the mean
+            sub = m.producers.get(pow_.input[0])
+            found = sub is not None and sub.op_type == "Sub" and m.producers.get(sub.input[1])
+            if not found or found.op_type != "ReduceMean":
+                return False
+            mean = found
+        sub = self._only_reader(mean.output[0])
+        if (
+            sub is None
+            or sub.op_type != "Sub"
+            or list(sub.input) != [mean.input[0], mean.output[0]]
+        ):
+            return False
+        readers = m.consumers.get(sub.output[0], [])
+        pows = [r for r in readers if r.op_type == "Pow" and r.input[0] == sub.output[0]]
+        divs = [r for r in readers if r.op_type == "Div" and r.input[0] == sub.output[0]]
+        if len(pows) != 1 or len(divs) != 1 or m.uses(sub.output[0]) != 2:
+            return False
+        exponent = m.array(pows[0].input[1])
+        if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2:
+            return False
+        var = self._only_reader(pows[0].output[0])
+        if var is None or var.op_type != "ReduceMean" or not self._same_reduction(mean, var):
+            return False
+        add = self._only_reader(var.output[0])
+        eps = (
+            add is not None
+            and add.op_type == "Add"
+            and [n for n in add.input if n != var.output[0]]
+        )
+        if not eps or len(eps) != 1 or m.array(eps[0]) is None or m.array(eps[0]).size != 1:
+            return False
+        sqrt = self._only_reader(add.output[0])
+        if sqrt is None or sqrt.op_type != "Sqrt":
+            return False
+        if self._only_reader(sqrt.output[0]) is not divs[0] or divs[0].input[1] != sqrt.output[0]:
+            return False
+        return node is mean or node is var
+
+    def _same_reduction(self, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+        def axes(n: onnx.NodeProto) -> list[int] | None:
+            found = attr(n, "axes")
+            if found is None and len(n.input) > 1 and n.input[1]:
+                arr = self.m.array(n.input[1])
+                found = None if arr is None else arr.reshape(-1).tolist()
+            return None if found is None else [int(x) for x in found]
+
+        return (
+            axes(a) is not None
+            and axes(a) == axes(b)
+            and attr(a, "keepdims", 1) == attr(b, "keepdims", 1) == 1
+        )
 
     # -- layers that read ids -----------------------------------------------------
 
@@ -586,6 +699,10 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
     for ids, reason in d.blocked:
         for gid in np.unique(group_of[ids]).tolist():
             blocked.setdefault(int(gid), reason)
+    normalized: dict[int, str] = {}
+    for ids, where in d.normalized:
+        for gid in np.unique(group_of[ids]).tolist():
+            normalized.setdefault(int(gid), where)
     by_group: dict[int, Group] = {}
     for src in d.sources:
         gid = int(group_of[src.ids[0]]) if len(src.ids) else -1
@@ -599,6 +716,7 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
         units.setdefault(gid, set()).add(unit)
     for grp in by_group.values():
         grp.units = sorted(units[grp.root])
+        grp.normalized = normalized.get(grp.root)
         # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
         grp.unit_width = max(1, len(first.ids) // len(np.unique(roots[first.ids])))

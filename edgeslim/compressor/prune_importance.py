@@ -15,6 +15,8 @@ A unit's importance is aggregated over every member of its group:
 `layer` scope removes the same share of units in every group; `global` scope
 ranks all units against each other after dividing each group's scores by its
 mean (groups differ in scale), keeping `min_channels` units in every group.
+With `round_to`, each group then gives back its most important removed units
+until the channels it keeps are a multiple of it (or all of them).
 """
 
 from __future__ import annotations
@@ -186,8 +188,25 @@ def select(groups: Groups, config: PruneConfig, score: dict[int, float]) -> dict
             n = min(math.floor(config.sparsity * len(grp.units) + 0.5), len(grp.units) - floor)
             if n > 0:
                 out[grp.root] = ordered[grp.root][:n]
-        return out
-    return _select_global(groups.prunable, ordered, score, config.sparsity, floor)
+    else:
+        out = _select_global(groups.prunable, ordered, score, config.sparsity, floor)
+    if config.round_to and config.round_to > 1:
+        by_root = {grp.root: grp for grp in groups.prunable}
+        out = {
+            root: units[: rounded_removal(by_root[root], len(units), config.round_to)]
+            for root, units in out.items()
+        }
+    return {root: units for root, units in out.items() if units}
+
+
+def rounded_removal(grp: Group, n: int, round_to: int) -> int:
+    """How many of `n` chosen units may go so that the channels left (units times the
+    channels of a unit: a head's width) are a multiple of `round_to`, rounding the kept
+    count up; all units stay when no smaller multiple fits."""
+    kept = len(grp.units) - n
+    while kept < len(grp.units) and (kept * grp.unit_width) % round_to:
+        kept += 1
+    return len(grp.units) - kept
 
 
 def _select_global(

@@ -194,11 +194,107 @@ class LayoutOps:
             pos = t.pos(where)
             if not start <= pos < end:
                 return {}
-            n = end - start
-            read = [self._gathered(r) if r.op_type == "Gather" else None for r in readers]
-            if all(r is not None and (pos - start) not in [i % n for i in r] for r in read):
+            k = pos - start
+            if all(
+                self._reads_other_dims(r, k, end - start)
+                or self._only_own_resize_sizes(r.output[0], node.input[0], pos)
+                for r in readers
+            ):
                 return {}
         raise Block(f"its channel count is read by {where}")
+
+    def _reads_other_dims(self, reader, k: int, n: int) -> bool:
+        """Whether a Gather or Slice of an n-long shape vector leaves out its entry k
+        (e.g. a detector reading only H and W of an NCHW tensor)."""
+        if reader.op_type == "Gather":
+            picked = self._gathered(reader)
+            return picked is not None and k not in [i % n for i in picked]
+        if reader.op_type == "Slice" and len(reader.input) >= 3:
+            bounds = self._vector_slice(reader, n)
+            return bounds is not None and k not in range(*bounds)
+        return False
+
+    def _vector_slice(self, node, n: int) -> tuple[int, int] | None:
+        """(start, end) of a Slice on axis 0 with step 1 and constant bounds of an n-long
+        vector, else None."""
+        consts = [self.m.array(x) if x else None for x in [*node.input[1:], "", "", ""][:4]]
+        starts, ends, axes, steps = consts
+        if starts is None or ends is None or starts.size != 1:
+            return None
+        if len(node.input) > 3 and node.input[3] and axes is None:
+            return None
+        if axes is not None and int(axes.reshape(-1)[0]) not in (0, -1):
+            return None
+        if len(node.input) > 4 and node.input[4] and (steps is None or int(steps[0]) != 1):
+            return None
+        start, end, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])).indices(n)
+        return start, end
+
+    def _only_own_resize_sizes(self, name: str, data: str, pos: int, depth: int = 0) -> bool:
+        """Whether shape values read from `data` only become the `sizes` of Resizes of
+        `data` itself, with its channel count landing on the channel axis: what
+        F.interpolate(x, size=...) exports (Concat(Shape(x)[0:2], size) -> Resize(x)).
+        The Resize then writes whatever channel count x has, pruned or not."""
+        readers = self.m.consumers.get(name, [])
+        if not readers or self.m.uses(name) != len(readers) or depth > 4:
+            return False
+        for r in readers:
+            if r.op_type in ("Concat", "Cast", "Unsqueeze") and list(r.input).count(name) == 1:
+                if not self._only_own_resize_sizes(r.output[0], data, pos, depth + 1):
+                    return False
+            elif (
+                r.op_type != "Resize"
+                or len(r.input) < 4
+                or r.input[3] != name
+                or r.input[0] != data
+                or name in r.input[:3]
+                or not self._size_echo(name, pos, data, pos)
+            ):
+                return False
+        return True
+
+    def _size_echo(self, name: str, index: int, data: str, pos: int, depth: int = 0) -> bool:
+        """Whether element `index` of the integer vector `name` is, at run time, dim `pos`
+        of tensor `data` (followed through Shape, Slice, Gather, Concat, Unsqueeze, Cast)."""
+        node = self.m.producers.get(name)
+        if node is None or depth > 8:
+            return False
+        op = node.op_type
+        if op == "Shape":
+            rank = self.m.rank(data)
+            if node.input[0] != data or rank is None:
+                return False
+            start, _, _ = slice(attr(node, "start"), attr(node, "end")).indices(rank)
+            return start + index == pos
+        if op == "Cast":
+            return self._size_echo(node.input[0], index, data, pos, depth + 1)
+        if op == "Unsqueeze":  # a scalar made a 1-vector
+            return (
+                index == 0
+                and self.m.rank(node.input[0]) == 0
+                and self._size_echo(node.input[0], 0, data, pos, depth + 1)
+            )
+        if op == "Gather":
+            picked = self._gathered(node)
+            if picked is None or index >= len(picked) or picked[index] < 0:
+                return False
+            return self._size_echo(node.input[0], picked[index], data, pos, depth + 1)
+        if op == "Slice":
+            dims = self.m.dims(node.input[0], need=(0,))
+            bounds = dims and len(dims) == 1 and dims[0] and self._vector_slice(node, dims[0])
+            if not bounds:
+                return False
+            return self._size_echo(node.input[0], bounds[0] + index, data, pos, depth + 1)
+        if op == "Concat" and attr(node, "axis", 0) in (0, -1):
+            offset = 0
+            for part in node.input:
+                dims = self.m.dims(part, need=(0,))
+                if not dims or len(dims) != 1 or dims[0] is None:
+                    return False
+                if index < offset + dims[0]:
+                    return self._size_echo(part, index - offset, data, pos, depth + 1)
+                offset += dims[0]
+        return False
 
     def _gather(self, node, ins, where):
         t = ins[0]
@@ -400,6 +496,6 @@ class LayoutOps:
                 raise Block(f"{where} scales the channels")
         elif sizes is not None:
             self.fixups.append(Fixup(node, 3, pos, lambda kept, ids=t.ids: kept(ids)))
-        else:
+        elif not (names[3] and self._size_echo(names[3], pos, node.input[0], pos)):
             raise Block(f"{where} has computed scales")
         return {node.output[0]: t}
