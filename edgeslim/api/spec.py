@@ -141,6 +141,11 @@ class PruneConfig(WireModel):
     same sparsity in every layer or group (layer)."""
     min_channels: int = Field(default=1, ge=1, le=1_000_000)
     """structured only: channels (or heads) every group keeps whatever the sparsity."""
+    # None rather than 1 so that specs written before it existed keep their spec hash.
+    round_to: int | None = Field(default=None, ge=1, le=4096)
+    """structured only: round the channels each group keeps up to a multiple of this
+    (never past the original width), e.g. 8 for SIMD- and GPU-friendly widths; unset
+    keeps the exact share."""
     calibration_dataset: Uri | None = None
     """criterion activation or taylor only: defaults to the last distill dataset, else
     the evaluation dataset."""
