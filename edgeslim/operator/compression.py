@@ -16,7 +16,16 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import fanout, jobs, ownership, results, status, targets, variants
+from edgeslim.operator import (
+    fanout,
+    jobs,
+    ownership,
+    results,
+    source_watch,
+    status,
+    targets,
+    variants,
+)
 from edgeslim.operator.kube import Conflict, api_message
 from edgeslim.operator.names import job_name
 from edgeslim.operator.policy_hooks import (
@@ -97,8 +106,10 @@ def _reconcile_one(rt: Runtime, body: Obj) -> None:
     model = parse_model(body)  # InvalidSpec propagates; the handler records it
     spec_hash = model.spec.spec_hash()
     body = record_policy_ref(rt, key, body, spec_hash)
-    job = job_name(model.metadata.name, spec_hash)
     current = status.parse(body.get("status"))
+    # A re-compression of this spec (source replaced, new compressor) has its own Job.
+    revision = source_watch.pending_revision(current, spec_hash)
+    job = job_name(model.metadata.name, spec_hash, revision)
     _supersede(rt, key, spec_hash, model.metadata.uid)
 
     if current.spec_hash == spec_hash and current.phase in COMPRESSED_PHASES:
@@ -186,7 +197,8 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
             fail_invalid(rt, body, str(exc))
             return
         spec_hash = model.spec.spec_hash()
-        job = job_name(model.metadata.name, spec_hash)
+        revision = source_watch.pending_revision(status.parse(body.get("status")), spec_hash)
+        job = job_name(model.metadata.name, spec_hash, revision)
         if entry.job and entry.job != job:
             rt.slots.release(key, entry.job)  # the spec changed while it waited
             return
@@ -221,12 +233,14 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
             log.info("%s/%s: adopted existing Job %s", *key, job)
             return
         # A search fans out (plan, candidates, then this Job); a target's searches alone.
-        if fanout.applies(model, rt.settings) and not model.spec.targets:
+        # A re-compression searches in its one Job: the fan-out's steps are named per spec.
+        if fanout.applies(model, rt.settings) and not model.spec.targets and revision is None:
             plan = fanout.step_job_name(model.metadata.name, spec_hash, fanout.PLAN)
             rt.slots.hand_over(key, entry.job, plan)
             fanout.advance(rt, key)
             return
         manifest = jobs.build_job(model, rt.settings, spec_hash)
+        manifest["metadata"]["name"] = job  # with a re-compression's revision
         try:
             created = rt.kube.create_job(manifest)
         except ApiException as exc:
@@ -389,6 +403,8 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
         return  # the model handler reports this
     if model.spec.spec_hash() != ref.spec_hash:
         return  # superseded: the model handler deletes it
+    if source_watch.superseded(status.parse(body.get("status")), ref.name, ref.spec_hash):
+        return  # an earlier Job of this spec: a re-compression took its place
     state = jobs.job_state(job_body)
     pods = rt.kube.list_pods(ref.namespace, jobs.pod_selector(ref.uid))
     terms = jobs.terminations(pods, ref.uid)
@@ -416,6 +432,8 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
             return None  # the spec changed since this Job started
         if cur.job_name == ref.name and cur.phase in COMPRESSED_PHASES:
             return None
+        if source_watch.superseded(cur, ref.name, ref.spec_hash):
+            return None
         return transition
 
     if write_status(rt, key, compute, body) is not None:
@@ -424,6 +442,8 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
         if seconds is not None:
             metrics.compression_duration.observe(seconds)
         log.info("%s/%s: Job %s finished: %s (%s)", *key, ref.name, out.phase.value, out.reason)
+        limit = model.spec.history_limit
+        source_watch.record_lineage_quietly(rt, key, ref.name, ref.spec_hash, result, limit)
         if deploy:
             serve_quietly(rt, key)
 

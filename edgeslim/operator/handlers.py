@@ -28,7 +28,15 @@ import kopf
 from edgeslim import metrics
 from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import cleanup, compression, rollout, runtime, server, variants
+from edgeslim.operator import (
+    cleanup,
+    compression,
+    rollout,
+    runtime,
+    server,
+    source_watch,
+    variants,
+)
 from edgeslim.operator.kube import Kube, is_transient
 from edgeslim.operator.names import (
     API_GROUP,
@@ -76,6 +84,7 @@ async def configure(
     memo: kopf.Memo,
     model_index: kopf.Index,
     job_index: kopf.Index,
+    source_index: kopf.Index,
     policy_index: kopf.Index,
     **_: Any,
 ) -> None:
@@ -118,6 +127,9 @@ async def configure(
     memo.runtime = rt
     memo.http = await server.serve(lambda: rt.ready, cfg.metrics_port)
     memo.resync = asyncio.create_task(resync_loop(rt))
+    # Sources replaced in storage: checked on their own clock, from an index (no polling
+    # of the API for objects that are not due).
+    memo.source_watch = asyncio.create_task(source_watch.loop(rt, source_index))
     # kopf starts its watches as soon as startup handlers return.
     rt.ready = True
 
@@ -135,6 +147,7 @@ async def resync_loop(rt: runtime.Runtime) -> None:
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    await source_watch.stop(memo.source_watch)
     memo.resync.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await memo.resync
@@ -147,6 +160,11 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 def model_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     # With spec.targets: one entry per target, under its variant key (see `variants`).
     return runtime.model_entries(namespace, name, dict(body))
+
+
+@kopf.index(*MODELS)
+def source_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace, name): source_watch.source_entry(dict(body))}
 
 
 @kopf.index(*JOBS, labels=OURS)

@@ -65,10 +65,15 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:_DIGEST_CHARS]
 
 
-def job_name(model_name: str, spec_hash: str) -> str:
+def job_name(model_name: str, spec_hash: str, revision: str | None = None) -> str:
     """`<name>-<hash[:10]>`: the same spec always maps to the same Job, so a
     restarted operator finds (HTTP 409) the Job it already created instead of
     starting a second one.
+
+    A re-compression of the same spec (its source replaced at the same URI, or a
+    new compressor; see `source_watch`) is named after what changed as well:
+    `<name>-<hash[:10]>-<revision[:6]>`, again the same for the same change, and
+    never equal to a name without one (its last part has 6 characters, not 10).
 
     A name longer than 40 characters keeps its first 40 for reading and gains a
     digest of the *whole* name and spec hash: two names that differ only past
@@ -77,10 +82,12 @@ def job_name(model_name: str, spec_hash: str) -> str:
     the object's namespace, so the namespace need not be in the name.
     """
     if len(model_name) <= JOB_NAME_KEEPS:
-        return f"{model_name}-{spec_hash[:10]}"
+        tail = f"-{revision[:6]}" if revision else ""
+        return f"{model_name}-{spec_hash[:10]}{tail}"
     # A label may hold `--` inside it, so no rstrip: stripping would let
-    # `x-` and `x` (as truncated prefixes) meet.
-    return f"{model_name[:JOB_NAME_KEEPS]}-{_digest(model_name, spec_hash)}-{spec_hash[:10]}"
+    # `x-` and `x` (as truncated prefixes) meet. A revision goes into the digest.
+    digest = _digest(model_name, spec_hash, *([revision] if revision else []))
+    return f"{model_name[:JOB_NAME_KEEPS]}-{digest}-{spec_hash[:10]}"
 
 
 def serving_name(model_name: str, target: str = "") -> str:

@@ -10,7 +10,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
-from edgeslim import logs
+from edgeslim import __version__, logs
 from edgeslim.storage.limits import DEFAULT_MAX_BYTES
 
 
@@ -83,6 +83,16 @@ class Settings:
     log_format: str = "text"
     """Log lines of the operator and of the serving pods it makes: text or json
     (EDGESLIM_LOG_FORMAT; see edgeslim/logs.py)."""
+    source_check_seconds: int = 600
+    """How often a source is compared with storage when its spec does not say
+    (spec.source.checkIntervalSeconds); 0 = never (EDGESLIM_SOURCE_CHECK_SECONDS).
+    Unlike the spec field it may be below 60: an operator-wide choice (tests use 2)."""
+    source_check_concurrency: int = 8
+    """Source checks (one HEAD each) in flight at once (EDGESLIM_SOURCE_CHECK_CONCURRENCY)."""
+    compressor_version: str = __version__
+    """edgeslim version of the compressor image: an artifact made by another one is
+    re-compressed where spec.recompressOnUpgrade asks (EDGESLIM_COMPRESSOR_VERSION;
+    default the operator's own, as the chart's images share its appVersion)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -109,4 +119,10 @@ class Settings:
             ),
             serving_scratch_bytes=_int("EDGESLIM_SERVING_SCRATCH_BYTES", d.serving_scratch_bytes),
             log_format=logs.log_format(),
+            source_check_seconds=_int("EDGESLIM_SOURCE_CHECK_SECONDS", d.source_check_seconds),
+            source_check_concurrency=max(
+                1, _int("EDGESLIM_SOURCE_CHECK_CONCURRENCY", d.source_check_concurrency)
+            ),
+            compressor_version=os.environ.get("EDGESLIM_COMPRESSOR_VERSION")
+            or d.compressor_version,
         )

@@ -1,0 +1,518 @@
+"""Re-compression when a source model is replaced (or the compressor upgraded), and lineage.
+
+* **Lineage.** After each recorded result, `record_lineage` puts the source bytes
+  the compressor used (from its termination message or manifest: sha256, ETag,
+  VersionId) into `status.source` and appends the artifact, its toolchain
+  versions and the gate's verdict to `status.history` (the last
+  spec.historyLimit).
+* **Checks.** `loop` wakes every few seconds and checks the objects that are due:
+  every `spec.source.checkIntervalSeconds` (default the operator's
+  EDGESLIM_SOURCE_CHECK_SECONDS), at once when the `edgeslim.io/check-source`
+  annotation or the spec changed, and once after the operator starts. A check
+  is one S3 HEAD (or a stat; a local file is read only when its size or mtime
+  moved), with the object's own Secret, a bounded number at a time. Which
+  objects are due comes from an index filled by the watch: no API call for the
+  objects that are not.
+* **Re-compression.** A replaced source (or, with spec.recompressOnUpgrade,
+  another compressor version than the one that made the artifact) starts one
+  compression of the same spec under a Job named after the change
+  (`names.job_name(..., revision)`), recorded in `status.recompression` before the
+  Job exists, so a restarted operator adopts that Job instead of starting a
+  second. The serving Deployment keeps its artifact meanwhile (`serving.plan`
+  only rolls out a result that passed the gate), and a result the gate rejects
+  leaves it serving, which status and an Event say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from edgeslim import metrics
+from edgeslim.api.lineage import HistoryEntry, Recompression, SourceIdentity
+from edgeslim.api.spec import CompressedModel
+from edgeslim.api.status import CompressedModelStatus, Phase
+from edgeslim.api.termination import TerminationMessage
+from edgeslim.errors import BadInput, StorageUnavailable
+from edgeslim.operator import status
+from edgeslim.operator.names import API_GROUP, job_name
+from edgeslim.operator.queue import ModelKey
+from edgeslim.operator.runtime import (
+    InvalidSpec,
+    Obj,
+    Runtime,
+    parse_model,
+    post_event,
+    snapshot,
+    storage_credentials,
+    write_status,
+)
+from edgeslim.operator.settings import Settings
+from edgeslim.operator.status import FINAL_PHASES, Transition
+from edgeslim.storage import identity
+
+log = logging.getLogger("edgeslim.operator")
+
+#: Changing this annotation (any value, e.g. a timestamp) checks the source at once.
+CHECK_ANNOTATION = f"{API_GROUP}/check-source"
+TICK_SECONDS = 2.0
+SOURCE_CHANGED = "SourceChanged"
+TOOLCHAIN_UPGRADED = "ToolchainUpgraded"
+REJECTED_EVENT = "RecompressionRejected"
+
+Verdict = Literal["same", "changed", "hash", "unknown"]
+
+
+# ------------------------------------------------------------------ the index
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """What deciding whether an object is due needs, read leniently from its body."""
+
+    phase: str | None
+    generation: int | None
+    touched: str
+    """The check annotation's value: a change asks for a check now."""
+    interval: int | None
+    """spec.source.checkIntervalSeconds (None: the operator's default)."""
+    has_result: bool
+    """status holds an artifact or a source identity: something to compare against."""
+
+    @property
+    def token(self) -> tuple[int | None, str]:
+        return self.generation, self.touched
+
+
+def source_entry(body: Obj) -> SourceEntry:
+    meta, raw = body.get("metadata") or {}, body.get("status") or {}
+    source = ((body.get("spec") or {}).get("source")) or {}
+    interval = source.get("checkIntervalSeconds")
+    return SourceEntry(
+        phase=raw.get("phase"),
+        generation=meta.get("generation"),
+        touched=str((meta.get("annotations") or {}).get(CHECK_ANNOTATION) or ""),
+        interval=interval if isinstance(interval, int) else None,
+        has_result=bool(raw.get("artifact") or raw.get("source")),
+    )
+
+
+def interval_of(entry: SourceEntry, settings: Settings) -> int:
+    """Seconds between checks; 0 = none (the spec's, else the operator's default)."""
+    return entry.interval if entry.interval is not None else settings.source_check_seconds
+
+
+@dataclass(frozen=True)
+class Seen:
+    token: tuple[int | None, str]
+    at: float
+
+
+def decide(entry: SourceEntry, seen: Seen | None, now: float, settings: Settings) -> bool | None:
+    """None: not due. Else due, and True when asked for explicitly (the spec or the
+    check annotation changed), which checks even with interval 0."""
+    if entry.phase not in FINAL_PHASES or not entry.has_result:
+        return None
+    every = interval_of(entry, settings)
+    if seen is None:  # new to this operator (it just started): one check
+        return False if every > 0 else None
+    if seen.token != entry.token:
+        return True
+    if every > 0 and now - seen.at >= every:
+        return False
+    return None
+
+
+# -------------------------------------------------------------- pure decisions
+
+
+def _etag(value: str | None) -> str | None:
+    return value.strip().strip('"') if value else None
+
+
+def compare(recorded: SourceIdentity, seen: identity.StoredIdentity) -> Verdict:
+    """Whether storage still holds the bytes `recorded` names: same, changed, hash
+    (a local file's stat moved: compare its sha256) or unknown (nothing comparable)."""
+    if recorded.version_id and seen.version_id:
+        return "same" if recorded.version_id == seen.version_id else "changed"
+    if recorded.etag and seen.etag:
+        return "same" if _etag(recorded.etag) == _etag(seen.etag) else "changed"
+    if recorded.size_bytes is not None and seen.size_bytes not in (None, recorded.size_bytes):
+        return "changed"
+    if seen.modified_ns is not None:
+        if recorded.modified_ns == seen.modified_ns:
+            return "same"
+        return "hash" if recorded.sha256 else "changed"
+    return "unknown"
+
+
+def observed(seen: identity.StoredIdentity, sha256: str | None, at: str) -> SourceIdentity:
+    return SourceIdentity(
+        uri=seen.uri,
+        sha256=sha256,
+        size_bytes=seen.size_bytes,
+        etag=seen.etag,
+        version_id=seen.version_id,
+        modified_ns=seen.modified_ns,
+        checked_at=at,
+    )
+
+
+def revision(*parts: str) -> str:
+    """A short digest of what changed: names the re-compression's Job."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def source_revision(seen: SourceIdentity) -> str:
+    token = seen.version_id or _etag(seen.etag) or seen.sha256 or f"{seen.size_bytes}"
+    return revision("source", seen.uri, token)
+
+
+def artifact_version(cur: CompressedModelStatus) -> str | None:
+    """The edgeslim version that made the current artifact (its history entry)."""
+    entry = next((h for h in reversed(cur.history) if h.job_name == cur.job_name), None)
+    return entry.versions.get("edgeslim") if entry is not None else None
+
+
+def pending(cur: CompressedModelStatus, spec_hash: str) -> Recompression | None:
+    """The re-compression under way for this spec hash, if any."""
+    rec = cur.recompression
+    if rec is None or rec.spec_hash != spec_hash or cur.spec_hash != spec_hash:
+        return None
+    return rec
+
+
+def pending_revision(cur: CompressedModelStatus, spec_hash: str) -> str | None:
+    """The revision of the re-compression under way for this spec hash, if any: the
+    compressor Job's name includes it (compression.start, resume, the queue)."""
+    rec = pending(cur, spec_hash)
+    return rec.revision if rec is not None else None
+
+
+def superseded(cur: CompressedModelStatus, job: str, spec_hash: str) -> bool:
+    """A Job of the current spec hash that status no longer names: a re-compression
+    replaced it, and its (older) result must not be recorded again."""
+    return cur.spec_hash == spec_hash and cur.job_name is not None and cur.job_name != job
+
+
+def start_recompression(
+    cur: CompressedModelStatus,
+    model: CompressedModel,
+    rec: Recompression,
+    message: str,
+    generation: int | None,
+    at: str,
+) -> Obj | None:
+    """Status Queued for the re-compression `rec` (the queue or start() takes it
+    from there), or None when it does not apply (any more)."""
+    if cur.spec_hash != rec.spec_hash or cur.phase not in FINAL_PHASES:
+        return None  # a compression runs, or the spec changed: that one records a source
+    if cur.recompression is not None and cur.recompression.revision == rec.revision:
+        return None  # started (and maybe failed) already: once per change
+    job = job_name(model.metadata.name, rec.spec_hash, rec.revision)
+    t = Transition(Phase.queued, rec.reason, message, spec_hash=rec.spec_hash, job_name=job)
+    new = status.apply(cur, generation, t, at)
+    new["recompression"] = rec.wire()
+    return new
+
+
+def _short(sha: str | None) -> str:
+    return (sha or "?")[:12]
+
+
+def serving_now(cur: CompressedModelStatus) -> str | None:
+    """sha256 of the artifact that serves while a re-compression runs, if any."""
+    if cur.serving_artifact:
+        return cur.serving_artifact
+    return cur.last_good_artifact.sha256 if cur.last_good_artifact else None
+
+
+def lineage(
+    cur: CompressedModelStatus,
+    job: str,
+    spec_hash: str,
+    result: TerminationMessage | None,
+    limit: int,
+    at: str,
+) -> tuple[Obj, str | None] | None:
+    """The status after the result of `job` was recorded: status.source from the
+    bytes the compressor used, a history entry, the re-compression done; plus a
+    warning when a re-compression was rejected while another artifact serves.
+    None when there is nothing (more) to write."""
+    if cur.job_name != job or cur.spec_hash != spec_hash:
+        return None
+    if any(h.job_name == job for h in cur.history):
+        return None
+    if result is None or result.artifact is None:
+        # No artifact (the Job failed): nothing to record, and a re-compression stays
+        # in status.recompression so the same change does not start it again.
+        return None
+    rec = pending(cur, spec_hash)
+    update: dict[str, Any] = {"recompression": None}
+    warning = None
+    source = (
+        SourceIdentity(
+            uri=result.source.uri,
+            sha256=result.source.sha256,
+            size_bytes=result.source.size_bytes,
+            etag=result.source.etag,
+            version_id=result.source.version_id,
+            checked_at=at,
+        )
+        if result.source is not None
+        else None
+    )
+    entry = HistoryEntry(
+        time=at,
+        job_name=job,
+        spec_hash=spec_hash,
+        verdict="Passed" if result.gate.passed else "Rejected",
+        reason=result.gate.reason[:1024],
+        trigger=rec.reason if rec else "SpecChanged",
+        artifact_uri=result.artifact.uri,
+        artifact_sha256=result.artifact.sha256,
+        source=source,
+        versions=dict(result.versions or {}),
+    )
+    update["history"] = [*cur.history, entry][-limit:]
+    if source is not None:
+        update["source"] = source
+    serving = serving_now(cur)
+    if rec is not None and not result.gate.passed and serving:
+        warning = (
+            f"the re-compression after {rec.reason} was rejected by the gate "
+            f"({result.gate.reason}); artifact {_short(serving)} keeps serving"
+        )[:1024]
+        update["message"] = warning
+    return cur.model_copy(update=update).wire(), warning
+
+
+# ------------------------------------------------------------------ the writes
+
+
+def record_lineage(
+    rt: Runtime,
+    key: ModelKey,
+    job: str,
+    spec_hash: str,
+    result: TerminationMessage | None,
+    limit: int,
+) -> None:
+    """After compression.record_result wrote a result: status.source and history."""
+    warned: list[str] = []
+
+    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj | None:
+        out = lineage(cur, job, spec_hash, result, limit, status.now())
+        if out is None:
+            return None
+        warned[:] = [out[1]] if out[1] else []
+        return out[0]
+
+    if write_status(rt, key, compute) is not None and warned:
+        body = rt.kube.get_model(*key)
+        if body is not None:
+            post_event(rt, body, ("Warning", REJECTED_EVENT, warned[0]))
+
+
+def record_lineage_quietly(
+    rt: Runtime,
+    key: ModelKey,
+    job: str,
+    spec_hash: str,
+    result: TerminationMessage | None,
+    limit: int,
+) -> None:
+    """Lineage is a record, not the result: its failure must not fail the Job watcher."""
+    try:
+        record_lineage(rt, key, job, spec_hash, result, limit)
+    except Exception as exc:
+        metrics.reconcile_errors.labels(handler="lineage").inc()
+        log.warning("%s/%s: lineage of Job %s not recorded: %s", *key, job, exc)
+
+
+def _write_source(rt: Runtime, key: ModelKey, spec_hash: str, seen: SourceIdentity) -> None:
+    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj | None:
+        if cur.spec_hash != spec_hash or cur.phase not in FINAL_PHASES:
+            return None
+        old = cur.source
+        keep_sha = old.sha256 if old is not None and old.uri == seen.uri else None
+        new = seen.model_copy(update={"sha256": seen.sha256 or keep_sha})
+        return cur.model_copy(update={"source": new}).wire()
+
+    write_status(rt, key, compute)
+
+
+def _trigger(rt: Runtime, key: ModelKey, body: Obj, model: CompressedModel, rec: Recompression,
+             message: str) -> None:  # fmt: skip
+    generation = body["metadata"].get("generation")
+
+    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj | None:
+        return start_recompression(cur, model, rec, message, generation, status.now())
+
+    if write_status(rt, key, compute, body) is None:
+        return
+    log.info("%s/%s: %s", *key, message)
+    post_event(rt, body, ("Normal", rec.reason, message[:1024]))
+    fresh = rt.kube.get_model(*key)
+    if fresh is not None:
+        # The usual path from here: the queue (or Kueue) and start(), which name
+        # the Job after status.recompression. Imported here: compression imports us.
+        from edgeslim.operator import compression
+
+        compression.reconcile_model(rt, fresh)
+
+
+def check(rt: Runtime, key: ModelKey, explicit: bool) -> str:
+    """One object's check; returns what it found, in a word (for logs and tests)."""
+    body = rt.kube.get_model(*key)
+    if body is None:
+        return "gone"
+    try:
+        model = parse_model(body)
+    except InvalidSpec:
+        return "invalid"
+    cur = status.parse(body.get("status"))
+    spec_hash = model.spec.spec_hash()
+    if cur.spec_hash != spec_hash or cur.phase not in FINAL_PHASES:
+        return "busy"
+    at = status.now()
+    made_by = artifact_version(cur)
+    wanted = rt.settings.compressor_version
+    if model.spec.recompress_on_upgrade and made_by and made_by != wanted:
+        rec = Recompression(
+            reason=TOOLCHAIN_UPGRADED,
+            revision=revision("toolchain", wanted),
+            spec_hash=spec_hash,
+            toolchain=wanted,
+            since=at,
+        )
+        _trigger(rt, key, body, model, rec, _message(rec, cur, f"edgeslim {made_by} -> {wanted}"))
+        return "upgrade"
+    source = model.spec.source
+    if source.sha256 is not None:
+        return "pinned"  # the bytes are fixed by the spec: a replaced file only fails the pin
+    if not explicit and interval_of(source_entry(body), rt.settings) <= 0:
+        return "off"
+    with storage_credentials(rt, model):
+        stored = identity.head(source.uri)
+        recorded = cur.source if cur.source is not None and cur.source.uri == source.uri else None
+        verdict: Verdict = "unknown" if recorded is None else compare(recorded, stored)
+        sha = None
+        if verdict == "hash" and recorded is not None:
+            sha = identity.local_sha256(source.uri, max_bytes=rt.settings.max_download_bytes)
+            verdict = "same" if sha == recorded.sha256 else "changed"
+    seen = observed(stored, sha, at)
+    if verdict != "changed":
+        # Unchanged, or nothing to compare with yet (an artifact made before sources
+        # were recorded): this becomes what later checks compare against.
+        _write_source(rt, key, spec_hash, seen)
+        return verdict
+    rec = Recompression(
+        reason=SOURCE_CHANGED,
+        revision=source_revision(seen),
+        spec_hash=spec_hash,
+        source=seen,
+        since=at,
+    )
+    _trigger(rt, key, body, model, rec, _message(rec, cur, _what_changed(recorded, seen)))
+    return "changed"
+
+
+def _what_changed(recorded: SourceIdentity | None, seen: SourceIdentity) -> str:
+    if recorded is None:
+        return "replaced"
+    for label, old, new in (
+        ("VersionId", recorded.version_id, seen.version_id),
+        ("ETag", _etag(recorded.etag), _etag(seen.etag)),
+        ("sha256", _short(recorded.sha256), _short(seen.sha256)),
+        ("size", recorded.size_bytes, seen.size_bytes),
+    ):
+        if old and new and old != new:
+            return f"{label} {old} -> {new}"
+    return "replaced"
+
+
+def _message(rec: Recompression, cur: CompressedModelStatus, what: str) -> str:
+    why = (
+        f"source {rec.source.uri if rec.source else ''} was replaced ({what})"
+        if rec.reason == SOURCE_CHANGED
+        else f"the compressor changed ({what}) and spec.recompressOnUpgrade is set"
+    )
+    serving = serving_now(cur)
+    keep = (
+        f"; artifact {_short(serving)} keeps serving until the new one passes the gate"
+        if serving
+        else ""
+    )
+    return f"{why}: re-compressing{keep}"
+
+
+def check_quietly(rt: Runtime, key: ModelKey, explicit: bool) -> str:
+    try:
+        return check(rt, key, explicit)
+    except (BadInput, StorageUnavailable) as exc:
+        # Not the object's fault that a check failed (a source deleted, the store
+        # down): the artifact keeps serving and the next check tries again.
+        log.warning("%s/%s: source not checked: %s", *key, exc)
+        return "error"
+    except Exception as exc:
+        metrics.reconcile_errors.labels(handler="source").inc()
+        log.warning("%s/%s: source check failed: %s", *key, exc)
+        return "error"
+
+
+# ------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Watch:
+    """When each object was last checked, in this operator's memory only (a restart
+    checks every watched object once)."""
+
+    seen: dict[ModelKey, Seen] = field(default_factory=dict)
+
+    def due(self, index: Any, settings: Settings, now: float) -> list[tuple[ModelKey, bool]]:
+        entries = {k: es[0] for k, es in snapshot(index) if es}
+        for gone in self.seen.keys() - entries.keys():
+            del self.seen[gone]
+        found = []
+        for key, entry in entries.items():
+            explicit = decide(entry, self.seen.get(key), now, settings)
+            if explicit is not None:
+                found.append((key, explicit))
+                self.seen[key] = Seen(entry.token, now)
+            elif key not in self.seen:
+                self.seen[key] = Seen(entry.token, now)
+        return found
+
+    def tick(self, rt: Runtime, index: Any) -> dict[ModelKey, str]:
+        due = self.due(index, rt.settings, time.monotonic())
+        if not due:
+            return {}
+        workers = min(len(due), rt.settings.source_check_concurrency)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="source") as pool:
+            found = pool.map(lambda d: check_quietly(rt, *d), due)
+            return {key: what for (key, _), what in zip(due, found, strict=True)}
+
+
+async def loop(rt: Runtime, index: Any) -> None:
+    watch = Watch()
+    while True:
+        await asyncio.sleep(TICK_SECONDS)
+        try:
+            await asyncio.to_thread(watch.tick, rt, index)
+        except Exception as exc:
+            metrics.reconcile_errors.labels(handler="source").inc()
+            log.warning("source checks failed: %s", exc)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
