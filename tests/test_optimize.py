@@ -30,7 +30,6 @@ from pydantic import ValidationError
 from edgeslim import storage
 from edgeslim.api.result import CandidateFigures, CompressionResult, pareto_front
 from edgeslim.api.spec import (
-    CompressedModel,
     Evaluation,
     Objective,
     PipelineStep,
@@ -45,6 +44,7 @@ from edgeslim.compressor.quantize import Quantize
 from edgeslim.compressor.steps import StepContext
 from edgeslim.operator.results import results_status
 from tests.archs import digits_build
+from tests.results import expected_prefix
 
 transformers = pytest.importorskip("transformers")
 
@@ -160,8 +160,7 @@ def compress(doc: dict, tmp_path: Path) -> int:
 
 
 def folder(doc: dict, out: Path) -> Path:
-    spec_hash = CompressedModel.model_validate(doc).spec.spec_hash()
-    return out / "default" / doc["metadata"]["name"] / spec_hash
+    return Path(expected_prefix(doc, str(out)))
 
 
 def manifest(doc: dict, out: Path) -> CompressionResult:
@@ -406,18 +405,25 @@ def test_pareto_front_keeps_the_undominated_smallest_first() -> None:
 
 @pytest.mark.slow
 def test_digits_with_a_train_set_prunes_distills_and_quantizes(digits, tmp_path: Path) -> None:
+    """Iterative pruning: the second cut starts from the first passing student (cut,
+    distill, cut more), and a passing student is quantized."""
     out = tmp_path / "out"
-    doc = digits_spec(digits, out, trainDataset=str(digits.train))
+    # The six formats, the first cut and its quantization, the second cut and its.
+    doc = digits_spec(digits, out, trainDataset=str(digits.train), maxCandidates=10)
     assert compress(doc, tmp_path) == EXIT_OK
     result = manifest(doc, out)
     chosen = result.candidates[result.chosen]
     types = [PipelineStep.model_validate(s).type for s in chosen.recipe]
-    assert types == ["prune", "distill", "quantize"], chosen.name
+    cuts = len(types) // 2
+    assert cuts >= 1 and types == ["prune", "distill"] * cuts + ["quantize"], chosen.name
     assert result.download_ratio >= 8, result.download_ratio
     assert result.evaluation.drop <= 0.01
     assert [s.type for s in result.steps] == types
-    probes = [c for c in result.candidates if c.name.endswith("% + distill")]
-    assert len(probes) == 3  # the sparsity bisection
+    probes = [c for c in result.candidates if c.name.endswith("+ distill")]
+    assert [p.name for p in probes] == ["prune 50% + distill", "prune 50% > 50% + distill"]
+    assert probes[0].passed and probes[1].recipe[:2] == probes[0].recipe
+    quantized = [c for c in result.candidates if c.name.startswith("prune 50% + distill + ")]
+    assert quantized and quantized[0].recipe[:2] == probes[0].recipe
     assert json.loads((folder(doc, out) / "manifest.json").read_text())["chosen"] == chosen.index
 
 

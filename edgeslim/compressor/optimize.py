@@ -6,8 +6,8 @@ The search, in order, each stage only while the budget lasts:
 2. sensitivity and mixed precision, when static int8 misses the gate: the
    nodes whose quantization costs most (optimize_sensitivity) stay in float,
    as few as the gate allows (doubling, then bisection);
-3. with a trainDataset, structured sparsity by bisection, distilling after
-   each cut, then the survivor quantized with the passing formats.
+3. with a trainDataset, iterative structured pruning: cut, distill, cut the
+   student again, each passing student quantized with the passing formats.
 
 Every candidate is a list of ordinary pipeline steps measured by
 `optimize_candidates.evaluate_candidate`. The best passing candidate is

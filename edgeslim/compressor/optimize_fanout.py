@@ -5,12 +5,13 @@
     edgeslim compress SPEC --pick          the winner's model + manifest, as a local search writes
 
 The plan is what needs nothing but the source, so its candidates are
-independent: the formats on the source and, with a trainDataset, the
-bisection's first sparsity probe and both of its possible second ones (one of
-those is measured for nothing, and the two distillations run in parallel
-instead of one after the other). The adaptive rest (mixed precision grown
-from the sensitivity of the static base, the bisection's later probes, the
-survivor's formats) depends on results; it runs in the pick step, which
+independent: the formats on the source and, with a trainDataset, the first
+pruning probe and both of the ones that can follow it (a second cut of its
+student, a retry at another learning rate: one of those is measured for
+nothing, and the distillations run in parallel instead of one after the
+other). The adaptive rest (mixed precision grown from the sensitivity of the
+static base, the later cuts, each student's formats) depends on results; it
+runs in the pick step, which
 takes every stored candidate as already measured and evaluates in-process
 any the candidate runs did not store, so a pick is right whatever ran before.
 
