@@ -67,6 +67,7 @@ def fail_invalid(rt: Runtime, body: Obj, message: str) -> None:
     def compute(cur: CompressedModelStatus, _b: Obj) -> Transition:
         return Transition(Phase.failed, "InvalidSpec", message)
 
+    body = record_policy_ref(rt, model_key(body), body)  # a policy may be why
     write_status(rt, model_key(body), compute, body)
     rt.slots.forget(model_key(body))
 
@@ -103,9 +104,9 @@ def reconcile_model(rt: Runtime, body: Obj) -> None:
 
 def _reconcile_one(rt: Runtime, body: Obj) -> None:
     key = model_key(body)
+    body = record_policy_ref(rt, key, body)
     model = parse_model(body)  # InvalidSpec propagates; the handler records it
     spec_hash = model.spec.spec_hash()
-    body = record_policy_ref(rt, key, body, spec_hash)
     current = status.parse(body.get("status"))
     # A re-compression of this spec (source replaced, new compressor) has its own Job.
     revision = source_watch.pending_revision(current, spec_hash)

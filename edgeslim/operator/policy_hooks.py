@@ -9,8 +9,10 @@ from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.operator import policy, status
 from edgeslim.operator.queue import ModelKey
 from edgeslim.operator.runtime import (
+    InvalidSpec,
     Obj,
     Runtime,
+    parse_model,
     policies,
     selecting_policy,
     snapshot,
@@ -19,21 +21,30 @@ from edgeslim.operator.runtime import (
 from edgeslim.operator.status import Transition, now
 
 
-def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj, spec_hash: str) -> Obj:
-    """Writes status.policy (the policy and generation merged into `spec_hash`)
-    when it changed; returns the object to carry on with.
+def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj) -> Obj:
+    """Writes status.policy (the policy and generation merged into the spec) when
+    it changed; returns the object to carry on with. Runs before the spec is
+    validated, so an object that a policy change leaves invalid still says which
+    policy (if any) it reflects.
 
-    When the policy change also changes the spec hash, the same write moves the
-    object to Pending: its old result no longer describes its spec, and the
-    policy must not count it Ready for the new generation meanwhile.
+    When the change also changes the spec hash, the same write moves the object
+    to Pending: its old result no longer describes its spec, and the policy must
+    not count it Ready for the new generation meanwhile.
     """
     if "/" in key[1]:
         return body  # a spec.targets variant: its status lives in status.targets
-    chosen = selecting_policy(body)
+    try:
+        chosen = selecting_policy(body)
+    except InvalidSpec:
+        chosen = None  # two policies: it reflects neither (the reconcile fails it)
     ref = chosen.ref() if chosen is not None else None
     raw = body.get("status") or {}
     if raw.get("policy") == (ref.wire() if ref else None):
         return body
+    try:
+        spec_hash: str | None = parse_model(body).spec.spec_hash()
+    except InvalidSpec:
+        spec_hash = None  # the reconcile records why
     message = (
         f"CompressionPolicy {ref.name} generation {ref.generation} changed the spec"
         if ref is not None
@@ -41,7 +52,7 @@ def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj, spec_hash: str) -> 
     )
 
     def compute(cur: CompressedModelStatus, b: Obj) -> Obj:
-        if cur.spec_hash not in (None, spec_hash):
+        if spec_hash is not None and cur.spec_hash not in (None, spec_hash):
             generation = b["metadata"].get("generation")
             t = Transition(Phase.pending, "PolicyChanged", message)
             cur = CompressedModelStatus.model_validate(status.apply(cur, generation, t, now()))

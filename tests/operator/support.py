@@ -30,12 +30,18 @@ from tests.cluster.processes import free_port, spawn, stop_group, tail, urlopen_
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "compressedmodel.yaml"
+POLICY_CRD_PATH = ROOT / "crds" / "compressionpolicy.yaml"
 Obj = dict[str, Any]
 
 
 def apply_crd(k8s: Any) -> None:
-    """Applies the generated CRD (create or replace) and waits until it is served."""
-    crd = yaml.safe_load(CRD_PATH.read_text())
+    """Applies the generated CRDs (create or replace) and waits until they are served."""
+    _apply_crd(k8s, POLICY_CRD_PATH)  # the operator watches CompressionPolicies too
+    _apply_crd(k8s, CRD_PATH)
+
+
+def _apply_crd(k8s: Any, path: Path) -> None:
+    crd = yaml.safe_load(path.read_text())
     name = crd["metadata"]["name"]
     try:
         k8s.apiextensions.create_custom_resource_definition(crd)
@@ -52,12 +58,13 @@ def apply_crd(k8s: Any) -> None:
 
     wait_until(established, 30, 0.1, "the CRD to be established")
     # Established can precede the first successful list by a moment.
-    wait_until(lambda: _listable(k8s), 30, 0.2, "CompressedModels to be listable")
+    plural = crd["spec"]["names"]["plural"]
+    wait_until(lambda: _listable(k8s, plural), 30, 0.2, f"{plural} to be listable")
 
 
-def _listable(k8s: Any) -> bool:
+def _listable(k8s: Any, plural: str = PLURAL) -> bool:
     try:
-        k8s.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, limit=1)
+        k8s.custom.list_cluster_custom_object(API_GROUP, API_VERSION, plural, limit=1)
         return True
     except ApiException:
         return False

@@ -1,0 +1,283 @@
+"""CompressionPolicy on a real API server, Job controller and node agent: a policy
+supplies the gate and pipeline of the models it selects, an edit re-compresses
+them in waves of at most maxConcurrent, and an object's own fields win.
+
+Compressor pods are completed by the node agent's hook with a valid result
+(what the compressor does with a spec is the CLI tests' business); what is
+checked here is the spec each Job carries, the waves of Jobs and the statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeslim.api.policy import POLICY_PLURAL
+from edgeslim.operator.names import API_GROUP, API_VERSION, SPEC_ENV
+from tests.cluster.fixtures import K8s
+from tests.cluster.node_agent import NodeAgent
+from tests.cluster.processes import wait_until
+from tests.cluster.tools import binaries
+from tests.operator.support import (
+    create_model,
+    get_model,
+    instant_result_hook,
+    list_models,
+    model_jobs,
+)
+
+pytestmark = pytest.mark.cluster
+
+MODELS = 20
+MAX_CONCURRENT = 4
+TIMEOUT = 120
+Obj = dict[str, Any]
+
+
+def _policy(max_drop: float) -> Obj:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "CompressionPolicy",
+        "metadata": {"name": "team-a"},
+        "spec": {
+            "selector": {"matchLabels": {"team": "a"}},
+            "defaults": {
+                "evaluation": {"metric": "accuracy", "maxMetricDrop": max_drop, "latencyRuns": 5},
+                "pipeline": [{"quantize": {"mode": "dynamic"}}],
+            },
+            "maxConcurrent": MAX_CONCURRENT,
+        },
+    }
+
+
+def _model(name: str, **own: Any) -> Obj:
+    """A model that brings only what is its own: source, dataset, output."""
+    spec: Obj = {
+        "source": {"uri": "s3://models/digits/cnn.onnx", "credentialsSecret": "s3-creds"},
+        "evaluation": {"dataset": "s3://models/digits/val.npz"},
+        "output": {"uri": "s3://models/edge/"},
+    }
+    for key, value in own.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "CompressedModel",
+        "metadata": {"name": name, "labels": {"team": "a"}},
+        "spec": spec,
+    }
+
+
+def _get_policy(k8s: K8s, namespace: str) -> Obj:
+    return k8s.custom.get_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, POLICY_PLURAL, "team-a"
+    )
+
+
+class JobWatch:
+    """Samples the Jobs holding a slot (created, not yet finished) and records the
+    spec each compressor pod was given."""
+
+    def __init__(self, k8s: K8s, namespace: str) -> None:
+        self.k8s, self.namespace = k8s, namespace
+        self.peak = 0
+        self.specs: dict[str, list[Obj]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def on_start(self, pod: Obj) -> None:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or []}
+        spec = json.loads(env[SPEC_ENV])
+        self.specs.setdefault(spec["metadata"]["name"], []).append(spec["spec"])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            unfinished = 0
+            for job in model_jobs(self.k8s, self.namespace):
+                conds = job.status.conditions or []
+                if not any(c.type in ("Complete", "Failed") and c.status == "True" for c in conds):
+                    unfinished += 1
+            self.peak = max(self.peak, unfinished)
+            time.sleep(0.05)
+
+    def __enter__(self) -> JobWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _all_ready(k8s: K8s, namespace: str, generation: int) -> list[Obj]:
+    def done() -> list[Obj] | None:
+        objs = list_models(k8s, namespace)
+        ok = all(
+            (o.get("status") or {}).get("phase") == "Ready"
+            and (o["status"].get("policy") or {}).get("generation") == generation
+            for o in objs
+        )
+        return objs if ok and len(objs) == MODELS else None
+
+    return wait_until(done, TIMEOUT, 0.3, f"all models Ready for policy generation {generation}")
+
+
+def _kubectl(k8s: K8s, tmp_path: Path, *args: str) -> str:
+    done = subprocess.run(
+        [
+            str(binaries().kubectl),
+            f"--kubeconfig={k8s.kubeconfig}",
+            f"--cache-dir={tmp_path}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_policy_applies_rolls_in_waves_and_yields_to_the_object(
+    k8s: K8s, namespace: str, node_agent: NodeAgent, run_operator, tmp_path: Path
+) -> None:
+    # No overall Job limit: the policy's maxConcurrent alone makes the waves.
+    op = run_operator(EDGESLIM_MAX_CONCURRENT_JOBS="0")
+    k8s.custom.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, POLICY_PLURAL, _policy(0.05)
+    )
+    watch = JobWatch(k8s, namespace)
+    names = [f"m{i:02d}" for i in range(MODELS - 1)]
+    with (
+        node_agent.hooked(instant_result_hook({namespace}, delay=1.0, on_start=watch.on_start)),
+        watch,
+    ):
+        for name in names:
+            create_model(k8s, namespace, _model(name))
+        # Its own gate and pipeline: the policy's are ignored for both.
+        own_pipeline = [{"simplify": {}}, {"quantize": {"mode": "static"}}]
+        create_model(
+            k8s,
+            namespace,
+            _model("own", evaluation={"maxMetricDrop": 0.0}, pipeline=own_pipeline),
+        )
+        try:
+            first = _all_ready(k8s, namespace, 1)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{op.log_tail()}") from exc
+        peak_first = watch.peak
+        watch.peak = 0
+
+        # The policy gets stricter: every model that inherits the gate re-compresses.
+        k8s.custom.patch_namespaced_custom_object(
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            POLICY_PLURAL,
+            "team-a",
+            {"spec": {"defaults": {"evaluation": {"maxMetricDrop": 0.04}}}},
+        )
+        second = _all_ready(k8s, namespace, 2)
+        peak_second = watch.peak
+
+    # Each inheriting model's Jobs carried the policy's gate and pipeline, in order.
+    for name in names:
+        gates = [s["evaluation"]["maxMetricDrop"] for s in watch.specs[name]]
+        assert gates == [0.05, 0.04], (name, gates)
+        spec = watch.specs[name][-1]
+        assert [step["quantize"]["mode"] for step in spec["pipeline"]] == ["dynamic"]
+        assert spec["evaluation"]["dataset"] == "s3://models/digits/val.npz"
+        assert spec["evaluation"]["latencyRuns"] == 5
+    # The object's own fields won; the policy edit did not touch what it overrides.
+    [own_spec] = watch.specs["own"]
+    assert own_spec["evaluation"]["maxMetricDrop"] == 0.0
+    assert own_spec["evaluation"]["latencyRuns"] == 5  # the key it left to the policy
+    assert [next(iter(step)) for step in own_spec["pipeline"]] == ["simplify", "quantize"]
+    assert own_spec["pipeline"][1]["quantize"]["mode"] == "static"
+    assert len(model_jobs(k8s, namespace, "own")) == 1
+
+    # Rolling waves, never all at once.
+    assert 1 <= peak_first <= MAX_CONCURRENT, peak_first
+    assert 1 <= peak_second <= MAX_CONCURRENT, peak_second
+
+    by_name = {o["metadata"]["name"]: o for o in second}
+    hashes_before = {o["metadata"]["name"]: o["status"]["specHash"] for o in first}
+    for name in names:
+        st = by_name[name]["status"]
+        assert st["policy"] == {"name": "team-a", "generation": 2}
+        assert st["specHash"] != hashes_before[name]
+    assert by_name["own"]["status"]["specHash"] == hashes_before["own"]
+    assert by_name["own"]["status"]["policy"] == {"name": "team-a", "generation": 2}
+
+    def counted() -> Obj | None:
+        st = _get_policy(k8s, namespace).get("status") or {}
+        return st if st.get("observedGeneration") == 2 and st.get("ready") == MODELS else None
+
+    st = wait_until(counted, 30, 0.3, "the policy to count every model Ready")
+    assert (st["models"], st["rejected"], st["failed"], st["pending"]) == (MODELS, 0, 0, 0)
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+
+    # kubectl shows the counts (the printer columns of the generated CRD).
+    out = _kubectl(k8s, tmp_path, "get", "compressionpolicies", "-n", namespace)
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["NAME", "MODELS", "READY", "REJECTED", "FAILED", "PENDING", "AGE"]
+    assert row.split()[:6] == ["team-a", str(MODELS), str(MODELS), "0", "0", "0"]
+    print(f"peak running Jobs: {peak_first} (create), {peak_second} (policy edit)")
+    print(out)
+    print(_kubectl(k8s, tmp_path, "get", "cmodels", "-n", namespace, "--no-headers").count("\n"))
+
+
+def test_two_policies_or_no_policy_fail_with_a_reason(
+    k8s: K8s, namespace: str, node_agent: NodeAgent, run_operator
+) -> None:
+    run_operator()
+    with node_agent.hooked(instant_result_hook({namespace})):
+        _conflict_then_orphan(k8s, namespace)
+
+
+def _conflict_then_orphan(k8s: K8s, namespace: str) -> None:
+    k8s.custom.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, POLICY_PLURAL, _policy(0.05)
+    )
+    second = _policy(0.01)
+    second["metadata"]["name"] = "everything"
+    second["spec"]["selector"] = {}
+    k8s.custom.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, POLICY_PLURAL, second
+    )
+    create_model(k8s, namespace, _model("both"))
+    orphan = _model("orphan")
+    orphan["metadata"]["labels"] = {}
+    # Seen by `everything` only: the policy's recipe comes through.
+    create_model(k8s, namespace, orphan)
+
+    def failed(name: str) -> Obj | None:
+        obj = get_model(k8s, namespace, name)
+        return obj if (obj.get("status") or {}).get("phase") == "Failed" else None
+
+    both = wait_until(lambda: failed("both"), 30, 0.3, "both to fail")
+    assert "everything and team-a both select" in both["status"]["message"]
+    ready = next(c for c in both["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec"
+
+    # Removing `everything` leaves `orphan` with neither a policy nor a recipe.
+    k8s.custom.delete_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, POLICY_PLURAL, "everything"
+    )
+    orphaned = wait_until(lambda: failed("orphan"), 30, 0.3, "orphan to fail")
+    assert "no CompressionPolicy selects this object" in orphaned["status"]["message"]
+    assert "policy" not in orphaned["status"]
+    # ... and `both` is now team-a's alone: it compresses.
+    wait_until(
+        lambda: (get_model(k8s, namespace, "both").get("status") or {}).get("phase") == "Ready",
+        60,
+        0.3,
+        "both to be Ready under team-a",
+    )
+    assert get_model(k8s, namespace, "both")["status"]["policy"]["name"] == "team-a"
