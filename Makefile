@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # reinstalls and an unchanged checkout costs nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv demo test test-fast lint controlplane cluster bench bench-pruning bench-serving bench-operator bench-chaos crd clean
+.PHONY: venv demo test test-fast lint controlplane cluster bench bench-pruning bench-serving bench-split bench-operator bench-chaos crd clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,9 @@ bench-pruning: venv
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py
+
+bench-split: venv
+	OMP_NUM_THREADS=1 $(BIN)/python bench/split.py $(ARGS)
 
 # spec.optimize against NNCF accuracy control, INC tuning and Olive auto-opt (issue
 # 10). The peers get their own venvs (bench/.venv-peers/), never the project's.
