@@ -15,6 +15,7 @@ from edgeslim.operator import jobs, runtime, serving, status, variants
 from edgeslim.operator.names import MODEL_LABEL, SPEC_ENV, TARGET_LABEL, serving_name
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import Transition
+from tests.test_kstatus import kstatus
 
 UID = "0f0e0d0c-0000-4000-8000-000000000002"
 AT = "2026-01-01T00:00:00Z"
@@ -295,3 +296,21 @@ def test_a_target_deployment_and_service_are_its_own() -> None:
     # Clients call the same model name on every node class.
     command = pod["containers"][0]["command"]
     assert command[command.index("--name") + 1] == "digits"
+
+
+@pytest.mark.parametrize(
+    ("phases", "verdict"),
+    [
+        ((Phase.ready, Phase.ready), "Current"),
+        ((Phase.ready, Phase.compressing), "InProgress"),
+        # One target's verdict is in, the other still compresses: not Failed yet.
+        ((Phase.rejected, Phase.compressing), "InProgress"),
+        ((Phase.ready, Phase.rejected), "Failed"),
+        ((Phase.deploying, Phase.failed), "InProgress"),
+    ],
+)
+def test_kstatus_reads_the_summary(phases: tuple, verdict: str) -> None:
+    """The real kstatus code (tools/kstatus, see tests/test_kstatus.py) on the summary."""
+    names = ["x86", "gpu"]
+    entries = [entry(n, p) for n, p in zip(names, phases, strict=True)]
+    assert kstatus(variants.aggregate({}, entries, names, 3, AT), generation=3) == verdict

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +31,7 @@ from tests.operator.support import (
     create_model,
     digits_in_s3,
     get_model,
+    instant_result_hook,
     model_body,
     model_jobs,
     wait_phase,
@@ -201,3 +204,44 @@ def test_two_targets_two_jobs_artifacts_and_deployments(
         "x86"
     }
     assert get_model(k8s, namespace, "digits")["status"]["phase"] == "Ready"
+
+
+def test_targets_share_the_job_limit(
+    k8s: K8s, namespace: str, node_agent: NodeAgent, run_operator
+) -> None:
+    """Targets go through the queue as objects do: with a limit of 1 their Jobs run
+    one after the other, the waiting ones Queued in their status entry."""
+    op = run_operator(EDGESLIM_MAX_CONCURRENT_JOBS="1")
+    peak, queued = 0, set[str]()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            running = [
+                j
+                for j in model_jobs(k8s, namespace, "q")
+                if not any(c.status == "True" for c in j.status.conditions or [])
+            ]
+            peak = max(peak, len(running))
+            st = get_model(k8s, namespace, "q").get("status") or {}
+            queued.update(t["name"] for t in st.get("targets") or [] if t["phase"] == "Queued")
+            time.sleep(0.05)
+
+    body = model_body("q", "bench")
+    body["spec"]["targets"] = [{"name": n} for n in ("a", "b", "c")]
+    sampler = threading.Thread(target=sample, daemon=True)
+    # Each compressor pod "runs" for 1 s, so Jobs would overlap if the limit leaked.
+    with node_agent.hooked(instant_result_hook({namespace}, delay=1.0)):
+        create_model(k8s, namespace, body)
+        sampler.start()
+        obj = wait_phase(k8s, namespace, "q", {"Ready"}, 90, op)
+        stop.set()
+        sampler.join()
+    assert peak == 1, f"{peak} Jobs of one object's targets ran at once with a limit of 1"
+    assert queued, "no target ever waited in phase Queued"
+    assert obj["status"]["targetsReady"] == "3/3"
+    assert {t["phase"] for t in obj["status"]["targets"]} == {"Ready"}
+    assert len({t["specHash"] for t in obj["status"]["targets"]}) == 3
+    assert len(model_jobs(k8s, namespace, "q")) == 3
+    assert "edgeslim_jobs_queued 0.0" in op.metrics()
