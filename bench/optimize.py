@@ -353,11 +353,26 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--bert-epochs", type=int, default=4)
     parser.add_argument("--max-seconds", type=int, default=900)
+    parser.add_argument(
+        "--fanout",
+        action="store_true",
+        help="instead: the digits search fanned out on the real control plane, Job limit 1 vs 4",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
 
     digits = digits_case(args.out)
+    if args.fanout:
+        import optimize_fanout
+
+        folder = digits.model.parent
+        files = optimize_fanout.Digits(
+            folder / "cnn.onnx", folder / "train.npz", folder / "val.npz"
+        )
+        runs = optimize_fanout.run(files, [1, 4], args.out / "fanout", train=False)
+        print(optimize_fanout.table(runs, os.cpu_count() or 1))
+        return
     cases = {"digits": digits}
     if "bert" in args.models:
         cases["bert"] = bert_case(args.out, args.bert_epochs)

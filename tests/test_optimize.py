@@ -38,6 +38,7 @@ from edgeslim.api.spec import (
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.cli import EXIT_OK, EXIT_REJECTED, main
 from edgeslim.compressor import datasets, evaluate
+from edgeslim.compressor.optimize import Search, search_all
 from edgeslim.compressor.optimize_candidates import CandidateContext, Recipe, evaluate_candidate
 from edgeslim.compressor.pipeline import reuse_mismatch
 from edgeslim.compressor.quantize import Quantize
@@ -365,6 +366,25 @@ def test_latency_objective_drops_candidates_slower_than_the_source(digits, tmp_p
         assert (f.index, f.passed, f.drop is not None) == (7, passed, True)
         assert ("slower than the source" in f.reason) is not passed
         assert result.model is not None and [r.type for r in result.records] == ["quantize"]
+
+
+def test_max_seconds_is_read_against_the_search_clock(digits, tmp_path: Path) -> None:
+    """The budget is checked before every candidate: with a clock that moves 40 s per
+    reading, a 100 s budget lets the candidates started at 0, 40 and 80 s run."""
+    ticks = iter(range(0, 10_000, 40))
+    bests: list[int] = []
+    search = Search(
+        ctx=_candidate_context(digits, tmp_path, Objective.download),
+        max_candidates=32,
+        deadline=100.0,
+        on_best=lambda s: bests.append(s.best.figures.index),
+        log=lambda line: None,
+        clock=lambda: float(next(ticks)),
+    )
+    search_all(search, None, None)
+    assert search.stopped_by == "maxSeconds"
+    assert [r.figures.index for r in search.results] == [0, 1, 2]
+    assert search.best is not None and bests and bests[-1] == search.best.figures.index
 
 
 def test_a_recipe_that_cannot_be_built_is_a_failed_candidate(digits, tmp_path: Path) -> None:

@@ -119,11 +119,13 @@ class Search:
     stopped_by: str | None = None
     prior: Callable[[Recipe, int], CandidateResult | None] | None = None
     """Candidates measured elsewhere (a candidate Job): taken as they are, not evaluated again."""
+    clock: Callable[[], float] = time.monotonic
+    """What `deadline` is read against (tests pass a fake one)."""
 
     def candidate(self, recipe: Recipe) -> CandidateResult:
         if len(self.results) >= self.max_candidates:
             raise BudgetSpent("maxCandidates")
-        if time.monotonic() >= self.deadline:
+        if self.clock() >= self.deadline:
             raise BudgetSpent("maxSeconds")
         index = len(self.results)
         self.log(f"candidate {index}: {recipe.name}")
@@ -296,11 +298,17 @@ def _pruning(search: Search, train: str, train_sha: str | None) -> None:
     ][:PRUNE_FORMATS]
     chain: list[tuple[float, float | None]] = []
     cut = PRUNE_START
+    last = 0.0  # seconds the last probe took: the next one takes about as long
     while cut >= PRUNE_MIN_CUT:
         passed = False
         for lr in (None, *PRUNE_RETRY_RATES):
             probe = prune_probe([*chain, (cut, lr)], train, train_sha)
+            # A probe that cannot end within maxSeconds is not started: the budget
+            # is the search's, not a deadline to overrun by one more distillation.
+            if search.clock() + last > search.deadline:
+                raise BudgetSpent("maxSeconds")
             res = search.candidate(probe)
+            last = res.figures.seconds or 0.0
             if res.passed:
                 passed = True
                 break
