@@ -178,8 +178,16 @@ def test_two_targets_two_jobs_artifacts_and_deployments(
     header, row = table.splitlines()[:2]
     # Columns without a value print blank: read TARGETS at its header's offset.
     assert row[header.index("TARGETS") :].split()[0] == "2/2"
+    # What the README shows (visible with -s).
+    per_target = (
+        "{range .status.targets[*]}{.name}{'\\t'}{.phase}{'\\t'}{.specHash}{'\\t'}"
+        "{.results.downloadRatio}{'\\t'}{.results.evaluation.drop}{'\\t'}"
+        "{.results.latency.compressedP50Ms}{'\\t'}{.readyReplicas}{'\\n'}{end}"
+    )
     print(table)
+    print(kubectl(k8s, namespace, "get", "cmodel", "digits", "-o", f"jsonpath={per_target}"))
     print(kubectl(k8s, namespace, "get", "jobs,deploy", "-L", TARGET_LABEL))
+    print(kubectl(k8s, namespace, "get", "pods", "-o", "wide"))
 
     # Dropping a target deletes its serving objects; the other keeps its artifact.
     x86 = by_name["x86"]
