@@ -34,7 +34,7 @@ from onnx import helper
 
 from edgeslim.api.split import CrossingTensor, SplitCut, SplitPart, SplitPlan, SplitSource
 from edgeslim.compressor.tensor_sizes import declared_bytes, element_bits
-from edgeslim.errors import BadInput
+from edgeslim.errors import BadInput, OutputModelFailed
 
 #: The largest part may exceed the best achievable largest part by this share,
 #: to buy cuts with less traffic.
@@ -499,6 +499,9 @@ def build_part(an: Analysis, index: int, count: int, lo: int, hi: int) -> onnx.M
     if last:
         del part_graph.output[:]
         part_graph.output.extend(graph.output)
+    if model.ir_version < 4:  # before IR 4, every initializer is a graph input too
+        held = {t.name for t in inits} | {s.values.name for s in sparse}
+        part_graph.input.extend(i for i in graph.input if i.name in held)
     part = helper.make_model(
         part_graph,
         opset_imports=list(model.opset_import),
@@ -560,8 +563,10 @@ def split(
         part = build_part(an, i, parts, lo, hi)
         try:
             onnx.checker.check_model(part, full_check=True)
-        except Exception as exc:  # our cut made an invalid model: a bug, say where
-            raise RuntimeError(f"part {i} of the split fails the ONNX checker: {exc}") from exc
+        except Exception as exc:  # the source passed: our cut made it invalid
+            raise OutputModelFailed(
+                f"split: part {i} of {parts} fails the ONNX checker: {exc}"
+            ) from exc
         data = part.SerializeToString()
         params = _part_parameter_bytes(an, part)
         ins, outs = [x.name for x in part.graph.input], [o.name for o in part.graph.output]
