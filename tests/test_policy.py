@@ -347,3 +347,24 @@ def test_status_conditions_follow_kstatus() -> None:
             entry, [policy.ModelState("Ready", "gate", 4)] * 3, "2027-01-01T00:00:00Z"
         ),
     )
+
+
+def test_an_object_with_targets_counts_once() -> None:
+    body = _model()
+    body["spec"]["targets"] = [{"name": "arm64"}, {"name": "x86"}]
+    body["status"] = {
+        "policy": {"name": "gate", "generation": 1},
+        "targets": [{"name": "arm64", "phase": "Ready"}, {"name": "x86", "phase": "Queued"}],
+    }
+    entries = runtime.model_entries(NS, "m1", body)
+    assert len(entries) == 2
+    assert all(dict(e.labels) == {"team": "a"} and e.policy == "gate" for e in entries.values())
+    state = policy.object_state(list(entries.values()))
+    assert state == policy.ModelState("Queued", "gate", 1)
+    ready = [
+        runtime.ModelEntry("", "Ready", None, None, 1, 1),
+        runtime.ModelEntry("", "Rejected", None, None, 1, 1),
+    ]
+    assert policy.object_state(ready).phase == "Rejected"
+    failed = [*ready, runtime.ModelEntry("", "Failed", None, None, 1, 1)]
+    assert policy.object_state(failed).phase == "Failed"

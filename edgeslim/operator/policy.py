@@ -152,6 +152,22 @@ class ModelState:
     policy_generation: int | None
 
 
+def object_state(entries: list[Any]) -> ModelState:
+    """One object's state from its model-index entries (one per spec.targets target):
+    Failed if any target failed, else on its way while any is, else Rejected if any
+    was rejected, else Ready."""
+    phases = [e.phase for e in entries]
+    if "Failed" in phases:
+        phase = "Failed"
+    elif any(p not in ("Ready", "Rejected") for p in phases):
+        phase = next(p for p in phases if p not in ("Ready", "Rejected"))
+    elif "Rejected" in phases:
+        phase = "Rejected"
+    else:
+        phase = "Ready"
+    return ModelState(phase, entries[0].policy, entries[0].policy_generation)
+
+
 def counts(policy: PolicyEntry, models: Iterable[ModelState]) -> dict[str, int]:
     """Selected models by state. Ready and Rejected count only for this generation
     of the policy (an older one's result is about to be replaced: pending); Failed

@@ -32,7 +32,10 @@ def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj) -> Obj:
     not count it Ready for the new generation meanwhile.
     """
     if "/" in key[1]:
-        return body  # a spec.targets variant: its status lives in status.targets
+        # A spec.targets variant: the reference is the object's, written at its
+        # top level (each target's entry has its own phase; no Pending here).
+        _record_object_ref(rt, (key[0], key[1].partition("/")[0]), body)
+        return body
     try:
         chosen = selecting_policy(body)
     except InvalidSpec:
@@ -60,6 +63,20 @@ def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj) -> Obj:
 
     write_status(rt, key, compute, body)
     return rt.kube.get_model(*key) or body
+
+
+def _record_object_ref(rt: Runtime, key: ModelKey, body: Obj) -> None:
+    try:
+        chosen = selecting_policy(body)
+    except InvalidSpec:
+        chosen = None
+    ref = chosen.ref() if chosen is not None else None
+    if (body.get("status") or {}).get("policy") == (ref.wire() if ref else None):
+        return  # a variant body's status is its target's entry: read the object's
+    obj = rt.kube.get_model(*key)
+    if obj is None or (obj.get("status") or {}).get("policy") == (ref.wire() if ref else None):
+        return
+    write_status(rt, key, lambda cur, _b: cur.model_copy(update={"policy": ref}).wire(), obj)
 
 
 def policy_groups(rt: Runtime) -> dict[ModelKey, tuple[policy.PolicyKey, int]]:

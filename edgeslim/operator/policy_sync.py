@@ -129,10 +129,10 @@ def refresh(rt: Runtime, keys: Iterable[policy.PolicyKey] | None = None) -> None
         for entry in policies():
             if wanted is not None and entry.key not in wanted:
                 continue
-            states = [
-                policy.ModelState(m.phase, m.policy, m.policy_generation)
-                for _k, m in selected_models(entry, models)
-            ]
+            by_object: dict[tuple[str, str], list[ModelEntry]] = {}
+            for k, m in selected_models(entry, models):
+                by_object.setdefault(_object_key(k), []).append(m)
+            states = [policy.object_state(ms) for ms in by_object.values()]
             new = policy.policy_status(entry, states, now())
             if policy.same_status(entry.status, new):
                 continue

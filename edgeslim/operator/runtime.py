@@ -92,6 +92,7 @@ def model_entries(namespace: str, name: str, body: Obj) -> dict[ModelKey, ModelE
     if not targets:
         return {(namespace, name): model_entry(body)}
     meta = body.get("metadata") or {}
+    own = model_entry(body)  # the object-wide fields: labels, status.policy
     return {
         variants.variant_key(namespace, name, e["name"]): ModelEntry(
             created=meta.get("creationTimestamp") or "",
@@ -100,6 +101,9 @@ def model_entries(namespace: str, name: str, body: Obj) -> dict[ModelKey, ModelE
             job_name=e.get("jobName"),
             generation=meta.get("generation"),
             observed_generation=e.get("observedGeneration"),
+            labels=own.labels,
+            policy=own.policy,
+            policy_generation=own.policy_generation,
         )
         for e in variants.status_entries(body.get("status"))
         if e["name"] in targets

@@ -281,3 +281,34 @@ def _conflict_then_orphan(k8s: K8s, namespace: str) -> None:
         "both to be Ready under team-a",
     )
     assert get_model(k8s, namespace, "both")["status"]["policy"]["name"] == "team-a"
+
+    # spec.targets under a policy: each target's Job inherits the gate (one target
+    # keeps its own pipeline); the policy counts the object once.
+    multi = _model("multi")
+    multi["spec"]["targets"] = [
+        {"name": "cpu"},
+        {"name": "arm", "pipeline": [{"quantize": {"mode": "static"}}]},
+    ]
+    create_model(k8s, namespace, multi)
+
+    def settled() -> Obj | None:
+        st = _get_policy(k8s, namespace).get("status") or {}
+        return st if st.get("ready") == 2 else None
+
+    st = wait_until(settled, 60, 0.3, "team-a to count both and multi Ready")
+    assert (st["models"], st["pending"], st["failed"]) == (2, 0, 0)
+    obj = get_model(k8s, namespace, "multi")
+    assert obj["status"]["policy"] == {"name": "team-a", "generation": 1}
+    assert obj["status"]["targetsReady"] == "2/2"
+    jobs = model_jobs(k8s, namespace, "multi")
+    specs = {}
+    for job in jobs:
+        env = {e.name: e.value for e in job.spec.template.spec.containers[0].env or []}
+        spec = json.loads(env[SPEC_ENV])["spec"]
+        specs[spec["targets"][0]["name"]] = spec
+    assert {t: s["evaluation"]["maxMetricDrop"] for t, s in specs.items()} == {
+        "cpu": 0.05,
+        "arm": 0.05,
+    }
+    assert specs["cpu"]["pipeline"][0]["quantize"]["mode"] == "dynamic"
+    assert specs["arm"]["pipeline"][0]["quantize"]["mode"] == "static"
