@@ -47,6 +47,21 @@ def load_spec_from_env(name: str) -> CompressedModel:
         raise BadInput(f"{name}: {format_validation_error(exc)}") from exc
 
 
+def for_target(obj: CompressedModel, name: str | None) -> CompressedModel:
+    """The spec of one spec.targets entry (`CompressedModelSpec.for_target`), as the
+    operator gives it to that target's Job: its recipe, its spec hash and artifact
+    folder. A spec with one target means it; with several, --target says which."""
+    names = [t.name for t in obj.spec.targets or []]
+    if name is None and len(names) > 1:
+        raise BadInput(f"spec.targets names {', '.join(names)}: choose one with --target")
+    name = name if name is not None else (names[0] if names else None)
+    if name is None:
+        return obj
+    if name not in names:
+        raise BadInput(f"--target {name}: spec.targets names {', '.join(names) or 'no targets'}")
+    return obj.model_copy(update={"spec": obj.spec.for_target(name)})
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from edgeslim.clitable import LineProgress, RichProgress, console, print_result
     from edgeslim.compressor.pipeline import compress, write_termination_message
@@ -54,6 +69,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if (args.spec is None) == (args.spec_env is None):
         raise BadInput("give a spec file or --spec-env NAME, not both or neither")
     obj = load_spec(args.spec) if args.spec else load_spec_from_env(args.spec_env)
+    obj = for_target(obj, args.target)
     if args.plan or args.candidate is not None:
         return _fanout_step(args, obj)
     bars = console.is_terminal or args.quiet
@@ -284,6 +300,11 @@ def parser() -> argparse.ArgumentParser:
         "--spec-env", metavar="NAME", help="read the spec as JSON from this environment variable"
     )
     c.add_argument("--output", help="output location; overrides spec.output.uri")
+    c.add_argument(
+        "--target",
+        metavar="NAME",
+        help="compress for this spec.targets entry (its recipe, spec hash and folder)",
+    )
     c.add_argument(
         "--workdir", type=Path, default=None, help="scratch folder (default: system temp)"
     )

@@ -22,7 +22,8 @@ and placement that `jobs.build_job` and the serving builders add for a spec
 with exactly one target -- which an effective spec always is.
 
 Limits: an optimize search of a target runs as one Job (the pick step searches
-alone, as under Kueue) instead of fanning out; the CLI compresses spec.pipeline.
+alone, as under Kueue) instead of fanning out. `edgeslim compress --target NAME`
+compresses one target locally exactly as its Job does.
 """
 
 from __future__ import annotations
