@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +114,64 @@ def test_two_part_bert_chain_sends_ids_masks_and_hidden_states(tmp_path: Path) -
         inputs = [tensor(feed[n], n, "INT64") for n in ("input_ids", "attention_mask")]
         resp = client.post(INFER, json={"inputs": inputs})
         np.testing.assert_allclose(_output(resp), expected, atol=1e-4)
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[str]:
+    """A port that accepts connections and never answers: a next part that hangs."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(sock.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        sock.close()
+
+
+def test_a_hung_next_part_costs_at_most_the_timeout(digits, tmp_path: Path) -> None:
+    paths = _write(sp.split(digits.model(), 2), tmp_path)
+    x = np.load(digits.val)["x"][:2]
+    with (
+        silent_listener() as url,
+        serve(
+            paths[0], tmp_path, "--next-part-url", url, "--next-part-timeout", "1", ready=False
+        ) as first,
+        first.client() as client,
+    ):
+        deadline = time.monotonic() + 30
+        while True:  # until this part's own model has loaded
+            resp = client.post(INFER, json={"inputs": [tensor(x)]})
+            if resp.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert resp.status_code == 504, resp.text
+        assert "did not answer in 1 s" in resp.json()["error"]
+        ready = client.get("/v2/health/ready")  # its model is loaded, the next part hangs
+        assert ready.status_code == 503
+        assert ready.json()["state"] == "waiting" and "unreachable" in ready.json()["reason"]
+        assert client.get("/v2/health/live").status_code == 200
+
+
+def test_a_malformed_next_part_url_is_refused_before_serving(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from edgeslim.cli import main
+
+    for url in ("ftp://part-1:8080", "http://part-1:8080/v1/models/m", "http://:80"):
+        assert main(["serve", "--model", "m.onnx", "--name", NAME, "--next-part-url", url]) == 2
+        assert "next part URL" in capsys.readouterr().err
