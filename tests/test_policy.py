@@ -4,9 +4,11 @@ effective spec and its hash, per-policy queue limits and the status counts."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from edgeslim.api.merge import deep_merge, merge_spec
@@ -368,3 +370,58 @@ def test_an_object_with_targets_counts_once() -> None:
     assert policy.object_state(ready).phase == "Rejected"
     failed = [*ready, runtime.ModelEntry("", "Failed", None, None, 1, 1)]
     assert policy.object_state(failed).phase == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("states", "observed", "verdict"),
+    [
+        ([policy.ModelState("Compressing", "gate", 4)], 4, "InProgress"),
+        ([policy.ModelState("Ready", "gate", 3)], 4, "InProgress"),  # an older generation
+        ([policy.ModelState("Ready", "gate", 4)] * 2, 4, "Current"),
+        ([], 4, "Current"),
+        (
+            [policy.ModelState("Ready", "gate", 4), policy.ModelState("Failed", None, None)],
+            4,
+            "Failed",
+        ),
+        ([policy.ModelState("Ready", "gate", 4)], 3, "InProgress"),  # status not caught up
+    ],
+)
+def test_kstatus_reads_the_policy_status(
+    states: list[policy.ModelState], observed: int, verdict: str
+) -> None:
+    """The real kstatus code (tests/test_kstatus.py builds it) on a policy's status."""
+    from tests.test_kstatus import kstatus
+
+    body = _policy(generation=observed)
+    raw = policy.policy_status(policy.policy_entry(body), states, "2026-01-01T00:00:00Z")
+    body["metadata"]["generation"] = 4
+    assert kstatus({**body, "status": raw}, generation=None) == verdict
+
+
+def test_the_example_policy_and_its_models() -> None:
+    """examples/digits/policy.yaml: the policy parses, each model's effective spec is
+    complete, and digits-strict's own keys win over the policy's."""
+    docs = list(
+        yaml.safe_load_all(
+            (Path(__file__).parent.parent / "examples/digits/policy.yaml").read_text()
+        )
+    )
+    pol, *models = docs
+    pol["metadata"]["namespace"] = "vision"
+    entry = policy.policy_entry(pol)
+    assert entry.policy is not None and entry.policy.spec.max_concurrent == 2
+    specs = {}
+    for m in models:
+        m["metadata"]["namespace"] = "vision"
+        chosen = policy.policy_for([entry], m)
+        assert chosen is entry
+        specs[m["metadata"]["name"]] = runtime.CompressedModel.model_validate(
+            policy.effective_body(m, chosen)
+        ).spec
+    assert specs["digits-cnn"].evaluation.max_metric_drop == 0.01
+    assert specs["digits-strict"].evaluation.max_metric_drop == 0.0
+    assert [s.type for s in specs["digits-strict"].pipeline] == ["simplify", "quantize"]
+    assert specs["digits-cnn"].deployment.replicas == 2
+    assert specs["digits-strict"].deployment.replicas == 1
+    assert specs["digits-strict"].deployment.node_selector == {"node-role.kubernetes.io/edge": ""}
