@@ -18,7 +18,8 @@ models, datasets and manifests through this module, so the rules live here once:
 * **The bytes checked are the bytes used.** Every fetch copies into the
   caller's scratch folder while hashing, local files included.
 * **One layout.** :func:`model_prefix` / :func:`result_prefix` say where an
-  object's artifacts live (``<output>/<namespace>/<name>/<spec-hash>/``) and
+  object's artifacts live (``<output>/<namespace>/<name>/<spec-hash>/<inputs-id>/``;
+  :mod:`~edgeslim.storage.identity` says what a stored object is now, by HEAD) and
   :func:`within` whether a URI lies under such a prefix.
 
 Local files (``file:///abs/path`` or a plain path) get the same checks, so the
