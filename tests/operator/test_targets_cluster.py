@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from edgeslim.api.spec import CompressedModel
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
@@ -253,3 +254,26 @@ def test_targets_share_the_job_limit(
     assert len({t["specHash"] for t in obj["status"]["targets"]}) == 3
     assert len(model_jobs(k8s, namespace, "q")) == 3
     assert "edgeslim_jobs_queued 0.0" in op.metrics()
+
+    # Without targets the object is itself again: its own Job, status without entries.
+    with node_agent.hooked(instant_result_hook({namespace})):
+        changed = k8s.custom.patch_namespaced_custom_object(
+            "edgeslim.io",
+            "v1alpha1",
+            namespace,
+            "compressedmodels",
+            "q",
+            {"spec": {"targets": None}},
+        )
+        gen = changed["metadata"]["generation"]
+        obj = wait_phase(k8s, namespace, "q", {"Ready"}, 60, op, generation=gen)
+    st = obj["status"]
+    assert "targets" not in st and "targetsReady" not in st
+    assert st["specHash"] == CompressedModel.model_validate(changed).spec.spec_hash()
+    assert st["results"]["downloadRatio"] == 4.1
+    wait_until(
+        lambda: [j.metadata.name for j in model_jobs(k8s, namespace, "q")] == [st["jobName"]],
+        30,
+        0.3,
+        "the targets' Jobs to go",
+    )
