@@ -205,6 +205,12 @@ CEL_RULES: dict[str, list[Schema]] = {
             "pipeline: prune and distill cannot follow quantize",
         ),
     ],
+    "spec.targets": [
+        _rule(
+            "self.all(t, self.exists_one(u, u.name == t.name))",
+            "targets: names must be unique",
+        ),
+    ],
 }
 
 # The policy's default pipeline obeys the same step rules.

@@ -277,3 +277,12 @@ def test_targets_share_the_job_limit(
         0.3,
         "the targets' Jobs to go",
     )
+
+
+def test_the_api_server_refuses_two_targets_of_one_name(k8s: K8s, namespace: str, crd) -> None:
+    body = model_body("dup", "bench")
+    body["spec"]["targets"] = [{"name": "arm"}, {"name": "x86"}, {"name": "arm"}]
+    with pytest.raises(ApiException) as caught:
+        create_model(k8s, namespace, body)
+    assert caught.value.status == 422
+    assert "targets: names must be unique" in caught.value.body
