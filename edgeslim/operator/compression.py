@@ -435,7 +435,8 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
             return None
         if source_watch.superseded(cur, ref.name, ref.spec_hash):
             return None
-        return transition
+        limit = model.spec.history_limit
+        return source_watch.with_lineage(transition, cur, ref.name, ref.spec_hash, result, limit)
 
     if write_status(rt, key, compute, body) is not None:
         metrics.compressions_finished.labels(result=out.metric_result).inc()
@@ -443,8 +444,6 @@ def record_result(rt: Runtime, job_body: Obj) -> None:
         if seconds is not None:
             metrics.compression_duration.observe(seconds)
         log.info("%s/%s: Job %s finished: %s (%s)", *key, ref.name, out.phase.value, out.reason)
-        limit = model.spec.history_limit
-        source_watch.record_lineage_quietly(rt, key, ref.name, ref.spec_hash, result, limit)
         if deploy:
             serve_quietly(rt, key)
 

@@ -1,9 +1,9 @@
 """Re-compression when a source model is replaced (or the compressor upgraded), and lineage.
 
-* **Lineage.** After each recorded result, `record_lineage` puts the source bytes
-  the compressor used (from its termination message or manifest: sha256, ETag,
-  VersionId) into `status.source` and appends the artifact, its toolchain
-  versions and the gate's verdict to `status.history` (the last
+* **Lineage.** In the same status write as each recorded result (`with_lineage`):
+  the source bytes the compressor used (its termination message or manifest:
+  sha256, ETag, VersionId) become `status.source`, and the artifact, its
+  toolchain versions and the gate's verdict join `status.history` (the last
   spec.historyLimit).
 * **Checks.** `loop` wakes every few seconds and checks the objects that are due:
   every `spec.source.checkIntervalSeconds` (default the operator's
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -64,7 +65,6 @@ CHECK_ANNOTATION = f"{API_GROUP}/check-source"
 TICK_SECONDS = 2.0
 SOURCE_CHANGED = "SourceChanged"
 TOOLCHAIN_UPGRADED = "ToolchainUpgraded"
-REJECTED_EVENT = "RecompressionRejected"
 
 Verdict = Literal["same", "changed", "hash", "unknown"]
 
@@ -241,10 +241,10 @@ def lineage(
     limit: int,
     at: str,
 ) -> tuple[Obj, str | None] | None:
-    """The status after the result of `job` was recorded: status.source from the
-    bytes the compressor used, a history entry, the re-compression done; plus a
-    warning when a re-compression was rejected while another artifact serves.
-    None when there is nothing (more) to write."""
+    """The status fields (wire form) to write with the result of `job`: status.source
+    from the bytes the compressor used, a history entry, the re-compression done;
+    plus the message when a re-compression was rejected while another artifact
+    serves. None when there is nothing to record."""
     if cur.job_name != job or cur.spec_hash != spec_hash:
         return None
     if any(h.job_name == job for h in cur.history):
@@ -254,8 +254,6 @@ def lineage(
         # in status.recompression so the same change does not start it again.
         return None
     rec = pending(cur, spec_hash)
-    update: dict[str, Any] = {"recompression": None}
-    warning = None
     source = (
         SourceIdentity(
             uri=result.source.uri,
@@ -280,60 +278,37 @@ def lineage(
         source=source,
         versions=dict(result.versions or {}),
     )
-    update["history"] = [*cur.history, entry][-limit:]
+    update: Obj = {"history": [h.wire() for h in [*cur.history, entry][-limit:]]}
     if source is not None:
-        update["source"] = source
+        update["source"] = source.wire()
+    if cur.recompression is not None:
+        update["recompression"] = None
+    warning = None
     serving = serving_now(cur)
     if rec is not None and not result.gate.passed and serving:
         warning = (
             f"the re-compression after {rec.reason} was rejected by the gate "
             f"({result.gate.reason}); artifact {_short(serving)} keeps serving"
         )[:1024]
-        update["message"] = warning
-    return cur.model_copy(update=update).wire(), warning
+    return update, warning
 
 
-# ------------------------------------------------------------------ the writes
-
-
-def record_lineage(
-    rt: Runtime,
-    key: ModelKey,
+def with_lineage(
+    t: Transition,
+    cur: CompressedModelStatus,
     job: str,
     spec_hash: str,
     result: TerminationMessage | None,
     limit: int,
-) -> None:
-    """After compression.record_result wrote a result: status.source and history."""
-    warned: list[str] = []
-
-    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj | None:
-        out = lineage(cur, job, spec_hash, result, limit, status.now())
-        if out is None:
-            return None
-        warned[:] = [out[1]] if out[1] else []
-        return out[0]
-
-    if write_status(rt, key, compute) is not None and warned:
-        body = rt.kube.get_model(*key)
-        if body is not None:
-            post_event(rt, body, ("Warning", REJECTED_EVENT, warned[0]))
-
-
-def record_lineage_quietly(
-    rt: Runtime,
-    key: ModelKey,
-    job: str,
-    spec_hash: str,
-    result: TerminationMessage | None,
-    limit: int,
-) -> None:
-    """Lineage is a record, not the result: its failure must not fail the Job watcher."""
-    try:
-        record_lineage(rt, key, job, spec_hash, result, limit)
-    except Exception as exc:
-        metrics.reconcile_errors.labels(handler="lineage").inc()
-        log.warning("%s/%s: lineage of Job %s not recorded: %s", *key, job, exc)
+) -> Transition:
+    """`t` (a finished Job's result) with its lineage written in the same status
+    write, and for a rejected re-compression a message (and so an Event) saying
+    which artifact keeps serving."""
+    out = lineage(cur, job, spec_hash, result, limit, status.now())
+    if out is None:
+        return t
+    update, warning = out
+    return dataclasses.replace(t, extra=update, message=warning or t.message)
 
 
 def _write_source(rt: Runtime, key: ModelKey, spec_hash: str, seen: SourceIdentity) -> None:

@@ -122,6 +122,8 @@ class Transition:
     job_name: str | None = None
     artifact: ArtifactStatus | None = None
     results: Results | None = None
+    extra: Obj | None = None
+    """More status fields (wire form) written with this transition, e.g. lineage."""
 
 
 # (Ready, Compressed, GatePassed) per phase; None = taken from the transition.
@@ -182,7 +184,7 @@ def apply(current: CompressedModelStatus, generation: int | None, t: Transition,
             "results": t.results,
         }
     )
-    return new.wire()
+    return {**new.wire(), **(t.extra or {})}
 
 
 def touch_generation(current: CompressedModelStatus, generation: int | None) -> Obj | None:

@@ -23,11 +23,12 @@ from edgeslim.api.result import (
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase, ServedArtifact
 from edgeslim.api.termination import TerminationMessage
-from edgeslim.operator import serving, source_watch, status
+from edgeslim.operator import events, serving, source_watch, status
 from edgeslim.operator.names import job_name
 from edgeslim.operator.serving import Rollout, RolloutState
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.source_watch import Seen, SourceEntry, decide
+from edgeslim.operator.status import Transition
 from edgeslim.storage import identity
 from edgeslim.storage.identity import StoredIdentity
 
@@ -299,13 +300,28 @@ def test_only_the_job_status_names_may_record_a_result() -> None:
 # --------------------------------------------------------------- lineage
 
 
+def recorded(
+    cur: CompressedModelStatus, job: str, result: TerminationMessage | None, limit: int = 5
+) -> tuple[CompressedModelStatus, Transition]:
+    """The status after record_result's write of `result` (the same Transition path)."""
+    passed = result is not None and result.gate.passed
+    t = Transition(
+        Phase.deploying if passed else Phase.rejected,
+        "GatePassed" if passed else "GateRejected",
+        result.gate.reason if result else "",
+        spec_hash=HASH,
+        job_name=job,
+    )
+    t = source_watch.with_lineage(t, cur, job, HASH, result, limit)
+    return status.parse(status.apply(cur, 1, t, AT)), t
+
+
 def test_a_recorded_result_becomes_source_and_history_and_ends_the_recompression() -> None:
     rec = recompression()
     job = job_name("digits", HASH, rec.revision)
-    cur = ready(jobName=job, phase="Deploying", recompression=rec.wire())
-    new, warning = source_watch.lineage(cur, job, HASH, message(NEW), 5, AT)
-    after = status.parse(new)
-    assert warning is None and after.recompression is None
+    cur = ready(jobName=job, phase="Compressing", recompression=rec.wire())
+    after, t = recorded(cur, job, message(NEW))
+    assert t.message == "drop 0.002 <= 0.01" and after.recompression is None
     assert after.source.etag == '"e2"' and after.source.sha256 == "d" * 64
     last = after.history[-1]
     assert (last.job_name, last.verdict, last.trigger, last.artifact_sha256) == (
@@ -324,10 +340,9 @@ def test_history_keeps_the_last_history_limit_entries() -> None:
     cur = ready()
     for i in range(4):
         job = f"digits-{i}"
-        cur = cur.model_copy(update={"job_name": job})
-        new, _ = source_watch.lineage(cur, job, HASH, message(NEW), 3, AT)
-        cur = status.parse(new)
+        cur, _ = recorded(cur.model_copy(update={"job_name": job}), job, message(NEW), limit=3)
     assert [h.job_name for h in cur.history] == ["digits-1", "digits-2", "digits-3"]
+    assert all(h.trigger == "SpecChanged" for h in cur.history)
 
 
 def test_a_rejected_recompression_leaves_the_old_artifact_serving_and_says_so() -> None:
@@ -336,11 +351,15 @@ def test_a_rejected_recompression_leaves_the_old_artifact_serving_and_says_so() 
     rejected = ServedArtifact(
         uri=NEW.uri.replace("model.onnx", "model.rejected.onnx"), sha256="b" * 64
     )
-    cur = ready(jobName=job, phase="Rejected", recompression=rec.wire())
-    new, warning = source_watch.lineage(cur, job, HASH, message(rejected, passed=False), 5, AT)
-    assert warning is not None and f"artifact {OLD.sha256[:12]} keeps serving" in warning
-    after = status.parse(new)
-    assert after.message == warning and after.history[-1].verdict == "Rejected"
+    cur = ready(jobName=job, phase="Compressing", recompression=rec.wire())
+    after, t = recorded(cur, job, message(rejected, passed=False))
+    assert f"artifact {OLD.sha256[:12]} keeps serving" in t.message
+    assert "rejected by the gate (drop 0.002 <= 0.01)" in t.message
+    # The message is the status' and the transition Event's.
+    assert after.message == t.message and after.phase is Phase.rejected
+    event = events.for_transition(Phase.compressing, t.phase, t.reason, t.message)
+    assert event is not None and "keeps serving" in event[2]
+    assert after.history[-1].verdict == "Rejected"
     assert after.source.etag == '"e2"'  # this source was judged: no second attempt for it
     p = serving.plan(after, HASH, RolloutState(Rollout.complete, OLD, replicas=1, ready_replicas=1))
     assert p.target == OLD and p.serving == OLD.sha256
