@@ -314,3 +314,16 @@ def test_kstatus_reads_the_summary(phases: tuple, verdict: str) -> None:
     names = ["x86", "gpu"]
     entries = [entry(n, p) for n, p in zip(names, phases, strict=True)]
     assert kstatus(variants.aggregate({}, entries, names, 3, AT), generation=3) == verdict
+
+
+def test_target_entries_carry_the_objects_labels_and_policy() -> None:
+    # CompressionPolicies select and count objects by these, a target under its object.
+    b = body(
+        status_={
+            "policy": {"name": "fleet", "generation": 2},
+            "targets": [entry("x86", Phase.ready)],
+        }
+    )
+    b["metadata"]["labels"] = {"team": "vision"}
+    [x86] = runtime.model_entries("vision", "digits", b).values()
+    assert (x86.labels, x86.policy, x86.policy_generation) == ((("team", "vision"),), "fleet", 2)
