@@ -84,6 +84,9 @@ class SourceEntry:
     """spec.source.checkIntervalSeconds (None: the operator's default)."""
     has_result: bool
     """status holds an artifact or a source identity: something to compare against."""
+    upgrade: bool = False
+    """spec.recompressOnUpgrade: checked once after the operator (maybe a new version)
+    starts, even with source checks off."""
 
     @property
     def token(self) -> tuple[int | None, str]:
@@ -100,6 +103,7 @@ def source_entry(body: Obj) -> SourceEntry:
         touched=str((meta.get("annotations") or {}).get(CHECK_ANNOTATION) or ""),
         interval=interval if isinstance(interval, int) else None,
         has_result=bool(raw.get("artifact") or raw.get("source")),
+        upgrade=((body.get("spec") or {}).get("recompressOnUpgrade")) is True,
     )
 
 
@@ -121,7 +125,7 @@ def decide(entry: SourceEntry, seen: Seen | None, now: float, settings: Settings
         return None
     every = interval_of(entry, settings)
     if seen is None:  # new to this operator (it just started): one check
-        return False if every > 0 else None
+        return False if every > 0 or entry.upgrade else None
     if seen.token != entry.token:
         return True
     if every > 0 and now - seen.at >= every:
@@ -178,6 +182,18 @@ def artifact_version(cur: CompressedModelStatus) -> str | None:
     """The edgeslim version that made the current artifact (its history entry)."""
     entry = next((h for h in reversed(cur.history) if h.job_name == cur.job_name), None)
     return entry.versions.get("edgeslim") if entry is not None else None
+
+
+def upgrade_due(cur: CompressedModelStatus, model: CompressedModel, settings: Settings) -> bool:
+    """Whether the artifact was made by another edgeslim than the operator's compressor,
+    and not already by the re-compression for it (a compressor image that reports
+    another version than EDGESLIM_COMPRESSOR_VERSION says must not loop)."""
+    made_by, wanted = artifact_version(cur), settings.compressor_version
+    if not made_by or made_by == wanted or cur.spec_hash is None:
+        return False
+    return cur.job_name != job_name(
+        model.metadata.name, cur.spec_hash, revision("toolchain", wanted)
+    )
 
 
 def pending(cur: CompressedModelStatus, spec_hash: str) -> Recompression | None:
@@ -357,9 +373,8 @@ def check(rt: Runtime, key: ModelKey, explicit: bool) -> str:
     if cur.spec_hash != spec_hash or cur.phase not in FINAL_PHASES:
         return "busy"
     at = status.now()
-    made_by = artifact_version(cur)
-    wanted = rt.settings.compressor_version
-    if model.spec.recompress_on_upgrade and made_by and made_by != wanted:
+    if model.spec.recompress_on_upgrade and upgrade_due(cur, model, rt.settings):
+        wanted = rt.settings.compressor_version
         rec = Recompression(
             reason=TOOLCHAIN_UPGRADED,
             revision=revision("toolchain", wanted),
@@ -367,6 +382,7 @@ def check(rt: Runtime, key: ModelKey, explicit: bool) -> str:
             toolchain=wanted,
             since=at,
         )
+        made_by = artifact_version(cur)
         _trigger(rt, key, body, model, rec, _message(rec, cur, f"edgeslim {made_by} -> {wanted}"))
         return "upgrade"
     source = model.spec.source

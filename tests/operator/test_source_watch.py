@@ -162,6 +162,8 @@ def test_interval_zero_checks_only_when_asked_and_busy_objects_never() -> None:
     assert decide(off, Seen(off.token, 0.0), 10**9, SETTINGS) is None
     assert decide(entry(interval=0, touched="x"), Seen(off.token, 0.0), 1.0, SETTINGS) is True
     assert decide(entry(interval=0), None, 0.0, Settings(source_check_seconds=0)) is None
+    upgrade = SourceEntry("Ready", 1, "", 0, True, upgrade=True)
+    assert decide(upgrade, None, 0.0, SETTINGS) is False  # a new operator may be a new version
     for phase in ("Pending", "Queued", "Compressing", "Deploying"):
         assert decide(entry(phase), None, 0.0, SETTINGS) is None
     assert decide(entry(has_result=False), None, 0.0, SETTINGS) is None
@@ -378,6 +380,18 @@ def test_a_failed_recompression_keeps_its_record_so_the_same_change_is_not_retri
 def test_the_version_that_made_the_artifact_is_read_from_its_history_entry() -> None:
     assert source_watch.artifact_version(ready()) == "0.1.0"
     assert source_watch.artifact_version(ready(jobName="another")) is None
+
+
+def test_an_upgrade_recompresses_once_only_where_asked() -> None:
+    m = model(recompressOnUpgrade=True)
+    same, newer = Settings(compressor_version="0.1.0"), Settings(compressor_version="0.2.0")
+    assert not source_watch.upgrade_due(ready(), m, same)
+    assert source_watch.upgrade_due(ready(), m, newer)
+    # The re-compression for 0.2.0 ran, but its compressor still says 0.1.0 (an image
+    # that does not match EDGESLIM_COMPRESSOR_VERSION): not again.
+    done = job_name("digits", HASH, source_watch.revision("toolchain", "0.2.0"))
+    entry = {**ready().history[0].wire(), "jobName": done}
+    assert not source_watch.upgrade_due(ready(jobName=done, history=[entry]), m, newer)
 
 
 # ------------------------------------------------------ identity in storage
