@@ -324,9 +324,10 @@ class Discovery(LayoutOps):
         return {node.output[0]: track}
 
     def _embedding(self, node: onnx.NodeProto, ins: list[Track | None]) -> dict[str, Track]:
-        """Rows of a constant [V, H] table picked by computed indices (word, position and
-        token-type embeddings): its H columns start ids like a layer's outputs, so the
-        residual stream they open becomes one group (the hidden width)."""
+        """Rows of a constant [V, H] table (word, position and token-type embeddings;
+        constant indices too, as a static export writes position ids): its H columns
+        start ids like a layer's outputs, so the residual stream they open becomes one
+        group (the hidden width)."""
         table = self.m.float_weight(node.input[0])
         if (
             table is None
@@ -334,7 +335,6 @@ class Discovery(LayoutOps):
             or ins[0] is not None
             or int(attr(node, "axis", 0)) != 0
             or node.domain not in ("", "ai.onnx")
-            or self.m.array(node.input[1]) is not None
         ):
             return {}
         rank = self.m.rank(node.input[1])
