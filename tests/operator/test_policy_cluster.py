@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from edgeslim.api.policy import POLICY_PLURAL
-from edgeslim.operator.names import API_GROUP, API_VERSION, SPEC_ENV
+from edgeslim.operator.names import API_GROUP, API_VERSION, PLURAL, SPEC_ENV
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
@@ -233,7 +233,7 @@ def test_policy_applies_rolls_in_waves_and_yields_to_the_object(
     print(_kubectl(k8s, tmp_path, "get", "cmodels", "-n", namespace, "--no-headers").count("\n"))
 
 
-def test_two_policies_or_no_policy_fail_with_a_reason(
+def test_selection_two_policies_none_a_label_change_and_targets(
     k8s: K8s, namespace: str, node_agent: NodeAgent, run_operator
 ) -> None:
     run_operator()
@@ -282,6 +282,21 @@ def _conflict_then_orphan(k8s: K8s, namespace: str) -> None:
     )
     assert get_model(k8s, namespace, "both")["status"]["policy"]["name"] == "team-a"
 
+    # A label change re-selects: orphan joins team-a and compresses with its recipe.
+    k8s.custom.patch_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, "orphan", {"metadata": {"labels": {"team": "a"}}}
+    )
+    joined = wait_until(
+        lambda: (
+            (o := get_model(k8s, namespace, "orphan")).get("status", {}).get("phase") == "Ready"
+            and o
+        ),
+        60,
+        0.3,
+        "orphan to be Ready under team-a",
+    )
+    assert joined["status"]["policy"] == {"name": "team-a", "generation": 1}
+
     # spec.targets under a policy: each target's Job inherits the gate (one target
     # keeps its own pipeline); the policy counts the object once.
     multi = _model("multi")
@@ -293,10 +308,10 @@ def _conflict_then_orphan(k8s: K8s, namespace: str) -> None:
 
     def settled() -> Obj | None:
         st = _get_policy(k8s, namespace).get("status") or {}
-        return st if st.get("ready") == 2 else None
+        return st if st.get("ready") == 3 else None
 
-    st = wait_until(settled, 60, 0.3, "team-a to count both and multi Ready")
-    assert (st["models"], st["pending"], st["failed"]) == (2, 0, 0)
+    st = wait_until(settled, 60, 0.3, "team-a to count both, orphan and multi Ready")
+    assert (st["models"], st["pending"], st["failed"]) == (3, 0, 0)
     obj = get_model(k8s, namespace, "multi")
     assert obj["status"]["policy"] == {"name": "team-a", "generation": 1}
     assert obj["status"]["targetsReady"] == "2/2"
