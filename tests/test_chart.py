@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "edgeslim"
 SETTINGS = ROOT / "edgeslim" / "operator" / "settings.py"
 LUA_SCRIPT = CHART / "files" / "argocd-health.lua"
+POLICY_LUA_SCRIPT = CHART / "files" / "argocd-health-policy.lua"
 
 Manifest = dict[str, Any]
 
@@ -539,13 +540,13 @@ def _lua_literal(value: Any) -> str:
     return json.dumps(value)  # numbers, and strings in a form Lua 5.1 reads the same
 
 
-def argocd_health(obj: Manifest) -> tuple[str, str]:
+def argocd_health(obj: Manifest, script: Path = LUA_SCRIPT) -> tuple[str, str]:
     lua = shutil.which("lua5.1")
     if lua is None:
         pytest.skip("lua5.1 not installed (apt-get install lua5.1): Argo CD runs Lua 5.1")
     program = (
         f"obj = {_lua_literal(obj)}\n"
-        f"local hs = assert(loadfile({json.dumps(str(LUA_SCRIPT))}))()\n"
+        f"local hs = assert(loadfile({json.dumps(str(script))}))()\n"
         "io.write(hs.status, '\\t', hs.message)\n"
     )
     done = subprocess.run([lua, "-"], input=program, capture_output=True, text=True, timeout=10)
@@ -595,8 +596,47 @@ def test_argocd_health_script(obj: Manifest, expected: tuple[str, str]) -> None:
 
 def test_chart_readme_carries_the_health_script() -> None:
     readme = (CHART / "README.md").read_text()
-    for line in LUA_SCRIPT.read_text().splitlines():
-        assert f"    {line}".rstrip() in readme, f"README misses: {line}"
+    for script in (LUA_SCRIPT, POLICY_LUA_SCRIPT):
+        for line in script.read_text().splitlines():
+            assert f"    {line}".rstrip() in readme, f"README misses: {line}"
+
+
+def _policy(generation: int = 2, **conditions: str) -> Manifest:
+    conds = [
+        {"type": t, "status": v, "reason": "R", "message": f"{t} says {v}"}
+        for t, v in conditions.items()
+    ]
+    return {
+        "metadata": {"name": "p", "generation": generation},
+        "status": {"observedGeneration": generation, "conditions": conds},
+    }
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ({"metadata": {"generation": 1}}, ("Progressing", "Waiting for the edgeslim operator")),
+        (
+            _policy(Ready="False", Reconciling="True", Stalled="False"),
+            ("Progressing", "Ready says False"),
+        ),
+        (
+            _policy(Ready="True", Reconciling="False", Stalled="False"),
+            ("Healthy", "Ready says True"),
+        ),
+        (
+            _policy(Ready="False", Reconciling="False", Stalled="True"),
+            ("Degraded", "Ready says False"),
+        ),
+        (
+            {"metadata": {"generation": 3}, "status": {"observedGeneration": 2}},
+            ("Progressing", "Waiting for the operator to observe generation 3"),
+        ),
+    ],
+    ids=["no-status", "rolling", "ready", "stalled", "stale-generation"],
+)
+def test_argocd_health_script_for_policies(obj: Manifest, expected: tuple[str, str]) -> None:
+    assert argocd_health(obj, POLICY_LUA_SCRIPT) == expected
 
 
 # --- a real API server ---------------------------------------------------------------
