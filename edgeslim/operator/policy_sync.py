@@ -102,23 +102,50 @@ def reconcile_quietly(rt: Runtime, key: tuple[str, str]) -> None:
         log.warning("%s/%s: not reconciled for its policy: %s (resync retries)", *key, exc)
 
 
+class _Coalesced:
+    """Policy keys to recount, refreshed together at most every DELAY seconds: a
+    wave over 1,000 models brings thousands of model events, and a recount costs
+    a pass over the index (about 4 ms at 1,000 models)."""
+
+    DELAY = 0.5
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirty: set[policy.PolicyKey] = set()
+        self._timer: threading.Timer | None = None
+
+    def add(self, rt: Runtime, keys: Iterable[policy.PolicyKey]) -> None:
+        with self._lock:
+            self._dirty.update(keys)
+            if self._timer is None:
+                self._timer = threading.Timer(self.DELAY, self._flush, args=(rt,))
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _flush(self, rt: Runtime) -> None:
+        with self._lock:
+            keys, self._dirty, self._timer = self._dirty, set(), None
+        try:
+            refresh(rt, keys)
+        except Exception as exc:  # the resync recounts everything anyway
+            metrics.reconcile_errors.labels(handler="policy").inc()
+            log.warning("policy counts not refreshed: %s", exc)
+
+
+_recount = _Coalesced()
+
+
 def model_seen(rt: Runtime, body: Obj) -> None:
-    """A model event: refresh the counts of the policies it may count towards."""
+    """A model event: recount (soon) the policies it may count towards."""
     meta = body.get("metadata") or {}
     namespace, labels = meta.get("namespace") or "", meta.get("labels") or {}
     named = ((body.get("status") or {}).get("policy") or {}).get("name")
+    # The policies selecting it now, and the one its status still names.
     keys = [
-        p.key
-        for p in policies()
-        if p.selects(namespace, labels)
-        or (p.namespace, p.name)
-        == (
-            namespace,
-            named,
-        )
+        p.key for p in policies() if p.selects(namespace, labels) or p.key == (namespace, named)
     ]
     if keys:
-        refresh(rt, keys)
+        _recount.add(rt, keys)
 
 
 def refresh(rt: Runtime, keys: Iterable[policy.PolicyKey] | None = None) -> None:
