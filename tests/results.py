@@ -22,11 +22,23 @@ def _sha(uri: str) -> str:
 
 
 def spec_inputs(doc: dict) -> list[str]:
-    """The URIs a plain spec reads: source, evaluation and optimize training data."""
-    spec = CompressedModel.model_validate(doc).spec
-    uris = [spec.source.uri, spec.evaluation.dataset]
-    if spec.optimize is not None and spec.optimize.train_dataset:
-        uris.append(spec.optimize.train_dataset)
+    """The URIs a plain spec reads: source, every dataset and student a step or the
+    search names (the output is written, not read)."""
+    spec = CompressedModel.model_validate(doc).spec.model_dump(by_alias=True, exclude={"output"})
+    keys = {"uri", "dataset", "calibrationDataset", "trainDataset"}
+    uris: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in keys and isinstance(value, str) and value not in uris:
+                    uris.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(spec)
     return uris
 
 
