@@ -200,6 +200,11 @@ class DistillConfig(WireModel):
     epoch beats them. 0 trains on everything and keeps the last epoch."""
     patience: int = Field(default=3, ge=1, le=1000)
     """Stop after this many epochs without a better held-out score."""
+    batch_norm: bool = True
+    """Train with a BatchNorm after every Conv that has a spatial output (exporters fold
+    BatchNorm into the Conv, so a pruned graph has none left; batch statistics let it
+    recover as the original network would), folded back into the Conv afterwards: the
+    written graph keeps its nodes. Starts as the identity; false trains the convs bare."""
     features: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
         default_factory=list, max_length=64
     )

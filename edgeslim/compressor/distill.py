@@ -41,6 +41,8 @@ MIN_HELD_OUT = 8
 WARMUP_SHARE = 0.05
 # Teacher activations for feature matching are held in memory for the whole dataset.
 MAX_FEATURE_BYTES = 2 * 2**30
+# Training samples the inserted BatchNorms' statistics are estimated on.
+BN_SAMPLES = 2048
 KEPT_INPUT_NOTE = "distillation did not improve the held-out metric; kept the input weights"
 
 
@@ -64,6 +66,7 @@ class Distill:
         import torch
         import torch.nn.functional as F
 
+        from edgeslim.compressor.distill_norm import RenormStudent
         from edgeslim.compressor.evaluate import run_batched, session
         from edgeslim.compressor.torchgraph import OnnxModule
 
@@ -88,7 +91,7 @@ class Distill:
 
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(compute_threads())
-        student = OnnxModule(student_model)
+        student = RenormStudent(student_model) if cfg.batch_norm else OnnxModule(student_model)
         student.extra_outputs = feature_names
         feat_targets = [torch.from_numpy(f) for f in teacher_feats]
         # Scale each feature's error by the teacher's variance so that wide, large-valued
@@ -144,6 +147,9 @@ class Distill:
             return loss
 
         def held_out_score() -> Score:
+            if isinstance(student, RenormStudent):
+                student.recalibrate(calib, cfg.batch_size)
+            student.eval()
             with torch.no_grad():
                 outs, loss_sum = [], 0.0
                 for start, stop in batches(len(held_idx), cfg.batch_size):
@@ -165,21 +171,38 @@ class Distill:
                 return f"mse {-score.metric:.6f} (loss {-score.neg_loss:.4f})"
             return score.describe(metric_name)
 
+        # BatchNorm statistics come from a fixed subset of the training split: measured
+        # once to insert the norms, re-estimated before every held-out score.
+        shuffle = torch.Generator().manual_seed(cfg.seed)
+        pick = train_idx[torch.randperm(len(train_idx), generator=shuffle)[:BN_SAMPLES]]
+        calib = [t[pick] for t in inputs]
+        # The input's score, before any norm is put in.
+        best = held_out_score() if guarded else None
+        if isinstance(student, RenormStudent):
+            added, matched = student.attach(calib, cfg.batch_size, ctx.source)
+            if added:
+                notes.append(
+                    f"trained with BatchNorm after {added} convolutions ({matched} set to the "
+                    "source's channel statistics), folded back after"
+                )
+
         params = [p for p in student.parameters() if p.requires_grad]
         optimiser = torch.optim.Adam(params, lr=cfg.learning_rate)
         steps_per_epoch = -(-len(train_idx) // cfg.batch_size)
         schedule = _schedule(cfg.schedule, cfg.epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
 
-        input_state = {k: v.detach().clone() for k, v in student.params.items()}
-        best_state = input_state
-        best = held_out_score() if guarded else None
+        def snapshot() -> dict[str, torch.Tensor]:
+            return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+        best_state = snapshot()
         input_score, best_epoch, stale, epochs_run, loss_value = best, 0, 0, 0, 0.0
         best_loss = best.neg_loss if best is not None else -math.inf
         with ctx.progress.task(
             f"distill ({cfg.epochs} epochs)", total=cfg.epochs * steps_per_epoch
         ) as bar:
             for epoch in range(1, cfg.epochs + 1):
+                student.train()  # batch statistics in the inserted norms only
                 order = train_idx[torch.randperm(len(train_idx))]
                 total = 0.0
                 for start, stop in batches(len(order), cfg.batch_size):
@@ -208,7 +231,7 @@ class Distill:
                 best_loss = max(best_loss, score.neg_loss)
                 if score > best:
                     best, best_epoch = score, epoch
-                    best_state = {k: v.detach().clone() for k, v in student.params.items()}
+                    best_state = snapshot()
                 if progress:
                     stale = 0
                 else:
@@ -223,7 +246,7 @@ class Distill:
         )
         if not guarded:
             notes.append(summary)
-            return StepOutput(model=student.write_back(student_model), notes=notes)
+            return StepOutput(model=_written(student, student_model, calib, cfg), notes=notes)
         assert input_score is not None and best is not None
         if epochs_run < cfg.epochs:
             summary += f" (stopped early: no held-out progress for {cfg.patience} epochs)"
@@ -235,11 +258,21 @@ class Distill:
         if best_epoch == 0:
             notes.append(KEPT_INPUT_NOTE)
             return StepOutput(model=student_model, notes=notes)
-        with torch.no_grad():
-            for key, value in best_state.items():
-                student.params[key].copy_(value)
+        student.load_state_dict(best_state)
         notes.append(f"kept the weights of epoch {best_epoch}")
-        return StepOutput(model=student.write_back(student_model), notes=notes)
+        return StepOutput(model=_written(student, student_model, None, cfg), notes=notes)
+
+
+def _written(student, model: onnx.ModelProto, calib, cfg: DistillConfig) -> onnx.ModelProto:
+    """The student's weights in `model`'s graph, inserted norms folded into their convs
+    (statistics re-estimated on `calib` first, unless they are the scored ones)."""
+    from edgeslim.compressor.distill_norm import RenormStudent
+
+    if isinstance(student, RenormStudent):
+        if calib is not None:
+            student.recalibrate(calib, cfg.batch_size)
+        student.fold()
+    return student.write_back(model)
 
 
 def _teacher_features(
