@@ -17,21 +17,43 @@ from pydantic import ValidationError
 
 from edgeslim import __version__
 from edgeslim.api.errors import format_validation_error
+from edgeslim.api.policy import CompressionPolicy, apply_policy
 from edgeslim.api.spec import CompressedModel
 from edgeslim.errors import BadInput, OutputModelFailed, StorageUnavailable
 from edgeslim.redact import redact
 from edgeslim.serving.limits import SETTINGS as SERVE_LIMITS
 from edgeslim.serving.limits import env_default
-from edgeslim.spec_file import read_spec_document
+from edgeslim.spec_file import parse as parse_yaml
+from edgeslim.spec_file import read_spec_document, read_text
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_REJECTED = 0, 1, 2, 3
+POLICY_HELP = (
+    "CompressionPolicy YAML whose defaults the spec inherits (merged as the operator "
+    "does: the spec's own keys win)"
+)
 
 
-def load_spec(path: Path) -> CompressedModel:
+def load_spec(path: Path, policy: Path | None = None) -> CompressedModel:
     # Size, encoding, nesting and alias expansion are bounded before pydantic walks it.
     doc = read_spec_document(path)
+    if policy is not None:
+        doc = apply_policy(doc, load_policy(policy))
     try:
         return CompressedModel.model_validate(doc)
+    except ValidationError as exc:
+        message = format_validation_error(exc)
+        if policy is None and ("evaluation" in message or "pipeline and optimize" in message):
+            message += " (or give --policy with the CompressionPolicy that supplies it)"
+        raise BadInput(f"{path}: {message}") from exc
+
+
+def load_policy(path: Path) -> CompressionPolicy:
+    """A CompressionPolicy file, read with the same bounds as a spec."""
+    docs = [d for d in parse_yaml(read_text(path), str(path)) if d is not None]
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise BadInput(f"{path}: expected exactly one CompressionPolicy mapping")
+    try:
+        return CompressionPolicy.model_validate(docs[0])
     except ValidationError as exc:
         raise BadInput(f"{path}: {format_validation_error(exc)}") from exc
 
@@ -68,7 +90,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if (args.spec is None) == (args.spec_env is None):
         raise BadInput("give a spec file or --spec-env NAME, not both or neither")
-    obj = load_spec(args.spec) if args.spec else load_spec_from_env(args.spec_env)
+    obj = load_spec(args.spec, args.policy) if args.spec else load_spec_from_env(args.spec_env)
     obj = for_target(obj, args.target)
     if args.plan or args.candidate is not None:
         return _fanout_step(args, obj)
@@ -152,7 +174,7 @@ def _pareto_pictures(outcome) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    obj = load_spec(args.spec)
+    obj = load_spec(args.spec, args.policy)
     pipeline = obj.spec.pipeline or []
     what = (
         f"optimize for {obj.spec.optimize.objective.value}"
@@ -300,6 +322,7 @@ def parser() -> argparse.ArgumentParser:
         "--spec-env", metavar="NAME", help="read the spec as JSON from this environment variable"
     )
     c.add_argument("--output", help="output location; overrides spec.output.uri")
+    c.add_argument("--policy", type=Path, default=None, help=POLICY_HELP)
     c.add_argument(
         "--target",
         metavar="NAME",
@@ -337,6 +360,7 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec", type=Path)
+    v.add_argument("--policy", type=Path, default=None, help=POLICY_HELP)
     v.set_defaults(func=cmd_validate)
 
     d = sub.add_parser("crd", help="print the CompressedModel CRD generated from the spec models")

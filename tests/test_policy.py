@@ -4,6 +4,8 @@ effective spec and its hash, per-policy queue limits and the status counts."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -425,3 +427,46 @@ def test_the_example_policy_and_its_models() -> None:
     assert specs["digits-cnn"].deployment.replicas == 2
     assert specs["digits-strict"].deployment.replicas == 1
     assert specs["digits-strict"].deployment.node_selector == {"node-role.kubernetes.io/edge": ""}
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def _write(path: Path, doc: Obj) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_cli_compresses_what_the_operator_would(tmp_path: Path) -> None:
+    """`edgeslim validate --policy` merges like the operator: same spec hash as the
+    spec written out in full; without the policy, exit 2 and one line saying why."""
+    model = _model()
+    del model["metadata"]["namespace"], model["metadata"]["uid"], model["metadata"]["generation"]
+    spec = _write(tmp_path / "model.yaml", model)
+    pol = _write(tmp_path / "policy.yaml", _policy())
+    spelled = _model(
+        evaluation={
+            "dataset": "s3://models/a/val.npz",
+            "metric": "accuracy",
+            "maxMetricDrop": 0.02,
+            "latencyRuns": 7,
+        },
+        pipeline=[{"quantize": {"mode": "dynamic"}}],
+        deployment={"replicas": 2, "nodeSelector": {"edge": "true"}},
+    )
+    expected = runtime.CompressedModel.model_validate(spelled).spec.spec_hash()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "edgeslim.cli", "validate", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    done = cli(str(spec), "--policy", str(pol))
+    assert done.returncode == 0, done.stderr
+    assert f"spec hash {expected}, 1 steps (quantize)" in done.stdout
+    bare = cli(str(spec))
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert len(bare.stderr.strip().splitlines()) == 1
+    assert "pipeline and optimize" in bare.stderr and "--policy" in bare.stderr
+    broken = _policy(defaults={"pipeline": [{"quantize": {}}], "optimize": {}})
+    bad = cli(str(spec), "--policy", str(_write(tmp_path / "bad.yaml", broken)))
+    assert bad.returncode == 2 and "at most one of pipeline and optimize" in bad.stderr

@@ -19,11 +19,12 @@ policy to each namespace (GitOps does this for free).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
 from edgeslim.api.base import OpenWireModel, WireModel
+from edgeslim.api.merge import merge_spec
 from edgeslim.api.partial import partial
 from edgeslim.api.spec import (
     CompressedModelSpec,
@@ -181,3 +182,10 @@ class CompressionPolicy(WireModel):
     kind: Literal["CompressionPolicy"]
     metadata: ObjectMeta
     spec: CompressionPolicySpec
+
+
+def apply_policy(model: dict[str, Any], policy: CompressionPolicy) -> dict[str, Any]:
+    """A CompressedModel object (wire form, as written) with its spec merged over
+    the policy's defaults: what the operator compresses, and `edgeslim compress
+    --policy` too."""
+    return {**model, "spec": merge_spec(policy.spec.defaults.wire(), model.get("spec") or {})}

@@ -16,8 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from edgeslim.api.errors import format_validation_error
-from edgeslim.api.merge import merge_spec
-from edgeslim.api.policy import CompressionPolicy, CompressionPolicyStatus
+from edgeslim.api.policy import CompressionPolicy, CompressionPolicyStatus, apply_policy
 from edgeslim.api.status import Condition, PolicyRef
 from edgeslim.operator import status as model_status
 
@@ -103,11 +102,7 @@ def effective_body(body: Obj, policy: PolicyEntry | None) -> Obj:
     """The model object with its spec merged over the policy's defaults."""
     if policy is None or policy.policy is None:
         return body
-    defaults = policy.policy.spec.defaults.wire()
-    merged = merge_spec(defaults, body.get("spec") or {})
-    out = dict(body)
-    out["spec"] = merged
-    return out
+    return apply_policy(body, policy.policy)
 
 
 def missing_hint(policy: PolicyEntry | None, message: str) -> str:
