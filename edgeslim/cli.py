@@ -228,6 +228,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         NextPart(
             args.next_part_url, args.name, timeout=args.next_part_timeout, max_response_bytes=1
         )
+    if args.shadow_url:
+        from edgeslim.serving.shadow import parse_urls
+
+        parse_urls(args.shadow_url)  # exit 2 before anything listens
+    if not 0 < args.shadow_sample_rate <= 1:
+        raise BadInput(f"--shadow-sample-rate {args.shadow_sample_rate}: must be in (0, 1]")
     return serve(
         ServeOptions(
             model=args.model,
@@ -242,6 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             next_part_url=args.next_part_url or None,
             next_part_timeout=args.next_part_timeout,
+            shadow_url=args.shadow_url or None,
+            shadow_sample_rate=args.shadow_sample_rate,
         )
     )
 
@@ -417,6 +425,19 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=os.environ.get("EDGESLIM_NEXT_PART_TIMEOUT", "30"),
         help="seconds to wait on the next part (default 30; env EDGESLIM_NEXT_PART_TIMEOUT)",
+    )
+    s.add_argument(
+        "--shadow-url",
+        default=None,
+        help="a canary: also send a sample of requests to these stable servers "
+        "(http://host:port[,...]) in the background and count how often the answers agree "
+        "(edgeslim_serving_shadow_* metrics); the client always gets this server's answer",
+    )
+    s.add_argument(
+        "--shadow-sample-rate",
+        type=float,
+        default=0.1,
+        help="share of requests compared with a stable server (default 0.1)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)

@@ -403,6 +403,12 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
                 "phase": "Ready",
                 "candidates": "6/6",
                 "targetsReady": "1/2",
+                "canary": {
+                    "artifact": "b" * 64,
+                    "stable": "a" * 64,
+                    "shown": "50%",
+                    "stepStarted": "2026-01-01T00:00:00Z",
+                },
                 "artifact": {"uri": "s3://m/a/model.onnx", "sha256": "a" * 64, "sizeBytes": 10},
                 "results": {
                     "compressionRatio": 3.9,
@@ -430,6 +436,7 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "DROP",
         "CANDIDATES",
         "TARGETS",
+        "CANARY",
         "AGE",
         "SIZE-RATIO",
         "SPEEDUP",
@@ -438,4 +445,4 @@ def test_kubectl_get_prints_the_columns(k8s: K8s, cm_namespace: str, tmp_path: P
         "SERVING",
         "REPLICAS",
     ]
-    assert row.split()[1:6] == ["Ready", "4.25", "0.005", "6/6", "1/2"]
+    assert row.split()[1:7] == ["Ready", "4.25", "0.005", "6/6", "1/2", "50%"]

@@ -350,6 +350,12 @@ PRINTER_COLUMNS: list[Schema] = [
         "jsonPath": ".status.targetsReady",
         "description": "spec.targets: targets Ready / targets",
     },
+    {
+        "name": "Canary",
+        "type": "string",
+        "jsonPath": ".status.canary.shown",
+        "description": "spec.deployment.canary: share of replicas serving the new artifact",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
         "name": "Size-Ratio",

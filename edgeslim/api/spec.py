@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from edgeslim.api.base import WireModel
+from edgeslim.api.canary import CanarySpec
 from edgeslim.api.lineage import MAX_HISTORY
 
 SHA256_PATTERN = r"^[a-f0-9]{64}$"
@@ -371,6 +372,10 @@ class DeploymentSpec(WireModel):
     """Pods of a new artifact not ready by then are rolled back to the last good one."""
     threads: int = Field(default=1, ge=1, le=256)
     """onnxruntime intra-op threads per replica (small edge CPUs)."""
+    canary: CanarySpec | None = None
+    """Roll each new artifact out in steps judged on live traffic (errors, latency,
+    agreement with the stable artifact) instead of all at once; unset: a rolling update
+    gated by readiness only."""
 
 
 MAX_TARGETS = 16

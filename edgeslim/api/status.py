@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgeslim.api.base import OpenWireModel
+from edgeslim.api.canary import CanaryStatus
 from edgeslim.api.lineage import MAX_HISTORY, HistoryEntry, Recompression, SourceIdentity
 from edgeslim.api.result import EvaluationFigures, GateVerdict, LatencyFigures, ParetoPoint
 
@@ -86,6 +87,8 @@ class FailedArtifact(OpenWireModel):
     """specHash that produced it; a spec with another hash may try its artifact again."""
     reason: str
     """Why, e.g. ProgressDeadlineExceeded."""
+    message: str | None = None
+    """Details, e.g. the canary analysis that rolled it back."""
 
 
 MAX_FAILED_ARTIFACTS = 10
@@ -196,3 +199,5 @@ class CompressedModelStatus(OpenWireModel):
     behind; then Failed, else Rejected, if any target ended so)."""
     targets_ready: str | None = None
     """spec.targets only: targets Ready / targets (`1/2`), the TARGETS column."""
+    canary: CanaryStatus | None = None
+    """spec.deployment.canary: the step, share and analyses of the latest canary."""

@@ -29,6 +29,7 @@ from edgeslim import metrics
 from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.operator import (
+    canary,
     cleanup,
     compression,
     rollout,
@@ -130,6 +131,8 @@ async def configure(
     # Sources replaced in storage: checked on their own clock, from an index (no polling
     # of the API for objects that are not due).
     memo.source_watch = asyncio.create_task(source_watch.loop(rt, source_index))
+    # Running canaries are analysed on their own clock (operator/canary.py).
+    memo.canary = asyncio.create_task(canary_loop(rt))
     # kopf starts its watches as soon as startup handlers return.
     rt.ready = True
 
@@ -145,8 +148,18 @@ async def resync_loop(rt: runtime.Runtime) -> None:
             log.warning("resync failed: %s", exc)
 
 
+async def canary_loop(rt: runtime.Runtime) -> None:
+    """Reconciles the serving side of objects with a running canary every
+    canary.TICK_SECONDS; each decides for itself whether its interval is up."""
+    while True:
+        await asyncio.sleep(canary.TICK_SECONDS)
+        for key in list(canary.ACTIVE):
+            await asyncio.to_thread(rollout.serve_quietly, rt, key)
+
+
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    memo.canary.cancel()
     await source_watch.stop(memo.source_watch)
     memo.resync.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -14,7 +14,7 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, ServedArtifact
 from edgeslim.errors import BadInput
-from edgeslim.operator import ownership, serving, status, variants
+from edgeslim.operator import canary, ownership, serving, status, variants
 from edgeslim.operator.kube import Conflict
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
@@ -136,6 +136,8 @@ def _roll_out(
 ) -> None:
     """Status from the Deployment's rollout, then the Deployment and Service the
     plan wants; both names are known to be free or this model's."""
+    if canary.reconcile(rt, key, body, model, deployment):
+        return  # a canary runs: it owns both Deployments until it ends (operator/canary.py)
     state = serving.rollout_state(deployment)
     generation = body["metadata"].get("generation")
     spec_hash = model.spec.spec_hash()

@@ -476,6 +476,7 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
 
     if is_failed(failed, cand.sha256, spec_hash):
         never = "it is not rolled out again until the spec changes"
+        why = _why_failed(failed, cand.sha256, spec_hash)
         if last_good is None or last_good.sha256 == cand.sha256:
             # No earlier artifact: the unready pods stay for `kubectl logs`.
             return Plan(
@@ -483,8 +484,8 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
                 phase=Phase.failed,
                 available="False",
                 reason="RolloutFailed",
-                message=f"artifact {_short(cand.sha256)} did not become ready within "
-                f"progressDeadlineSeconds and no earlier artifact was served; {never}",
+                message=f"artifact {_short(cand.sha256)} {why} and no earlier artifact was "
+                f"served; {never}",
                 event=event,
                 **common,
             )
@@ -494,8 +495,8 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
             phase=Phase.failed if back_done else Phase.deploying,
             available="False",
             reason="RolledBack" if back_done else "RollingBack",
-            message=f"artifact {_short(cand.sha256)} did not become ready within "
-            f"progressDeadlineSeconds; {'rolled' if back_done else 'rolling'} back to "
+            message=f"artifact {_short(cand.sha256)} {why}; "
+            f"{'rolled' if back_done else 'rolling'} back to "
             f"{_short(last_good.sha256)}; {never}",
             event=event,
             **common,
@@ -520,6 +521,14 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
         f"{state.replicas} pods updated, {state.ready_replicas} ready{serving_now}",
         **common,
     )
+
+
+def _why_failed(failed: tuple[FailedArtifact, ...], sha256: str, spec_hash: str) -> str:
+    """What a failed artifact's entry says went wrong (a canary's analysis carries its own)."""
+    entry = next(f for f in reversed(failed) if f.sha256 == sha256 and f.spec_hash == spec_hash)
+    if entry.reason == DEADLINE_REASON or not entry.message:
+        return "did not become ready within progressDeadlineSeconds"
+    return f"was rolled back ({entry.reason}: {entry.message})"
 
 
 def name_conflict(status: CompressedModelStatus, message: str) -> Plan:

@@ -35,6 +35,7 @@ from edgeslim.serving.limits import ServingLimits
 from edgeslim.serving.metrics import ServingMetrics
 from edgeslim.serving.model import LoadedModel
 from edgeslim.serving.protocol import RequestError
+from edgeslim.serving.shadow import Shadow, parse_urls
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class ServingApp:
         #: A split model's next part: this part's outputs go there (serving/chain.py).
         self.next_part = next_part
         self.metrics = ServingMetrics()
+        #: A canary's comparison with the stable artifact (serving/shadow.py), set by create_app.
+        self.shadow: Shadow | None = None
         self.state = ModelState(name, self.metrics)
         self.limits = limits or ServingLimits()
         self.max_body_bytes = self.limits.max_body_bytes
@@ -346,7 +349,10 @@ class ServingApp:
         self.metrics.inference_duration.observe(time.perf_counter() - start)
         if self.next_part is not None:
             return self.next_part.infer(outputs, request.id, request.outputs)
-        return protocol.encode_infer_response(model.name, model.version, request.id, outputs)
+        answer = protocol.encode_infer_response(model.name, model.version, request.id, outputs)
+        if self.shadow is not None:  # after the answer exists; never waits, never raises
+            self.shadow.offer(body, outputs)
+        return answer
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, int]:
         """The request body and the budget bytes reserved for it (the caller releases them).
@@ -487,6 +493,8 @@ def create_app(
     limits: ServingLimits | None = None,
     next_part_url: str | None = None,
     next_part_timeout: float = 30.0,
+    shadow_url: str | None = None,
+    shadow_sample_rate: float = 0.1,
 ) -> ServingApp:
     """The app for one model; it fetches ``model_uri`` into ``workdir`` once started.
 
@@ -509,4 +517,7 @@ def create_app(
         )
         # Workers also wait on the next part: more of them keep this part computing.
         workers = 4
-    return ServingApp(name, loader, limits=limits, workers=workers, next_part=next_part)
+    app = ServingApp(name, loader, limits=limits, workers=workers, next_part=next_part)
+    if shadow_url:  # a canary: compare a sample of answers with the stable servers
+        app.shadow = Shadow(parse_urls(shadow_url), name, shadow_sample_rate, app.metrics.registry)
+    return app

@@ -58,6 +58,9 @@ class ServeOptions:
     next_part_url: str | None = None
     """A split model's next part (http://host:port/v2/models/NAME): outputs go on there."""
     next_part_timeout: float = 30.0
+    shadow_url: str | None = None
+    """A canary: stable servers (http://host:port,...) a sample of requests is compared with."""
+    shadow_sample_rate: float = 0.1
 
 
 def _fastest(module: str, fallback: str) -> str:
@@ -118,6 +121,8 @@ def serve(opts: ServeOptions) -> int:
             limits=limits,
             next_part_url=opts.next_part_url,
             next_part_timeout=opts.next_part_timeout,
+            shadow_url=opts.shadow_url,
+            shadow_sample_rate=opts.shadow_sample_rate,
         )
         caps = {opts.port: limits.max_connections}
         if limits.health_port:
