@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the binaries the cluster tests need -- etcd, kube-apiserver,
-# kube-controller-manager, kubectl and helm -- and kstatus (Flux's status
-# logic from sigs.k8s.io/cli-utils, tests/test_kstatus.py) from the Go module proxy, using
+# kube-controller-manager, kubectl and helm -- kstatus (Flux's status
+# logic from sigs.k8s.io/cli-utils, tests/test_kstatus.py), and prometheus and
+# promtool (tests/test_monitoring.py) from the Go module proxy, using
 # the small tools modules under tools/, and caches them outside the checkout:
 #
 #   ${EDGESLIM_TOOLS_CACHE:-$HOME/.cache/edgeslim/tools}/<name>-<version>/
@@ -66,9 +67,33 @@ build() { # <tools dir> <cache key> <ldflags> <binary=package>...
   log "built $key in $((SECONDS - start))s"
 }
 
+# `go install <package>@<version>` into <cache>/<key>/: for a module whose own
+# go.mod and go.sum pin everything (checked against the checksum database), so no
+# tools/<name>/go.mod is needed. Same temp-dir-and-rename as build().
+install_module() { # <cache key> <build tags> <binary=package@version>...
+  local key="$1" tags="$2"
+  shift 2
+  local dest="$cache/$key" missing=0 spec
+  for spec in "$@"; do
+    [[ -x "$dest/${spec%%=*}" ]] || missing=1
+  done
+  if [[ $missing == 0 ]]; then
+    return 0
+  fi
+  local tmp="$cache/.$key.tmp.$$" pkgs=() start=$SECONDS
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  for spec in "$@"; do pkgs+=("${spec#*=}"); done
+  log "installing ${pkgs[*]} ..."
+  GOBIN="$tmp" go install -trimpath -tags="$tags" -ldflags="$ldflags_common" "${pkgs[@]}"
+  rm -rf "$dest" && mv "$tmp" "$dest"
+  log "built $key in $((SECONDS - start))s"
+}
+
 all_cached() {
   [[ -x "$cache/etcd-$ETCD_VERSION/etcd" && -x "$cache/helm-$HELM_VERSION/helm" ]] || return 1
   [[ -x "$cache/kstatus-$CLI_UTILS_VERSION/kstatus" ]] || return 1
+  [[ -x "$cache/prometheus-$PROMETHEUS_VERSION/prometheus" ]] || return 1
+  [[ -x "$cache/prometheus-$PROMETHEUS_VERSION/promtool" ]] || return 1
   local b
   for b in kube-apiserver kube-controller-manager kubectl; do
     [[ -x "$cache/kubernetes-$KUBERNETES_VERSION/$b" ]] || return 1
@@ -112,6 +137,12 @@ build helm "helm-$HELM_VERSION" \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
   helm=helm.sh/helm/v3/cmd/helm
 build kstatus "kstatus-$CLI_UTILS_VERSION" "" kstatus=edgeslim/tools/kstatus
+# Only the Kubernetes service discovery (upstream's plugins/ build tags): the
+# tests scrape through it, and leaving out the cloud SDKs (AWS, Azure, GCE, ...)
+# roughly halves a cold build.
+install_module "prometheus-$PROMETHEUS_VERSION" remove_all_sd,enable_kubernetes_sd \
+  prometheus=github.com/prometheus/prometheus/cmd/prometheus@"$PROMETHEUS_VERSION" \
+  promtool=github.com/prometheus/prometheus/cmd/promtool@"$PROMETHEUS_VERSION"
 
 echo "etcd:                    $cache/etcd-$ETCD_VERSION/etcd"
 echo "kube-apiserver:          $cache/kubernetes-$KUBERNETES_VERSION/kube-apiserver"
@@ -119,3 +150,5 @@ echo "kube-controller-manager: $cache/kubernetes-$KUBERNETES_VERSION/kube-contro
 echo "kubectl:                 $cache/kubernetes-$KUBERNETES_VERSION/kubectl"
 echo "helm:                    $cache/helm-$HELM_VERSION/helm"
 echo "kstatus:                 $cache/kstatus-$CLI_UTILS_VERSION/kstatus"
+echo "prometheus:              $cache/prometheus-$PROMETHEUS_VERSION/prometheus"
+echo "promtool:                $cache/prometheus-$PROMETHEUS_VERSION/promtool"

@@ -46,6 +46,8 @@ class Binaries:
     kube_controller_manager: Path
     kubectl: Path
     helm: Path
+    prometheus: Path
+    promtool: Path
     versions: dict[str, str]
 
     def control_plane(self) -> list[Path]:
@@ -67,6 +69,8 @@ def binaries() -> Binaries:
         kube_controller_manager=k8s / "kube-controller-manager",
         kubectl=k8s / "kubectl",
         helm=root / f"helm-{versions['HELM_VERSION']}" / "helm",
+        prometheus=root / f"prometheus-{versions['PROMETHEUS_VERSION']}" / "prometheus",
+        promtool=root / f"prometheus-{versions['PROMETHEUS_VERSION']}" / "promtool",
         versions=versions,
     )
 
