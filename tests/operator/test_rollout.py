@@ -33,18 +33,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeslim.api.termination import TerminationMessage
 from tests.cluster.fixtures import K8s
-from tests.cluster.node_agent import NodeAgent, PodOutcome
+from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import urlopen_direct, wait_until
 from tests.cluster.tools import binaries
 from tests.operator.support import (
+    artifact_result_hook,
     condition,
     create_model,
     digits_in_s3,
     get_model,
     model_body,
-    result_message,
     wait_phase,
 )
 
@@ -54,24 +53,6 @@ DEADLINE = 15  # progressDeadlineSeconds: long enough for a good pod on a busy m
 SHA_ANNOTATION = "edgeslim.io/artifact-sha256"
 SERVING = "edgeslim.io/model=digits,app.kubernetes.io/component=serving"
 Obj = dict[str, Any]
-
-
-def compressor_hook(s3_server: Any, artifact: bytes):
-    """Ends compressor pods with a passing result for `artifact`, uploaded where
-    the compressor of the pod's spec would have put it."""
-
-    def hook(pod: Obj) -> PodOutcome | None:
-        labels = pod["metadata"].get("labels") or {}
-        if labels.get("app.kubernetes.io/component") != "compressor":
-            return None  # serving pods run for real
-        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-        message = result_message(env["EDGESLIM_SPEC"], artifact=artifact)
-        uri = TerminationMessage.parse(message).artifact.uri
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        s3_server.client().put_object(Bucket=bucket, Key=key, Body=artifact)
-        return PodOutcome(0, message)
-
-    return hook
 
 
 def serving_pods(k8s: K8s, namespace: str) -> list[Any]:
@@ -187,7 +168,7 @@ def test_rollout_new_artifact_and_rollback(
     # 3. An artifact that cannot load: rolled back to sha2, and never retried.
     garbage = b"this is not an ONNX model"
     sha3 = hashlib.sha256(garbage).hexdigest()
-    with node_agent.hooked(compressor_hook(s3_server, garbage)):
+    with node_agent.hooked(artifact_result_hook(s3_server, garbage)):
         generation = patch_spec(k8s, namespace, {"evaluation": {"maxMetricDrop": 0.06}})
         # The rollout starts: a surge pod on sha3 that stays unready.
         wait_until(
