@@ -93,7 +93,7 @@ from edgeslim.operator.settings import Settings
 log = logging.getLogger("edgeslim.operator")
 
 TRACK_LABEL = "edgeslim.io/track"
-CANARY_REASON = "CanaryAnalysis"
+CANARY_REASON = serving.CANARY_REASON
 #: How often running canaries are looked at (the loop in handlers); analyses
 #: still happen once per intervalSeconds, this only bounds how late.
 TICK_SECONDS = 2.0

@@ -60,6 +60,8 @@ Obj = dict[str, Any]
 # with its own connection cap, so a flood of clients on 8080 cannot fail the probes.
 HEALTH_PORT = 8081
 DEADLINE_REASON = "ProgressDeadlineExceeded"
+# A canary's analysis failed (operator/canary.py).
+CANARY_REASON = "CanaryAnalysis"
 # The candidate's bytes in storage are not the bytes that passed the gate.
 CORRUPTED_REASON = "ArtifactCorrupted"
 # The server drains in-flight requests for up to 30 s on SIGTERM (edgeslim serve
@@ -489,7 +491,14 @@ def plan(status: CompressedModelStatus, spec_hash: str, state: RolloutState) -> 
                 event=event,
                 **common,
             )
-        back_done = complete and deployed is not None and deployed.sha256 == last_good.sha256
+        # A canary's stable Deployment never stopped running the last good artifact:
+        # scaling it back to all replicas is not a rollback still under way.
+        canary_failed = is_failed(failed, cand.sha256, spec_hash, CANARY_REASON)
+        back_done = (
+            (complete or canary_failed)
+            and deployed is not None
+            and deployed.sha256 == last_good.sha256
+        )
         return Plan(
             target=last_good,
             phase=Phase.failed if back_done else Phase.deploying,

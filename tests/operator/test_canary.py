@@ -188,14 +188,14 @@ def test_a_canary_rollback_names_the_analysis_in_the_rolled_back_status() -> Non
     )
     dep = serving.build_deployment(
         model(deployment={"replicas": 2}), good, Settings()
-    )  # the stable Deployment, back at full size and complete
+    )  # the stable Deployment, scaling back to all replicas: it never stopped serving
     dep["metadata"]["generation"] = 1
     dep["status"] = {
         "observedGeneration": 1,
         "replicas": 2,
         "updatedReplicas": 2,
-        "availableReplicas": 2,
-        "readyReplicas": 2,
+        "availableReplicas": 1,
+        "readyReplicas": 1,
     }
     p = serving.plan(st, "h1", serving.rollout_state(dep))
     assert p.target == good
