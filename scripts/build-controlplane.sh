@@ -138,8 +138,8 @@ build helm "helm-$HELM_VERSION" \
   helm=helm.sh/helm/v3/cmd/helm
 build kstatus "kstatus-$CLI_UTILS_VERSION" "" kstatus=edgeslim/tools/kstatus
 # Only the Kubernetes service discovery (upstream's plugins/ build tags): the
-# tests scrape through it, and leaving out the cloud SDKs (AWS, Azure, GCE, ...)
-# roughly halves a cold build.
+# tests scrape through it, and the cloud SDKs (AWS, Azure, GCE, ...) of the
+# other discoveries need not be compiled.
 install_module "prometheus-$PROMETHEUS_VERSION" remove_all_sd,enable_kubernetes_sd \
   prometheus=github.com/prometheus/prometheus/cmd/prometheus@"$PROMETHEUS_VERSION" \
   promtool=github.com/prometheus/prometheus/cmd/promtool@"$PROMETHEUS_VERSION"
