@@ -168,6 +168,7 @@ def test_canary_promotes_an_agreeing_artifact_and_rolls_back_a_permuted_one(
             sha2 = st["canary"]["artifact"]
             assert st["canary"]["stable"] == sha1 and sha2 != sha1
             assert st["phase"] == "Deploying" and st["servingArtifact"] == sha1
+            print(kubectl(k8s, namespace, "get", "compressedmodel", "digits"))
             wait_until(lambda: at_step(50), TIMEOUT, 0.3, "the canary at 50%")
             print(kubectl(k8s, namespace, "get", "compressedmodel", "digits"))
             print(kubectl(k8s, namespace, "get", "deploy,pods", "-o", "wide"))
@@ -233,6 +234,10 @@ def test_canary_promotes_an_agreeing_artifact_and_rolls_back_a_permuted_one(
 
         wait_until(back_on_stable, 60, 0.5, "the canary gone, the stable Deployment at 2")
         print(kubectl(k8s, namespace, "get", "compressedmodel", "digits"))
+        print(json.dumps({"canary": c, "failedArtifacts": st["failedArtifacts"]}, indent=2))
+        columns = "custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message"
+        print(kubectl(k8s, namespace, "get", "events", "--sort-by=.metadata.creationTimestamp",
+                      "--field-selector=involvedObject.name=digits", "-o", columns))  # fmt: skip
         rounds = traffic.rounds[mark:]
 
     # The stable artifact answered, and answered right, in every round of the rollback
