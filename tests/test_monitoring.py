@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,8 @@ from edgeslim.operator.settings import Settings
 from edgeslim.serving.metrics import ServingMetrics
 from tests.monitoring import prom
 from tests.operator.test_serving import NEW, model
-from tests.test_chart import one, render
+from tests.cluster.tools import binaries
+from tests.test_chart import CHART, one, render
 
 ALL_ON = ("dashboards.enabled=true", "prometheusRule.enabled=true", "podMonitor.enabled=true")
 
@@ -53,6 +55,12 @@ def test_rendered_prometheus_rule_is_the_rule_file_and_passes_promtool(tmp_path:
     done = prom.promtool("check", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(prom.alerts())} rules found" in done.stdout
+
+
+def test_chart_lints_with_monitoring_on() -> None:
+    argv = [str(binaries().helm), "lint", "--strict", str(CHART), "--set", ",".join(ALL_ON)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_monitoring_objects_are_off_by_default() -> None:
