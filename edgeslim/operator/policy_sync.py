@@ -22,6 +22,7 @@ from edgeslim.operator.runtime import (
     Obj,
     Runtime,
     policies,
+    post_event,
     snapshot,
 )
 from edgeslim.operator.status import now
@@ -81,7 +82,20 @@ def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
         "deleted" if event_type == "DELETED" else "changed",
         entry.generation,
     )
-    for key in _affected(rt, entry):
+    affected = _affected(rt, entry)
+    if event_type != "DELETED":
+        # `kubectl describe compressionpolicy` says what the edit set off.
+        post_event(
+            rt,
+            body,
+            (
+                "Normal",
+                "PolicyChanged",
+                f"generation {entry.generation}: reconciling {len(affected)} models, "
+                f"at most {entry.max_concurrent} compressing at once",
+            ),
+        )
+    for key in affected:
         reconcile_quietly(rt, key)
     if event_type != "DELETED":
         refresh(rt, [entry.key])
