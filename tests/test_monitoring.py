@@ -18,9 +18,9 @@ from edgeslim.operator import serving
 from edgeslim.operator.names import MODEL_LABEL, SERVING_CONTAINER
 from edgeslim.operator.settings import Settings
 from edgeslim.serving.metrics import ServingMetrics
+from tests.cluster.tools import binaries
 from tests.monitoring import prom
 from tests.operator.test_serving import NEW, model
-from tests.cluster.tools import binaries
 from tests.test_chart import CHART, one, render
 
 ALL_ON = ("dashboards.enabled=true", "prometheusRule.enabled=true", "podMonitor.enabled=true")
