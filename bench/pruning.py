@@ -2,12 +2,16 @@
 graph versus Torch-Pruning's DepGraph on the same torch module.
 
     python bench/pruning.py [--quick] [--arch resnet18 ...] [--sparsity 0.3 0.5 0.7]
+                            [--epochs N] [--lr LR] [--criterion l1|activation|taylor]
+                            [--no-batch-norm]
 
 Each architecture of `bench/archs.py` is trained briefly from scratch and exported
 to ONNX (the source). At every sparsity:
 
 - edgeslim: the real pipeline (`compress`) on the source ONNX with
-  `prune: {method: structured, sparsity: s}` then `distill` on the training split;
+  `prune: {method: structured, sparsity: s, criterion}` (l1 unless --criterion)
+  then `distill` on the training split (which holds out 20% of it to pick the best
+  epoch; `batchNorm` on unless --no-batch-norm);
 - Torch-Pruning: `MetaPruner` with `MagnitudeImportance(p=1)` (L1, edgeslim's default
   criterion too), `pruning_ratio=s`, the final layer ignored (BERT: heads pruned whole
   with `num_heads`), then the same distillation budget in plain torch (epochs,
@@ -43,10 +47,11 @@ import torch
 from torch.nn import functional as F
 
 from edgeslim.api.spec import CompressedModel, DistillConfig, PruneConfig
-from edgeslim.compressor import evaluate, graph
+from edgeslim.compressor import datasets, evaluate, graph
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.pipeline import compress
 from edgeslim.compressor.prune import Prune
+from edgeslim.compressor.steps import StepContext
 
 # arch -> teacher training epochs (enough for a usable source on two cores)
 ARCHS = {"mobilenet_v3_small": 12, "resnet18": 6, "bert": 8, "detector": 8}
@@ -133,10 +138,18 @@ def write_data(task: archs.Task, folder: Path) -> None:
 
 
 def edgeslim(
-    folder: Path, source: onnx.ModelProto, task: archs.Task, sparsity: float, budget: DistillConfig
+    folder: Path,
+    source: onnx.ModelProto,
+    task: archs.Task,
+    sparsity: float,
+    budget: DistillConfig,
+    criterion: str = "l1",
 ) -> tuple[Result, list[str]]:
     """The source ONNX through the real pipeline: prune (structured) then distill."""
     started = time.perf_counter()
+    prune = PruneConfig(method="structured", sparsity=sparsity, criterion=criterion)
+    if criterion != "l1":  # data-aware criteria calibrate on the training split
+        prune = prune.model_copy(update={"calibration_dataset": str(folder / "train.npz")})
     spec = {
         "apiVersion": "edgeslim.io/v1alpha1",
         "kind": "CompressedModel",
@@ -150,12 +163,13 @@ def edgeslim(
                 "latencyRuns": 5,
             },
             "pipeline": [
-                {"prune": {"method": "structured", "sparsity": sparsity}},
+                {"prune": prune.model_dump(mode="json", by_alias=True, exclude_none=True)},
                 {
                     "distill": {
                         "dataset": str(folder / "train.npz"),
                         "epochs": budget.epochs,
                         "learningRate": budget.learning_rate,
+                        "batchNorm": budget.batch_norm,
                     }
                 },
             ],
@@ -169,10 +183,17 @@ def edgeslim(
         )
     seconds = time.perf_counter() - started
     result = onnx.load(outcome.model_uri)
-    # The pruned model before distillation: the same prune step on its own (l1 needs no data).
+    # The pruned model before distillation: the same prune step on its own.
     loaded = onnx.load(folder / "source.onnx")
     graph.constants_to_initializers(loaded)
-    pruned = Prune(PruneConfig(method="structured", sparsity=sparsity)).run(loaded, None).model
+    ctx = StepContext(
+        source=loaded,
+        workdir=run,
+        load_dataset=lambda uri, sha, model: datasets.load(Path(uri), model, uri),
+        load_model=lambda uri, sha: onnx.load(uri),
+        evaluation_dataset=str(folder / "val.npz"),
+    )
+    pruned = Prune(prune).run(loaded, ctx).model
     row = measure(result, source, task, quick_metric(pruned, task))
     row.seconds = seconds
     notes = [n for step in outcome.result.steps for n in step.notes]
@@ -299,13 +320,26 @@ def main() -> None:
         help="distillation learning rate (both; default: distill's)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both)")
+    parser.add_argument(
+        "--criterion",
+        default="l1",
+        choices=["l1", "l2", "activation", "taylor"],
+        help="edgeslim's importance criterion (Torch-Pruning: L1 magnitude)",
+    )
+    parser.add_argument(
+        "--no-batch-norm",
+        action="store_true",
+        help="edgeslim's distill without batchNorm (the convs trained bare)",
+    )
     parser.add_argument("--quick", action="store_true", help="sparsity 0.5, 3 epochs")
     args = parser.parse_args()
     if args.quick:
         args.sparsity, args.epochs = [0.5], 3
     threads = args.threads
     # The distillation budget both sides get: distill's defaults unless overridden.
-    budget = DistillConfig(dataset="train.npz", epochs=args.epochs)
+    budget = DistillConfig(
+        dataset="train.npz", epochs=args.epochs, batch_norm=not args.no_batch_norm
+    )
     if args.lr is not None:
         budget = budget.model_copy(update={"learning_rate": args.lr})
 
@@ -331,7 +365,7 @@ def main() -> None:
             table.append(fmt_row(arch, "-", "source", src, src))
             for s in args.sparsity:
                 print(f"{arch} {s}: edgeslim ...", file=sys.stderr, flush=True)
-                ours, step_notes = edgeslim(folder, source, task, s, budget)
+                ours, step_notes = edgeslim(folder, source, task, s, budget, args.criterion)
                 print(f"{arch} {s}: torch-pruning ...", file=sys.stderr, flush=True)
                 peer = torch_pruning(module, source, task, teacher, s, budget)
                 table.append(fmt_row(arch, f"{s:g}", "edgeslim", ours, src))
@@ -344,7 +378,8 @@ def main() -> None:
     print(
         f"\nsparsity = share of channels / neurons / heads removed per group; distillation "
         f"{budget.epochs} epochs, learning rate {budget.learning_rate:g}, on the training split "
-        f"(both); metric on the held-out split "
+        f"(both); edgeslim criterion {args.criterion}, distill batchNorm "
+        f"{'on' if budget.batch_norm else 'off'}; metric on the held-out split "
         f"(accuracy %, detector: IoU %); latency batch 1, 1 thread, p50 of {LATENCY_RUNS}; "
         f"{threads} torch thread(s) on {os.cpu_count()} cores; {minutes:.1f} min\n"
     )
@@ -363,7 +398,10 @@ def main() -> None:
 
 def _summary(note: str) -> bool:
     """The notes worth a line under the table: prune's summary and distill's outcome."""
-    return note.startswith(("structured:", "held out")) or "did not improve" in note
+    return (
+        note.startswith(("structured:", "held out", "trained with BatchNorm"))
+        or "did not improve" in note
+    )
 
 
 def _mark(ok: bool) -> str:
