@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -206,6 +207,9 @@ def test_rollout_new_artifact_and_rollback(
     assert dep.metadata.generation == before
     assert dep.spec.template.metadata.annotations[SHA_ANNOTATION] == sha2
     assert get_model(k8s, namespace, "digits")["status"]["phase"] == "Failed"
+    # Counted once each, however many events the operator saw meanwhile.
+    rollouts = re.findall(r'^edgeslim_rollouts_total\{result="(\w+)"\} (\S+)$', op.metrics(), re.M)
+    assert {r: float(n) for r, n in rollouts} == {"complete": 2, "rolled_back": 1, "failed": 0}
     show(k8s, namespace)
 
     # 4. Deleting the object deletes the serving objects (garbage collector).
