@@ -5,7 +5,7 @@ rolling wave of `maxConcurrent`)."""
 
 from __future__ import annotations
 
-from edgeslim.api.status import CompressedModelStatus, Phase
+from edgeslim.api.status import CompressedModelStatus, Phase, PolicyRef
 from edgeslim.operator import policy, status
 from edgeslim.operator.queue import ModelKey
 from edgeslim.operator.runtime import (
@@ -36,13 +36,8 @@ def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj) -> Obj:
         # top level (each target's entry has its own phase; no Pending here).
         _record_object_ref(rt, (key[0], key[1].partition("/")[0]), body)
         return body
-    try:
-        chosen = selecting_policy(body)
-    except InvalidSpec:
-        chosen = None  # two policies: it reflects neither (the reconcile fails it)
-    ref = chosen.ref() if chosen is not None else None
-    raw = body.get("status") or {}
-    if raw.get("policy") == (ref.wire() if ref else None):
+    ref = _wanted_ref(body)
+    if _written(body, ref):
         return body
     try:
         spec_hash: str | None = parse_model(body).spec.spec_hash()
@@ -65,16 +60,24 @@ def record_policy_ref(rt: Runtime, key: ModelKey, body: Obj) -> Obj:
     return rt.kube.get_model(*key) or body
 
 
-def _record_object_ref(rt: Runtime, key: ModelKey, body: Obj) -> None:
+def _wanted_ref(body: Obj) -> PolicyRef | None:
     try:
         chosen = selecting_policy(body)
     except InvalidSpec:
-        chosen = None
-    ref = chosen.ref() if chosen is not None else None
-    if (body.get("status") or {}).get("policy") == (ref.wire() if ref else None):
+        return None  # two policies: it reflects neither (the reconcile fails it)
+    return chosen.ref() if chosen is not None else None
+
+
+def _written(body: Obj, ref: PolicyRef | None) -> bool:
+    return (body.get("status") or {}).get("policy") == (ref.wire() if ref else None)
+
+
+def _record_object_ref(rt: Runtime, key: ModelKey, body: Obj) -> None:
+    ref = _wanted_ref(body)
+    if _written(body, ref):
         return  # a variant body's status is its target's entry: read the object's
     obj = rt.kube.get_model(*key)
-    if obj is None or (obj.get("status") or {}).get("policy") == (ref.wire() if ref else None):
+    if obj is None or _written(obj, ref):
         return
     write_status(rt, key, lambda cur, _b: cur.model_copy(update={"policy": ref}).wire(), obj)
 

@@ -4,8 +4,9 @@ policy's status counts its models by phase.
 
 Cheap by construction: which models a policy selects and what phase each is in
 come from the in-memory model index (labels, phase, status.policy), never
-from an API list; a policy's status is written only when a count or condition
-changes, and at most once per model event.
+from an API list; model events mark their policies for a recount that runs at
+most every half second, and a policy's status is written only when a count or
+condition changed.
 """
 
 from __future__ import annotations
