@@ -165,6 +165,13 @@ def test_every_panel_and_alert_on_a_real_prometheus(
         empty = [t for t, q in prom.panel_queries() if not _finite(server.query(q))]
         assert not empty, f"panels without data: {empty}"
 
+        # The namespace variable's query (Grafana's label_values) lists this namespace.
+        for variable in prom.dashboard()["templating"]["list"]:
+            found = re.fullmatch(r"label_values\((.*), (\w+)\)", variable.get("definition", ""))
+            if found:
+                values = server.api(f"label/{found[2]}/values", **{"match[]": found[1]})
+                assert namespace in values, (variable["name"], values)
+
         # What the panels show is this model, labelled as the dashboard groups it.
         queries = dict(prom.panel_queries())
         rate = server.query(queries["Inference requests by model"])
