@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from edgeslim import __version__
 from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.operator.names import API_GROUP, API_VERSION, PLURAL
+from edgeslim.operator.rest import Rest
 
 Obj = dict[str, Any]
 USER_AGENT = f"edgeslim-operator/{__version__}"
@@ -70,10 +71,9 @@ def _request(
 class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api = api_client
-        self.core = client.CoreV1Api(api_client)
-        self.batch = client.BatchV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.apps = client.AppsV1Api(api_client)
+        # The generated API classes' names and answers, without their ~29 MB of
+        # models and validators (see `rest`).
+        self.core = self.batch = self.custom = self.apps = Rest(api_client)
 
     @classmethod
     def connect(cls, pool_size: int = 32) -> Kube:

@@ -14,7 +14,11 @@ from edgeslim.redact import RedactingFilter
 
 
 def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
-    from edgeslim.operator import handlers  # noqa: F401  (registers the handlers)
+    from edgeslim.operator import (
+        handlers,  # noqa: F401  (registers the handlers)
+        malloc,
+        memdebug,
+    )
     from edgeslim.operator.kube import Kube
     from edgeslim.operator.settings import Settings
 
@@ -29,6 +33,8 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     settings = Settings.from_env()
     watched = namespaces or ([settings.namespace] if settings.namespace else [])
     configure_logging(settings.log_format, verbose)
+    malloc.tune()  # before kopf starts its handler threads
+    memdebug.install()  # EDGESLIM_MEMORY_DEBUG only
     asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
     return 0
 
