@@ -67,6 +67,7 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
     """
     body = get_model(rt, key)  # a target's key: its variant body (see `variants`)
     if body is None or body["metadata"].get("deletionTimestamp"):
+        canary.ACTIVE.discard(key)  # no more canary ticks for it
         return  # ownerReferences: the garbage collector takes Deployment and Service
     try:
         model = parse_model(body)
