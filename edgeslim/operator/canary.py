@@ -79,7 +79,7 @@ from edgeslim.api.status import (
     Phase,
     ServedArtifact,
 )
-from edgeslim.operator import serving, status, variants
+from edgeslim.operator import ownership, serving, status, variants
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     ARTIFACT_SHA_ANNOTATION,
@@ -397,6 +397,11 @@ def reconcile(
     cur = status.parse(body.get("status"))
     c = cur.canary
     canary_dep = rt.kube.read_deployment(namespace, canary_name(name)) if (spec or c) else None
+    # Never touch (scale, delete) a `<name>-canary` that is not this model's: NameConflict.
+    found = ownership.claim(
+        canary_dep, "Deployment", canary_name(name), name, model.metadata.uid or ""
+    )
+    ownership.require(found, namespace)
     spec_hash = model.spec.spec_hash()
     cand = serving.candidate(cur, spec_hash)
     state = serving.rollout_state(main)
