@@ -231,6 +231,29 @@ def pareto_front(candidates: list[CandidateFigures], top: int = PARETO_TOP) -> l
     ]
 
 
+class SplitFile(OpenWireModel):
+    """One file of a split artifact, beside model.onnx under parts/."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+
+
+class SplitArtifacts(OpenWireModel):
+    """deployment.split: the artifact cut into parts that run one after another, and the
+    check that the chain answers as the whole artifact does on the evaluation data."""
+
+    plan: SplitFile
+    """parts/split.json: each part's inputs, outputs, bytes and the cuts (kind SplitPlan)."""
+    parts: list[SplitFile]
+    """parts/part-<i>.onnx, in the order they run."""
+    samples: int
+    """Evaluation samples the chain was compared on."""
+    max_abs_diff: float
+    """Largest |whole - chain| over every output and sample."""
+    tolerance: float
+
+
 class CompressionResult(OpenWireModel):
     api_version: Literal["edgeslim.io/v1alpha1"] = Field(default=GROUP_VERSION, alias="apiVersion")
     kind: Literal["CompressionResult"] = "CompressionResult"
@@ -262,3 +285,5 @@ class CompressionResult(OpenWireModel):
     one when none passed)."""
     search: SearchRecord | None = None
     """spec.optimize only: objective, budgets, sensitivity analysis."""
+    split: SplitArtifacts | None = None
+    """deployment.split only: the parts stored beside the artifact (gate passed)."""

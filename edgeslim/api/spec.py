@@ -357,6 +357,44 @@ class Toleration(WireModel):
     """NoExecute only: how long a pod stays bound after the taint appears (default: forever)."""
 
 
+MAX_SPLIT_PARTS = 8
+
+
+class SplitPartPlacement(WireModel):
+    """Where one part of a split model runs (its own node class)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels this part's pods need, merged over deployment.nodeSelector."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints this part's pods tolerate, besides deployment.tolerations."""
+
+
+class SplitSpec(WireModel):
+    """Serve the artifact as a chain of parts (model parallelism): the compressor cuts it
+    with `edgeslim split`, checks the chain against the whole model on the evaluation data
+    and stores parts/part-i.onnx with parts/split.json; the operator runs one Deployment
+    and Service per part (`<name>-part-<i>`), each forwarding to the next; clients call
+    part 0's Service. Give parts, maxPartBytes or both."""
+
+    parts: int | None = Field(default=None, ge=2, le=MAX_SPLIT_PARTS)
+    """Number of parts (2 to 8), cut where parameter bytes balance."""
+    max_part_bytes: int | None = Field(default=None, ge=1)
+    """Parameter bytes a part may hold at most; alone, the fewest parts that fit."""
+    placement: list[SplitPartPlacement] = Field(default_factory=list, max_length=MAX_SPLIT_PARTS)
+    """Per part, in order (part 0 first): its nodeSelector and tolerations; parts past
+    the list's end use deployment's own."""
+
+    @model_validator(mode="after")
+    def _some(self) -> SplitSpec:
+        if self.parts is None and self.max_part_bytes is None:
+            raise ValueError("split: give parts, maxPartBytes or both")
+        if self.parts is not None and len(self.placement) > self.parts:
+            raise ValueError(
+                f"split.placement: {len(self.placement)} entries for {self.parts} parts"
+            )
+        return self
+
+
 class DeploymentSpec(WireModel):
     """Serve the compressed model on edge nodes once it passes the gate."""
 
@@ -376,6 +414,9 @@ class DeploymentSpec(WireModel):
     """Roll each new artifact out in steps judged on live traffic (errors, latency,
     agreement with the stable artifact) instead of all at once; unset: a rolling update
     gated by readiness only."""
+    split: SplitSpec | None = None
+    """Serve the model as a chain of parts on several devices (see SplitSpec); not with
+    canary or spec.targets."""
 
 
 MAX_TARGETS = 16
@@ -473,6 +514,13 @@ class CompressedModelSpec(WireModel):
             raise ValueError("output: a deployment needs an output location")
         if self.optimize and self.optimize.place_on_deployment_nodes and not self.deployment:
             raise ValueError("optimize.placeOnDeploymentNodes: needs spec.deployment")
+        if self.deployment is not None and self.deployment.split is not None:
+            # A canary shares one Service between two Deployments of one model and
+            # targets name one Deployment per node class: neither has a chain of parts.
+            if self.deployment.canary is not None:
+                raise ValueError("deployment.split: not with deployment.canary")
+            if self.targets:
+                raise ValueError("deployment.split: not with spec.targets")
         return self
 
     @model_validator(mode="after")
@@ -525,6 +573,13 @@ class CompressedModelSpec(WireModel):
         payload = self.model_dump(
             mode="json", by_alias=True, exclude_none=True, exclude=_NOT_HASHED
         )
+        split = self.deployment.split if self.deployment else None
+        if split is not None:
+            # The compressor stores the parts beside the artifact: how it cuts is part of
+            # the result (where each part runs is not). Absent: hashes stay as they were.
+            payload["split"] = split.model_dump(
+                mode="json", by_alias=True, exclude_none=True, exclude={"placement"}
+            )
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -14,6 +14,20 @@ from pydantic import Field
 
 from edgeslim.api.base import GROUP_VERSION, OpenWireModel
 
+#: deployment.split: the parts lie in this folder beside the artifact's model.onnx.
+PARTS_DIR = "parts"
+PLAN_FILE = "split.json"
+
+
+def part_file(index: int) -> str:
+    return f"part-{index}.onnx"
+
+
+def part_uri(artifact_uri: str, index: int) -> str:
+    """Where part `index` of a split artifact lies: `<artifact folder>/parts/part-<i>.onnx`
+    (one place, for the compressor that writes it and the operator that serves it)."""
+    return f"{artifact_uri.rsplit('/', 1)[0]}/{PARTS_DIR}/{part_file(index)}"
+
 
 class CrossingTensor(OpenWireModel):
     """One tensor sent from a part to the next."""

@@ -56,6 +56,15 @@ class Condition(OpenWireModel):
     """metadata.generation the condition was set for."""
 
 
+class PartArtifact(OpenWireModel):
+    """One part of a split artifact (deployment.split)."""
+
+    uri: str
+    """Where parts/part-<i>.onnx lies."""
+    sha256: str
+    """sha256 of the part file."""
+
+
 class ArtifactStatus(OpenWireModel):
     """The compressed model the current spec produced."""
 
@@ -67,6 +76,8 @@ class ArtifactStatus(OpenWireModel):
     """Size of the compressed model file in bytes."""
     manifest_uri: str | None = None
     """Where its manifest.json (figures, inputs, versions) lies."""
+    parts: list[PartArtifact] | None = None
+    """deployment.split: the parts the chain serves, in order (part 0 first)."""
 
 
 class ServedArtifact(OpenWireModel):
@@ -76,6 +87,8 @@ class ServedArtifact(OpenWireModel):
     """Where the served model.onnx lies."""
     sha256: str
     """sha256 of the served model file."""
+    parts: list[PartArtifact] | None = None
+    """deployment.split: the parts of this artifact the part Deployments run."""
 
 
 class FailedArtifact(OpenWireModel):

@@ -56,6 +56,9 @@ class TerminationMessage(OpenWireModel):
     and compares storage with it later)."""
     versions: dict[str, str] | None = None
     """Toolchain versions that made the result (manifest.json `versions`)."""
+    parts: list[str] | None = None
+    """deployment.split only: sha256 of parts/part-<i>.onnx beside the artifact, in order
+    (never left out: at most 8 x 64 characters, and the rollout pins each part)."""
 
     DROP_ORDER: ClassVar[tuple[str, ...]] = (
         "pareto",
@@ -93,6 +96,7 @@ class TerminationMessage(OpenWireModel):
             pareto=pareto_front(result.candidates) if result.candidates else None,
             source=next((i for i in result.inputs if i.field == "source"), None),
             versions=dict(result.versions) or None,
+            parts=[p.sha256 for p in result.split.parts] if result.split else None,
         )
         return full if limit is None else full.fitted(limit)
 

@@ -396,6 +396,13 @@ def _finish(
     model_uri = storage.join(prefix, MODEL_FILE if passed else REJECTED_MODEL_FILE)
     manifest_uri = storage.join(prefix, MANIFEST_FILE)
     artifact = graph.figures(result_bytes, model, uri=model_uri)
+    split_spec = spec.deployment.split if spec.deployment else None
+    split_out = None
+    if passed and split_spec is not None:
+        from edgeslim.compressor.split_artifact import split_artifact
+
+        log("splitting the artifact into parts (deployment.split)")
+        split_out = split_artifact(model, split_spec, eval_data, model_uri)
     result = CompressionResult(
         name=obj.metadata.name,
         namespace=namespace,
@@ -412,10 +419,13 @@ def _finish(
         versions=_versions(),
         inputs=inputs,
         notes=notes,
+        split=split_out.record if split_out else None,
     )
     log(f"writing {prefix}")
     # The model goes first and the manifest last: a manifest's presence means a complete result.
     storage.put_bytes(result_bytes, model_uri)
+    for blob, uri in split_out.files if split_out else []:
+        storage.put_bytes(blob, uri)
     storage.put_bytes(
         json.dumps(result.wire(), indent=2).encode(), manifest_uri, "application/json"
     )

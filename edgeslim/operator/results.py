@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from edgeslim import storage
 from edgeslim.api.result import CompressionResult
 from edgeslim.api.spec import CompressedModel
-from edgeslim.api.status import ArtifactStatus, Phase, Results
+from edgeslim.api.split import part_uri
+from edgeslim.api.status import ArtifactStatus, PartArtifact, Phase, Results
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.errors import BadInput
 from edgeslim.operator.jobs import (
@@ -137,6 +138,12 @@ def artifact_status(result: TerminationMessage) -> ArtifactStatus | None:
         sha256=result.artifact.sha256,
         size_bytes=result.artifact.size_bytes,
         manifest_uri=result.manifest_uri,
+        parts=[
+            PartArtifact(uri=part_uri(result.artifact.uri, i), sha256=sha)
+            for i, sha in enumerate(result.parts)
+        ]
+        if result.parts
+        else None,
     )
 
 
