@@ -70,6 +70,11 @@ def render(result: CompressionResult, fmt: str) -> bytes:
             fontsize=8,
             arrowprops={"arrowstyle": "-", "color": "black", "linewidth": 0.8},
         )
+    sizes = [c.gzip_size_bytes for c in measured] + [result.source.gzip_size_bytes]
+    if max(sizes) > 30 * min(sizes):
+        # Pruned candidates can be 100x smaller than the formats: on a linear axis
+        # they would all sit on the y axis.
+        ax.set_xscale("log")
     ax.set_xlabel("download size (gzip, kB)")
     ax.set_ylabel(f"{result.evaluation.metric} drop (lower is better)")
     ax.set_title(f"{result.name}: {len(result.candidates)} candidates", fontsize=10)
