@@ -23,6 +23,7 @@ from tests.operator.support import (
     model_jobs,
     wait_phase,
 )
+from tests.results import expected_prefix
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TIMEOUT = 300
@@ -44,7 +45,9 @@ def test_candidates_run_as_separate_jobs_within_the_limit_and_resume(
     del body["spec"]["pipeline"]
     body["spec"]["optimize"] = {"objective": "download", "maxCandidates": PLANNED}
     spec_hash = CompressedModel.model_validate(body).spec.spec_hash()
-    prefix = f"edge/{namespace}/fanned/{spec_hash}/"
+    # <spec-hash>/<inputs-id>/: the folder of this content of the inputs
+    prefix = expected_prefix(body, f"s3://{s3}/edge/", namespace).removeprefix(f"s3://{s3}/")
+    assert prefix.startswith(f"edge/{namespace}/fanned/{spec_hash}/")
 
     peak, progress = 0, set()
     stop = threading.Event()
