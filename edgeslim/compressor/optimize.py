@@ -299,6 +299,7 @@ def _pruning(search: Search, train: str, train_sha: str | None) -> None:
     chain: list[tuple[float, float | None]] = []
     cut = PRUNE_START
     last = 0.0  # seconds the last probe took: the next one takes about as long
+    size = search.ctx.source.ByteSize()  # of the last passing student
     while cut >= PRUNE_MIN_CUT:
         passed = False
         for lr in (None, *PRUNE_RETRY_RATES):
@@ -312,11 +313,14 @@ def _pruning(search: Search, train: str, train_sha: str | None) -> None:
             if res.passed:
                 passed = True
                 break
-            if res.figures.drop is None:  # could not be built: another rate will not help
-                break
+            if res.figures.drop is None:  # could not be built: nor will a smaller cut be
+                return
         if not passed:
             cut = round(cut / 2, 4)
             continue
+        if res.figures.size_bytes >= size:  # nothing left to cut (every layer at its minimum)
+            return
+        size = res.figures.size_bytes
         chain.append((cut, lr))
         for step in formats:
             name = f"{probe.name} + {_format_name(search, step)}"
