@@ -65,6 +65,18 @@ class PartArtifact(OpenWireModel):
     """sha256 of the part file."""
 
 
+class SplitServingStatus(OpenWireModel):
+    """deployment.split: the chain of part Deployments serving the model."""
+
+    parts: int
+    """Part Deployments (and Services) running, `<name>-part-0` first."""
+    service: str
+    """The Service clients call: part 0's, which forwards through the chain and answers
+    with the whole model's outputs."""
+    ready_replicas: list[int] = Field(default_factory=list)
+    """Ready pods of each part's Deployment, part 0 first."""
+
+
 class ArtifactStatus(OpenWireModel):
     """The compressed model the current spec produced."""
 
@@ -212,5 +224,7 @@ class CompressedModelStatus(OpenWireModel):
     behind; then Failed, else Rejected, if any target ended so)."""
     targets_ready: str | None = None
     """spec.targets only: targets Ready / targets (`1/2`), the TARGETS column."""
+    split: SplitServingStatus | None = None
+    """deployment.split only: the part Deployments and the Service to call."""
     canary: CanaryStatus | None = None
     """spec.deployment.canary: the step, share and analyses of the latest canary."""

@@ -17,12 +17,14 @@ __all__ = [
     "KIND",
     "KUEUE_QUEUE_LABEL",
     "MODEL_LABEL",
+    "PART_LABEL",
     "PLURAL",
     "SPEC_ENV",
     "SPEC_HASH_LABEL",
     "STEP_LABEL",
     "TARGET_LABEL",
     "job_name",
+    "part_serving_name",
     "serving_name",
 ]
 
@@ -110,6 +112,23 @@ def serving_name(model_name: str, target: str = "") -> str:
     if len(prefixed) <= NAME_LIMIT:
         return prefixed
     return f"m-{model_name[:50]}-{_digest(model_name)}"
+
+
+# On a split model's part Deployments, Services and pods: the part's index.
+PART_LABEL = f"{API_GROUP}/part"
+
+
+def part_serving_name(model_name: str, index: int) -> str:
+    """Deployment and Service of part `index` of a split model: `<serving name>-part-<i>`.
+
+    Past 63 characters, the serving name's first 45 plus a digest of the whole model
+    name, like `serving_name`, so two long names that differ only at the end stay apart.
+    """
+    tail = f"-part-{index}"
+    head = serving_name(model_name)
+    if len(head) + len(tail) <= NAME_LIMIT:
+        return head + tail
+    return f"{head[:45]}-{_digest(model_name)}{tail}"
 
 
 def target_serving_name(model_name: str, target: str) -> str:

@@ -14,12 +14,14 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, ServedArtifact
 from edgeslim.errors import BadInput
-from edgeslim.operator import canary, ownership, serving, status, variants
+from edgeslim.operator import canary, ownership, serving, split_serving, status, variants
 from edgeslim.operator.kube import Conflict
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     MODEL_LABEL,
+    PART_LABEL,
     TARGET_LABEL,
+    part_serving_name,
     serving_name,
 )
 from edgeslim.operator.queue import ModelKey
@@ -44,6 +46,10 @@ def deployment_changed(rt: Runtime, event_type: str | None, deployment: Obj) -> 
     labels = meta.get("labels") or {}
     model, target = labels.get(MODEL_LABEL, ""), labels.get(TARGET_LABEL, "")
     key = variants.variant_key(meta["namespace"], model, target)
+    if model and not target and labels.get(PART_LABEL, "").isdigit():
+        if meta["name"] == part_serving_name(model, int(labels[PART_LABEL])):
+            reconcile_serving(rt, key)  # a split model's part: the chain is read whole
+        return
     if not model or meta["name"] != serving_name(model, target):
         return  # carries our label but not our name: not a serving Deployment of ours
     reconcile_serving(rt, key, None if event_type == "DELETED" else deployment)
@@ -94,14 +100,19 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
             if found.verdict is ownership.Verdict.owned and obj is not None:
                 delete(namespace, sname, obj["metadata"]["uid"])
                 log.info("%s/%s: spec.deployment removed; deleted %s", *key, found.kind)
+        split_serving.remove_parts(rt, key, name, uid, status.parse(body.get("status")))
         write_status(
-            rt, key, lambda cur, _b: serving.without_deployment(cur, generation, status.now()), body
+            rt, key, lambda cur, _b: serving.without_deployment(cur, generation, status.now()), None
         )
         return
 
     try:
         for found in claims:
             ownership.require(found, namespace)
+        if model.spec.deployment.split is not None:
+            split_serving.reconcile(rt, key, body, model, (deployment, service))
+            return
+        split_serving.remove_parts(rt, key, name, uid, status.parse(body.get("status")))
         _roll_out(rt, key, body, model, deployment, service)
     except ownership.NameConflict as exc:
         _name_conflict(rt, key, body, str(exc))

@@ -350,7 +350,9 @@ def candidate(status: CompressedModelStatus, spec_hash: str) -> ServedArtifact |
     gate = next((c for c in status.conditions if c.type == ConditionType.gate_passed), None)
     if gate is None or gate.status != "True":
         return None
-    return ServedArtifact(uri=status.artifact.uri, sha256=status.artifact.sha256)
+    return ServedArtifact(
+        uri=status.artifact.uri, sha256=status.artifact.sha256, parts=status.artifact.parts
+    )
 
 
 def is_failed(
