@@ -223,7 +223,7 @@ WITHOUT_SECRETS = {k: v for k, v in EXPECTED_RULES.items() if k != SECRETS}
 def test_expected_rules_are_the_calls_the_code_makes() -> None:
     # Spelled out once, so a new API call shows up in review as a new permission.
     assert verbs_the_operator_uses() == {
-        ("edgeslim.io", "compressedmodels"): {"get", "list", "watch", "patch"},
+        ("edgeslim.io", "compressedmodels"): {"get", "list", "watch", "create", "patch"},
         ("edgeslim.io", "compressedmodels/status"): {"patch"},
         ("edgeslim.io", "compressionpolicies"): {"list", "watch"},
         ("edgeslim.io", "compressionpolicies/status"): {"patch"},

@@ -470,3 +470,59 @@ def test_cli_compresses_what_the_operator_would(tmp_path: Path) -> None:
     broken = _policy(defaults={"pipeline": [{"quantize": {}}], "optimize": {}})
     bad = cli(str(spec), "--policy", str(_write(tmp_path / "bad.yaml", broken)))
     assert bad.returncode == 2 and "at most one of pipeline and optimize" in bad.stderr
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def test_discovered_names_are_dns_labels_and_never_collide() -> None:
+    from edgeslim.operator.policy_discovery import model_name
+
+    assert model_name("vision/Digits_CNN") == "vision-digits-cnn"
+    assert model_name("a") == "a"
+    long_a, long_b = "x" * 60 + "/a", "x" * 60 + "/b"
+    assert model_name(long_a) != model_name(long_b)
+    assert all(len(model_name(n)) <= 52 for n in (long_a, long_b))
+    assert model_name("__").startswith("m-")
+
+
+def test_a_model_file_needs_its_dataset_beside_it() -> None:
+    from edgeslim.operator.policy_discovery import pairs
+
+    uris = [
+        "s3://models/team-a/cnn.onnx",
+        "s3://models/team-a/cnn.val.npz",
+        "s3://models/team-a/sub/Big.onnx",
+        "s3://models/team-a/sub/Big.val.npz",
+        "s3://models/team-a/lonely.onnx",
+        "s3://models/team-a/notes.txt",
+    ]
+    assert pairs("s3://models/team-a", uris, ".val.npz") == [
+        ("cnn", "s3://models/team-a/cnn.onnx", "s3://models/team-a/cnn.val.npz"),
+        ("sub-big", "s3://models/team-a/sub/Big.onnx", "s3://models/team-a/sub/Big.val.npz"),
+    ]
+
+
+def test_a_discovered_model_is_selected_and_complete() -> None:
+    from edgeslim.operator.policy_discovery import model_body
+
+    body = _policy()
+    body["spec"]["discover"] = {
+        "uri": "s3://models/team-a/",
+        "credentialsSecret": "s3-creds",
+        "output": {"uri": "s3://models/edge/"},
+    }
+    entry = policy.policy_entry(body)
+    assert entry.policy is not None
+    made = model_body(
+        entry.policy, "uid-1", "cnn", "s3://models/a/cnn.onnx", "s3://models/a/cnn.val.npz"
+    )
+    assert made["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert policy.policy_for([entry], made) is entry
+    spec = runtime.CompressedModel.model_validate(policy.effective_body(made, entry)).spec
+    assert spec.source.credentials_secret == "s3-creds"
+    assert spec.evaluation.max_metric_drop == 0.02 and spec.output.uri == "s3://models/edge/"
+    without_labels = _policy(selector={"matchExpressions": [{"key": "t", "operator": "Exists"}]})
+    without_labels["spec"]["discover"] = body["spec"]["discover"]
+    with pytest.raises(ValidationError, match=r"discover: needs selector\.matchLabels"):
+        CompressionPolicy.model_validate(without_labels)

@@ -222,6 +222,15 @@ POLICY_CEL_RULES: dict[str, list[Schema]] = {
         )
     ],
     "spec.defaults.pipeline": CEL_RULES["spec.pipeline"],
+    "spec": [
+        _rule(
+            "!has(self.discover) || (has(self.selector.matchLabels)"
+            " && size(self.selector.matchLabels) > 0)",
+            "discover: needs selector.matchLabels (the created models carry them)",
+            fieldPath=".selector.matchLabels",
+            reason="FieldValueRequired",
+        )
+    ],
 }
 
 # Schema paths of list nodes that are maps keyed by a field (server-side apply merges them).

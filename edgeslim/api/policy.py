@@ -27,13 +27,16 @@ from edgeslim.api.base import OpenWireModel, WireModel
 from edgeslim.api.merge import merge_spec
 from edgeslim.api.partial import partial
 from edgeslim.api.spec import (
+    DNS_LABEL,
     CompressedModelSpec,
     DeploymentSpec,
     Evaluation,
     ObjectMeta,
     Optimize,
+    Output,
     PipelineStep,
     ResourceRequirements,
+    Uri,
     check_step_order,
 )
 from edgeslim.api.status import Condition
@@ -140,6 +143,32 @@ class ModelDefaults(WireModel):
         return self
 
 
+class Discovery(WireModel):
+    """Create a CompressedModel for every model file under an object-store prefix, so
+    adding a file to the bucket is all a team does. Each `<name>.onnx` with its
+    evaluation dataset beside it (`<name>.val.npz`) becomes a model named after
+    the file, labelled with the selector's matchLabels (so this policy selects it)
+    and owned by the policy (deleting the policy deletes the models it created).
+    Files are never un-created: removing one from the bucket leaves its model."""
+
+    uri: Uri
+    """The prefix to scan, e.g. s3://models/team-a/ (sub-folders included)."""
+    credentials_secret: str | None = Field(default=None, pattern=DNS_LABEL, max_length=253)
+    """Secret (the policy's namespace) with the storage credentials, used for the scan
+    and as each created model's source.credentialsSecret."""
+    output: Output
+    """Where the created models put their artifacts."""
+    dataset_suffix: str = Field(
+        default=".val.npz", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
+    )
+    """The evaluation dataset of `<name>.onnx` is `<name>` plus this, beside it; a
+    model file without one is skipped."""
+    interval_seconds: int = Field(default=300, ge=10, le=86_400)
+    """How often the prefix is scanned (and at once when the policy changes)."""
+    max_models: int = Field(default=1000, ge=1, le=10_000)
+    """Most models the policy creates; the scan stops with a message beyond it."""
+
+
 class CompressionPolicySpec(WireModel):
     selector: LabelSelector
     """CompressedModels in this namespace the policy applies to. A model selected by
@@ -150,6 +179,15 @@ class CompressionPolicySpec(WireModel):
     """Most selected models compressing at once (within the operator's own Job
     limit): a policy edit re-compresses its models in a rolling wave of this size,
     never all at once."""
+    discover: Discovery | None = None
+    """Optionally, create the models from an object-store prefix (see Discovery);
+    needs selector.matchLabels, which the created models carry."""
+
+    @model_validator(mode="after")
+    def _discovered_models_are_selected(self) -> CompressionPolicySpec:
+        if self.discover is not None and not self.selector.match_labels:
+            raise ValueError("discover: needs selector.matchLabels (the created models carry them)")
+        return self
 
 
 class CompressionPolicyStatus(OpenWireModel):

@@ -129,6 +129,19 @@ class Kube:
                 raise Conflict(api_message(exc)) from exc
             raise
 
+    def create_model(self, body: Obj) -> Obj | None:
+        """Creates a CompressedModel (a CompressionPolicy's discovery); None when one
+        of that name exists already (HTTP 409): it is left as it is."""
+        return _request(
+            self.custom.create_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            body["metadata"]["namespace"],
+            PLURAL,
+            body,
+            exists_ok=True,
+        )
+
     # -- CompressionPolicies -------------------------------------------------
 
     def patch_policy_status(self, namespace: str, name: str, status: Obj) -> Obj | None:

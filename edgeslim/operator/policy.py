@@ -38,6 +38,7 @@ class PolicyEntry:
     policy: CompressionPolicy | None  # None: the object does not parse (see `error`)
     error: str = ""
     status: Obj | None = None  # as last written, to skip writes that change nothing
+    uid: str = ""
 
     @property
     def key(self) -> PolicyKey:
@@ -56,6 +57,14 @@ class PolicyEntry:
     def ref(self) -> PolicyRef:
         return PolicyRef(name=self.name, generation=self.generation)
 
+    def reference(self) -> Obj:
+        """Enough of the object for an Event or an ownerReference about it."""
+        return {
+            "apiVersion": "edgeslim.io/v1alpha1",
+            "kind": "CompressionPolicy",
+            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid},
+        }
+
 
 def policy_entry(body: Obj) -> PolicyEntry:
     """The index entry of a policy object; never raises (an index must not fail)."""
@@ -72,6 +81,7 @@ def policy_entry(body: Obj) -> PolicyEntry:
         policy=policy,
         error=error,
         status=body.get("status"),
+        uid=meta.get("uid") or "",
     )
 
 

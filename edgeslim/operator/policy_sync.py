@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 
 from edgeslim import metrics
-from edgeslim.operator import compression, policy
+from edgeslim.operator import compression, policy, policy_discovery
 from edgeslim.operator.runtime import (
     InvalidSpec,
     ModelEntry,
@@ -74,6 +75,8 @@ def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
         else:
             _handled[entry.key] = entry.generation
     if event_type is None or (event_type != "DELETED" and before == entry.generation):
+        if policy_discovery.due(entry, time.monotonic()):  # first sight: scan at once
+            policy_discovery.discover(rt, entry)
         refresh(rt, [entry.key])
         return
     log.info(
@@ -83,6 +86,8 @@ def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
         "deleted" if event_type == "DELETED" else "changed",
         entry.generation,
     )
+    if event_type != "DELETED":
+        policy_discovery.discover(rt, entry)  # new models' own handlers take them on
     affected = _affected(rt, entry)
     if event_type != "DELETED":
         # `kubectl describe compressionpolicy` says what the edit set off.
@@ -202,4 +207,8 @@ def resync(rt: Runtime) -> None:
                 stale.add(_object_key(key))
     for key in sorted(stale):
         reconcile_quietly(rt, key)
+    now = time.monotonic()
+    for entry in by_key.values():
+        if policy_discovery.due(entry, now):
+            policy_discovery.discover(rt, entry)
     refresh(rt)

@@ -211,3 +211,14 @@ def delete_prefix(uri: str) -> int:
     per the bucket's lifecycle rules).
     """
     return local.delete_prefix(uri) if _is_local(uri) else s3.delete_prefix(uri)
+
+
+# ---------------------------------------------------------------------- listing
+
+
+def list_uris(uri: str, limit: int = 10_000) -> list[str]:
+    """URIs of the objects under ``uri`` (a directory), at most ``limit``; s3:// only
+    (what a CompressionPolicy discovers models from)."""
+    if _is_local(uri):
+        raise BadInput(f"{uri}: listing needs an s3:// prefix")
+    return s3.list_uris(uri, limit)

@@ -529,3 +529,19 @@ def delete_prefix(uri: str) -> int:
                 return count
             raise
     return count
+
+
+def list_uris(uri: str, limit: int) -> list[str]:
+    """s3:// URIs of the objects under ``uri`` taken as a directory, at most ``limit``
+    (BadInput beyond it: a prefix that large is not a team's model folder)."""
+    _, bucket, key = parse(uri)
+    prefix = key if key.endswith("/") or not key else key + "/"
+    found: list[str] = []
+    with _s3_errors("list", uri):
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                found.append(f"s3://{bucket}/{obj['Key']}")
+                if len(found) > limit:
+                    raise BadInput(f"{uri}: more than {limit} objects under the prefix")
+    return found

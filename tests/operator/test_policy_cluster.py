@@ -9,6 +9,7 @@ checked here is the spec each Job carries, the waves of Jobs and the statuses.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client as client_lib
 
 from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.operator.names import API_GROUP, API_VERSION, PLURAL, SPEC_ENV
@@ -154,7 +156,7 @@ def test_policy_applies_rolls_in_waves_and_yields_to_the_object(
     watch = JobWatch(k8s, namespace)
     names = [f"m{i:02d}" for i in range(MODELS - 1)]
     with (
-        node_agent.hooked(instant_result_hook({namespace}, delay=1.0, on_start=watch.on_start)),
+        node_agent.hooked(instant_result_hook({namespace}, delay=0.5, on_start=watch.on_start)),
         watch,
     ):
         for name in names:
@@ -337,3 +339,79 @@ def _conflict_then_orphan(k8s: K8s, namespace: str) -> None:
     }
     assert specs["cpu"]["pipeline"][0]["quantize"]["mode"] == "dynamic"
     assert specs["arm"]["pipeline"][0]["quantize"]["mode"] == "static"
+
+
+def test_policy_creates_models_from_a_bucket_prefix(
+    k8s: K8s, namespace: str, node_agent: NodeAgent, run_operator, s3_server, s3: str
+) -> None:
+    """spec.discover: each `<name>.onnx` with its `.val.npz` beside it becomes a model
+    the policy selects (the first scan comes with the policy, or the operator's
+    first resync); a file added later is picked up by the next scan; the models go
+    with the policy (they are owned by it)."""
+    client = s3_server.client()
+
+    def upload(*keys: str) -> None:
+        for key in keys:  # the node agent's hook never reads them
+            client.put_object(Bucket=s3, Key=f"team-a/{key}", Body=b"onnx or npz")
+
+    upload("cnn.onnx", "cnn.val.npz", "sub/Big.onnx", "sub/Big.val.npz", "lonely.onnx")
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in s3_server.env().items()}
+    k8s.core.create_namespaced_secret(
+        namespace,
+        client_lib.V1Secret(metadata=client_lib.V1ObjectMeta(name="s3-creds"), data=data),
+    )
+    op = run_operator()
+    body = _policy(0.05)
+    body["spec"]["discover"] = {
+        "uri": f"s3://{s3}/team-a/",
+        "credentialsSecret": "s3-creds",
+        "output": {"uri": f"s3://{s3}/edge/"},
+        "intervalSeconds": 600,
+    }
+    with node_agent.hooked(instant_result_hook({namespace})):
+        k8s.custom.create_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, POLICY_PLURAL, body
+        )
+
+        def ready(names: set[str]) -> list[Obj] | None:
+            objs = list_models(k8s, namespace)
+            done = {
+                o["metadata"]["name"]
+                for o in objs
+                if (o.get("status") or {}).get("phase") == "Ready"
+            }
+            return objs if done == names else None
+
+        try:
+            objs = wait_until(lambda: ready({"cnn", "sub-big"}), 60, 0.5, "discovered models")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{op.log_tail()}") from exc
+        cnn = next(o for o in objs if o["metadata"]["name"] == "cnn")
+        source = cnn["spec"]["source"]
+        assert (source["uri"], source["credentialsSecret"]) == (
+            f"s3://{s3}/team-a/cnn.onnx",
+            "s3-creds",
+        )
+        assert cnn["spec"]["evaluation"] == {"dataset": f"s3://{s3}/team-a/cnn.val.npz"}
+        assert cnn["metadata"]["labels"]["team"] == "a"
+        assert cnn["status"]["policy"]["name"] == "team-a"
+
+        # The next scan finds a file added later: every intervalSeconds, and at
+        # once when the policy changes (here: a new maxConcurrent).
+        upload("new.onnx", "new.val.npz")
+        k8s.custom.patch_namespaced_custom_object(
+            API_GROUP,
+            API_VERSION,
+            namespace,
+            POLICY_PLURAL,
+            "team-a",
+            {"spec": {"maxConcurrent": 3}},
+        )
+        wait_until(lambda: ready({"cnn", "sub-big", "new"}), 60, 0.5, "the added model")
+
+    # Owned by the policy: the garbage collector deletes them with it (not waited
+    # for here: the collector notices a new kind on its own schedule, ~20 s).
+    uid = _get_policy(k8s, namespace)["metadata"]["uid"]
+    for obj in list_models(k8s, namespace):
+        [owner] = obj["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("CompressionPolicy", "team-a", uid)
