@@ -4,8 +4,9 @@ once with the real compressor, and the artifact serving keeps serving (status an
 the Deployment's pods) until the new one passes the gate; history keeps both.
 
 The re-compression's pod is held in the node agent until the test has looked at
-what serves meanwhile, then runs for real. The operator checks sources every 2 s
-(EDGESLIM_SOURCE_CHECK_SECONDS on the test operator; the spec's minimum is 60).
+what serves meanwhile (and killed and restarted the operator), then runs for
+real. The operator checks sources every 2 s (EDGESLIM_SOURCE_CHECK_SECONDS on
+the test operator; the spec's minimum is 60).
 """
 
 from __future__ import annotations
@@ -130,6 +131,15 @@ def test_a_replaced_source_is_recompressed_once_while_the_old_artifact_serves(
             if e.reason == "SourceChanged"
         ]
         assert len(said) == 1 and f"artifact {old_sha[:12]} keeps serving" in said[0], said
+        # An operator killed now and started again adopts that Job: still one.
+        op.kill()
+        op = run_operator(EDGESLIM_SOURCE_CHECK_SECONDS="2")
+        wait_until(
+            lambda: f"adopted existing Job {held[0]}" in op.log_tail(50000),
+            60,
+            0.5,
+            "the new operator to adopt the re-compression's Job",
+        )
         release.set()
 
         # 3. The new artifact passes and rolls out; the old one is still in storage.
