@@ -241,7 +241,18 @@ def reconcile(
         log.warning("%s/%s: artifact %s has no parts to serve", *key, p.target.sha256[:12])
         return
     count = len(p.target.parts)
-    # Back to front: a part's pods get ready only once the next part is.
+    # Services first, then Deployments back to front: a part's pods get ready only
+    # once the next part's Service has ready pods behind it.
+    for i in range(count):
+        svc = svcs[i] if i < known else None
+        if (
+            svc is None
+            or svc.get("spec", {}).get("selector")
+            != (build_part_service(model, i)["spec"]["selector"])
+        ):
+            rt.kube.apply_service(
+                build_part_service(model, i), svc["metadata"]["uid"] if svc else None
+            )
     for i in reversed(range(count)):
         existing = deps[i] if i < known else None
         manifest = build_part_deployment(model, p.target, i, rt.settings)
@@ -252,8 +263,6 @@ def reconcile(
             != (manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION])
         ):
             rt.kube.apply_deployment(manifest, existing["metadata"]["uid"] if existing else None)
-        svc = svcs[i] if i < known else None
-        rt.kube.apply_service(build_part_service(model, i), svc["metadata"]["uid"] if svc else None)
     for i in range(count, known):  # parts a smaller split no longer has
         pname = part_serving_name(name, i)
         if deps[i] is not None:
