@@ -368,6 +368,8 @@ def check(rt: Runtime, key: ModelKey, explicit: bool) -> str:
         model = parse_model(body)
     except InvalidSpec:
         return "invalid"
+    if model.spec.targets:
+        return "targets"  # each target has its own status entry: not watched (yet)
     cur = status.parse(body.get("status"))
     spec_hash = model.spec.spec_hash()
     if cur.spec_hash != spec_hash or cur.phase not in FINAL_PHASES:
