@@ -8,7 +8,7 @@ import copy
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import PartArtifact, ServedArtifact
 from edgeslim.api.termination import TerminationMessage
-from edgeslim.operator import results, serving
+from edgeslim.operator import results, serving, status
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     MODEL_LABEL,
@@ -193,3 +193,42 @@ def test_the_termination_message_parts_become_status_parts() -> None:
     )
     st = results.artifact_status(msg)
     assert st is not None and st.parts == artifact(2).parts
+
+
+def test_a_part_that_gave_up_rolls_the_whole_chain_back_to_the_last_good_parts() -> None:
+    m = model({"parts": 2})
+    good, new = artifact(2), artifact(2, "b" * 64)
+    new = new.model_copy(
+        update={"parts": [p.model_copy(update={"sha256": "c" * 64}) for p in new.parts or []]}
+    )
+    spec_hash = m.spec.spec_hash()
+    cur = status.parse(
+        {
+            "phase": "Deploying",
+            "specHash": spec_hash,
+            "artifact": {**new.wire(), "sizeBytes": 1},
+            "conditions": [
+                {
+                    "type": "GatePassed",
+                    "status": "True",
+                    "reason": "WithinMaxMetricDrop",
+                    "lastTransitionTime": "2024-01-01T00:00:00Z",
+                }
+            ],
+            "lastGoodArtifact": good.wire(),
+        }
+    )
+    # Part 1 got the new artifact and gave up; part 0 still runs the old one.
+    deps = [
+        _done(build_part_deployment(m, good, 0, Settings())),
+        _stuck(build_part_deployment(m, new, 1, Settings())),
+    ]
+    p = serving.plan(cur, spec_hash, chain_state(deps))
+    assert p.reason == "RollingBack" and p.failed[-1].sha256 == new.sha256
+    assert p.target == good  # with its parts: every part Deployment goes back
+    back = [build_part_deployment(m, good, i, Settings()) for i in range(2)]
+    assert _arg(back[1], "--sha256") == "1" * 64
+    # Once every part runs the last good artifact again: RolledBack, Failed.
+    after = status.parse(serving.apply_plan(cur, 2, p, "2024-01-01T00:00:01Z"))
+    q = serving.plan(after, spec_hash, chain_state([_done(d) for d in back]))
+    assert (q.reason, q.phase.value) == ("RolledBack", "Failed")
