@@ -25,7 +25,11 @@ RESULTS = ("passed", "rejected", "failed")
 ROLLOUT_RESULTS = ("complete", "rolled_back", "failed")
 # The handlers that count edgeslim_reconcile_errors_total; created at 0 so a
 # dashboard and a rate() see a flat line rather than no data until the first error.
-HANDLERS = ("reconcile", "dispatch", "job", "serving", "resync", "cleanup")
+HANDLERS = ("reconcile", "dispatch", "job", "serving", "resync", "cleanup", "source")
+# What a check of a source in storage found (operator/source_watch.py): the same bytes,
+# replaced (a re-compression starts), a new compressor (recompressOnUpgrade), nothing
+# to compare with yet, the check failed, or nothing to check (pinned, off, busy...).
+SOURCE_CHECK_RESULTS = ("same", "changed", "upgrade", "unknown", "error", "skipped")
 
 compressions_started = Counter(
     "edgeslim_compressions_started_total",
@@ -78,6 +82,12 @@ rollouts = Counter(
     ["result"],
     registry=REGISTRY,
 )
+source_checks = Counter(
+    "edgeslim_source_checks_total",
+    "Checks that a source model in storage is the one its artifact was made from, by result.",
+    ["result"],
+    registry=REGISTRY,
+)
 reconcile_errors = Counter(
     "edgeslim_reconcile_errors_total",
     "Handler runs that ended in an error (each retry counts).",
@@ -91,6 +101,8 @@ for _handler in HANDLERS:
     reconcile_errors.labels(handler=_handler)
 for _result in ROLLOUT_RESULTS:
     rollouts.labels(result=_result)
+for _result in SOURCE_CHECK_RESULTS:
+    source_checks.labels(result=_result)
 for _phase in PHASES:
     models.labels(phase=_phase).set(0)
 

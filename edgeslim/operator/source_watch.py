@@ -447,6 +447,13 @@ def _message(rec: Recompression, cur: CompressedModelStatus, what: str) -> str:
 
 
 def check_quietly(rt: Runtime, key: ModelKey, explicit: bool) -> str:
+    found = _check_quietly(rt, key, explicit)
+    label = found if found in metrics.SOURCE_CHECK_RESULTS else "skipped"
+    metrics.source_checks.labels(result=label).inc()
+    return found
+
+
+def _check_quietly(rt: Runtime, key: ModelKey, explicit: bool) -> str:
     try:
         return check(rt, key, explicit)
     except (BadInput, StorageUnavailable) as exc:
