@@ -84,6 +84,15 @@ def for_target(obj: CompressedModel, name: str | None) -> CompressedModel:
     return obj.model_copy(update={"spec": obj.spec.for_target(name)})
 
 
+def existing_dir(value: str) -> Path:
+    """argparse type for --workdir: a missing folder is a usage error (exit 2), not a
+    traceback from deep inside tempfile."""
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is not an existing folder")
+    return path
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from edgeslim.clitable import LineProgress, RichProgress, console, print_result
     from edgeslim.compressor.pipeline import compress, write_termination_message
@@ -337,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
         help="compress for this spec.targets entry (its recipe, spec hash and folder)",
     )
     c.add_argument(
-        "--workdir", type=Path, default=None, help="scratch folder (default: system temp)"
+        "--workdir", type=existing_dir, default=None, help="scratch folder (default: system temp)"
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars or table")
     c.add_argument(
@@ -412,7 +421,9 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests get to finish after SIGTERM",
     )
-    s.add_argument("--workdir", type=Path, default=None, help="where s3:// models are downloaded")
+    s.add_argument(
+        "--workdir", type=existing_dir, default=None, help="where s3:// models are downloaded"
+    )
     s.add_argument(
         "--next-part-url",
         default=os.environ.get("EDGESLIM_NEXT_PART_URL"),

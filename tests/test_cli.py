@@ -323,3 +323,16 @@ def test_a_stored_result_is_reused_and_a_damaged_one_recomputed(digits, tmp_path
     # --force recomputes even an intact result.
     assert run(doc, tmp_path, "--force") == EXIT_OK
     assert model.stat().st_ino != second
+
+
+def test_a_missing_workdir_is_a_usage_error(
+    digits, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_for(digits, tmp_path)))
+    with pytest.raises(SystemExit) as exited:
+        main(["compress", str(path), "--workdir", str(tmp_path / "missing")])
+    assert exited.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--workdir" in err and "is not an existing folder" in err and "Traceback" not in err
+    assert written(tmp_path) == []
