@@ -18,6 +18,7 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
         handlers,  # noqa: F401  (registers the handlers)
         malloc,
         memdebug,
+        slim,
     )
     from edgeslim.operator.kube import Kube
     from edgeslim.operator.settings import Settings
@@ -34,6 +35,7 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     watched = namespaces or ([settings.namespace] if settings.namespace else [])
     configure_logging(settings.log_format, verbose)
     malloc.tune()  # before kopf starts its handler threads
+    slim.install()  # watched objects without managedFields
     memdebug.install()  # EDGESLIM_MEMORY_DEBUG only
     asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
     return 0

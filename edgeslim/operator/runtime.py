@@ -43,7 +43,7 @@ class InvalidSpec(Exception):
 # ------------------------------------------------------------- index entries
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 1,000s of these live in the indexes
 class ModelEntry:
     """What the queue and the Job watcher need to know about a CompressedModel."""
 
@@ -60,7 +60,7 @@ class ModelEntry:
     policy_generation: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobEntry:
     name: str
     spec_hash: str
