@@ -8,8 +8,8 @@ Deployments, Services, the next part's Service URL, ownership), that part 0
 stays unready while it cannot reach part 1 (the chain's readiness), then points
 part 0 at part 1's pod address, which is what the Service would route to, and
 checks that the model turns Ready only then and that part 0 answers with the
-whole model's outputs through the real chain. Service routing itself is not
-exercised here.
+whole model's outputs through the real chain; last, removing the split leaves one
+Deployment and Service again. Service routing itself is not exercised here.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def test_split_model_rolls_out_one_deployment_per_part(
     got = np.array(answer["outputs"][0]["data"], np.float32).reshape(expected.shape)
     assert float(np.abs(got - expected).max()) <= 1e-4
     show(k8s, namespace)
+    _split_removed(k8s, namespace, op)
 
 
 def _try(read: Any, name: str, namespace: str) -> Any:
@@ -188,3 +189,27 @@ def _try(read: Any, name: str, namespace: str) -> Any:
         return read(name, namespace)
     except Exception:
         return None
+
+
+def _split_removed(k8s: K8s, namespace: str, op: Any) -> None:
+    """Without the split: one Deployment and Service again, the part objects gone."""
+    changed = k8s.custom.patch_namespaced_custom_object(
+        "edgeslim.io",
+        "v1alpha1",
+        namespace,
+        "compressedmodels",
+        "digits",
+        {"spec": {"deployment": {"split": None}}},
+    )
+    generation = changed["metadata"]["generation"]
+    single = wait_phase(k8s, namespace, "digits", {"Ready"}, TIMEOUT, op, generation=generation)
+    assert "split" not in single["status"]
+    assert "parts" not in single["status"]["artifact"]
+
+    def names() -> tuple[list[str], list[str]]:
+        deps = k8s.apps.list_namespaced_deployment(namespace).items
+        svcs = k8s.core.list_namespaced_service(namespace).items
+        return sorted(d.metadata.name for d in deps), sorted(s.metadata.name for s in svcs)
+
+    wait_until(lambda: names() == (["digits"], ["digits"]), 60, 0.5, "only digits left")
+    show(k8s, namespace)
