@@ -237,7 +237,7 @@ def test_batchnorm_put_back_into_a_pruned_folded_cnn_recovers_more(
         results[batch_norm] = held_out_accuracy(out.model, dataset, cfg), held_out_loss(out.notes)
         if batch_norm:
             assert (
-                "trained with BatchNorm after 7 convolutions (7 set to the source's channel "
+                "trained with BatchNorm after 8 convolutions (8 set to the source's channel "
                 "statistics), folded back after"
             ) in out.notes
             # Folded back: the same nodes and weight shapes as the pruned input.
@@ -258,7 +258,7 @@ def test_batchnorm_folds_back_exactly(mobilenet) -> None:
     x = np.load(dataset)["x"][:64]
     student = RenormStudent(source)
     added, matched = student.attach([torch.from_numpy(x)], 32, source)
-    assert added == matched == 7
+    assert added == matched == 8
     student.fold()
     out = student.write_back(source)
     session = lambda m: ort.InferenceSession(m.SerializeToString())  # noqa: E731

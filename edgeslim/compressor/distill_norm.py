@@ -42,8 +42,10 @@ from edgeslim.compressor.torchgraph import OnnxModule
 from edgeslim.cpus import compute_threads
 
 NORM_OPS = ("Conv", "ConvTranspose")
+# Layers that end the walk back from an output (the head ends at the first of them).
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # BatchNorm epsilon: small, since the statistics are the conv output's own.
-EPS = 1e-5
+EPS = 1e-3
 
 
 class _Norm(nn.modules.batchnorm._BatchNorm):
@@ -116,14 +118,24 @@ class RenormStudent(OnnxModule):
         for key, (total, squares, count) in stats.items():
             mean = total / count
             var = (squares / count - mean * mean).clamp_min(0)
+            goal_mean, goal_var = target.get(names[key], (mean, var))
             norm = _Norm(len(mean), eps=EPS)
             norm.running_mean.copy_(mean.float())
             norm.running_var.copy_(var.float())
-            goal_mean, goal_var = target.get(names[key], (mean, var))
             norm.weight.copy_((goal_var + EPS).sqrt().float())
             norm.bias.copy_(goal_mean.float())
             self.norms[key] = norm
         return len(stats), len(target)
+
+    def _rescale(self, key: str, scale: Tensor) -> None:
+        """Multiply the conv's output channels (weight and bias) by `scale`."""
+        node = self.conv_of[key]
+        weight = self.params[self.param_names[node.input[1]]]
+        bias = self.params[self.param_names[node.input[2]]]
+        shape = [1] * weight.dim()
+        shape[0 if node.op_type == "Conv" else 1] = -1  # ConvTranspose: [in, out, ...]
+        weight.mul_(scale.reshape(shape))
+        bias.mul_(scale)
 
     @torch.no_grad()
     def recalibrate(self, inputs: list[Tensor], batch: int) -> None:
@@ -147,14 +159,11 @@ class RenormStudent(OnnxModule):
         """Fold every BatchNorm (eval mode) into its Conv's weight and bias, then drop it."""
         for key, norm in self.norms.items():
             node = self.conv_of[key]
-            weight = self.params[self.param_names[node.input[1]]]
             bias = self.params[self.param_names[node.input[2]]]
             scale = norm.weight / (norm.running_var + norm.eps).sqrt()
-            axis = 0 if node.op_type == "Conv" else 1  # ConvTranspose: [in, out, ...]
-            shape = [1] * weight.dim()
-            shape[axis] = -1
-            weight.mul_(scale.reshape(shape))
-            bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+            bias.sub_(norm.running_mean)
+            self._rescale(key, scale)
+            bias.add_(norm.bias)
         self.norms = nn.ModuleDict()
 
 
@@ -264,6 +273,6 @@ def _head_tensors(graph: onnx.GraphProto) -> set[str]:
             continue
         heads.add(name)
         node = producer.get(name)
-        if node is not None and node.op_type not in NORM_OPS and node.input:
+        if node is not None and node.op_type not in WEIGHT_OPS and node.input:
             todo.append(node.input[0])
     return heads
