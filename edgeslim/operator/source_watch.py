@@ -8,7 +8,8 @@
 * **Checks.** `loop` wakes every few seconds and checks the objects that are due:
   every `spec.source.checkIntervalSeconds` (default the operator's
   EDGESLIM_SOURCE_CHECK_SECONDS), at once when the `edgeslim.io/check-source`
-  annotation or the spec changed, and once after the operator starts. A check
+  annotation or the spec changed. A restarted operator resumes each object's clock
+  from status (`source.checkedAt`, else the newest history entry); a check
   is one S3 HEAD (or a stat; a local file is read only when its size or mtime
   moved), with the object's own Secret, a bounded number at a time. Which
   objects are due comes from an index filled by the watch: no API call for the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import logging
 import time
@@ -87,6 +89,10 @@ class SourceEntry:
     upgrade: bool = False
     """spec.recompressOnUpgrade: checked once after the operator (maybe a new version)
     starts, even with source checks off."""
+    last_checked: float | None = None
+    """Epoch seconds of status.source.checkedAt (else of the newest history entry): a
+    restarted operator resumes each object's clock from it instead of checking every
+    object at once."""
 
     @property
     def token(self) -> tuple[int | None, str]:
@@ -104,7 +110,20 @@ def source_entry(body: Obj) -> SourceEntry:
         interval=interval if isinstance(interval, int) else None,
         has_result=bool(raw.get("artifact") or raw.get("source")),
         upgrade=((body.get("spec") or {}).get("recompressOnUpgrade")) is True,
+        last_checked=_epoch((raw.get("source") or {}).get("checkedAt"))
+        or _epoch(((raw.get("history") or [{}])[-1] or {}).get("time")),
     )
+
+
+def _epoch(stamp: object) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time as status.now() writes it; None if not."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return when.replace(tzinfo=datetime.UTC).timestamp()
 
 
 def interval_of(entry: SourceEntry, settings: Settings) -> int:
@@ -472,17 +491,29 @@ def _check_quietly(rt: Runtime, key: ModelKey, explicit: bool) -> str:
 
 @dataclass
 class Watch:
-    """When each object was last checked, in this operator's memory only (a restart
-    checks every watched object once)."""
+    """When each object was last checked, on this operator's monotonic clock; an
+    object it has not seen yet starts from the check (or compression) its status
+    records, so a restart does not check the whole fleet at once."""
 
     seen: dict[ModelKey, Seen] = field(default_factory=dict)
 
-    def due(self, index: Any, settings: Settings, now: float) -> list[tuple[ModelKey, bool]]:
+    def due(
+        self, index: Any, settings: Settings, now: float, wall: float | None = None
+    ) -> list[tuple[ModelKey, bool]]:
+        """The objects to check now (and whether each was asked for explicitly).
+
+        `now` is monotonic; `wall` (epoch seconds, default the clock's) places the
+        checks status records on that clock, for objects this operator has not seen.
+        """
+        wall = time.time() if wall is None else wall
         entries = {k: es[0] for k, es in snapshot(index) if es}
         for gone in self.seen.keys() - entries.keys():
             del self.seen[gone]
         found = []
         for key, entry in entries.items():
+            if key not in self.seen and entry.last_checked is not None and not entry.upgrade:
+                # Checked (or compressed) before this operator started: resume its clock.
+                self.seen[key] = Seen(entry.token, now - max(0.0, wall - entry.last_checked))
             explicit = decide(entry, self.seen.get(key), now, settings)
             if explicit is not None:
                 found.append((key, explicit))

@@ -5,6 +5,7 @@ what serving does while a re-compression runs or after it is rejected."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -184,13 +185,34 @@ def test_the_watch_checks_each_due_object_once_and_forgets_deleted_ones() -> Non
     assert set(watch.seen) == {("ns", "b")}
 
 
+def test_a_restarted_operator_resumes_each_clock_from_status() -> None:
+    wall = 1_000_000.0
+    recent = dataclasses.replace(entry(), last_checked=wall - 100)
+    watch = source_watch.Watch()
+    index = {("ns", "a"): [recent], ("ns", "b"): [entry()]}
+    # b never recorded a check: once now; a was checked 100 s ago: in 500 s.
+    assert watch.due(index, SETTINGS, 0.0, wall) == [(("ns", "b"), False)]
+    assert watch.due(index, SETTINGS, 499.0, wall + 499) == []
+    assert watch.due(index, SETTINGS, 500.0, wall + 500) == [(("ns", "a"), False)]
+    # recompressOnUpgrade: a new operator may run a new compressor, so once at start.
+    upgrade = dataclasses.replace(recent, upgrade=True)
+    assert source_watch.Watch().due({("ns", "u"): [upgrade]}, SETTINGS, 0.0, wall) == [
+        (("ns", "u"), False)
+    ]
+
+
 def test_the_index_entry_reads_the_body_leniently() -> None:
     body = {
         "metadata": {"generation": 3, "annotations": {source_watch.CHECK_ANNOTATION: "t1"}},
         "spec": {"source": {"uri": "s3://b/k", "checkIntervalSeconds": 120}},
-        "status": {"phase": "Ready", "artifact": {"uri": "x"}},
+        "status": {
+            "phase": "Ready",
+            "artifact": {"uri": "x"},
+            "history": [{"time": "1970-01-01T00:01:40Z"}],
+        },
     }
     e = source_watch.source_entry(body)
+    assert e.last_checked == 100.0
     assert (e.phase, e.generation, e.touched, e.interval, e.has_result) == (
         "Ready",
         3,
