@@ -187,7 +187,10 @@ class Distill:
                 )
 
         params = [p for p in student.parameters() if p.requires_grad]
-        optimiser = torch.optim.Adam(params, lr=cfg.learning_rate)
+        groups = [{"params": params, "lr": cfg.learning_rate}]
+        if isinstance(student, RenormStudent):
+            groups = student.param_groups(params, cfg.learning_rate)
+        optimiser = torch.optim.Adam(groups, lr=cfg.learning_rate)
         steps_per_epoch = -(-len(train_idx) // cfg.batch_size)
         schedule = _schedule(cfg.schedule, cfg.epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)

@@ -44,6 +44,13 @@ from edgeslim.cpus import compute_threads
 NORM_OPS = ("Conv", "ConvTranspose")
 # Layers that end the walk back from an output (the head ends at the first of them).
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# A conv in front of a BatchNorm is scale-free, so Adam's steps (of a fixed size) move
+# it by lr / |W|. Folding made its weights gamma / std times those it was trained with
+# (up to 20x on mobilenet_v3_small), so they get a larger step. Measured on
+# mobilenet_v3_small pruned to 0.7, same epochs: 91-93% at 1x, 96.7% at 10x, where
+# Torch-Pruning's unfolded module reaches 95.7%; a higher rate for the other
+# parameters instead did not help (93%).
+NORMED_LR_SCALE = 10.0
 # BatchNorm epsilon: small, since the statistics are the conv output's own.
 EPS = 1e-3
 
@@ -126,6 +133,14 @@ class RenormStudent(OnnxModule):
             norm.bias.copy_(goal_mean.float())
             self.norms[key] = norm
         return len(stats), len(target)
+
+    def param_groups(self, params: list[nn.Parameter], lr: float) -> list[dict]:
+        """Optimiser groups: the weights of the convs with a norm after them at
+        `NORMED_LR_SCALE` times the learning rate, the rest at it."""
+        normed = {id(self.params[self.param_names[n.input[1]]]) for n in self.conv_of.values()}
+        faster = [p for p in params if id(p) in normed]
+        rest = [p for p in params if id(p) not in normed]
+        return [{"params": faster, "lr": lr * NORMED_LR_SCALE}, {"params": rest, "lr": lr}]
 
     def _rescale(self, key: str, scale: Tensor) -> None:
         """Multiply the conv's output channels (weight and bias) by `scale`."""
