@@ -202,10 +202,11 @@ class DistillConfig(WireModel):
     patience: int = Field(default=3, ge=1, le=1000)
     """Stop after this many epochs without a better held-out score."""
     batch_norm: bool = True
-    """Train with a BatchNorm after every Conv that has a spatial output (exporters fold
-    BatchNorm into the Conv, so a pruned graph has none left; batch statistics let it
-    recover as the original network would), folded back into the Conv afterwards: the
-    written graph keeps its nodes. Starts as the identity; false trains the convs bare."""
+    """Train with a BatchNorm after every Conv with a spatial output (exporters fold
+    BatchNorm into the Conv, so a pruned graph has none left): set to the source's
+    statistics of the kept channels, on batch statistics, the Conv in front of it at 10x
+    the learning rate; folded back into the Conv afterwards, so the written graph keeps
+    its nodes and shapes. false trains the convs bare."""
     features: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
         default_factory=list, max_length=64
     )

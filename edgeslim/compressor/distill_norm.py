@@ -140,7 +140,8 @@ class RenormStudent(OnnxModule):
         normed = {id(self.params[self.param_names[n.input[1]]]) for n in self.conv_of.values()}
         faster = [p for p in params if id(p) in normed]
         rest = [p for p in params if id(p) not in normed]
-        return [{"params": faster, "lr": lr * NORMED_LR_SCALE}, {"params": rest, "lr": lr}]
+        groups = [{"params": faster, "lr": lr * NORMED_LR_SCALE}, {"params": rest, "lr": lr}]
+        return [g for g in groups if g["params"]]
 
     def _rescale(self, key: str, scale: Tensor) -> None:
         """Multiply the conv's output channels (weight and bias) by `scale`."""
