@@ -38,7 +38,7 @@ from edgeslim.api.spec import (
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.cli import EXIT_OK, EXIT_REJECTED, main
 from edgeslim.compressor import datasets, evaluate
-from edgeslim.compressor.optimize import Search, search_all
+from edgeslim.compressor.optimize import Search, search_all, student_formats
 from edgeslim.compressor.optimize_candidates import CandidateContext, Recipe, evaluate_candidate
 from edgeslim.compressor.pipeline import reuse_mismatch
 from edgeslim.compressor.quantize import Quantize
@@ -421,6 +421,28 @@ def test_pareto_front_keeps_the_undominated_smallest_first() -> None:
     assert [p.index for p in front] == [0, 1]
     many = [c(i, 100 + i, 0.1 - i / 100) for i in range(8)]
     assert [p.index for p in pareto_front(many)] == [0, 1, 2, 3, 4]
+
+
+def test_pruned_students_are_quantized_with_the_whole_passing_formats() -> None:
+    """A MatMul-heavy model's best format is two steps (simplify + dynamic int8): a
+    pruned student gets both, not only the quantize step; a pruned candidate is no
+    format, and at most two formats are tried, best first."""
+
+    def c(name: str, *recipe: dict) -> CandidateFigures:
+        return CandidateFigures(index=0, name=name, recipe=list(recipe), passed=True)
+
+    simplify, dynamic = {"simplify": {}}, {"quantize": {"mode": "dynamic", "perChannel": False}}
+    passing = [
+        c("prune 50% + distill", {"prune": {"sparsity": 0.5}}, {"distill": {"dataset": "d"}}),
+        c("simplify + dynamic int8 per-tensor", simplify, dynamic),
+        c("dynamic int8", {"quantize": {"mode": "dynamic"}}),
+        c("fp16", {"quantize": {"mode": "fp16"}}),
+    ]
+    formats = student_formats(passing)
+    assert [name for name, _ in formats] == ["simplify + dynamic int8 per-tensor", "dynamic int8"]
+    steps_ = formats[0][1]
+    assert [s.type for s in steps_] == ["simplify", "quantize"]
+    assert steps_[1].quantize.mode == "dynamic" and steps_[1].quantize.per_channel is False
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import onnx
 
 from edgeslim import storage
 from edgeslim.api.result import (
+    CandidateFigures,
     CompressionResult,
     GateVerdict,
     InputIdentity,
@@ -281,6 +282,20 @@ def first_prune_probes(train: str, train_sha: str | None) -> list[Recipe]:
     ]
 
 
+def student_formats(passing: list[CandidateFigures]) -> list[tuple[str, list[PipelineStep]]]:
+    """The formats each pruned student is quantized with: the first PRUNE_FORMATS of the
+    passing candidates (best first) that only simplify and quantize the source, whole,
+    since the best of a MatMul-heavy model is two steps (simplify + dynamic int8)."""
+    formats = [
+        (c.name, [PipelineStep.model_validate(s) for s in c.recipe])
+        for c in passing
+        if c.recipe
+        and "quantize" in c.recipe[-1]
+        and all(set(s) <= {"simplify", "quantize"} for s in c.recipe)
+    ]
+    return formats[:PRUNE_FORMATS]
+
+
 def _pruning(search: Search, train: str, train_sha: str | None) -> None:
     """Iterative structured pruning, distilled after each cut, then the survivor quantized.
 
@@ -291,11 +306,7 @@ def _pruning(search: Search, train: str, train_sha: str | None) -> None:
     first that holds the gate is kept: the search's best is the deepest chain that
     still passes once quantized.
     """
-    formats = [
-        PipelineStep.model_validate(r.figures.recipe[-1])
-        for r in search.passing()
-        if len(r.figures.recipe) == 1 and r.figures.recipe[0].get("quantize")
-    ][:PRUNE_FORMATS]
+    formats = student_formats([r.figures for r in search.passing()])
     chain: list[tuple[float, float | None]] = []
     cut = PRUNE_START
     last = 0.0  # seconds the last probe took: the next one takes about as long
@@ -322,18 +333,10 @@ def _pruning(search: Search, train: str, train_sha: str | None) -> None:
             return
         size = res.figures.size_bytes
         chain.append((cut, lr))
-        for step in formats:
-            name = f"{probe.name} + {_format_name(search, step)}"
-            if search.candidate(Recipe(name=name, steps=[*probe.steps, step])).passed:
+        for format_name, format_steps in formats:
+            name = f"{probe.name} + {format_name}"
+            if search.candidate(Recipe(name=name, steps=[*probe.steps, *format_steps])).passed:
                 break
-
-
-def _format_name(search: Search, step: PipelineStep) -> str:
-    wire = step.wire()
-    for r in search.results:
-        if r.figures.recipe == [wire]:
-            return r.figures.name
-    return step.type
 
 
 def search_all(search: Search, train: str | None, train_sha: str | None) -> None:
