@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -221,6 +223,23 @@ def model_jobs(k8s: Any, namespace: str, name: str | None = None) -> list[Any]:
 
 def condition(obj: Obj, kind: str) -> Obj:
     return next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+
+
+def pod_ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def infer_digit(ip: str, x: np.ndarray) -> int:
+    """The digit the `digits` model's serving pod at `ip` names for one sample."""
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+    req = urllib.request.Request(
+        f"http://{ip}:8080/v2/models/digits/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urlopen_direct(req, timeout=10) as resp:
+        return int(np.argmax(json.loads(resp.read())["outputs"][0]["data"]))
 
 
 # ---------------------------------------------------------------- pod hook

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ import pytest
 from tests.canary_models import permuted_classes, same_answers
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
-from tests.cluster.processes import urlopen_direct, wait_until
+from tests.cluster.processes import wait_until
 from tests.cluster.tools import binaries
 from tests.operator.support import (
     artifact_result_hook,
@@ -35,7 +34,9 @@ from tests.operator.support import (
     create_model,
     digits_in_s3,
     get_model,
+    infer_digit,
     model_body,
+    pod_ready,
     wait_phase,
 )
 
@@ -89,32 +90,19 @@ class Traffic:
             pods = self.k8s.core.list_namespaced_pod(self.namespace, label_selector=SERVING).items
             answered: dict[str, list[tuple[bool, bool]]] = {}
             for pod in pods:
-                ready = any(
-                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
-                )
-                if pod.metadata.deletion_timestamp or not ready or not pod.status.pod_ip:
+                if pod.metadata.deletion_timestamp or not pod_ready(pod) or not pod.status.pod_ip:
                     continue
                 x, y = self.samples[i % len(self.samples)]
                 i += 1
                 sha = pod.metadata.annotations.get(SHA, "")
                 try:
-                    answered.setdefault(sha, []).append((True, infer(pod.status.pod_ip, x) == y))
+                    answered.setdefault(sha, []).append(
+                        (True, infer_digit(pod.status.pod_ip, x) == y)
+                    )
                 except OSError:
                     answered.setdefault(sha, []).append((False, False))
             self.rounds.append(answered)
             self._stop.wait(0.05)
-
-
-def infer(ip: str, x: np.ndarray) -> int:
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}  # fmt: skip
-    req = urllib.request.Request(
-        f"http://{ip}:8080/v2/models/digits/infer",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urlopen_direct(req, timeout=10) as resp:
-        return int(np.argmax(json.loads(resp.read())["outputs"][0]["data"]))
 
 
 def patch_spec(k8s: K8s, namespace: str, spec: dict[str, Any]) -> int:

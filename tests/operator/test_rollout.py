@@ -24,11 +24,9 @@ and unready (503 on /v2/health/ready).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import subprocess
 import time
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,7 @@ import pytest
 
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
-from tests.cluster.processes import urlopen_direct, wait_until
+from tests.cluster.processes import wait_until
 from tests.cluster.tools import binaries
 from tests.operator.support import (
     artifact_result_hook,
@@ -44,7 +42,9 @@ from tests.operator.support import (
     create_model,
     digits_in_s3,
     get_model,
+    infer_digit,
     model_body,
+    pod_ready,
     wait_phase,
 )
 
@@ -61,33 +61,16 @@ def serving_pods(k8s: K8s, namespace: str) -> list[Any]:
     return [p for p in pods if p.metadata.deletion_timestamp is None]
 
 
-def ready(pod: Any) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-
-
 def pods_on(k8s: K8s, namespace: str, sha: str, replicas: int) -> list[Any]:
     """The serving pods once exactly `replicas` ready pods run `sha` and no others."""
 
     def settled() -> list[Any] | None:
         pods = serving_pods(k8s, namespace)
         shas = {p.metadata.annotations.get(SHA_ANNOTATION) for p in pods}
-        ok = len(pods) == replicas and shas == {sha} and all(map(ready, pods))
+        ok = len(pods) == replicas and shas == {sha} and all(map(pod_ready, pods))
         return pods if ok else None
 
     return wait_until(settled, 60, 0.5, f"{replicas} ready serving pods on {sha[:12]}")
-
-
-def infer(ip: str, x: np.ndarray) -> int:
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}  # fmt: skip
-    req = urllib.request.Request(
-        f"http://{ip}:8080/v2/models/digits/infer",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urlopen_direct(req, timeout=10) as resp:
-        out = json.loads(resp.read())
-    return int(np.argmax(out["outputs"][0]["data"]))
 
 
 def events(k8s: K8s, namespace: str) -> list[Any]:
@@ -149,7 +132,7 @@ def test_rollout_new_artifact_and_rollback(
     ips = {p.status.pod_ip for p in pods}
     assert len(ips) == 2, "each replica binds its own pod IP"
     for ip in ips:
-        right = sum(infer(ip, x) == y for x, y in samples)
+        right = sum(infer_digit(ip, x) == y for x, y in samples)
         assert right >= 4, f"{ip}: {right}/5 digits right"
     reasons = {e.reason for e in events(k8s, namespace)}
     assert {"GatePassed", "RolloutComplete"} <= reasons
@@ -164,7 +147,7 @@ def test_rollout_new_artifact_and_rollback(
     assert second["status"]["servingArtifact"] == sha2
     assert second["status"]["lastGoodArtifact"]["sha256"] == sha2
     pods = pods_on(k8s, namespace, sha2, 2)
-    assert all(infer(p.status.pod_ip, samples[0][0]) == samples[0][1] for p in pods)
+    assert all(infer_digit(p.status.pod_ip, samples[0][0]) == samples[0][1] for p in pods)
 
     # 3. An artifact that cannot load: rolled back to sha2, and never retried.
     garbage = b"this is not an ONNX model"
@@ -195,7 +178,7 @@ def test_rollout_new_artifact_and_rollback(
     assert condition(failed, "Ready")["reason"] == "RolledBack"
     assert condition(failed, "GatePassed")["status"] == "True"
     pods = pods_on(k8s, namespace, sha2, 2)
-    assert all(infer(p.status.pod_ip, samples[0][0]) == samples[0][1] for p in pods)
+    assert all(infer_digit(p.status.pod_ip, samples[0][0]) == samples[0][1] for p in pods)
     warnings = {(e.type, e.reason) for e in events(k8s, namespace)}
     assert ("Warning", "ProgressDeadlineExceeded") in warnings
     assert ("Warning", "RolledBack") in warnings

@@ -35,6 +35,7 @@ from tests.operator.support import (
     instant_result_hook,
     model_body,
     model_jobs,
+    pod_ready,
     wait_phase,
 )
 
@@ -86,12 +87,7 @@ def s3_bytes(s3_server: Any, uri: str) -> bytes:
 def ready_pods(k8s: K8s, namespace: str, target: str) -> list[Any]:
     selector = f"edgeslim.io/model=digits,{TARGET_LABEL}={target}"
     pods = k8s.core.list_namespaced_pod(namespace, label_selector=selector).items
-    return [
-        p
-        for p in pods
-        if p.metadata.deletion_timestamp is None
-        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-    ]
+    return [p for p in pods if p.metadata.deletion_timestamp is None and pod_ready(p)]
 
 
 @pytest.mark.slow
