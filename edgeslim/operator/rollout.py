@@ -14,7 +14,15 @@ from edgeslim import metrics, storage
 from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, ServedArtifact
 from edgeslim.errors import BadInput
-from edgeslim.operator import canary, ownership, serving, split_serving, status, variants
+from edgeslim.operator import (
+    canary,
+    ownership,
+    rollout_status,
+    serving,
+    split_serving,
+    status,
+    variants,
+)
 from edgeslim.operator.kube import Conflict
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
@@ -151,26 +159,11 @@ def _roll_out(
     if canary.reconcile(rt, key, body, model, deployment):
         return  # a canary runs: it owns both Deployments until it ends (operator/canary.py)
     state = serving.rollout_state(deployment)
-    generation = body["metadata"].get("generation")
     spec_hash = model.spec.spec_hash()
-    decided: list[tuple[CompressedModelStatus, serving.Plan]] = []
-
-    def compute(cur: CompressedModelStatus, _b: Obj) -> Obj:
-        p = serving.plan(cur, spec_hash, state)
-        decided[:] = [(cur, p)]
-        return serving.apply_plan(cur, generation, p, status.now())
-
-    new = write_status(rt, key, compute, body)
-    if new is None:
+    written = rollout_status.write_plan(rt, key, body, spec_hash, state)
+    if written is None:
         return
-    old, p = decided[0]
-    for event in serving.events_for(old, p):
-        post_event(rt, body, event)
-    result = serving.rollout_result(old, p)
-    if result is not None:
-        metrics.rollouts.labels(result=result).inc()
-    # Again on the written status: a rollback just recorded now targets the last good.
-    p = serving.plan(status.parse(new), spec_hash, state)
+    new, p = written
     if p.target is not None and serving.needs_storage_check(
         status.parse(new), spec_hash, state, p.target
     ):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-from edgeslim import metrics
 from edgeslim.api.spec import MAX_SPLIT_PARTS, CompressedModel
 from edgeslim.api.status import (
     CompressedModelStatus,
@@ -25,7 +24,7 @@ from edgeslim.api.status import (
     ServedArtifact,
     SplitServingStatus,
 )
-from edgeslim.operator import ownership, serving, status
+from edgeslim.operator import ownership, rollout_status, serving, status
 from edgeslim.operator.names import (
     API_GROUP,
     APPLIED_HASH_ANNOTATION,
@@ -35,7 +34,7 @@ from edgeslim.operator.names import (
     serving_name,
 )
 from edgeslim.operator.queue import ModelKey
-from edgeslim.operator.runtime import Obj, Runtime, post_event, write_status
+from edgeslim.operator.runtime import Obj, Runtime, write_status
 from edgeslim.operator.settings import Settings
 
 log = logging.getLogger("edgeslim.operator")
@@ -208,31 +207,20 @@ def reconcile(
         ownership.require(ownership.claim(svcs[i], "Service", pname, name, uid), namespace)
     running = cur.split.parts if cur.split else len([d for d in deps if d is not None])
     state = chain_state(deps[: max(running, 1)] if deps else [])
-    generation = body["metadata"].get("generation")
-    decided: list[tuple[CompressedModelStatus, serving.Plan]] = []
 
-    def compute(c: CompressedModelStatus, _b: Obj) -> Obj:
-        p = serving.plan(c, spec_hash, state)
-        decided[:] = [(c, p)]
-        new = serving.apply_plan(c, generation, p, status.now())
+    def split_status(p: serving.Plan) -> Obj:
         count = len(p.target.parts or []) if p.target else running
-        new["split"] = SplitServingStatus(
+        wire = SplitServingStatus(
             parts=count,
             service=part_serving_name(name, 0),
             ready_replicas=[serving.rollout_state(d).ready_replicas for d in deps[:count]],
         ).wire()
-        return new
+        return {"split": wire}
 
-    new = write_status(rt, key, compute, body)
-    if new is None:
+    written = rollout_status.write_plan(rt, key, body, spec_hash, state, split_status)
+    if written is None:
         return
-    old, p = decided[0]
-    for event in serving.events_for(old, p):
-        post_event(rt, body, event)
-    result = serving.rollout_result(old, p)
-    if result is not None:
-        metrics.rollouts.labels(result=result).inc()
-    p = serving.plan(status.parse(new), spec_hash, state)
+    _, p = written
     if p.target is None:
         return
     if not p.target.parts:
