@@ -30,6 +30,22 @@ ldflags_common="-s -w"
 
 log() { printf '[build-controlplane] %s\n' "$*" >&2; }
 
+# True when every named binary is already in <cache>/<key>/.
+cached() { # <cache key> <binary[=package]>...
+  local dest="$cache/$1" spec
+  shift
+  for spec in "$@"; do
+    [[ -x "$dest/${spec%%=*}" ]] || return 1
+  done
+}
+
+# Moves a finished temporary directory into <cache>/<key>/ in one rename, so an
+# interrupted build never leaves a half-filled cache entry behind.
+publish() { # <temporary dir> <cache key> <start, in $SECONDS>
+  rm -rf "${cache:?}/$2" && mv "$1" "$cache/$2"
+  log "built $2 in $((SECONDS - $3))s"
+}
+
 # Every tools/<name>/go.mod must pin the version versions.env names, or the
 # cache key would lie about what was built.
 check_pin() { # <tools dir> <module path> <version>
@@ -40,19 +56,12 @@ check_pin() { # <tools dir> <module path> <version>
 }
 
 # Builds <packages...> in tools/<dir> into <cache>/<key>/ unless every named
-# binary is already there. Builds into a temporary directory and renames it, so
-# an interrupted build never leaves a half-filled cache entry behind.
+# binary is already there (into a temporary directory, then publish).
 build() { # <tools dir> <cache key> <ldflags> <binary=package>...
   local dir="$1" key="$2" ldflags="$3"
   shift 3
-  local dest="$cache/$key" missing=0 spec
-  for spec in "$@"; do
-    [[ -x "$dest/${spec%%=*}" ]] || missing=1
-  done
-  if [[ $missing == 0 ]]; then
-    return 0
-  fi
-  local tmp="$cache/.$key.tmp.$$" pkgs=() start=$SECONDS
+  cached "$key" "$@" && return 0
+  local tmp="$cache/.$key.tmp.$$" pkgs=() start=$SECONDS spec
   rm -rf "$tmp" && mkdir -p "$tmp"
   for spec in "$@"; do pkgs+=("${spec#*=}"); done
   log "building ${pkgs[*]} (tools/$dir) ..."
@@ -63,41 +72,29 @@ build() { # <tools dir> <cache key> <ldflags> <binary=package>...
     built="$(basename "${spec#*=}")"
     if [[ "$built" != "${spec%%=*}" ]]; then mv "$tmp/$built" "$tmp/${spec%%=*}"; fi
   done
-  rm -rf "$dest" && mv "$tmp" "$dest"
-  log "built $key in $((SECONDS - start))s"
+  publish "$tmp" "$key" "$start"
 }
 
 # `go install <package>@<version>` into <cache>/<key>/: for a module whose own
 # go.mod and go.sum pin everything (checked against the checksum database), so no
-# tools/<name>/go.mod is needed. Same temp-dir-and-rename as build().
+# tools/<name>/go.mod is needed. Same temporary directory and publish as build().
 install_module() { # <cache key> <build tags> <binary=package@version>...
   local key="$1" tags="$2"
   shift 2
-  local dest="$cache/$key" missing=0 spec
-  for spec in "$@"; do
-    [[ -x "$dest/${spec%%=*}" ]] || missing=1
-  done
-  if [[ $missing == 0 ]]; then
-    return 0
-  fi
-  local tmp="$cache/.$key.tmp.$$" pkgs=() start=$SECONDS
+  cached "$key" "$@" && return 0
+  local tmp="$cache/.$key.tmp.$$" pkgs=() start=$SECONDS spec
   rm -rf "$tmp" && mkdir -p "$tmp"
   for spec in "$@"; do pkgs+=("${spec#*=}"); done
   log "installing ${pkgs[*]} ..."
   GOBIN="$tmp" go install -trimpath -tags="$tags" -ldflags="$ldflags_common" "${pkgs[@]}"
-  rm -rf "$dest" && mv "$tmp" "$dest"
-  log "built $key in $((SECONDS - start))s"
+  publish "$tmp" "$key" "$start"
 }
 
 all_cached() {
-  [[ -x "$cache/etcd-$ETCD_VERSION/etcd" && -x "$cache/helm-$HELM_VERSION/helm" ]] || return 1
-  [[ -x "$cache/kstatus-$CLI_UTILS_VERSION/kstatus" ]] || return 1
-  [[ -x "$cache/prometheus-$PROMETHEUS_VERSION/prometheus" ]] || return 1
-  [[ -x "$cache/prometheus-$PROMETHEUS_VERSION/promtool" ]] || return 1
-  local b
-  for b in kube-apiserver kube-controller-manager kubectl; do
-    [[ -x "$cache/kubernetes-$KUBERNETES_VERSION/$b" ]] || return 1
-  done
+  cached "etcd-$ETCD_VERSION" etcd && cached "helm-$HELM_VERSION" helm &&
+    cached "kstatus-$CLI_UTILS_VERSION" kstatus &&
+    cached "prometheus-$PROMETHEUS_VERSION" prometheus promtool &&
+    cached "kubernetes-$KUBERNETES_VERSION" kube-apiserver kube-controller-manager kubectl
 }
 
 if ! all_cached && ! command -v go >/dev/null; then
