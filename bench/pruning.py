@@ -363,6 +363,7 @@ def main() -> None:
             with torch.no_grad():
                 teacher = module(*archs.example(task, len(task.y_train))).numpy()
             table.append(fmt_row(arch, "-", "source", src, src))
+            print(table[-1], file=sys.stderr, flush=True)
             for s in args.sparsity:
                 print(f"{arch} {s}: edgeslim ...", file=sys.stderr, flush=True)
                 ours, step_notes = edgeslim(folder, source, task, s, budget, args.criterion)
@@ -370,6 +371,8 @@ def main() -> None:
                 peer = torch_pruning(module, source, task, teacher, s, budget)
                 table.append(fmt_row(arch, f"{s:g}", "edgeslim", ours, src))
                 table.append(fmt_row(arch, f"{s:g}", "torch-pruning", peer, src))
+                # Rows as they come (stderr), so a run cut short still shows them.
+                print("\n".join(table[-2:]), file=sys.stderr, flush=True)
                 notes += [f"{arch} {s:g}: {n}" for n in step_notes if _summary(n)]
                 goals += _goals(arch, s, ours, src)
                 versus.append(_versus(arch, s, ours, peer))
