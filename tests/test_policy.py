@@ -69,6 +69,20 @@ def _model(name: str = "m1", labels: dict[str, str] | None = None, **spec: Any) 
     }
 
 
+def _spelled_out(**spec: Any) -> Obj:
+    """_model() with what _policy()'s default evaluation and pipeline give it written out."""
+    return _model(
+        evaluation={
+            "dataset": "s3://models/a/val.npz",
+            "metric": "accuracy",
+            "maxMetricDrop": 0.02,
+            "latencyRuns": 7,
+        },
+        pipeline=[{"quantize": {"mode": "dynamic"}}],
+        **spec,
+    )
+
+
 def _effective(model: Obj, *policies: Obj) -> Any:
     entries = [policy.policy_entry(p) for p in policies]
     chosen = policy.policy_for(entries, model)
@@ -239,15 +253,7 @@ def test_the_same_spec_written_out_hashes_the_same() -> None:
     """A model inheriting everything hashes like one that spells it all out, so the
     CLI reproduces what the operator compresses from the effective spec."""
     inherited = runtime.CompressedModel.model_validate(_effective(_model(), _policy()))
-    spelled = _model(
-        evaluation={
-            "dataset": "s3://models/a/val.npz",
-            "metric": "accuracy",
-            "maxMetricDrop": 0.02,
-            "latencyRuns": 7,
-        },
-        pipeline=[{"quantize": {"mode": "dynamic"}}],
-    )
+    spelled = _spelled_out()
     assert (
         inherited.spec.spec_hash()
         == runtime.CompressedModel.model_validate(spelled).spec.spec_hash()
@@ -444,16 +450,7 @@ def test_cli_compresses_what_the_operator_would(tmp_path: Path) -> None:
     del model["metadata"]["namespace"], model["metadata"]["uid"], model["metadata"]["generation"]
     spec = _write(tmp_path / "model.yaml", model)
     pol = _write(tmp_path / "policy.yaml", _policy())
-    spelled = _model(
-        evaluation={
-            "dataset": "s3://models/a/val.npz",
-            "metric": "accuracy",
-            "maxMetricDrop": 0.02,
-            "latencyRuns": 7,
-        },
-        pipeline=[{"quantize": {"mode": "dynamic"}}],
-        deployment={"replicas": 2, "nodeSelector": {"edge": "true"}},
-    )
+    spelled = _spelled_out(deployment={"replicas": 2, "nodeSelector": {"edge": "true"}})
     expected = runtime.CompressedModel.model_validate(spelled).spec.spec_hash()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
