@@ -24,6 +24,25 @@ def digits_build() -> ModuleType:
     return module
 
 
+def tiny_bert(opset: int, *, hidden: int = 64, heads: int = 4, ffn: int = 128) -> torch.nn.Module:
+    """A 2-layer BertForSequenceClassification (vocabulary 100, 32 positions, 3 labels)
+    small enough for unit tests; torch's random weights, so seed first."""
+    import transformers  # the tests that use it skip without it
+
+    config = transformers.BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    # The sdpa kernel only exports from opset 14 on.
+    config._attn_implementation = "eager" if opset < 14 else "sdpa"
+    return transformers.BertForSequenceClassification(config)
+
+
 def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*names, "output"]}

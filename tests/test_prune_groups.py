@@ -30,10 +30,10 @@ from edgeslim.compressor import graph as g
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.steps import StepContext
-from tests.archs import export
+from tests.archs import export, tiny_bert
 
 torchvision = pytest.importorskip("torchvision")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 RNG = np.random.default_rng(0)
 
@@ -47,18 +47,7 @@ class Case:
 def build(arch: str, opset: int) -> Case:
     torch.manual_seed(0)
     if arch == "bert":
-        config = transformers.BertConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            vocab_size=100,
-            max_position_embeddings=32,
-            num_labels=3,
-        )
-        # The sdpa kernel only exports from opset 14 on.
-        config._attn_implementation = "eager" if opset < 14 else "sdpa"
-        module = transformers.BertForSequenceClassification(config)
+        module = tiny_bert(opset)
         ids = torch.randint(0, 100, (2, 8))
         model = export(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], opset)
         mask = np.ones((3, 8), np.int64)
@@ -179,17 +168,7 @@ def test_groups_prune_real_architectures_exactly(arch: str, opset: int, constant
 def narrow_bert(model: onnx.ModelProto, hidden: int, heads: int, ffn: int, opset: int):
     """A transformers BERT of the given widths holding the weights of the pruned `model`
     (initializer names survive pruning; MatMul weights are found by node name)."""
-    config = transformers.BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        intermediate_size=ffn,
-        vocab_size=100,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    config._attn_implementation = "eager" if opset < 14 else "sdpa"
-    module = transformers.BertForSequenceClassification(config).eval()
+    module = tiny_bert(opset, hidden=hidden, heads=heads, ffn=ffn).eval()
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     matmul = {
         n.name: inits[n.input[1]]

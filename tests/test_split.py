@@ -21,27 +21,17 @@ import torch
 from edgeslim.api.split import SplitPlan
 from edgeslim.compressor import split as sp
 from edgeslim.compressor.tensor_sizes import declared_bytes
-from tests.archs import digits_build, export
+from tests.archs import digits_build, export, tiny_bert
 
 torchvision = pytest.importorskip("torchvision")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 RNG = np.random.default_rng(0)
 
 
 def _bert() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=100,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    config._attn_implementation = "sdpa"
-    module = transformers.BertForSequenceClassification(config)
+    module = tiny_bert(17)
     ids = torch.randint(0, 100, (2, 8))
     model = export(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], 17)
     mask = np.ones((3, 10), np.int64)
