@@ -26,9 +26,9 @@ replica, is not rolled into the Deployment. Instead:
 * **Measured from the pods themselves.** Each analysis the operator reads the
   canary pods' `/metrics` (request counts by code, the request-duration
   histogram, the shadow counters) over HTTP from their pod IPs: no Prometheus
-  needed. `MetricsSource` is the seam; `PodMetrics` is the one used (on the
-  test bed the pod IPs are the real serving processes' loopback addresses).
-  The figures are cumulative over the canary pods' lives, i.e. the canary's.
+  needed (`scrape`; on the test bed the pod IPs are the real serving processes'
+  loopback addresses). The figures are cumulative over the canary pods' lives,
+  i.e. the canary's.
 * **A pure decision.** `decide(spec, step, measurement, elapsed)` returns
   advance / hold / roll back / promote and a reason: a breached threshold rolls
   back at once (once `minSamples` were seen); otherwise a step is held until
@@ -58,7 +58,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -93,7 +93,6 @@ from edgeslim.operator.settings import Settings
 log = logging.getLogger("edgeslim.operator")
 
 TRACK_LABEL = "edgeslim.io/track"
-CANARY_REASON = serving.CANARY_REASON
 #: How often running canaries are looked at (the loop in handlers); analyses
 #: still happen once per intervalSeconds, this only bounds how late.
 TICK_SECONDS = 2.0
@@ -101,6 +100,7 @@ TICK_SECONDS = 2.0
 #: `reconcile` (after a restart, the resync reconciles Deploying objects again).
 ACTIVE: set[ModelKey] = set()
 _METRICS_MAX_BYTES = 4 * 1024 * 1024
+_METRICS_TIMEOUT = 2.0
 
 
 def canary_name(model_name: str) -> str:
@@ -336,40 +336,27 @@ def stable_urls(pods: list[Obj], sha256: str) -> str:
 # ------------------------------------------------------------------ measuring
 
 
-class MetricsSource(Protocol):
-    """Where the canary's figures come from: the /metrics texts of its pods."""
-
-    def scrape(self, pods: list[Obj]) -> list[str]: ...
-
-
-class PodMetrics:
-    """GET http://<podIP>:8080/metrics of each ready pod, straight from the operator
-    (no Prometheus); a pod that does not answer is left out of this analysis."""
-
-    def __init__(self, timeout: float = 2.0) -> None:
-        self.timeout = timeout
-
-    def scrape(self, pods: list[Obj]) -> list[str]:
-        texts = []
-        for pod in pods:
-            ip = (pod.get("status") or {}).get("podIP")
-            if not ip or not _ready(pod):
-                continue
-            conn = http.client.HTTPConnection(ip, SERVING_PORT, timeout=self.timeout)
-            try:
-                conn.request("GET", "/metrics")
-                resp = conn.getresponse()
-                data = resp.read(_METRICS_MAX_BYTES)
-                if resp.status == 200:
-                    texts.append(data.decode("utf-8", "replace"))
-            except (OSError, http.client.HTTPException) as exc:
-                log.info("canary pod %s: metrics not read: %s", ip, exc)
-            finally:
-                conn.close()
-        return texts
-
-
-SOURCE: MetricsSource = PodMetrics()
+def scrape(pods: list[Obj]) -> list[str]:
+    """The /metrics texts of the ready pods: GET http://<podIP>:8080/metrics, straight
+    from the operator (no Prometheus); a pod that does not answer is left out of this
+    analysis."""
+    texts = []
+    for pod in pods:
+        ip = (pod.get("status") or {}).get("podIP")
+        if not ip or not _ready(pod):
+            continue
+        conn = http.client.HTTPConnection(ip, SERVING_PORT, timeout=_METRICS_TIMEOUT)
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            data = resp.read(_METRICS_MAX_BYTES)
+            if resp.status == 200:
+                texts.append(data.decode("utf-8", "replace"))
+        except (OSError, http.client.HTTPException) as exc:
+            log.info("canary pod %s: metrics not read: %s", ip, exc)
+        finally:
+            conn.close()
+    return texts
 
 
 # ------------------------------------------------------------------ reconcile
@@ -433,7 +420,7 @@ def reconcile(
     now = status.now()
     pods = rt.kube.list_pods(namespace, _selector(name, canary=True))
     pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    m = measure(SOURCE.scrape(pods))
+    m = measure(scrape(pods))
     canary_state = serving.rollout_state(canary_dep)
     if canary_state.rollout is serving.Rollout.failed:
         d = Decision(
@@ -647,7 +634,10 @@ def _record(
             return None  # another reconcile decided meanwhile
         if d.verdict is Verdict.rollback:
             entry = FailedArtifact(
-                sha256=cand.sha256, spec_hash=spec_hash, reason=CANARY_REASON, message=d.reason
+                sha256=cand.sha256,
+                spec_hash=spec_hash,
+                reason=serving.CANARY_REASON,
+                message=d.reason,
             )
             failed = [*cur.failed_artifacts, entry][-MAX_FAILED_ARTIFACTS:]
             cur = cur.model_copy(update={"failed_artifacts": failed})

@@ -180,7 +180,7 @@ def test_a_canary_rollback_names_the_analysis_in_the_rolled_back_status() -> Non
                 FailedArtifact(
                     sha256=cand,
                     spec_hash="h1",
-                    reason=canary.CANARY_REASON,
+                    reason=serving.CANARY_REASON,
                     message="agreement 0.000 < minAgreement 0.95",
                 ).wire()
             ],
