@@ -15,9 +15,13 @@ epoch's weights are kept, training stops once the score has not improved for
 are returned with a note saying so. The learning rate follows a cosine decay
 (with a short warm-up), so late epochs polish instead of jumping around.
 
-The bridge always runs BatchNormalization with the graph's running statistics
-and Dropout as identity, i.e. it trains exactly the function the ONNX file
-computes when served (batch statistics of tiny batches would fit another one).
+The bridge runs the graph's BatchNormalization nodes with their running
+statistics and Dropout as identity. Exporters fold BatchNorm into the Conv
+before it, though, and a pruned student with no normalisation left recovered
+far worse than the same network pruned as an nn.Module (mobilenet_v3_small at
+0.7: 89% against Torch-Pruning's 96%): with `batch_norm`, `distill_norm` puts
+a BatchNorm back after each such Conv for the training and folds it back in
+at the end, and the held-out score is always that of the model to be written.
 """
 
 from __future__ import annotations
