@@ -19,13 +19,6 @@ from edgeslim.operator.runtime import Obj, Runtime, snapshot, write_status
 log = logging.getLogger("edgeslim.operator")
 
 
-def stale_serving_names(name: str, wanted: set[str], recorded: list[str]) -> list[str]:
-    """Serving names (Deployment and Service) nobody wants: those of targets in the
-    status but no longer in the spec, and the object's own while it has targets."""
-    gone = [serving_name(name, t) for t in recorded if t not in wanted]
-    return gone + ([serving_name(name)] if wanted else [])
-
-
 def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
     """Deletes the children no target wants, before the targets are reconciled."""
     meta = body["metadata"]
@@ -41,12 +34,13 @@ def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
                 rt.kube.delete_job(namespace, e.name)
         rt.slots.forget(key)
     entries = variants.status_entries(body.get("status"))
-    recorded = [e["name"] for e in entries]
-    # The object's own serving objects can only exist from before it had targets.
-    check = stale_serving_names(name, wanted, recorded)
-    if wanted and entries:
-        check = check[:-1]
-    for sname in check:
+    # Serving names (Deployment and Service) nobody wants: those of targets in the
+    # status but no longer in the spec, and the object's own. That one can only exist
+    # from before the object had targets, so it is looked for until targets are recorded.
+    stale = [serving_name(name, e["name"]) for e in entries if e["name"] not in wanted]
+    if wanted and not entries:
+        stale.append(serving_name(name))
+    for sname in stale:
         _delete_owned(rt, namespace, sname, name, uid or "")
     if not wanted and entries:
         write_status(
