@@ -44,11 +44,10 @@ from edgeslim.api.status import Condition
 POLICY_KIND = "CompressionPolicy"
 POLICY_PLURAL = "compressionpolicies"
 
-# The CompressedModel spec fields a policy can supply. The model's spec as
-# written (its CRD schema) leaves them optional and undefaulted; the merged
-# spec is validated by CompressedModelSpec in full.
-POLICY_FIELDS = frozenset({"evaluation", "pipeline", "optimize", "deployment", "resources"})
-# pipeline and optimize are optional already and replaced whole, so they stay full.
+# The model's spec as written (its CRD schema) leaves the fields a policy can supply
+# (ModelDefaults) optional and undefaulted; the merged spec is validated by
+# CompressedModelSpec in full. pipeline and optimize are optional already and
+# replaced whole, so they stay full.
 CompressedModelSpecInput = partial(
     CompressedModelSpec, {"evaluation", "deployment", "resources"}, name="CompressedModelSpecInput"
 )
