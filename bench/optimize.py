@@ -6,7 +6,8 @@ Models (built here, nothing downloaded):
   (edgeslim may prune + distill), gate 0.5 accuracy points;
 - bert: a small BERT from a `transformers` config (bench/archs.py) trained briefly on
   the keyword task, with outlier query/key channels as real transformers have (the
-  float model computes the same scores), gate 1 point;
+  float model computes the same scores), gate 1 point; edgeslim runs without and
+  (extra rows, "train set") with the task's train split, the peers as before;
 - cnn-opset12: the trained digits CNN as an older exporter writes it (opset 12,
   weights in Constant nodes), gate 1 point.
 
