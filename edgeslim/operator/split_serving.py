@@ -233,23 +233,15 @@ def reconcile(
     # once the next part's Service has ready pods behind it.
     for i in range(count):
         svc = svcs[i] if i < known else None
-        if (
-            svc is None
-            or svc.get("spec", {}).get("selector")
-            != (build_part_service(model, i)["spec"]["selector"])
-        ):
-            rt.kube.apply_service(
-                build_part_service(model, i), svc["metadata"]["uid"] if svc else None
-            )
+        wanted = build_part_service(model, i)
+        if svc is None or svc.get("spec", {}).get("selector") != wanted["spec"]["selector"]:
+            rt.kube.apply_service(wanted, svc["metadata"]["uid"] if svc else None)
     for i in reversed(range(count)):
         existing = deps[i] if i < known else None
         manifest = build_part_deployment(model, p.target, i, rt.settings)
         applied = (existing or {}).get("metadata", {}).get("annotations", {})
-        if (
-            existing is None
-            or applied.get(APPLIED_HASH_ANNOTATION)
-            != (manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION])
-        ):
+        wanted_hash = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+        if existing is None or applied.get(APPLIED_HASH_ANNOTATION) != wanted_hash:
             rt.kube.apply_deployment(manifest, existing["metadata"]["uid"] if existing else None)
     for i in range(count, known):  # parts a smaller split no longer has
         pname = part_serving_name(name, i)
