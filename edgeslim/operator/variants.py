@@ -49,7 +49,6 @@ SEPARATOR = "/"
 TARGET_KEY = "edgeslimTarget"
 
 # While any target still works the summary shows the one furthest behind.
-_WORKING = (Phase.pending, Phase.queued, Phase.compressing, Phase.deploying)
 _BEHIND = (Phase.compressing, Phase.queued, Phase.pending, Phase.deploying)
 
 
