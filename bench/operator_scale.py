@@ -208,8 +208,10 @@ class Phase:
 
 
 class Bench:
-    def __init__(self, n: int, max_concurrent: int, workers: int, memory_debug: str | None):
-        self.n, self.max_concurrent, self.workers = n, max_concurrent, workers
+    def __init__(
+        self, n: int, max_concurrent: int, workers: int, memory_debug: str | None, wave: bool
+    ):
+        self.n, self.max_concurrent, self.workers, self.wave = n, max_concurrent, workers, wave
         self.memory_debug = memory_debug
         self.rss_samples: list[float] = []
 
@@ -267,6 +269,12 @@ class Bench:
             "breakdown": breakdown,
         }
 
+    def _finish(self, rows: list[dict]) -> list[dict]:
+        for r in rows:
+            r["idle_rss_mb"] = self.idle_rss
+            r["log"] = str(self.log)
+        return rows
+
     def run(self) -> list[dict]:
         self.cp, agent = start_cluster()
         self.op = None
@@ -304,6 +312,8 @@ class Bench:
             create.own[("POST", PLURAL, "")] += self.n
             create.own[("POST", POLICY_PLURAL, "")] += 1
             rows.append(create.wait())
+            if not self.wave:
+                return self._finish(rows)
 
             wave = Phase("wave", self, 2)
             k8s.custom.patch_namespaced_custom_object(
@@ -317,10 +327,7 @@ class Bench:
             )
             wave.own[("PATCH", POLICY_PLURAL, "")] += 1
             rows.append(wave.wait())
-            for r in rows:
-                r["idle_rss_mb"] = self.idle_rss
-                r["log"] = str(self.log)
-            return rows
+            return self._finish(rows)
         finally:
             if self.op is not None:
                 self.op.stop()
@@ -334,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent", type=int, default=100, help="the policy's maxConcurrent")
     p.add_argument("--workers", type=int, default=8, help="threads creating objects")
     p.add_argument("--memory-debug", help="folder for the operator's tracemalloc dumps")
+    p.add_argument("--no-wave", action="store_true", help="stop after the create phase")
     args = p.parse_args(argv)
     rows = []
     for n in args.n or [100]:
         print(f"running N={n} ...", file=sys.stderr, flush=True)
-        rows += Bench(n, args.max_concurrent, args.workers, args.memory_debug).run()
+        bench = Bench(n, args.max_concurrent, args.workers, args.memory_debug, not args.no_wave)
+        rows += bench.run()
     print(f"maxConcurrent {args.max_concurrent}")
     header = (
         f"| {'N':>5} | {'phase':<6} | {'all final s':>11} | {'lag max s':>9} | "
