@@ -29,6 +29,7 @@ from edgeslim.api.termination import TerminationMessage
 from edgeslim.operator.names import API_GROUP, API_VERSION, MODEL_LABEL, PLURAL, SPEC_ENV
 from tests.cluster.node_agent import PodOutcome
 from tests.cluster.processes import free_port, spawn, stop_group, tail, urlopen_direct, wait_until
+from tests.cluster.tools import binaries
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "compressedmodel.yaml"
@@ -227,6 +228,29 @@ def condition(obj: Obj, kind: str) -> Obj:
 
 def pod_ready(pod: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def patch_spec(k8s: Any, namespace: str, spec: Obj, name: str = "digits") -> int:
+    """Merge-patches the model's spec; the generation the change got."""
+    changed = k8s.custom.patch_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, PLURAL, name, {"spec": spec}
+    )
+    return changed["metadata"]["generation"]
+
+
+def kubectl(k8s: Any, namespace: str, *args: str) -> str:
+    """kubectl's output, or its error when it failed (for printing, never raises)."""
+    out = subprocess.run(
+        [str(binaries().kubectl), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace, *args],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return out.stdout or out.stderr
+
+
+def show_serving(k8s: Any, namespace: str) -> None:
+    """`kubectl get` of the models and their serving objects (visible with -s)."""
+    for what in ("compressedmodel", "deploy,svc,pods"):
+        print(kubectl(k8s, namespace, "get", what, "-o", "wide"))
 
 
 def infer_digit(ip: str, x: np.ndarray) -> int:

@@ -16,9 +16,7 @@ shadow, and the operator reads the canary pods' /metrics.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +25,6 @@ from tests.canary_models import permuted_classes, same_answers
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
-from tests.cluster.tools import binaries
 from tests.operator.support import (
     artifact_result_hook,
     condition,
@@ -35,7 +32,9 @@ from tests.operator.support import (
     digits_in_s3,
     get_model,
     infer_digit,
+    kubectl,
     model_body,
+    patch_spec,
     pod_ready,
     wait_phase,
 )
@@ -52,14 +51,6 @@ CANARY = {
     "maxErrorRate": 0.05,
     "shadowSampleRate": 1.0,
 }
-
-
-def kubectl(k8s: K8s, namespace: str, *args: str) -> str:
-    out = subprocess.run(
-        [str(binaries().kubectl), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace, *args],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    return out.stdout or out.stderr
 
 
 class Traffic:
@@ -103,13 +94,6 @@ class Traffic:
                     answered.setdefault(sha, []).append((False, False))
             self.rounds.append(answered)
             self._stop.wait(0.05)
-
-
-def patch_spec(k8s: K8s, namespace: str, spec: dict[str, Any]) -> int:
-    changed = k8s.custom.patch_namespaced_custom_object(
-        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits", {"spec": spec}
-    )
-    return changed["metadata"]["generation"]
 
 
 def event_reasons(k8s: K8s, namespace: str) -> list[tuple[str, str, str]]:

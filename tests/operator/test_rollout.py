@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
 import time
 from typing import Any
 
@@ -35,7 +34,6 @@ import pytest
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
-from tests.cluster.tools import binaries
 from tests.operator.support import (
     artifact_result_hook,
     condition,
@@ -44,7 +42,9 @@ from tests.operator.support import (
     get_model,
     infer_digit,
     model_body,
+    patch_spec,
     pod_ready,
+    show_serving,
     wait_phase,
 )
 
@@ -77,24 +77,6 @@ def events(k8s: K8s, namespace: str) -> list[Any]:
     return k8s.core.list_namespaced_event(
         namespace, field_selector="involvedObject.name=digits"
     ).items
-
-
-def show(k8s: K8s, namespace: str) -> None:
-    """`kubectl get` of the object and its serving objects (visible with -s)."""
-    for what in ("compressedmodel", "deploy,svc,pods"):
-        out = subprocess.run(
-            [str(binaries().kubectl), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace,
-             "get", what, "-o", "wide"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        print(out.stdout or out.stderr)
-
-
-def patch_spec(k8s: K8s, namespace: str, spec: Obj) -> int:
-    changed = k8s.custom.patch_namespaced_custom_object(
-        "edgeslim.io", "v1alpha1", namespace, "compressedmodels", "digits", {"spec": spec}
-    )
-    return changed["metadata"]["generation"]
 
 
 @pytest.mark.slow
@@ -136,7 +118,7 @@ def test_rollout_new_artifact_and_rollback(
         assert right >= 4, f"{ip}: {right}/5 digits right"
     reasons = {e.reason for e in events(k8s, namespace)}
     assert {"GatePassed", "RolloutComplete"} <= reasons
-    show(k8s, namespace)
+    show_serving(k8s, namespace)
 
     # 2. A spec change rolls out a new artifact (compressed for real again).
     pipeline = [{"quantize": {"mode": "dynamic", "perChannel": False}}]
@@ -193,7 +175,7 @@ def test_rollout_new_artifact_and_rollback(
     # Counted once each, however many events the operator saw meanwhile.
     rollouts = re.findall(r'^edgeslim_rollouts_total\{result="(\w+)"\} (\S+)$', op.metrics(), re.M)
     assert {r: float(n) for r, n in rollouts} == {"complete": 2, "rolled_back": 1, "failed": 0}
-    show(k8s, namespace)
+    show_serving(k8s, namespace)
 
     # 4. Deleting the object deletes the serving objects (garbage collector).
     k8s.custom.delete_namespaced_custom_object(

@@ -15,7 +15,6 @@ Deployment and Service again. Service routing itself is not exercised here.
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 from typing import Any
@@ -26,13 +25,13 @@ import pytest
 
 from tests.cluster.fixtures import K8s
 from tests.cluster.processes import urlopen_direct, wait_until
-from tests.cluster.tools import binaries
 from tests.operator.support import (
     condition,
     create_model,
     digits_in_s3,
     get_model,
     model_body,
+    show_serving,
     wait_phase,
 )
 
@@ -73,16 +72,6 @@ def _http(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 def _env(dep: Any) -> dict[str, str]:
     return {e.name: e.value for e in dep.spec.template.spec.containers[0].env or []}
-
-
-def show(k8s: K8s, namespace: str) -> None:
-    for what in ("compressedmodel", "deploy,svc,pods"):
-        out = subprocess.run(
-            [str(binaries().kubectl), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace,
-             "get", what, "-o", "wide"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        print(out.stdout or out.stderr)
 
 
 @pytest.mark.slow
@@ -146,7 +135,7 @@ def test_split_model_rolls_out_one_deployment_per_part(
     assert code == 503 and "digits-part-1" in why["reason"], why
     now = get_model(k8s, namespace, "digits")["status"]
     assert now["phase"] == "Deploying" and now["split"]["service"] == "digits-part-0"
-    show(k8s, namespace)
+    show_serving(k8s, namespace)
 
     # What the Service would route to: part 1's pod address.
     url = f"http://{p1.status.pod_ip}:8080/v2/models/digits"
@@ -180,7 +169,7 @@ def test_split_model_rolls_out_one_deployment_per_part(
     expected = whole.run(None, {whole.get_inputs()[0].name: x})[0]
     got = np.array(answer["outputs"][0]["data"], np.float32).reshape(expected.shape)
     assert float(np.abs(got - expected).max()) <= 1e-4
-    show(k8s, namespace)
+    show_serving(k8s, namespace)
     _split_removed(k8s, namespace, op)
 
 
@@ -212,4 +201,4 @@ def _split_removed(k8s: K8s, namespace: str, op: Any) -> None:
         return sorted(d.metadata.name for d in deps), sorted(s.metadata.name for s in svcs)
 
     wait_until(lambda: names() == (["digits"], ["digits"]), 60, 0.5, "only digits left")
-    show(k8s, namespace)
+    show_serving(k8s, namespace)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,13 +25,13 @@ from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import K8s
 from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
-from tests.cluster.tools import binaries
 from tests.operator.support import (
     condition,
     create_model,
     digits_in_s3,
     get_model,
     instant_result_hook,
+    kubectl,
     model_body,
     model_jobs,
     pod_ready,
@@ -67,16 +66,6 @@ def node_classes(control_plane: ControlPlane, node_agent: NodeAgent) -> Iterator
             a.stop()
             with contextlib.suppress(ApiException):
                 a.core.delete_node(a.name)
-
-
-def kubectl(k8s: K8s, namespace: str, *args: str) -> str:
-    out = subprocess.run(
-        [str(binaries().kubectl), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace, *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
 
 
 def s3_bytes(s3_server: Any, uri: str) -> bytes:
