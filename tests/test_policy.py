@@ -328,6 +328,28 @@ def test_counts_ready_only_for_the_current_generation() -> None:
     }
 
 
+def test_our_own_status_write_coming_back_writes_nothing() -> None:
+    """The policy's status write comes back as a policy event with the same
+    generation: it must not set off a recount (that looped to ~8 writes a model)."""
+    from edgeslim.operator.policy_sync import event_action
+
+    assert event_action("MODIFIED", 3, 3) == "none"  # status (or metadata) only
+    assert event_action("MODIFIED", 3, 4) == "reconcile"  # the spec changed
+    assert event_action("ADDED", "unseen", 1) == "reconcile"  # a new policy
+    assert event_action("DELETED", 3, 3) == "reconcile"
+    assert event_action(None, "unseen", 3) == "refresh"  # the listing at startup
+    # The recount the model events drive writes only when a count or condition moved.
+    body = _policy(generation=3)
+    states = [policy.ModelState("Ready", "gate", 3), policy.ModelState("Queued", "gate", 3)]
+    body["status"] = policy.policy_status(policy.policy_entry(body), states, "2026-01-01T00:00:00Z")
+    echoed = policy.policy_entry(body)
+    later = policy.policy_status(echoed, states, "2026-01-01T00:05:00Z")
+    assert policy.same_status(echoed.status, later)
+    states[1] = policy.ModelState("Ready", "gate", 3)
+    moved = policy.policy_status(echoed, states, "2026-01-01T00:05:00Z")
+    assert not policy.same_status(echoed.status, moved) and moved["ready"] == 2
+
+
 def _conditions(status: Obj) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from edgeslim import metrics
 from edgeslim.operator import compression, policy, policy_discovery
@@ -37,6 +38,11 @@ _status_lock = threading.Lock()
 # metadata.generation of each policy whose models were last reconciled for it.
 _handled: dict[policy.PolicyKey, int | None] = {}
 _handled_lock = threading.Lock()
+# Policies whose models policy_changed is reconciling now (count of waves): the
+# resync leaves those models to it rather than reconciling each a second time.
+_in_wave: dict[policy.PolicyKey, int] = {}
+# Reconciles of one policy's models in flight at once (each is API round-trips).
+WAVE_WORKERS = 8
 
 
 def _object_key(key: tuple[str, str]) -> tuple[str, str]:
@@ -64,6 +70,22 @@ def _affected(rt: Runtime, entry: policy.PolicyEntry) -> list[tuple[str, str]]:
     return sorted(keys)
 
 
+def event_action(event_type: str | None, before: object, generation: int | None) -> str:
+    """What a policy event calls for, from its type and the generation handled
+    `before` ("unseen" when none): "reconcile" its models (a new generation or a
+    deleted policy), "refresh" its counts (the initial listing), or "none".
+
+    An event for a generation already handled is a status or metadata change,
+    above all our own status write echoed back: recounting on it wrote the status
+    again whenever a count had moved meanwhile, about 8 writes per model in a
+    1,000-model wave. Model events drive the (coalesced) recounts instead."""
+    if event_type == "DELETED":
+        return "reconcile"
+    if event_type is None:
+        return "refresh"
+    return "none" if before == generation else "reconcile"
+
+
 def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
     """A policy event. A new generation (or a deleted policy) re-reconciles its
     models; the initial listing at startup does not (each model's resume does)."""
@@ -74,10 +96,12 @@ def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
             _handled.pop(entry.key, None)
         else:
             _handled[entry.key] = entry.generation
-    if event_type is None or (event_type != "DELETED" and before == entry.generation):
+    action = event_action(event_type, before, entry.generation)
+    if action != "reconcile":
         if policy_discovery.due(entry, time.monotonic()):  # first sight: scan at once
             policy_discovery.discover(rt, entry)
-        refresh(rt, [entry.key])
+        if action == "refresh":
+            refresh(rt, [entry.key])
         return
     log.info(
         "%s/%s: CompressionPolicy %s (generation %s): reconciling its models",
@@ -101,8 +125,21 @@ def policy_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
                 f"at most {entry.max_concurrent} compressing at once",
             ),
         )
-    for key in affected:
-        reconcile_quietly(rt, key)
+    with _handled_lock:
+        _in_wave[entry.key] = _in_wave.get(entry.key, 0) + 1
+    try:
+        # Several at once: each reconcile is a few API round-trips, and one after
+        # another they started Jobs slower than the agent finished them (at most
+        # 10 running in a wave of maxConcurrent 100). The queue's Slots still
+        # bound what runs; this only bounds the API calls in flight.
+        workers = max(1, min(WAVE_WORKERS, len(affected)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="policy-wave") as pool:
+            list(pool.map(lambda key: reconcile_quietly(rt, key), affected))
+    finally:
+        with _handled_lock:
+            _in_wave[entry.key] -= 1
+            if not _in_wave[entry.key]:
+                del _in_wave[entry.key]
     if event_type != "DELETED":
         refresh(rt, [entry.key])
 
@@ -197,7 +234,11 @@ def resync(rt: Runtime) -> None:
     by_key = {p.key: p for p in policies()}
     models = _model_entries(rt)
     stale = set()
+    with _handled_lock:
+        in_wave = set(_in_wave)
     for entry in by_key.values():
+        if entry.key in in_wave:
+            continue  # policy_changed is reconciling them right now
         for key, m in selected_models(entry, models):
             if m.phase == "Failed":
                 continue  # reconciling cannot help; a spec or policy change will
