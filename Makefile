@@ -29,7 +29,7 @@ demo: venv
 
 test: venv controlplane
 	$(BIN)/ruff check edgeslim tests bench examples
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=30
 
 # Everything except the control-plane tests; for a quick loop while editing.
 # (The chart tests still need the cached helm binary, hence controlplane.)
