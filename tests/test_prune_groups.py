@@ -618,3 +618,32 @@ def test_head_count_constants_in_reshapes_follow_the_pruned_heads(dynamic: bool)
     onnx.checker.check_model(out.model, full_check=True)
     feeds = {"x": RNG.normal(size=(2, 5, 32)).astype(np.float32)}
     np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_magnitude_importance_counts_the_consumers_input_weights(criterion: str):
+    """Group magnitude (as Torch-Pruning's): conv1's channels all write the same
+    weights, but conv2 reads the even ones with weights 100x smaller, so those are
+    the ones that go. By the producers' output weights alone all would tie."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 4),
+    )
+    with torch.no_grad():
+        module[0].weight[:] = module[0].weight[0].clone()
+        module[0].bias[:] = module[0].bias[0].clone()
+        module[2].weight[:, 0::2] *= 0.01
+    model = export(module, (torch.randn(1, 3, 8, 8),), ["input"], 17)
+    out = Prune(PruneConfig(sparsity=0.5, criterion=criterion)).run(model, None)
+    convs = [n for n in out.model.graph.node if n.op_type == "Conv"]
+    inits = {t.name: numpy_helper.to_array(t) for t in out.model.graph.initializer}
+    kept = inits[convs[1].input[1]]
+    assert kept.shape[1] == 4
+    # the odd input columns (conv1's odd channels) stay: all of the large ones
+    source = np.abs(module[2].weight.detach().numpy()).mean((0, 2, 3))
+    column = np.abs(kept).mean((0, 2, 3))
+    assert column.min() > 10 * source[0::2].max()

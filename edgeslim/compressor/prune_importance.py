@@ -2,9 +2,12 @@
 
 A unit's importance is aggregated over every member of its group:
 
-* l1 / l2: the norm of the unit's output slices in every layer that writes it
-  (all producers of a residual stream, Q, K and V of a head, a depthwise
-  filter). A channel whose producing weights are all zero scores 0.
+* l1 / l2: group magnitude, as Torch-Pruning's GroupMagnitudeImportance: the
+  norm of the unit's slice in every member (the output rows of every layer that
+  writes it: all producers of a residual stream, Q, K and V of a head, a
+  depthwise filter; the input columns of every layer that reads it; BatchNorm
+  and LayerNorm scales), each member's norms divided by their mean, averaged
+  over the members. A channel whose producing weights are all zero scores 0.
 * activation: Wanda-style |W| * ||X||: for every layer that reads the unit,
   the absolute input weights of the unit times the L2 norm of the input
   activation on calibration data, summed. A channel that is always zero on
@@ -38,8 +41,57 @@ def _slice_sums(w: np.ndarray, axis: int, square: bool) -> np.ndarray:
     return (flat**2).sum(1) if square else np.abs(flat).sum(1)
 
 
+_SCALES = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
+
+
+def _magnitude_members(groups: Groups) -> list[Member]:
+    """The members whose slice of a unit counts for l1 / l2: every layer's output
+    rows ("out", depthwise filters included), every layer's input columns ("in":
+    Conv input channels, Gemm / MatMul input rows) and normalisation scales."""
+    return [
+        mem
+        for mem in groups.d.members.values()
+        if mem.role in ("out", "in")
+        or (mem.role == "param" and mem.index == 1 and mem.node.op_type in _SCALES)
+    ]
+
+
 def weight_scores(groups: Groups, l2: bool) -> dict[int, float]:
-    """unit -> l1 or l2 norm over all its output slices."""
+    """unit -> group magnitude: the mean over the group's members of the unit's slice
+    norm, each member's norms divided by that member's mean first.
+
+    Like Torch-Pruning's GroupMagnitudeImportance, the slices are the producers'
+    output rows, the consumers' input columns and BatchNorm / LayerNorm scales. Each
+    member is normalised on its own so that no single layer (a wide consumer, a
+    BN-folded producer) dominates the group's ranking. A unit whose output slices
+    are all zero writes nothing and scores 0.
+    """
+    m = groups.d.m
+    acc: dict[int, float] = defaultdict(float)
+    count: dict[int, int] = defaultdict(int)
+    written: dict[int, float] = defaultdict(float)
+    for mem in _magnitude_members(groups):
+        sums = _slice_sums(m.array(mem.node.input[mem.index]), mem.axis, l2)
+        units = groups.roots[mem.ids]
+        keys, inverse = np.unique(units, return_inverse=True)
+        per_unit = np.zeros(len(keys))
+        np.add.at(per_unit, inverse, sums)  # a head's channels add up to one unit
+        if l2:
+            per_unit = np.sqrt(per_unit)
+        if mem.role == "out":
+            for unit, v in zip(keys.tolist(), per_unit.tolist(), strict=True):
+                written[unit] += v
+        mean = float(per_unit.mean())
+        if mean > 0:
+            per_unit = per_unit / mean
+        for unit, v in zip(keys.tolist(), per_unit.tolist(), strict=True):
+            acc[unit] += v
+            count[unit] += 1
+    return {u: 0.0 if written.get(u, 1.0) == 0 else acc[u] / count[u] for u in acc}
+
+
+def output_norms(groups: Groups, l2: bool) -> dict[int, float]:
+    """unit -> l1 or l2 norm over all its output slices (no normalisation)."""
     acc: dict[int, float] = defaultdict(float)
     m = groups.d.m
     for mem in groups.d.members.values():
@@ -111,7 +163,7 @@ def activation_scores(groups: Groups, data: Dataset) -> dict[int, float]:
         for unit, v in zip(groups.roots[mem.ids].tolist(), (sums * x).tolist(), strict=True):
             acc[unit] += v
     # Units no weight layer reads (rare) fall back to their weight norm.
-    fallback = weight_scores(groups, l2=True)
+    fallback = output_norms(groups, l2=True)
     return {u: acc.get(u, fallback.get(u, 0.0)) for u in set(acc) | set(fallback)}
 
 
