@@ -40,11 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubernetes import client  # noqa: E402
 
 from tests.cluster.cluster import start_cluster  # noqa: E402
-from tests.cluster.fixtures import K8s  # noqa: E402
-from tests.cluster.processes import wait_until  # noqa: E402
+from tests.cluster.fixtures import K8s, create_namespace  # noqa: E402
 from tests.operator import chaos  # noqa: E402
 from tests.operator.support import Operator, apply_crd  # noqa: E402
 from tests.s3server import S3Server  # noqa: E402
@@ -75,19 +73,6 @@ def digits() -> Path:
     return DIGITS
 
 
-def namespace(k8s: K8s, name: str) -> str:
-    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-
-    def has_default_sa() -> bool:
-        return any(
-            sa.metadata.name == "default"
-            for sa in k8s.core.list_namespaced_service_account(name).items
-        )
-
-    wait_until(has_default_sa, 60, 0.1, f"ServiceAccount {name}/default")
-    return name
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=SCENARIOS, help="repeatable")
@@ -106,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_crd(k8s)
 
         def bed(scenario: str, s3: S3Server) -> chaos.Bed:
-            ns = namespace(k8s, f"chaos-{scenario}")
+            ns = create_namespace(k8s, f"chaos-{scenario}", timeout=60, interval=0.1)
 
             def start_operator(**env: str) -> Operator:
                 log = logs / f"{ns}-operator-{len(operators)}.log"

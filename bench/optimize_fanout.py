@@ -20,14 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubernetes import client
-
 # The test bed's helpers (tests/cluster, tests/operator) are imported from the repository.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.cluster.cluster import start_cluster
-from tests.cluster.fixtures import K8s
-from tests.cluster.processes import wait_until
+from tests.cluster.fixtures import K8s, create_namespace
 from tests.cluster.tools import require_binaries
 from tests.operator.support import (
     Operator,
@@ -62,19 +59,6 @@ class FanoutRun:
     phase: str
 
 
-def _namespace(k8s: K8s, name: str) -> None:
-    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-
-    # Pods are refused until the controller manager made the namespace's ServiceAccount.
-    def has_default_sa() -> bool:
-        return any(
-            sa.metadata.name == "default"
-            for sa in k8s.core.list_namespaced_service_account(name).items
-        )
-
-    wait_until(has_default_sa, 60, 0.1, f"ServiceAccount {name}/default")
-
-
 def run(digits: Digits, limits: list[int], work: Path, train: bool) -> list[FanoutRun]:
     """One search per limit, each in a namespace of its own (so nothing is reused)."""
     require_binaries()
@@ -89,7 +73,7 @@ def run(digits: Digits, limits: list[int], work: Path, train: bool) -> list[Fano
         s3.create_bucket(bucket)
         for limit in limits:
             ns = f"fanout-limit-{limit}-{int(time.time()) % 100000}"
-            _namespace(k8s, ns)
+            create_namespace(k8s, ns, timeout=60, interval=0.1)
             digits_in_s3(k8s, ns, s3, bucket, digits)
             body = model_body("fanned", bucket, max_drop=0.01)
             del body["spec"]["pipeline"]

@@ -98,9 +98,8 @@ def _namespace_name(test_name: str) -> str:
     return f"t-{stem}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture
-def namespace(k8s: K8s, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = _namespace_name(request.node.name)
+def create_namespace(k8s: K8s, name: str, timeout: float = 30, interval: float = 0.05) -> str:
+    """Creates namespace `name` and waits until pods may be created in it."""
     k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
 
     # The ServiceAccount admission plugin rejects pods until the controller
@@ -109,7 +108,13 @@ def namespace(k8s: K8s, request: pytest.FixtureRequest) -> Iterator[str]:
         accounts = k8s.core.list_namespaced_service_account(name).items
         return any(sa.metadata.name == "default" for sa in accounts)
 
-    wait_until(has_default_sa, 30, 0.05, f"ServiceAccount {name}/default")
+    wait_until(has_default_sa, timeout, interval, f"ServiceAccount {name}/default")
+    return name
+
+
+@pytest.fixture
+def namespace(k8s: K8s, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = create_namespace(k8s, _namespace_name(request.node.name))
     yield name
     # Not waited for: the namespace controller and node agent finish the
     # cleanup (pods stopped, objects removed) while the next test runs.
