@@ -88,6 +88,15 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
+def planned(model: onnx.ModelProto, config: PruneConfig, notes: list[str]):
+    """The structured-pruning plan for a copy of `model` (planning edits the graph it reads)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    plan = plan_structured(work, config, set(config.exclude_nodes), notes)
+    assert plan is not None, notes
+    return plan
+
+
 def zero_removed(model: onnx.ModelProto, config: PruneConfig) -> onnx.ModelProto:
     """A copy of `model` in which the units the pruner will remove write nothing:
     their output slices and biases in every producing layer are zero."""
@@ -399,11 +408,8 @@ def test_layout_ops_of_a_detection_head_are_followed_exactly(opset: int):
     model = export(module, (torch.randn(1, 3, 8, 8),), ["input"], opset)
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     notes: list[str] = []
-    plan = plan_structured(work, config, set(), notes)
-    assert plan is not None
+    plan = planned(model, config, notes)
     assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 5, notes
     source = zero_removed(model, config)
     out = Prune(config).run(source, None)
@@ -456,11 +462,8 @@ def test_shapes_that_read_only_other_dims_leave_an_fpn_prunable(opset: int):
     g.constants_to_initializers(model)
     assert sum(n.op_type == "Shape" for n in model.graph.node) >= 4
     config = PruneConfig(sparsity=0.5)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     notes: list[str] = []
-    plan = plan_structured(work, config, set(), notes)
-    assert plan is not None
+    plan = planned(model, config, notes)
     assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 7, notes
     assert [n for n in notes if n.startswith("skipped")] == [
         "skipped /head/Conv: its output is a graph output"
