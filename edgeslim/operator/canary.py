@@ -80,6 +80,7 @@ from edgeslim.api.status import (
     ServedArtifact,
 )
 from edgeslim.operator import ownership, serving, status, variants
+from edgeslim.operator.claimed_apply import put
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     ARTIFACT_SHA_ANNOTATION,
@@ -450,11 +451,9 @@ def reconcile(
 
     # Apply the step: stable scaled to its share, the canary to its own.
     stable_n, canary_n = split(_replicas(model), c.weight)
-    from edgeslim.operator.rollout import _put  # the same checked apply as the rollout's
-
     manifest = scaled(serving.build_deployment(model, stable, rt.settings), stable_n)
     if main is None or state.applied_hash != _hash(manifest):
-        _put(rt, model, manifest, main)
+        put(rt, model, manifest, main)
     url = shadow_url_of(canary_dep)
     if url is None:
         url = stable_urls(
@@ -465,7 +464,7 @@ def reconcile(
         APPLIED_HASH_ANNOTATION
     )
     if canary_dep is None or have != _hash(wanted):
-        _put(rt, model, wanted, canary_dep)
+        put(rt, model, wanted, canary_dep)
     return True
 
 

@@ -23,7 +23,7 @@ from edgeslim.operator import (
     status,
     variants,
 )
-from edgeslim.operator.kube import Conflict
+from edgeslim.operator.claimed_apply import put
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
     MODEL_LABEL,
@@ -177,14 +177,14 @@ def _roll_out(
         return
     # Both names were checked (absent or ours) before this function ran.
     if service is None:
-        _put(rt, model, serving.build_service(model), None)
+        put(rt, model, serving.build_service(model), None)
     manifest = serving.build_deployment(model, p.target, rt.settings)
     wanted = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
     if deployment is not None and state.applied_hash == wanted:
         return
-    _put(rt, model, manifest, deployment)
+    put(rt, model, manifest, deployment)
     if service is not None:
-        _put(rt, model, serving.build_service(model), service)
+        put(rt, model, serving.build_service(model), service)
     log.info(
         "%s/%s: Deployment %s runs artifact %s",
         *key,
@@ -250,21 +250,3 @@ def _record_corrupted(
             post_event(rt, body, event)
         log.warning("%s/%s: not rolled out: %s", *key, problem)
     return new
-
-
-def _put(rt: Runtime, model: CompressedModel, manifest: Obj, existing: Obj | None) -> None:
-    """Server-side apply to `existing` (checked to be this model's) or, when it was
-    absent, create-only. When another object took the name since the check, the
-    apply is refused; read it and claim again: NameConflict, or a retry."""
-    kind, meta = manifest["kind"], manifest["metadata"]
-    apply, read = {
-        "Deployment": (rt.kube.apply_deployment, rt.kube.read_deployment),
-        "Service": (rt.kube.apply_service, rt.kube.read_service),
-    }[kind]
-    try:
-        apply(manifest, existing["metadata"]["uid"] if existing else None)
-    except Conflict:
-        now = read(meta["namespace"], meta["name"])
-        name, uid = model.metadata.name, model.metadata.uid or ""
-        ownership.require(ownership.claim(now, kind, meta["name"], name, uid), meta["namespace"])
-        raise  # ours or gone after all: the next reconcile applies again

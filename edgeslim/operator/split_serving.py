@@ -25,6 +25,7 @@ from edgeslim.api.status import (
     SplitServingStatus,
 )
 from edgeslim.operator import ownership, rollout_status, serving, status
+from edgeslim.operator.claimed_apply import put
 from edgeslim.operator.names import (
     API_GROUP,
     APPLIED_HASH_ANNOTATION,
@@ -235,14 +236,14 @@ def reconcile(
         svc = svcs[i] if i < known else None
         wanted = build_part_service(model, i)
         if svc is None or svc.get("spec", {}).get("selector") != wanted["spec"]["selector"]:
-            rt.kube.apply_service(wanted, svc["metadata"]["uid"] if svc else None)
+            put(rt, model, wanted, svc)
     for i in reversed(range(count)):
         existing = deps[i] if i < known else None
         manifest = build_part_deployment(model, p.target, i, rt.settings)
         applied = (existing or {}).get("metadata", {}).get("annotations", {})
         wanted_hash = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
         if existing is None or applied.get(APPLIED_HASH_ANNOTATION) != wanted_hash:
-            rt.kube.apply_deployment(manifest, existing["metadata"]["uid"] if existing else None)
+            put(rt, model, manifest, existing)
     for i in range(count, known):  # parts a smaller split no longer has
         pname = part_serving_name(name, i)
         if deps[i] is not None:
