@@ -321,6 +321,9 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
+    from edgeslim.operator.credentials import without_kubernetes_client
+
+    without_kubernetes_client()  # ~31 MB the operator never uses; before kopf is imported
     from edgeslim.operator.main import run
 
     return run(namespaces=args.namespace, verbose=args.verbose)

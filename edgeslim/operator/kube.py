@@ -1,4 +1,4 @@
-"""The operator's own API calls: a thin layer over the kubernetes client.
+"""The operator's own API calls: a thin layer over `rest` (urllib3, no kubernetes client).
 
 Plain dicts in and out (`_preload_content=False` + json): the typed models
 cost time and memory for nothing when the objects are read through pydantic
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
 import urllib3
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 from edgeslim import __version__
 from edgeslim.api.policy import POLICY_PLURAL
+from edgeslim.operator import credentials
 from edgeslim.operator.names import API_GROUP, API_VERSION, PLURAL
-from edgeslim.operator.rest import Rest
+from edgeslim.operator.rest import ApiError, Rest
 
 Obj = dict[str, Any]
 USER_AGENT = f"edgeslim-operator/{__version__}"
@@ -34,12 +34,12 @@ class Conflict(Exception):
 
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: throttling, server errors, timeouts and network trouble."""
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         return exc.status in (0, 408, 409, 429) or (exc.status or 0) >= 500
     return isinstance(exc, urllib3.exceptions.HTTPError | OSError | TimeoutError | Conflict)
 
 
-def api_message(exc: ApiException) -> str:
+def api_message(exc: ApiError) -> str:
     """The API server's one-line reason (from its Status body)."""
     try:
         return str(json.loads(exc.body).get("message") or exc.reason)
@@ -62,32 +62,23 @@ def _request(
     is an expected answer rather than an error."""
     try:
         return _json(call(*args, _preload_content=False, _request_timeout=TIMEOUT, **kwargs))
-    except ApiException as exc:
+    except ApiError as exc:
         if (missing_ok and exc.status == 404) or (exists_ok and exc.status == 409):
             return None
         raise
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self.api = api_client
-        # The generated API classes' names and answers, without their ~29 MB of
-        # models and validators (see `rest`).
-        self.core = self.batch = self.custom = self.apps = Rest(api_client)
+    def __init__(self, rest: Rest) -> None:
+        self.rest = rest
+        # The generated API classes' names and answers, without the client (see `rest`).
+        self.core = self.batch = self.custom = self.apps = rest
 
     @classmethod
-    def connect(cls, pool_size: int = 32) -> Kube:
-        """In-cluster credentials, else KUBECONFIG / ~/.kube/config (as kopf does)."""
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)
-        # Handlers run on many threads at once; the default pool of 4 would queue them.
-        configuration.connection_pool_maxsize = pool_size
-        api = client.ApiClient(configuration)
-        api.user_agent = USER_AGENT
-        return cls(api)
+    def connect(cls, pool_size: int = 32, kubeconfig: str | os.PathLike[str] | None = None) -> Kube:
+        """In-cluster credentials, else KUBECONFIG / ~/.kube/config (`credentials.load`;
+        raises `credentials.NoCredentials`)."""
+        return cls(Rest(credentials.load(kubeconfig), pool_size, USER_AGENT))
 
     # -- CompressedModels ------------------------------------------------
 
@@ -124,7 +115,7 @@ class Kube:
                     _request_timeout=TIMEOUT,
                 )
             )
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 409:
                 raise Conflict(api_message(exc)) from exc
             raise
@@ -221,7 +212,7 @@ class Kube:
                 force=True,
                 _content_type="application/apply-patch+yaml",
             )
-        except ApiException as exc:
+        except ApiError as exc:
             uid_refused = exc.status == 422 and "metadata.uid" in api_message(exc)
             if exc.status == 409 or uid_refused:
                 raise Conflict(

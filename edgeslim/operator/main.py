@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 import kopf
-from kubernetes.config import ConfigException
 
 from edgeslim import logs
 from edgeslim.errors import BadInput
@@ -16,17 +15,19 @@ from edgeslim.redact import RedactingFilter
 def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     from edgeslim.operator import (
         handlers,  # noqa: F401  (registers the handlers)
+        login,  # noqa: F401  (kopf logs in with our credentials)
         malloc,
         memdebug,
         slim,
     )
+    from edgeslim.operator.credentials import NoCredentials
     from edgeslim.operator.kube import Kube
     from edgeslim.operator.settings import Settings
 
     # Fail in a second with a clear line instead of kopf retrying its startup forever.
     try:
         Kube.connect()
-    except ConfigException as exc:
+    except NoCredentials as exc:
         raise BadInput(
             f"no Kubernetes credentials: not running in a pod, and KUBECONFIG / ~/.kube/config "
             f"gave none ({exc})"

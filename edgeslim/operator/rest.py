@@ -1,21 +1,36 @@
-"""The few API calls the operator makes, without the generated API classes.
+"""The few API calls the operator makes, over plain urllib3.
 
-The kubernetes client's `CoreV1Api` and `BatchV1Api` modules import some 300
-model classes and wrap every method in a pydantic `validate_call` the first
-time they are used: about 29 MB of the operator's memory, for calls whose
-bodies are plain dicts anyway (`kube.py` reads and writes JSON). `Rest` serves
-the same method names, signatures and answers (`_preload_content=False`: the
-raw response; non-2xx: `ApiException`) through the client's own `ApiClient`,
-so credentials, TLS, token refresh and proxies stay the client's. A method
-not in the table falls back to the generated class, loaded only then.
+The kubernetes client costs the operator ~60 MB: ~31 MB to import the package
+(its config loading pulls in requests, oauthlib and google-auth) and ~29 MB
+more the first time a generated API class is used (some 300 model classes, a
+pydantic validator per method), for calls whose bodies are plain dicts anyway
+(`kube.py` reads and writes JSON). `Rest` serves the same method names and
+positional order as CoreV1Api, BatchV1Api, AppsV1Api and CustomObjectsApi
+(their `_preload_content=False` answer: the raw response, `.data` and
+`.status`) over one urllib3 pool with the credentials of `credentials.py`;
+a non-2xx answer raises `ApiError`, with the server's status, reason and body.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+from urllib.parse import quote, urlencode
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+import urllib3
+
+from edgeslim.operator.credentials import Credentials, TokenSource
+
+
+class ApiError(Exception):
+    """The API server answered with a non-2xx status (`body`: its Status JSON)."""
+
+    def __init__(self, status: int, reason: str | None, body: str) -> None:
+        super().__init__(f"({status}) {reason}: {body[:500]}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+
 
 _CUSTOM = "/apis/{group}/{version}/namespaces/{namespace}/{plural}"
 _JOBS = "/apis/batch/v1/namespaces/{namespace}/jobs"
@@ -61,28 +76,30 @@ _QUERY = {
     "field_manager": "fieldManager",
     "force": "force",
 }
-# By name: touching `client.CoreV1Api` is what loads its models.
-_FALLBACK = ("CoreV1Api", "BatchV1Api", "AppsV1Api", "CustomObjectsApi")
 
 
 class Rest:
     """Stands in for CoreV1Api, BatchV1Api, AppsV1Api and CustomObjectsApi at once
     (their method names do not collide)."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self.api_client = api_client
+    def __init__(self, creds: Credentials, pool_size: int = 32, user_agent: str = "") -> None:
+        self.creds = creds
+        self.auth = TokenSource(creds)
+        self.user_agent = user_agent
+        # Handlers run on many threads at once: `pool_size` connections, not 1.
+        self.pool = urllib3.PoolManager(
+            num_pools=2,
+            maxsize=pool_size,
+            ssl_context=creds.ssl_context() if creds.server.startswith("https") else None,
+        )
 
     def __getattr__(self, method: str) -> Any:
         if method in ROUTES:
             return lambda *args, **kwargs: self.call(method, *args, **kwargs)
-        for name in _FALLBACK:
-            api = getattr(client, name)
-            if hasattr(api, method):
-                return getattr(api(self.api_client), method)
         raise AttributeError(method)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """One request; the raw urllib3 response (read), or ApiException on non-2xx."""
+    def call(self, method: str, *args: Any, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        """One request; the urllib3 response (read), or ApiError on non-2xx."""
         verb, path, positional = ROUTES[method]
         params = dict(zip(positional, args, strict=False))
         body = kwargs.pop("body", params.pop("body", None))
@@ -92,21 +109,44 @@ class Rest:
         unknown = set(kwargs) - set(_QUERY)
         if unknown:
             raise TypeError(f"{method}: unsupported arguments {sorted(unknown)}")
-        query = [(_QUERY[k], v) for k, v in kwargs.items() if v is not None]
+        quoted = {k: quote(str(v), safe="") for k, v in params.items()}
+        url = self.creds.server + path.format(**quoted)
+        query = [(_QUERY[k], _query_value(v)) for k, v in kwargs.items() if v is not None]
+        if query:
+            url += "?" + urlencode(query)
         headers = {"Accept": "application/json"}
+        if self.user_agent:
+            headers["User-Agent"] = self.user_agent
+        authorization = self.auth.authorization()
+        if authorization:
+            headers["Authorization"] = authorization
+        data = None
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
-        request = self.api_client.param_serialize(
-            method=verb,
-            resource_path=path,
-            path_params=params,
-            query_params=query,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
+            data = json.dumps(body).encode()  # JSON is YAML too (apply-patch+yaml)
+        response = self.pool.request(
+            verb,
+            url,
+            body=data,
+            headers=headers,
+            timeout=_timeout(timeout),
+            preload_content=True,
         )
-        response = self.api_client.call_api(*request, _request_timeout=timeout)
-        response.read()
         if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.response
+            raise ApiError(
+                response.status, response.reason, response.data.decode("utf-8", "replace")
+            )
+        return response
+
+
+def _query_value(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _timeout(value: Any) -> urllib3.Timeout | None:
+    """The generated methods' `_request_timeout`: seconds, or (connect, read)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return urllib3.Timeout(connect=value[0], read=value[1])
+    return urllib3.Timeout(total=value)

@@ -313,7 +313,7 @@ def test_apply_guards_on_a_real_api_server(k8s: K8s, namespace: str) -> None:
     create-only apply never lands on an object that appeared after the check, an
     apply to our object never lands on a replacement, and a field the operator
     stops setting goes (why it applies rather than creates)."""
-    kube = Kube(k8s.api_client)
+    kube = Kube.connect(kubeconfig=k8s.kubeconfig)
     service = _foreign_service(k8s, namespace)
     m = model(namespace=namespace)
     with pytest.raises(Conflict):

@@ -1,49 +1,56 @@
-"""`operator.rest`: the operator's API calls without the generated API classes.
+"""`operator.rest`: the operator's API calls without the kubernetes client.
 
 Every call `Kube` makes, against a real API server: same answers (JSON, None on
-404/409 where asked, Conflict, ApiException with the server's status), and the
-generated modules (CoreV1Api's ~300 models) are never loaded.
+404/409 where asked, Conflict, ApiError with the server's status), and the
+operator's process never loads the `kubernetes` package.
 """
 
 from __future__ import annotations
 
+import ast
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from edgeslim.operator.kube import Conflict, Kube
+from edgeslim.operator import credentials
+from edgeslim.operator.kube import Conflict, Kube, api_message
 from edgeslim.operator.names import API_GROUP, API_VERSION, MODEL_LABEL, PLURAL
-from edgeslim.operator.rest import ROUTES
+from edgeslim.operator.rest import ROUTES, ApiError, Rest
 from tests.cluster.fixtures import K8s
 from tests.operator.support import model_body
 
+# `edgeslim operator`, reporting on its way out which packages it had loaded.
+_ENTRY = """
+import atexit, sys
+def loaded():
+    print(sorted({m.split(".")[0] for m, mod in sys.modules.items() if mod is not None}))
+atexit.register(loaded)
+from edgeslim.cli import main
+sys.exit(main(["operator"]))
+"""
 
-def test_operator_process_never_loads_the_generated_api_modules() -> None:
-    code = (
-        "import sys\n"
-        "from kubernetes import client\n"
-        "from edgeslim.operator.kube import Kube\n"
-        "cfg = client.Configuration(); cfg.host = 'http://127.0.0.1:9'\n"
-        "kube = Kube(client.ApiClient(cfg))\n"
-        "try:\n"
-        "    kube.read_job('ns', 'j')\n"
-        "except Exception:\n"
-        "    pass\n"
-        "print(sorted(m for m in sys.modules if m.startswith('kubernetes.client.api.')))\n"
+
+def test_the_operator_entry_point_never_imports_kubernetes(tmp_path: Path) -> None:
+    """`edgeslim operator` imports kopf, the handlers and our login, then stops
+    at the credential check (none here): `kubernetes` was never loaded (kopf
+    imports it whenever it is installed, as it is in this venv)."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config
+    run = subprocess.run(
+        [sys.executable, "-c", _ENTRY], capture_output=True, text=True, env=env, timeout=120
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert out.stdout.strip() == "[]"
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "no Kubernetes credentials" in run.stderr
+    loaded = set(ast.literal_eval(run.stdout.strip().splitlines()[-1]))
+    assert {"kopf", "edgeslim", "urllib3"} <= loaded
+    assert not loaded & {"kubernetes", "requests", "oauthlib", "google"}
 
 
 def test_unknown_arguments_are_refused_not_dropped() -> None:
-    from kubernetes import client
-
-    from edgeslim.operator.rest import Rest
-
-    rest = Rest(client.ApiClient(client.Configuration()))
+    rest = Rest(credentials.Credentials(server="http://127.0.0.1:9"))
     with pytest.raises(TypeError, match="dry_run"):
         rest.read_namespaced_job("j", "ns", dry_run="All")
     assert "read_namespaced_job" in ROUTES
@@ -51,7 +58,7 @@ def test_unknown_arguments_are_refused_not_dropped() -> None:
 
 @pytest.mark.cluster
 def test_every_call_against_a_real_api_server(k8s: K8s, namespace: str, crd: None) -> None:
-    kube = Kube(k8s.api_client)
+    kube = Kube.connect(kubeconfig=k8s.kubeconfig)
     # CompressedModels: get, status patch (with and without a stale resourceVersion).
     assert kube.get_model(namespace, "absent") is None
     body = model_body("m1", "bench")
@@ -114,3 +121,9 @@ def test_every_call_against_a_real_api_server(k8s: K8s, namespace: str, crd: Non
     assert kube.read_service(namespace, "absent") is None
     kube.delete_deployment(namespace, "absent", "0" * 8)
     kube.delete_service(namespace, "absent", "0" * 8)
+
+    # Any other non-2xx: ApiError, with the server's status and its Status message.
+    bad = {**job, "metadata": {"name": "Not_A_Name", "namespace": namespace}}
+    with pytest.raises(ApiError) as caught:
+        kube.create_job(bad)
+    assert caught.value.status == 422 and "Not_A_Name" in api_message(caught.value)
