@@ -2,7 +2,8 @@
 # Builds the binaries the cluster tests need -- etcd, kube-apiserver,
 # kube-controller-manager, kubectl and helm -- kstatus (Flux's status
 # logic from sigs.k8s.io/cli-utils, tests/test_kstatus.py), and prometheus and
-# promtool (tests/test_monitoring.py) from the Go module proxy, using
+# promtool (tests/test_monitoring.py), and the Kueue manager with its CRDs
+# (tests/operator/test_kueue_cluster.py) from the Go module proxy, using
 # the small tools modules under tools/, and caches them outside the checkout:
 #
 #   ${EDGESLIM_TOOLS_CACHE:-$HOME/.cache/edgeslim/tools}/<name>-<version>/
@@ -90,10 +91,28 @@ install_module() { # <cache key> <build tags> <binary=package@version>...
   publish "$tmp" "$key" "$start"
 }
 
+# The Kueue manager, and Kueue's CRDs from the same module version, which
+# `go install` has just put into the module cache (nothing else is downloaded):
+# the tests install them from <cache>/kueue-<version>/crds/.
+install_kueue() {
+  local key="kueue-$KUEUE_VERSION" start=$SECONDS
+  cached "$key" kueue && [[ -d "$cache/$key/crds" ]] && return 0
+  local tmp="$cache/.$key.tmp.$$"
+  rm -rf "$tmp" && mkdir -p "$tmp/crds"
+  log "installing sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION ..."
+  GOBIN="$tmp" go install -trimpath \
+    -ldflags="$ldflags_common -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+    sigs.k8s.io/kueue/cmd/kueue@"$KUEUE_VERSION"
+  cp "$(go env GOMODCACHE)/sigs.k8s.io/kueue@$KUEUE_VERSION/config/components/crd/bases/"*.yaml "$tmp/crds/"
+  chmod 0644 "$tmp/crds/"*.yaml
+  publish "$tmp" "$key" "$start"
+}
+
 all_cached() {
   cached "etcd-$ETCD_VERSION" etcd && cached "helm-$HELM_VERSION" helm &&
     cached "kstatus-$CLI_UTILS_VERSION" kstatus &&
     cached "prometheus-$PROMETHEUS_VERSION" prometheus promtool &&
+    cached "kueue-$KUEUE_VERSION" kueue && [[ -d "$cache/kueue-$KUEUE_VERSION/crds" ]] &&
     cached "kubernetes-$KUBERNETES_VERSION" kube-apiserver kube-controller-manager kubectl
 }
 
@@ -141,6 +160,8 @@ install_module "prometheus-$PROMETHEUS_VERSION" remove_all_sd,enable_kubernetes_
   prometheus=github.com/prometheus/prometheus/cmd/prometheus@"$PROMETHEUS_VERSION" \
   promtool=github.com/prometheus/prometheus/cmd/promtool@"$PROMETHEUS_VERSION"
 
+install_kueue
+
 echo "etcd:                    $cache/etcd-$ETCD_VERSION/etcd"
 echo "kube-apiserver:          $cache/kubernetes-$KUBERNETES_VERSION/kube-apiserver"
 echo "kube-controller-manager: $cache/kubernetes-$KUBERNETES_VERSION/kube-controller-manager"
@@ -149,3 +170,4 @@ echo "helm:                    $cache/helm-$HELM_VERSION/helm"
 echo "kstatus:                 $cache/kstatus-$CLI_UTILS_VERSION/kstatus"
 echo "prometheus:              $cache/prometheus-$PROMETHEUS_VERSION/prometheus"
 echo "promtool:                $cache/prometheus-$PROMETHEUS_VERSION/promtool"
+echo "kueue:                   $cache/kueue-$KUEUE_VERSION/kueue"

@@ -1,4 +1,4 @@
-"""spec.optimize in the cluster: the search fanned out as Jobs, within the Job limit.
+"""spec.optimize in the cluster: the search fanned out as Jobs, within the Job limit or Kueue.
 
     plan Job        `<name>-<hash>-plan`   compress --plan: its termination message gives N
     candidate Jobs  `<name>-<hash>-c<i>`   compress --candidate i, as many at once as slots allow
@@ -11,8 +11,13 @@ event, from the resync, or after an operator restart, and only creates what
 is missing. A candidate Job that ran before finds its result in storage and
 ends at once. Every Job is owned by the object and labelled with its spec
 hash: a deleted object's Jobs go with it, and a new spec deletes the old ones
-(`compression._supersede`). Under Kueue the search stays one Job (Kueue
-admits Jobs one by one and has no notion of a search's steps).
+(`compression._supersede`).
+
+Under Kueue (EDGESLIM_KUEUE_QUEUE) the steps are the same, but every Job a step
+needs is created at once, suspended with the queue label (`kueue.queued`), and
+Kueue's quota alone decides how many candidates run: the operator's Job limit
+would only hold back Jobs Kueue could admit. The object is Queued until Kueue
+admits the plan Job, then Compressing.
 """
 
 from __future__ import annotations
@@ -50,8 +55,16 @@ MAX_PLANNED = 1000
 STEP_NAME_KEEPS = 40
 
 
-def applies(model: CompressedModel, settings: Settings) -> bool:
-    return model.spec.optimize is not None and not settings.kueue_queue
+def applies(model: CompressedModel) -> bool:
+    return model.spec.optimize is not None
+
+
+def searching(current: CompressedModelStatus, settings: Settings) -> bool:
+    """The search may take its next step: Compressing, or under Kueue also Queued
+    (its plan Job waits for admission; without Kueue, Queued waits for a slot)."""
+    if current.phase == Phase.compressing:
+        return True
+    return bool(settings.kueue_queue) and current.phase == Phase.queued
 
 
 def step_job_name(model_name: str, spec_hash: str, step: str) -> str:
@@ -143,11 +156,11 @@ def advance(rt: Runtime, key: tuple[str, str]) -> None:
         model = parse_model(body)
     except InvalidSpec:
         return  # the model handler reports it
-    if not applies(model, rt.settings):
+    if not applies(model):
         return
     spec_hash = model.spec.spec_hash()
     current = status.parse(body.get("status"))
-    if current.spec_hash != spec_hash or current.phase != Phase.compressing:
+    if current.spec_hash != spec_hash or not searching(current, rt.settings):
         return
     name, uid = model.metadata.name, model.metadata.uid
     final = job_name(name, spec_hash)
@@ -185,6 +198,8 @@ def advance(rt: Runtime, key: tuple[str, str]) -> None:
 
 
 def _slots(rt: Runtime, key: tuple[str, str], wanted: list[str]) -> list[str]:
+    if rt.settings.kueue_queue:
+        return wanted  # all of them, suspended: Kueue admits what its quota allows
     return rt.slots.take_steps(key, wanted, running_jobs(rt.jobs_index))
 
 
@@ -224,7 +239,7 @@ def _set_progress(
     rt: Runtime, key: tuple[str, str], body: Obj, spec_hash: str, text: str | None
 ) -> None:
     def compute(cur: CompressedModelStatus, _b: Obj) -> Obj | None:
-        if cur.spec_hash != spec_hash or cur.phase != Phase.compressing:
+        if cur.spec_hash != spec_hash or not searching(cur, rt.settings):
             return None
         if cur.candidates == text:
             return None

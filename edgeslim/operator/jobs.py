@@ -11,13 +11,12 @@ from enum import StrEnum
 from typing import Any
 
 from edgeslim.api.spec import CompressedModel
-from edgeslim.operator import podspec, variants
+from edgeslim.operator import kueue, podspec, variants
 from edgeslim.operator.names import (
     CONTAINER,
     GROUP_VERSION,
     JOB_CONTROLLER_UID_LABEL,
     KIND,
-    KUEUE_QUEUE_LABEL,
     MODEL_LABEL,
     SPEC_ENV,
     SPEC_HASH_LABEL,
@@ -78,8 +77,6 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
     name = job_name(meta.name, spec_hash)
     target = target_name(model)
     job_labels = labels(meta.name, spec_hash, target)
-    if settings.kueue_queue:
-        job_labels[KUEUE_QUEUE_LABEL] = settings.kueue_queue
     container: Obj = {
         "name": CONTAINER,
         "image": settings.compressor_image,
@@ -90,7 +87,7 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
             "--spec-env",
             SPEC_ENV,
             # An optimize search ends with the pick step (operator/fanout.py), which
-            # also searches alone when no plan ran (e.g. under Kueue).
+            # also searches alone when no plan ran (e.g. for a target).
             *(["--pick"] if model.spec.optimize is not None else []),
         ],
         "env": [
@@ -157,10 +154,7 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
             pod["nodeSelector"] = dict(place.node_selector)
         if place.tolerations:
             pod["tolerations"] = [t.wire() for t in place.tolerations]
-    if settings.kueue_queue:
-        # Kueue un-suspends the Job when it admits the workload.
-        spec["suspend"] = True
-    return {
+    job: Obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
@@ -180,6 +174,8 @@ def build_job(model: CompressedModel, settings: Settings, spec_hash: str) -> Obj
         },
         "spec": spec,
     }
+    # Under Kueue: suspended, queue-labelled, with a CPU request its quota counts.
+    return kueue.queued(job, settings.kueue_queue) if settings.kueue_queue else job
 
 
 # ------------------------------------------------------------------ reading Jobs

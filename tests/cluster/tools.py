@@ -48,6 +48,7 @@ class Binaries:
     helm: Path
     prometheus: Path
     promtool: Path
+    kueue: Path
     versions: dict[str, str]
 
     def control_plane(self) -> list[Path]:
@@ -71,6 +72,8 @@ def binaries() -> Binaries:
         helm=root / f"helm-{versions['HELM_VERSION']}" / "helm",
         prometheus=root / f"prometheus-{versions['PROMETHEUS_VERSION']}" / "prometheus",
         promtool=root / f"prometheus-{versions['PROMETHEUS_VERSION']}" / "promtool",
+        # Kueue's CRDs of the same version are in crds/ beside it (tests/cluster/kueue.py).
+        kueue=root / f"kueue-{versions['KUEUE_VERSION']}" / "kueue",
         versions=versions,
     )
 

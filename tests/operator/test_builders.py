@@ -137,6 +137,27 @@ def test_kueue_jobs_start_suspended_with_the_queue_label() -> None:
     job = jobs.build_job(model(), Settings(kueue_queue="edge"), model().spec.spec_hash())
     assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "edge"
     assert job["spec"]["suspend"] is True
+    # The spec's own request is what Kueue's quota counts.
+    assert container(job)["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+    plain = jobs.build_job(model(), Settings(), model().spec.spec_hash())
+    assert KUEUE_QUEUE_LABEL not in plain["metadata"]["labels"]
+    assert "suspend" not in plain["spec"]
+
+
+def test_kueue_jobs_request_cpu_so_the_quota_counts_them() -> None:
+    bare = model(resources=None)
+    job = jobs.build_job(bare, Settings(kueue_queue="edge"), bare.spec.spec_hash())
+    assert container(job)["resources"] == {"requests": {"cpu": "1"}}
+    # Without Kueue nothing is added: the scheduler places it as the spec says.
+    assert container(jobs.build_job(bare, Settings(), bare.spec.spec_hash()))["resources"] == {}
+    # A CPU limit alone: the request is the limit (what Kubernetes defaults it to),
+    # never more than the limit.
+    capped = model(resources={"limits": {"cpu": "500m"}})
+    job = jobs.build_job(capped, Settings(kueue_queue="edge"), capped.spec.spec_hash())
+    assert container(job)["resources"] == {
+        "requests": {"cpu": "500m"},
+        "limits": {"cpu": "500m"},
+    }
 
 
 def test_job_state() -> None:

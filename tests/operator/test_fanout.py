@@ -8,9 +8,15 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from edgeslim.api.status import CompressedModelStatus
-from edgeslim.operator import fanout, jobs, queue
-from edgeslim.operator.names import MODEL_LABEL, SPEC_HASH_LABEL, STEP_LABEL, job_name
+from edgeslim.api.status import CompressedModelStatus, Phase
+from edgeslim.operator import fanout, jobs, kueue, queue
+from edgeslim.operator.names import (
+    KUEUE_QUEUE_LABEL,
+    MODEL_LABEL,
+    SPEC_HASH_LABEL,
+    STEP_LABEL,
+    job_name,
+)
 from edgeslim.operator.settings import Settings
 from tests.operator.test_builders import UID, container, model
 
@@ -142,3 +148,42 @@ def test_search_jobs_go_to_the_deployment_nodes_when_asked() -> None:
 def test_placing_on_deployment_nodes_needs_a_deployment() -> None:
     with pytest.raises(ValidationError, match=r"placeOnDeploymentNodes: needs spec\.deployment"):
         model(pipeline=None, optimize={"placeOnDeploymentNodes": True})
+
+
+def test_under_kueue_every_search_job_waits_for_admission() -> None:
+    m = model(**OPTIMIZE, resources=None)
+    h = m.spec.spec_hash()
+    settings = Settings(kueue_queue="edge")
+    assert fanout.applies(m)  # the search fans out under Kueue too
+    for job in (
+        fanout.build_step_job(m, settings, h, fanout.PLAN, ["--plan"]),
+        fanout.build_step_job(m, settings, h, fanout.candidate_step(3), ["--candidate", "3"]),
+        jobs.build_job(m, settings, h),
+    ):
+        assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "edge"
+        assert job["spec"]["suspend"] is True
+        assert container(job)["resources"]["requests"] == {"cpu": kueue.DEFAULT_CPU}
+
+
+def test_under_kueue_a_queued_search_goes_on_and_its_plan_admission_starts_it() -> None:
+    h, pick = "0123456789abcdef", "digits-cnn-0123456789"
+    waiting = kueue.waiting(CompressedModelStatus(), h, pick, "edge")
+    assert waiting is not None and waiting.phase is Phase.queued
+    assert waiting.reason == kueue.WAITING and waiting.job_name == pick
+    queued = CompressedModelStatus(phase=Phase.queued, spec_hash=h, job_name=pick)
+    # Queued under Kueue: the plan Job is created and waits in Kueue; without
+    # Kueue, Queued waits for one of the operator's slots.
+    assert fanout.searching(queued, Settings(kueue_queue="edge"))
+    assert not fanout.searching(queued, Settings())
+    # Kueue admits the plan (a step Job): Compressing, still naming the pick Job.
+    started = kueue.admitted(queued, f"{pick}-plan", h, step=True)
+    assert started is not None and started.phase is Phase.compressing
+    assert started.job_name == pick and "digits-cnn-0123456789-plan" in started.message
+    # Some other Job, an old spec's step, or a search already running: nothing.
+    assert kueue.admitted(queued, "other", h, step=False) is None
+    assert kueue.admitted(queued, f"{pick}-plan", "feedbeef", step=True) is None
+    running = CompressedModelStatus(phase=Phase.compressing, spec_hash=h, job_name=pick)
+    assert kueue.admitted(running, f"{pick}-c0", h, step=True) is None
+    # A resumed operator does not put an admitted search back to Queued.
+    assert kueue.waiting(running, h, pick, "edge") is None
+    assert kueue.waiting(running, "feedbeef", pick, "edge") is not None

@@ -1,0 +1,117 @@
+"""An optimize search fanned out under a real Kueue on the real control plane,
+with real compressor pods and S3: every step is a Job of its own that waits,
+suspended, in a LocalQueue, and the ClusterQueue's quota (room for two
+candidate pods) -- not the operator's Job limit -- decides how many run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from edgeslim.api.spec import CompressedModel
+from edgeslim.operator import kueue as operator_kueue
+from edgeslim.operator.names import KUEUE_QUEUE_LABEL, STEP_LABEL
+from tests.cluster import kueue
+from tests.cluster.fixtures import K8s
+from tests.cluster.tools import binaries
+from tests.operator.support import create_model, digits_in_s3, get_model, model_body, wait_phase
+
+KUEUE = binaries().kueue
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not KUEUE.exists(), reason=f"Kueue is not built ({KUEUE} is missing): make controlplane"
+    ),
+]
+TIMEOUT = 300
+PLANNED = 4
+QUOTA_PODS = 2  # cpu quota / the CPU each candidate pod requests (kueue.DEFAULT_CPU = 1)
+LOCAL_QUEUE = "edge"
+
+
+@pytest.fixture(scope="module")
+def real_kueue(k8s: K8s, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    started = kueue.Kueue(KUEUE, kubeconfig, tmp_path_factory.mktemp("kueue")).start(k8s.api_client)
+    yield started
+    started.stop()
+
+
+def _finished(job: client.V1Job) -> bool:
+    conds = job.status.conditions or []
+    return any(c.type in ("Complete", "Failed") and c.status == "True" for c in conds)
+
+
+def test_candidates_run_as_separate_jobs_as_kueue_admits_them(
+    k8s: K8s, namespace: str, real_kueue: kueue.Kueue, run_operator, s3_server, s3: str, digits
+) -> None:
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
+    cluster_queue = f"cq-{namespace}"
+    quota = str(QUOTA_PODS * int(operator_kueue.DEFAULT_CPU))
+    kueue.queues(k8s.api_client, namespace, cluster_queue, LOCAL_QUEUE, cpu=quota)
+    body = model_body("queued", s3, max_drop=0.01)
+    del body["spec"]["pipeline"]
+    body["spec"]["optimize"] = {"objective": "download", "maxCandidates": PLANNED}
+    spec_hash = CompressedModel.model_validate(body).spec.spec_hash()
+
+    peak, seen_suspended = 0, set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            jobs = k8s.batch.list_namespaced_job(namespace).items
+            running = [j for j in jobs if not j.spec.suspend and not _finished(j)]
+            peak = max(peak, len(running))
+            seen_suspended.update(j.metadata.name for j in jobs if j.spec.suspend)
+            time.sleep(0.05)
+
+    # The operator's own limit (1) would run the candidates one by one: under
+    # Kueue it does not apply, so two run at once, as the quota allows.
+    op = run_operator(EDGESLIM_KUEUE_QUEUE=LOCAL_QUEUE, EDGESLIM_MAX_CONCURRENT_JOBS="1")
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        create_model(k8s, namespace, body)
+        done = wait_phase(k8s, namespace, "queued", {"Ready", "Rejected"}, TIMEOUT, op)
+    finally:
+        stop.set()
+        sampler.join(timeout=10)
+
+    jobs = k8s.batch.list_namespaced_job(namespace).items
+    short = f"queued-{spec_hash[:10]}"
+    steps = sorted((j.metadata.labels.get(STEP_LABEL, "result"), j.metadata.name) for j in jobs)
+    assert steps == [
+        *(("candidate", f"{short}-c{i}") for i in range(PLANNED)),
+        ("plan", f"{short}-plan"),
+        ("result", short),
+    ]
+    for job in jobs:
+        assert job.metadata.labels[KUEUE_QUEUE_LABEL] == LOCAL_QUEUE
+        requests = job.spec.template.spec.containers[0].resources.requests
+        assert requests == {"cpu": operator_kueue.DEFAULT_CPU}
+        assert job.status.succeeded == 1
+    # Candidates beyond the quota waited, suspended, for a running one to end;
+    # Kueue never let more run than its quota, and did run two at once.
+    waited = {f"{short}-c{i}" for i in range(PLANNED)} & seen_suspended
+    assert len(waited) >= PLANNED - QUOTA_PODS, seen_suspended
+    assert peak == QUOTA_PODS, peak
+    # Each Job went through Kueue: a Workload admitted by the ClusterQueue.
+    workloads = k8s.custom.list_namespaced_custom_object(
+        kueue.GROUP, kueue.VERSION, namespace, "workloads"
+    )["items"]
+    owners = {
+        w["metadata"]["ownerReferences"][0]["name"]
+        for w in workloads
+        if (w.get("status") or {}).get("admission", {}).get("clusterQueue") == cluster_queue
+    }
+    assert owners == {j.metadata.name for j in jobs}
+    # The pick took every candidate: the search is recorded like without Kueue.
+    assert done["status"]["candidates"] == f"{PLANNED}/{PLANNED}"
+    assert done["status"]["results"]["candidatesTried"] == PLANNED
+    assert get_model(k8s, namespace, "queued")["status"]["jobName"] == short
