@@ -17,6 +17,7 @@ from edgeslim.errors import BadInput, StorageUnavailable
 from edgeslim.operator import (
     fanout,
     jobs,
+    kueue,
     ownership,
     results,
     source_watch,
@@ -202,19 +203,14 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
         if entry.job and entry.job != job:
             rt.slots.release(key, entry.job)  # the spec changed while it waited
             return
-        kueue = rt.settings.kueue_queue
+        queue = rt.settings.kueue_queue
 
-        def compute(cur: CompressedModelStatus, _b: Obj) -> Transition | None:
+        def compute(cur: CompressedModelStatus, b: Obj) -> Transition | Obj | None:
             if cur.spec_hash == spec_hash and cur.phase in COMPRESSED_PHASES:
                 return None
-            if kueue:
-                return Transition(
-                    Phase.queued,
-                    "WaitingForKueue",
-                    f"Job {job} waits for admission by Kueue queue {kueue}",
-                    spec_hash=spec_hash,
-                    job_name=job,
-                )
+            if queue:
+                # Admitted already (a resume): the status stays, the Jobs are made.
+                return kueue.waiting(cur, spec_hash, job, queue) or dict(b.get("status") or {})
             return Transition(
                 Phase.compressing,
                 "Compressing",
@@ -234,7 +230,7 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
             return
         # A search fans out (plan, candidates, then this Job); a target's searches alone.
         # A re-compression searches in its one Job: the fan-out's steps are named per spec.
-        if fanout.applies(model, rt.settings) and not model.spec.targets and revision is None:
+        if fanout.applies(model) and not model.spec.targets and revision is None:
             plan = fanout.step_job_name(model.metadata.name, spec_hash, fanout.PLAN)
             rt.slots.hand_over(key, entry.job, plan)
             fanout.advance(rt, key)
@@ -302,10 +298,10 @@ def _start_quietly(rt: Runtime, entry: Waiting) -> None:
 
 def dispatch(rt: Runtime) -> None:
     """Fills free slots: searches under way first, then the oldest queued objects."""
-    if rt.settings.kueue_queue:
-        return
     for key in fanout.in_progress(rt):
         fanout.advance_quietly(rt, key)
+    if rt.settings.kueue_queue:
+        return  # Kueue admits the rest
     groups = policy_groups(rt)
     if rt.slots.unlimited and not groups:
         return
@@ -357,22 +353,8 @@ def job_changed(rt: Runtime, event_type: str | None, body: Obj) -> None:
         finally:
             dispatch(rt)
     elif state is jobs.JobState.running and rt.settings.kueue_queue:
-        _admitted_by_kueue(rt, key, ref)
-
-
-def _admitted_by_kueue(rt: Runtime, key: ModelKey, ref: jobs.JobRef) -> None:
-    def compute(cur: CompressedModelStatus, _b: Obj) -> Transition | None:
-        if cur.job_name != ref.name or cur.phase != Phase.queued:
-            return None
-        return Transition(
-            Phase.compressing,
-            "Compressing",
-            f"Job {ref.name} admitted by Kueue",
-            spec_hash=ref.spec_hash,
-            job_name=ref.name,
-        )
-
-    write_status(rt, key, compute)
+        step = fanout.is_step(body)
+        write_status(rt, key, lambda cur, _b: kueue.admitted(cur, ref.name, ref.spec_hash, step))
 
 
 def _already_recorded(rt: Runtime, key: ModelKey, job: str) -> bool:
