@@ -1,7 +1,8 @@
 """An optimize search fanned out under a real Kueue on the real control plane,
 with real compressor pods and S3: every step is a Job of its own that waits,
-suspended, in a LocalQueue, and the ClusterQueue's quota (room for two
-candidate pods) -- not the operator's Job limit -- decides how many run."""
+suspended, in a LocalQueue, the ClusterQueue's quota (room for two candidate
+pods) -- not the operator's Job limit -- decides how many run, and a killed
+operator's successor finishes the search."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from edgeslim.operator import kueue as operator_kueue
 from edgeslim.operator.names import KUEUE_QUEUE_LABEL, STEP_LABEL
 from tests.cluster import kueue
 from tests.cluster.fixtures import K8s
+from tests.cluster.processes import wait_until
 from tests.cluster.tools import binaries
 from tests.operator.support import create_model, digits_in_s3, get_model, model_body, wait_phase
 
@@ -78,7 +80,20 @@ def test_candidates_run_as_separate_jobs_as_kueue_admits_them(
     sampler.start()
     try:
         create_model(k8s, namespace, body)
-        done = wait_phase(k8s, namespace, "queued", {"Ready", "Rejected"}, TIMEOUT, op)
+        # Killed once a candidate ended: Kueue goes on admitting the candidates
+        # already queued, and a new operator picks the search up where it is.
+        wait_until(
+            lambda: any(
+                _finished(j) and j.metadata.labels.get(STEP_LABEL) == "candidate"
+                for j in k8s.batch.list_namespaced_job(namespace).items
+            ),
+            TIMEOUT,
+            0.2,
+            "a candidate Job to end",
+        )
+        op.kill()
+        op2 = run_operator(EDGESLIM_KUEUE_QUEUE=LOCAL_QUEUE, EDGESLIM_MAX_CONCURRENT_JOBS="1")
+        done = wait_phase(k8s, namespace, "queued", {"Ready", "Rejected"}, TIMEOUT, op2)
     finally:
         stop.set()
         sampler.join(timeout=10)
