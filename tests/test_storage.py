@@ -415,6 +415,26 @@ def test_client_follows_env(s3: str, s3_server: S3Server, monkeypatch: pytest.Mo
     assert storage.s3_client().meta.endpoint_url == "http://127.0.0.1:1"
 
 
+def test_threads_that_need_a_client_at_once_share_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's handler threads read their first manifests together: one
+    client is built, not one each (~13 MB apiece)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # an env of this test's own
+    monkeypatch.setenv("AWS_REGION", "ap-south-2")
+    start = threading.Barrier(16)
+    clients: list[object] = []
+
+    def get() -> None:
+        start.wait()
+        clients.append(storage.s3_client())
+
+    threads = [threading.Thread(target=get) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(clients) == 16 and all(c is clients[0] for c in clients)
+
+
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
     return botocore.exceptions.ClientError(
         {
