@@ -352,6 +352,54 @@ def test_activation_importance_removes_channels_that_are_never_active(criterion:
         np.testing.assert_array_equal(kept, source[1::2])
 
 
+class ConstantChannels(torch.nn.Module):
+    """The odd channels of conv1 and neurons of fc1 are constant after their ReLU (zero
+    weights, a positive bias) and read through small weights, so L1 removes them first;
+    conv2 has no bias of its own, and its odd channels are always zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 1, bias=False)
+        self.fc1 = torch.nn.Linear(8, 8)
+        self.fc2 = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            for layer, bias in ((self.conv1, 0.3), (self.fc1, 0.2)):
+                layer.weight[1::2] = 0.0
+                layer.bias[1::2] = bias
+            self.conv2.weight[1::2] = 0.0
+            for reader in (self.conv2, self.fc2):
+                reader.weight[:, 1::2] *= 0.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc2(torch.relu(self.fc1(y.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_removed_constant_channels_leave_their_mean_in_the_next_bias(compensate: bool):
+    """A removed channel that is constant after its ReLU still fed the next layer: with
+    its mean put into that layer's bias (one added where the Conv had none) the pruned
+    model computes exactly the source's function; cut bare, it does not."""
+    torch.manual_seed(0)
+    model = export(ConstantChannels(), (torch.randn(1, 3, 4, 4),), ["input"], 17)
+    data = Dataset({"input": RNG.normal(size=(16, 3, 4, 4)).astype(np.float32)}, None, "calib")
+    config = PruneConfig(sparsity=0.5, calibration_samples=8, compensate_bias=compensate)
+    out = Prune(config).run(model, calibration_context(model, data))
+    onnx.checker.check_model(out.model, full_check=True)
+    conv2 = next(n for n in out.model.graph.node if n.op_type == "Conv" and "conv2" in n.name)
+    feeds = {"input": RNG.normal(size=(4, 3, 4, 4)).astype(np.float32)}
+    got, want = run(out.model, feeds), run(model, feeds)
+    if compensate:
+        assert "added the removed channels' mean input to the bias of 3 layers" in out.notes
+        assert len(conv2.input) == 3  # conv2 gained a bias
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    else:
+        assert "channel means from 8 samples of calib" not in out.notes
+        assert len(conv2.input) == 2
+        assert np.abs(got - want).max() > 1e-3
+
+
 @pytest.mark.parametrize(
     ("arch", "criterion"),
     [

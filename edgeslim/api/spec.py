@@ -147,11 +147,18 @@ class PruneConfig(WireModel):
     """structured only: round the channels each group keeps up to a multiple of this
     (never past the original width), e.g. 8 for SIMD- and GPU-friendly widths; unset
     keeps the exact share."""
+    # None rather than true so that specs written before it existed keep their spec hash.
+    compensate_bias: bool | None = None
+    """structured only, default true: each layer that read a removed channel gets that
+    channel's mean input (over the calibration samples) times its weights added to its
+    bias, so a constant channel goes exactly and a ReLU channel's offset is not left for
+    distillation to find; false cuts the channels bare."""
     calibration_dataset: Uri | None = None
-    """criterion activation or taylor only: defaults to the last distill dataset, else
-    the evaluation dataset."""
+    """criterion activation or taylor, and the bias compensation: defaults to the last
+    distill dataset, else the evaluation dataset."""
     calibration_samples: int = Field(default=128, ge=1, le=1_000_000)
-    """criterion activation or taylor only: samples fed through the model."""
+    """criterion activation or taylor, and the bias compensation: samples fed through
+    the model."""
     exclude_nodes: list[str] = Field(default_factory=list, max_length=10_000)
     """Node names whose weights are never pruned."""
 

@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from edgeslim.api.spec import Criterion, PruneConfig, PruneMethod, PruneScope
 from edgeslim.compressor import graph as g
 from edgeslim.compressor import prune_apply as pa
+from edgeslim.compressor import prune_compensate as pc
 from edgeslim.compressor import prune_graph as pgr
 from edgeslim.compressor import prune_groups as pg
 from edgeslim.compressor import prune_importance as pi
@@ -72,17 +73,22 @@ class Prune:
     def calibration(
         self, model: onnx.ModelProto, ctx: StepContext | None, notes: list[str]
     ) -> Dataset | None:
-        """Calibration samples for activation importance (None for weight criteria)."""
+        """Calibration samples: for activation or taylor importance, and for the bias
+        shift (None where there is no context: then weight criteria go without it)."""
         criterion = self.config.criterion
-        if criterion not in (Criterion.activation, Criterion.taylor):
-            return None
+        calibrated = criterion in (Criterion.activation, Criterion.taylor)
         if ctx is None:
-            raise BadInput(f"prune.criterion {criterion.value} needs calibration data")
+            if calibrated:
+                raise BadInput(f"prune.criterion {criterion.value} needs calibration data")
+            return None
+        if not calibrated and self.config.compensate_bias is False:
+            return None
         uri = (
             self.config.calibration_dataset or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
         )
         data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
-        notes.append(f"{criterion.value} importance from {len(data)} samples of {uri}")
+        use = f"{criterion.value} importance" if calibrated else "channel means"
+        notes.append(f"{use} from {len(data)} samples of {uri}")
         return data
 
 
@@ -307,6 +313,9 @@ def prune_structured(
     pruned_layers = {
         id(node) for node, index, _ in plan.surgery.edits.values() if index == 1
     } & layer_ids
+    shifts = []
+    if calibration is not None and config.compensate_bias is not False:
+        shifts = pc.plan_shifts(plan.groups, plan.surgery.gone, calibration)
     plan.surgery.apply()
     for grp in plan.groups.prunable:
         if grp.root in plan.chosen:
@@ -324,6 +333,10 @@ def prune_structured(
             f"structured pruning left {after:,} parameters where its groups predicted "
             f"{plan.predicted:,}"
         )
+    if shifts:
+        pc.apply_shifts(plan.surgery, shifts)
+        after, _ = g.weight_stats(model)
+        notes.append(f"added the removed channels' mean input to the bias of {len(shifts)} layers")
     reached = len(plan.groups.reached_layers())
     notes.append(
         f"structured: {len(pruned_layers)}/{len(layers)} layers pruned "

@@ -55,8 +55,7 @@ class Surgery:
         return total
 
     def apply(self) -> None:
-        names = {t.name for t in self.m.graph.initializer} | set(self.m.producers)
-        names |= self.m.graph_inputs
+        names = self._names()
         for node, index, axes in self.edits.values():
             name = self._own(node, index, names)
             arr = self.m.array(name)
@@ -74,6 +73,31 @@ class Surgery:
                 arr = self.m.array(name).copy()
                 arr.reshape(-1)[fix.pos] = value
                 self._replace(name, arr)
+
+    def add_to_input(self, node: onnx.NodeProto, index: int, delta: np.ndarray) -> None:
+        """Add `delta` to the constant at node.input[index] (a private copy when shared),
+        or make it that constant where the input is absent (a Conv or Gemm bias)."""
+        names = self._names()
+        if index < len(node.input) and node.input[index]:
+            name = self._own(node, index, names)
+            arr = self.m.array(name)
+            self._replace(name, (arr + delta).astype(arr.dtype))
+            return
+        weight = self.m.array(node.input[1])
+        name, n = f"{node.name or node.output[0]}_bias", 1
+        while name in names:
+            n += 1
+            name = f"{node.name or node.output[0]}_bias{n}"
+        self.m.graph.initializer.append(numpy_helper.from_array(delta.astype(weight.dtype), name))
+        while len(node.input) < index:
+            node.input.append("")
+        node.input.append(name)
+        self.m.consumers[name] = [node]
+        self.m.inits = g.initializer_map(self.m.graph)
+
+    def _names(self) -> set[str]:
+        names = {t.name for t in self.m.graph.initializer} | set(self.m.producers)
+        return names | self.m.graph_inputs
 
     def _replace(self, name: str, arr: np.ndarray) -> None:
         g.replace_initializer(self.m.graph, name, arr)

@@ -117,10 +117,11 @@ def _input_axis(mem: Member) -> int:
     return -1
 
 
-def activation_norms(
+def channel_moments(
     model: onnx.ModelProto, members: list[Member], data: Dataset, batch: int = 8
-) -> dict[str, np.ndarray]:
-    """L2 norm of each channel of every layer input that `members` read, over `data`."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean and L2 norm of each channel of every layer input that `members` read, over
+    `data` (one pass, every input at once)."""
     import onnxruntime as ort
 
     wanted: dict[str, int] = {}
@@ -140,20 +141,25 @@ def activation_norms(
     )
     names = list(wanted)
     sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     for start in range(0, len(data), batch):
         values = session.run(names, data.batch(start, start + batch))
         for name, value in zip(names, values, strict=True):
             arr = np.moveaxis(np.asarray(value, dtype=np.float64), wanted[name], 0)
-            sq = (arr.reshape(arr.shape[0], -1) ** 2).sum(1)
-            sums[name] = sums.get(name, 0) + sq
-    return {name: np.sqrt(v) for name, v in sums.items()}
+            flat = arr.reshape(arr.shape[0], -1)
+            sums[name] = sums.get(name, 0) + flat.sum(1)
+            squares[name] = squares.get(name, 0) + (flat**2).sum(1)
+            counts[name] = counts.get(name, 0) + flat.shape[1]
+    means = {name: v / max(counts[name], 1) for name, v in sums.items()}
+    return means, {name: np.sqrt(v) for name, v in squares.items()}
 
 
 def activation_scores(groups: Groups, data: Dataset) -> dict[int, float]:
     """unit -> sum over the layers reading it of |W_in slice| * ||X channel||."""
     m = groups.d.m
     readers = [mem for mem in groups.d.members.values() if mem.role == "in"]
-    norms = activation_norms(m.model, readers, data)
+    _, norms = channel_moments(m.model, readers, data)
     acc: dict[int, float] = defaultdict(float)
     for mem in readers:
         sums = _slice_sums(m.array(mem.node.input[mem.index]), mem.axis, square=False)
