@@ -32,7 +32,7 @@ pytestmark = [
     ),
 ]
 TIMEOUT = 300
-PLANNED = 4
+PLANNED = 3
 QUOTA_PODS = 2  # cpu quota / the CPU each candidate pod requests (kueue.DEFAULT_CPU = 1)
 LOCAL_QUEUE = "edge"
 
