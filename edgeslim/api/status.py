@@ -174,6 +174,15 @@ class TargetStatus(OpenWireModel):
         default_factory=list, max_length=MAX_FAILED_ARTIFACTS
     )
     """The target's artifacts whose pods never became ready (newest last)."""
+    source: SourceIdentity | None = None
+    """The source model the target's current artifact was made from, and when the
+    operator last compared it with storage (a change re-compresses every target once)."""
+    recompression: Recompression | None = None
+    """The target's re-compression under way without a spec change (source replaced, or
+    a new compressor with spec.recompressOnUpgrade); its previous artifact serves meanwhile."""
+    history: list[HistoryEntry] = Field(default_factory=list, max_length=MAX_HISTORY)
+    """The target's last spec.historyLimit artifacts (newest last) with source identity,
+    toolchain versions and verdict: lineage for audits."""
 
 
 class CompressedModelStatus(OpenWireModel):

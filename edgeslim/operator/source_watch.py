@@ -43,7 +43,7 @@ from edgeslim.api.spec import CompressedModel
 from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.api.termination import TerminationMessage
 from edgeslim.errors import BadInput, StorageUnavailable
-from edgeslim.operator import status
+from edgeslim.operator import status, variants
 from edgeslim.operator.names import API_GROUP, job_name
 from edgeslim.operator.queue import ModelKey
 from edgeslim.operator.runtime import (
@@ -54,6 +54,7 @@ from edgeslim.operator.runtime import (
     post_event,
     snapshot,
     storage_credentials,
+    variant_body,
     write_status,
 )
 from edgeslim.operator.settings import Settings
@@ -103,16 +104,33 @@ def source_entry(body: Obj) -> SourceEntry:
     meta, raw = body.get("metadata") or {}, body.get("status") or {}
     source = ((body.get("spec") or {}).get("source")) or {}
     interval = source.get("checkIntervalSeconds")
+    # With spec.targets the results live in the targets' entries: the object has one
+    # if any target has, and its clock is that of the target checked longest ago.
+    parts = (
+        [_result_of(e) for e in variants.status_entries(raw)]
+        if variants.spec_target_names(body)
+        else [_result_of(raw)]
+    )
+    checked = [at for _, at in parts if at is not None]
     return SourceEntry(
         phase=raw.get("phase"),
         generation=meta.get("generation"),
         touched=str((meta.get("annotations") or {}).get(CHECK_ANNOTATION) or ""),
         interval=interval if isinstance(interval, int) else None,
-        has_result=bool(raw.get("artifact") or raw.get("source")),
+        has_result=any(has for has, _ in parts),
         upgrade=((body.get("spec") or {}).get("recompressOnUpgrade")) is True,
-        last_checked=_epoch((raw.get("source") or {}).get("checkedAt"))
-        or _epoch(((raw.get("history") or [{}])[-1] or {}).get("time")),
+        last_checked=min(checked) if checked else None,
     )
+
+
+def _result_of(raw: Obj) -> tuple[bool, float | None]:
+    """Whether a status (or a target's entry) has a result, and when its source was
+    last checked (else its newest history entry was recorded)."""
+    source = raw.get("source") if isinstance(raw.get("source"), dict) else {}
+    history = raw.get("history") if isinstance(raw.get("history"), list) else []
+    newest = history[-1] if history and isinstance(history[-1], dict) else {}
+    at = _epoch(source.get("checkedAt")) or _epoch(newest.get("time"))
+    return bool(raw.get("artifact") or raw.get("source")), at
 
 
 def _epoch(stamp: object) -> float | None:
@@ -358,82 +376,166 @@ def _write_source(rt: Runtime, key: ModelKey, spec_hash: str, seen: SourceIdenti
     write_status(rt, key, compute)
 
 
-def _trigger(rt: Runtime, key: ModelKey, body: Obj, model: CompressedModel, rec: Recompression,
-             message: str) -> None:  # fmt: skip
-    generation = body["metadata"].get("generation")
+@dataclass(frozen=True)
+class Unit:
+    """What one check looks at: an object without targets, or one target of an object
+    (its variant key, body and status entry: see `variants`). The source is the
+    object's for all of them; each compares it with the source its own artifact was
+    made from and re-compresses on its own."""
+
+    key: ModelKey
+    body: Obj
+    model: CompressedModel
+    cur: CompressedModelStatus
+
+    @property
+    def target(self) -> str:
+        return variants.target_of(self.key)
+
+    @property
+    def spec_hash(self) -> str:
+        return self.model.spec.spec_hash()
+
+    @property
+    def checkable(self) -> bool:
+        """Final for its current spec, with a result to compare against (a target
+        still compressing records the source its Job uses anyway)."""
+        cur = self.cur
+        has_result = cur.artifact is not None or cur.source is not None
+        return cur.spec_hash == self.spec_hash and cur.phase in FINAL_PHASES and has_result
+
+
+def units(key: ModelKey, body: Obj, model: CompressedModel) -> list[Unit]:
+    """The object itself, or with spec.targets each target (InvalidSpec propagates)."""
+    if not model.spec.targets:
+        return [Unit(key, body, model, status.parse(body.get("status")))]
+    found = []
+    for t in model.spec.targets:
+        vbody = variant_body(body, t.name)
+        if vbody is not None:
+            vkey = variants.variant_key(key[0], key[1], t.name)
+            found.append(Unit(vkey, vbody, parse_model(vbody), status.parse(vbody["status"])))
+    return found
+
+
+def recorded_source(cur: CompressedModelStatus, uri: str) -> SourceIdentity | None:
+    """The source identity status records for `uri` (None: another URI, or none yet)."""
+    return cur.source if cur.source is not None and cur.source.uri == uri else None
+
+
+def judge(
+    recorded: SourceIdentity | None, stored: identity.StoredIdentity, sha: str | None
+) -> Verdict:
+    """`compare`, with a local file's sha256 (when it was computed) settling "hash"."""
+    if recorded is None:
+        return "unknown"
+    verdict = compare(recorded, stored)
+    if verdict == "hash" and sha is not None:
+        return "same" if sha == recorded.sha256 else "changed"
+    return verdict
+
+
+def outcome(found: list[str]) -> str:
+    """One word for the check of an object from its units' words: a re-compression
+    started wins, then an upgrade, else the first unit's word (all agree but "busy")."""
+    for word in ("changed", "upgrade"):
+        if word in found:
+            return word
+    return next((w for w in found if w != "busy"), "busy")
+
+
+def _queue(unit: Unit, rt: Runtime, rec: Recompression, message: str) -> bool:
+    """Writes the unit's re-compression (status Queued); False when it did not apply.
+    The caller reconciles the object once afterwards."""
+    generation = unit.body["metadata"].get("generation")
 
     def compute(cur: CompressedModelStatus, _b: Obj) -> Obj | None:
-        return start_recompression(cur, model, rec, message, generation, status.now())
+        return start_recompression(cur, unit.model, rec, message, generation, status.now())
 
-    if write_status(rt, key, compute, body) is None:
-        return
-    log.info("%s/%s: %s", *key, message)
-    post_event(rt, body, ("Normal", rec.reason, message[:1024]))
-    fresh = rt.kube.get_model(*key)
-    if fresh is not None:
-        # The usual path from here: the queue (or Kueue) and start(), which name
-        # the Job after status.recompression. Imported here: compression imports us.
-        from edgeslim.operator import compression
-
-        compression.reconcile_model(rt, fresh)
+    if write_status(rt, unit.key, compute, unit.body) is None:
+        return False
+    said = f"target {unit.target}: {message}" if unit.target else message
+    log.info("%s/%s: %s", *unit.key, message)
+    post_event(rt, unit.body, ("Normal", rec.reason, said[:1024]))
+    return True
 
 
 def check(rt: Runtime, key: ModelKey, explicit: bool) -> str:
-    """One object's check; returns what it found, in a word (for logs and tests)."""
+    """One object's check; returns what it found, in a word (for logs and tests).
+
+    With spec.targets: one HEAD of the (shared) source, then each target compares it
+    with its own recorded source and starts its own re-compression, once."""
     body = rt.kube.get_model(*key)
     if body is None:
         return "gone"
     try:
         model = parse_model(body)
+        due = [u for u in units(key, body, model) if u.checkable]
     except InvalidSpec:
         return "invalid"
-    if model.spec.targets:
-        return "targets"  # each target has its own status entry: not watched (yet)
-    cur = status.parse(body.get("status"))
-    spec_hash = model.spec.spec_hash()
-    if cur.spec_hash != spec_hash or cur.phase not in FINAL_PHASES:
+    if not due:
         return "busy"
     at = status.now()
-    if model.spec.recompress_on_upgrade and upgrade_due(cur, model, rt.settings):
-        wanted = rt.settings.compressor_version
-        rec = Recompression(
-            reason=TOOLCHAIN_UPGRADED,
-            revision=revision("toolchain", wanted),
-            spec_hash=spec_hash,
-            toolchain=wanted,
-            since=at,
-        )
-        made_by = artifact_version(cur)
-        _trigger(rt, key, body, model, rec, _message(rec, cur, f"edgeslim {made_by} -> {wanted}"))
-        return "upgrade"
+    found: list[str] = []
+    started = False
+    rest = []
+    for u in due:
+        if u.model.spec.recompress_on_upgrade and upgrade_due(u.cur, u.model, rt.settings):
+            wanted = rt.settings.compressor_version
+            rec = Recompression(
+                reason=TOOLCHAIN_UPGRADED,
+                revision=revision("toolchain", wanted),
+                spec_hash=u.spec_hash,
+                toolchain=wanted,
+                since=at,
+            )
+            made_by = artifact_version(u.cur)
+            what = f"edgeslim {made_by} -> {wanted}"
+            started |= _queue(u, rt, rec, _message(rec, u.cur, what))
+            found.append("upgrade")
+        else:
+            rest.append(u)
     source = model.spec.source
-    if source.sha256 is not None:
-        return "pinned"  # the bytes are fixed by the spec: a replaced file only fails the pin
-    if not explicit and interval_of(source_entry(body), rt.settings) <= 0:
-        return "off"
-    with storage_credentials(rt, model):
-        stored = identity.head(source.uri)
-        recorded = cur.source if cur.source is not None and cur.source.uri == source.uri else None
-        verdict: Verdict = "unknown" if recorded is None else compare(recorded, stored)
-        sha = None
-        if verdict == "hash" and recorded is not None:
-            sha = identity.local_sha256(source.uri, max_bytes=rt.settings.max_download_bytes)
-            verdict = "same" if sha == recorded.sha256 else "changed"
-    seen = observed(stored, sha, at)
-    if verdict != "changed":
-        # Unchanged, or nothing to compare with yet (an artifact made before sources
-        # were recorded): this becomes what later checks compare against.
-        _write_source(rt, key, spec_hash, seen)
-        return verdict
-    rec = Recompression(
-        reason=SOURCE_CHANGED,
-        revision=source_revision(seen),
-        spec_hash=spec_hash,
-        source=seen,
-        since=at,
-    )
-    _trigger(rt, key, body, model, rec, _message(rec, cur, _what_changed(recorded, seen)))
-    return "changed"
+    if rest and source.sha256 is not None:
+        # The bytes are fixed by the spec: a replaced file only fails the pin.
+        found.append("pinned")
+    elif rest and not explicit and interval_of(source_entry(body), rt.settings) <= 0:
+        found.append("off")
+    elif rest:
+        with storage_credentials(rt, model):
+            stored = identity.head(source.uri)
+            recorded = [recorded_source(u.cur, source.uri) for u in rest]
+            sha = None
+            if any(r is not None and compare(r, stored) == "hash" for r in recorded):
+                sha = identity.local_sha256(source.uri, max_bytes=rt.settings.max_download_bytes)
+        seen = observed(stored, sha, at)
+        for u, r in zip(rest, recorded, strict=True):
+            verdict = judge(r, stored, sha)
+            if verdict != "changed":
+                # Unchanged, or nothing to compare with yet (an artifact made before
+                # sources were recorded): this becomes what later checks compare against.
+                _write_source(rt, u.key, u.spec_hash, seen)
+                found.append(verdict)
+                continue
+            rec = Recompression(
+                reason=SOURCE_CHANGED,
+                revision=source_revision(seen),
+                spec_hash=u.spec_hash,
+                source=seen,
+                since=at,
+            )
+            started |= _queue(u, rt, rec, _message(rec, u.cur, _what_changed(r, seen)))
+            found.append("changed")
+    if started:
+        fresh = rt.kube.get_model(*key)
+        if fresh is not None:
+            # The usual path from here, for every unit at once: the queue (or Kueue) and
+            # start(), which name each Job after its status.recompression. Imported
+            # here: compression imports us.
+            from edgeslim.operator import compression
+
+            compression.reconcile_model(rt, fresh)
+    return outcome(found)
 
 
 def _what_changed(recorded: SourceIdentity | None, seen: SourceIdentity) -> str:
