@@ -22,6 +22,11 @@
   second. The serving Deployment keeps its artifact meanwhile (`serving.plan`
   only rolls out a result that passed the gate), and a result the gate rejects
   leaves it serving, which status and an Event say.
+* **Targets.** An object with spec.targets is checked as a whole (one HEAD: the
+  source is shared), then each target as a `Unit` of its own (variant key, body
+  and status entry, see `variants`): its entry holds its source, re-compression
+  and history, so the same functions decide and record for it, and each target
+  re-compresses once, through the same queue, while its old artifact serves.
 """
 
 from __future__ import annotations
