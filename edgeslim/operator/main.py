@@ -15,7 +15,7 @@ from edgeslim.redact import RedactingFilter
 def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     from edgeslim.operator import (
         handlers,  # noqa: F401  (registers the handlers)
-        login,  # noqa: F401  (kopf logs in with our credentials)
+        login,  # kopf logs in with our credentials
         malloc,
         memdebug,
         slim,
@@ -38,6 +38,7 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     malloc.tune()  # before kopf starts its handler threads
     slim.install()  # watched objects without managedFields
     memdebug.install()  # EDGESLIM_MEMORY_DEBUG only
+    login.watch(len(watched))  # sizes kopf's connection pool (its watches hold some)
     asyncio.run(kopf.operator(standalone=True, clusterwide=not watched, namespaces=watched))
     return 0
 
