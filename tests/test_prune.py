@@ -403,6 +403,27 @@ def test_structured_shrinks_layers_and_consumers(cnn):
     assert run(m, input=X_CNN).shape == (3, 10)
 
 
+def test_structured_records_which_source_channels_each_conv_keeps(cnn):
+    """Pruning twice composes the record, so it always indexes the source's channels;
+    a conv that lost input channels is recorded as not to be matched; the artifact
+    `compress` writes carries no record."""
+    from edgeslim.compressor import channel_map
+
+    once = prune(cnn, method="structured", sparsity=0.5).model
+    twice = prune(once, method="structured", sparsity=0.5).model
+    conv1 = next(n for n in twice.graph.node if n.name == "/conv1/Conv").output[0]
+    conv2 = next(n for n in twice.graph.node if n.name == "/conv2/Conv").output[0]
+    kept = channel_map.read(twice)
+    assert len(kept[conv1]) == 2 and len(kept[conv2]) == 0
+    # conv1 reads the image, so its kept filters are the source's at the recorded rows.
+    np.testing.assert_array_equal(
+        weight_of(twice, "/conv1/Conv"), weight_of(cnn, "/conv1/Conv")[kept[conv1]]
+    )
+    stripped = channel_map.without(twice)
+    assert channel_map.read(stripped) == {} and channel_map.read(twice)[conv1].size == 2
+    assert channel_map.without(cnn) is cnn
+
+
 @pytest.mark.parametrize("view", [False, True], ids=["flatten", "view"])
 def test_structured_removing_dead_channels_keeps_outputs_exact(view):
     torch.manual_seed(1)

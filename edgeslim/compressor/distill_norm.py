@@ -38,6 +38,7 @@ import torch
 from onnx import numpy_helper
 from torch import Tensor, nn
 
+from edgeslim.compressor import channel_map
 from edgeslim.compressor.torchgraph import OnnxModule
 from edgeslim.cpus import compute_threads
 
@@ -68,6 +69,7 @@ class RenormStudent(OnnxModule):
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)
+        self.kept = channel_map.read(model)  # what structured pruning recorded
         self.norm_keys: dict[str, str] = {}  # conv output tensor -> key in self.norms
         self.norms = nn.ModuleDict()
         self._measure: dict[str, list[Tensor]] | None = None
@@ -118,7 +120,7 @@ class RenormStudent(OnnxModule):
         wanted = {}
         for key, name in names.items():
             bias = self.params[self.param_names[self.conv_of[key].input[2]]]
-            picked = _source_channels(source, name, bias.detach().numpy())
+            picked = _source_channels(source, name, bias.detach().numpy(), self.kept.get(name))
             if picked is not None:
                 wanted[name] = picked
         target = _source_stats(source, wanted, [t.numpy() for t in inputs], batch)
@@ -183,11 +185,14 @@ class RenormStudent(OnnxModule):
         self.norms = nn.ModuleDict()
 
 
-def _source_channels(source: onnx.ModelProto, name: str, bias: np.ndarray) -> np.ndarray | None:
-    """The source's channels of the Conv output `name` that the student's channels are,
-    found by their bias: structured pruning keeps each kept channel's bias as it was,
-    and slices in order. None when they cannot be told apart (trained or equal biases,
-    another model)."""
+def _source_channels(
+    source: onnx.ModelProto, name: str, bias: np.ndarray, recorded: np.ndarray | None
+) -> np.ndarray | None:
+    """The source's channels of the Conv output `name` that the student's channels are:
+    as structured pruning recorded them (`channel_map`), else found by their bias
+    (pruning slices in order and, without bias compensation, keeps each channel's bias
+    as it was). None when the record says not to match, does not fit this source, or
+    the channels cannot be told apart (trained or equal biases, another model)."""
     node = next((n for n in source.graph.node if name in n.output), None)
     if node is None or node.op_type not in NORM_OPS or len(node.input) < 3:
         return None
@@ -195,6 +200,9 @@ def _source_channels(source: onnx.ModelProto, name: str, bias: np.ndarray) -> np
     if init is None:
         return None
     theirs = numpy_helper.to_array(init)
+    if recorded is not None:
+        fits = len(recorded) == len(bias) > 0 and (np.diff(recorded) > 0).all()
+        return recorded if fits and recorded[0] >= 0 and recorded[-1] < len(theirs) else None
     if len(np.unique(theirs)) != len(theirs):
         return None
     where = {float(v): i for i, v in enumerate(theirs)}

@@ -27,7 +27,7 @@ from edgeslim.api.spec import (
     QuantizeMode,
     SimplifyConfig,
 )
-from edgeslim.compressor import evaluate, graph, steps
+from edgeslim.compressor import channel_map, evaluate, graph, steps
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.errors import StorageUnavailable
 
@@ -118,6 +118,7 @@ def evaluate_candidate(recipe: Recipe, ctx: CandidateContext, index: int = 0) ->
     base["float_nodes"] = recipe.float_nodes
     try:
         model, records = _build(recipe, ctx)
+        model = channel_map.without(model)  # measured and written as the artifact would be
         data = model.SerializeToString()
         sess = evaluate.session(data)
         out = evaluate.run_batched(sess, ctx.data)

@@ -33,7 +33,7 @@ from edgeslim.api.result import (
 )
 from edgeslim.api.spec import CompressedModel, Evaluation
 from edgeslim.api.termination import TerminationMessage
-from edgeslim.compressor import datasets, evaluate, graph, model_io, steps
+from edgeslim.compressor import channel_map, datasets, evaluate, graph, model_io, steps
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.errors import BadInput, OutputModelFailed
 
@@ -381,6 +381,7 @@ def _finish(
     source, eval_data = ld.source, ld.eval_data
     source_fig, namespace, spec_hash, inputs = ld.source_fig, f.namespace, f.spec_hash, f.inputs
     log("evaluating")
+    model = channel_map.without(model)  # pruning's provenance is not part of the artifact
     result_bytes = model.SerializeToString()
     ev_fig, lat_fig, mem_fig, notes = _measure(
         spec.evaluation, source, model, eval_data, workdir, progress, spec.source.uri, records

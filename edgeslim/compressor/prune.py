@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeslim.api.spec import Criterion, PruneConfig, PruneMethod, PruneScope
+from edgeslim.compressor import channel_map
 from edgeslim.compressor import graph as g
 from edgeslim.compressor import prune_apply as pa
 from edgeslim.compressor import prune_compensate as pc
@@ -86,6 +87,8 @@ class Prune:
         uri = (
             self.config.calibration_dataset or (ctx.train_datasets or [ctx.evaluation_dataset])[-1]
         )
+        if not uri and not calibrated:
+            return None  # no data in sight: channels are cut bare
         data = ctx.load_dataset(uri, None, model).head(self.config.calibration_samples)
         use = f"{criterion.value} importance" if calibrated else "channel means"
         notes.append(f"{use} from {len(data)} samples of {uri}")
@@ -316,7 +319,9 @@ def prune_structured(
     shifts = []
     if calibration is not None and config.compensate_bias is not False:
         shifts = pc.plan_shifts(plan.groups, plan.surgery.gone, calibration)
+    kept, unmatched = _conv_channels(plan)
     plan.surgery.apply()
+    channel_map.record(model, kept, unmatched)
     for grp in plan.groups.prunable:
         if grp.root in plan.chosen:
             n = len(plan.chosen[grp.root])
@@ -343,3 +348,18 @@ def prune_structured(
         f"({reached} reached by a prunable group), parameters {plan.before:,} -> {after:,}"
     )
     return True
+
+
+def _conv_channels(plan: StructuredPlan) -> tuple[dict[str, np.ndarray], set[str]]:
+    """For `channel_map`: Conv / ConvTranspose output tensor -> indices of the channels
+    it keeps, and the outputs of those that lose input channels."""
+    kept, unmatched = {}, set()
+    for mem in plan.groups.d.members.values():
+        if mem.index != 1 or mem.node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        gone = plan.surgery.gone[mem.ids]
+        if mem.role == "out":
+            kept[mem.node.output[0]] = np.flatnonzero(~gone)
+        elif mem.role == "in" and gone.any():
+            unmatched.add(mem.node.output[0])
+    return kept, unmatched
