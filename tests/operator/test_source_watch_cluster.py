@@ -40,6 +40,22 @@ SHA_ANNOTATION = "edgeslim.io/artifact-sha256"
 Obj = dict[str, Any]
 
 
+class HeldCompressors:
+    """A node-agent hook: once `hold` is set, each compressor pod waits (before it runs
+    for real) until `release` is set; `jobs` names the Jobs whose pods it held."""
+
+    def __init__(self) -> None:
+        self.hold, self.release = threading.Event(), threading.Event()
+        self.jobs: list[str] = []
+
+    def hook(self, pod: Obj) -> PodOutcome | None:
+        labels = pod["metadata"].get("labels") or {}
+        if labels.get("app.kubernetes.io/component") == "compressor" and self.hold.is_set():
+            self.jobs.append(labels.get("job-name", ""))
+            self.release.wait(TIMEOUT)
+        return None  # then run for real
+
+
 def retrained(src: Path, dest: Path) -> Path:
     """The same network with slightly other weights, as a retrained export would be."""
     model = onnx.load(str(src))
@@ -71,18 +87,10 @@ def test_a_replaced_source_is_recompressed_once_while_the_old_artifact_serves(
     tmp_path: Path,
 ) -> None:
     digits_in_s3(k8s, namespace, s3_server, s3, digits)
-    hold = threading.Event()  # set: compressor pods wait for `release`
-    release = threading.Event()
-    held: list[str] = []
+    gate = HeldCompressors()
+    held = gate.jobs
 
-    def hook(pod: Obj) -> PodOutcome | None:
-        labels = pod["metadata"].get("labels") or {}
-        if labels.get("app.kubernetes.io/component") == "compressor" and hold.is_set():
-            held.append(labels.get("job-name", ""))
-            release.wait(TIMEOUT)
-        return None  # then run for real
-
-    with node_agent.hooked(hook):
+    with node_agent.hooked(gate.hook):
         op = run_operator(EDGESLIM_SOURCE_CHECK_SECONDS="2")
         body = model_body("digits", s3)
         body["spec"]["deployment"] = {
@@ -110,7 +118,7 @@ def test_a_replaced_source_is_recompressed_once_while_the_old_artifact_serves(
         [job1] = model_jobs(k8s, namespace, "digits")
 
         # 2. The source is replaced at the same URI: one new Job, held before it runs.
-        hold.set()
+        gate.hold.set()
         new_source = retrained(digits.model_path, tmp_path / "cnn-v2.onnx")
         s3_server.client().upload_file(str(new_source), s3, "digits/cnn.onnx")
         new_etag = s3_etag(s3_server, s3, "digits/cnn.onnx")
@@ -140,7 +148,7 @@ def test_a_replaced_source_is_recompressed_once_while_the_old_artifact_serves(
             0.5,
             "the new operator to adopt the re-compression's Job",
         )
-        release.set()
+        gate.release.set()
 
         # 3. The new artifact passes and rolls out; the old one is still in storage.
         def rolled_out() -> Obj | None:

@@ -10,14 +10,13 @@ The operator's periodic checks are off (EDGESLIM_SOURCE_CHECK_SECONDS=0): only t
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster.fixtures import K8s
-from tests.cluster.node_agent import NodeAgent, PodOutcome
+from tests.cluster.node_agent import NodeAgent
 from tests.cluster.processes import wait_until
 from tests.operator.support import (
     create_model,
@@ -27,7 +26,7 @@ from tests.operator.support import (
     model_jobs,
     wait_phase,
 )
-from tests.operator.test_source_watch_cluster import retrained, s3_etag
+from tests.operator.test_source_watch_cluster import HeldCompressors, retrained, s3_etag
 
 pytestmark = pytest.mark.cluster
 TIMEOUT = 300  # real compressor runs, two at a time, on a small busy machine
@@ -81,17 +80,10 @@ def test_a_replaced_source_recompresses_each_target_once_while_each_keeps_servin
     tmp_path: Path,
 ) -> None:
     digits_in_s3(k8s, namespace, s3_server, s3, digits)
-    hold, release = threading.Event(), threading.Event()
-    held: list[str] = []
+    gate = HeldCompressors()
+    held = gate.jobs
 
-    def hook(pod: Obj) -> PodOutcome | None:
-        labels = pod["metadata"].get("labels") or {}
-        if labels.get("app.kubernetes.io/component") == "compressor" and hold.is_set():
-            held.append(labels.get("job-name", ""))
-            release.wait(TIMEOUT)
-        return None  # then run for real
-
-    with node_agent.hooked(hook):
+    with node_agent.hooked(gate.hook):
         op = run_operator(EDGESLIM_SOURCE_CHECK_SECONDS="0")
         body = model_body("digits", s3, max_drop=0.05)
         body["spec"]["deployment"] = {
@@ -118,7 +110,7 @@ def test_a_replaced_source_recompresses_each_target_once_while_each_keeps_servin
         assert all(len(js) == 1 for js in before.values()), before
 
         # 2. The source is replaced; one check asked for: one new Job per target.
-        hold.set()
+        gate.hold.set()
         new_source = retrained(digits.model_path, tmp_path / "cnn-v2.onnx")
         s3_server.client().upload_file(str(new_source), s3, "digits/cnn.onnx")
         new_etag = s3_etag(s3_server, s3, "digits/cnn.onnx")
@@ -145,7 +137,7 @@ def test_a_replaced_source_recompresses_each_target_once_while_each_keeps_servin
         assert len(said) == 2, said
         for n, m in zip(sorted(NAMES), said, strict=True):
             assert m.startswith(f"target {n}: ") and f"artifact {old[n][:12]} keeps" in m
-        release.set()
+        gate.release.set()
 
         # 3. Each Deployment moves to its new artifact, and only once its Job passed.
         def rolled_out() -> dict[str, Obj] | None:
