@@ -45,16 +45,15 @@ def plan_shifts(groups: Groups, gone: np.ndarray, data: Dataset) -> list[BiasShi
     """The bias shift of every layer that reads a removed channel, from `data`'s means."""
     m = groups.d.m
     readers = [
-        mem
+        (mem, bias)
         for mem in groups.d.members.values()
-        if mem.role == "in" and gone[mem.ids].any() and _bias_of(groups, mem) is not None
+        if mem.role == "in" and gone[mem.ids].any() and (bias := _bias_of(groups, mem))
     ]
     if not readers:
         return []
-    means, _ = channel_moments(m.model, readers, data)
+    means, _ = channel_moments(m.model, [mem for mem, _ in readers], data)
     shifts = []
-    for mem in readers:
-        bias_node, bias_index, out_axis = _bias_of(groups, mem)  # type: ignore[misc]
+    for mem, (bias_node, bias_index, out_axis) in readers:
         removed = gone[mem.ids]
         w = np.asarray(m.array(mem.node.input[1]), dtype=np.float64)
         mean = means[mem.node.input[0]]
