@@ -84,10 +84,7 @@ class Surgery:
             self._replace(name, (arr + delta).astype(arr.dtype))
             return
         weight = self.m.array(node.input[1])
-        name, n = f"{node.name or node.output[0]}_bias", 1
-        while name in names:
-            n += 1
-            name = f"{node.name or node.output[0]}_bias{n}"
+        name = _fresh(f"{node.name or node.output[0]}_bias", names)
         self.m.graph.initializer.append(numpy_helper.from_array(delta.astype(weight.dtype), name))
         while len(node.input) < index:
             node.input.append("")
@@ -109,11 +106,7 @@ class Surgery:
         old = node.input[index]
         if self.m.uses(old) <= 1:
             return old
-        new, n = f"{old}__pruned", 1
-        while new in names:
-            n += 1
-            new = f"{old}__pruned{n}"
-        names.add(new)
+        new = _fresh(f"{old}__pruned", names)
         self.m.graph.initializer.append(numpy_helper.from_array(self.m.array(old), new))
         node.input[index] = new
         self.m.consumers[old].remove(node)
@@ -131,6 +124,16 @@ class Surgery:
                     a.ints[pos] = value
                 return
         raise KeyError(f"{node.name} has no attribute {name}")
+
+
+def _fresh(base: str, names: set[str]) -> str:
+    """`base`, or `base2`, `base3`, ... : the first not in `names` (which gains it)."""
+    name, n = base, 1
+    while name in names:
+        n += 1
+        name = f"{base}{n}"
+    names.add(name)
+    return name
 
 
 def _counted(init: onnx.TensorProto, dims: list[int]) -> int:

@@ -69,15 +69,14 @@ def plan_shifts(groups: Groups, gone: np.ndarray, data: Dataset) -> list[BiasShi
     return shifts
 
 
-def apply_shifts(surgery: Surgery, shifts: list[BiasShift]) -> int:
-    """Add each (pruned) shift to its bias, after `surgery.apply()`; the count changed."""
+def apply_shifts(surgery: Surgery, shifts: list[BiasShift]) -> None:
+    """Add each shift, cut to the layer's kept outputs, to its bias (after `surgery.apply()`)."""
     for shift in shifts:
         delta = shift.delta
         edit = surgery.edits.get((id(shift.node), 1))
         if edit is not None and shift.out_axis in edit[2]:
             delta = delta[edit[2][shift.out_axis]]
         surgery.add_to_input(shift.bias_node, shift.bias_index, delta)
-    return len(shifts)
 
 
 def _bias_of(groups: Groups, mem: Member) -> tuple[onnx.NodeProto, int, int] | None:
