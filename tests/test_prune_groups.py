@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from edgeslim.api.spec import PruneConfig
 from edgeslim.compressor import graph as g
+from edgeslim.compressor import prune_importance
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.steps import StepContext
@@ -398,6 +399,28 @@ def test_removed_constant_channels_leave_their_mean_in_the_next_bias(compensate:
         assert "channel means from 8 samples of calib" not in out.notes
         assert len(conv2.input) == 2
         assert np.abs(got - want).max() > 1e-3
+
+
+def test_activation_importance_and_bias_compensation_share_one_calibration_pass(monkeypatch):
+    """Both read the channel moments of the same layer inputs over the same samples:
+    they are measured once per prune step, not once for each."""
+    passes: list[int] = []
+    measure = prune_importance.channel_moments
+
+    def counted(*args, **kwargs):
+        passes.append(len(args[1]))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(prune_importance, "channel_moments", counted)
+    torch.manual_seed(0)
+    model = export(ConstantChannels(), (torch.randn(1, 3, 4, 4),), ["input"], 17)
+    data = Dataset({"input": RNG.normal(size=(16, 3, 4, 4)).astype(np.float32)}, None, "calib")
+    config = PruneConfig(sparsity=0.5, criterion="activation", calibration_samples=8)
+    out = Prune(config).run(model, calibration_context(model, data))
+    assert "activation importance from 8 samples of calib" in out.notes
+    assert any("mean input to the bias of" in n for n in out.notes), out.notes
+    assert len(passes) == 1, passes
+    onnx.checker.check_model(out.model, full_check=True)
 
 
 @pytest.mark.parametrize(

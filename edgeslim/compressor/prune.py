@@ -256,6 +256,9 @@ class StructuredPlan:
     before: int
     predicted: int
     """weight_stats' parameter count once the plan is applied."""
+    calibration: pi.Calibration | None = None
+    """The calibration data and, once measured, its channel moments (shared with
+    bias compensation)."""
 
 
 def plan_structured(
@@ -291,13 +294,16 @@ def plan_structured(
             notes.append("structured: no Conv/Gemm/MatMul layer with a constant weight")
         notes.append("structured: no layer could be pruned; model unchanged")
         return None
-    chosen = pi.select(groups, config, pi.scores(groups, config, calibration))
+    calib = None if calibration is None else pi.Calibration(groups, calibration)
+    chosen = pi.select(groups, config, pi.scores(groups, config, calib))
     if not chosen:
         notes.append(f"structured: sparsity {config.sparsity:.1%} removes no channel")
         notes.append("structured: no layer could be pruned; model unchanged")
         return None
     surgery = pa.Surgery(groups, {u for units in chosen.values() for u in units})
-    return StructuredPlan(groups, chosen, surgery, before, surgery.predicted_parameters(before))
+    return StructuredPlan(
+        groups, chosen, surgery, before, surgery.predicted_parameters(before), calib
+    )
 
 
 def prune_structured(
@@ -317,8 +323,8 @@ def prune_structured(
         id(node) for node, index, _ in plan.surgery.edits.values() if index == 1
     } & layer_ids
     shifts = []
-    if calibration is not None and config.compensate_bias is not False:
-        shifts = pc.plan_shifts(plan.groups, plan.surgery.gone, calibration)
+    if plan.calibration is not None and config.compensate_bias is not False:
+        shifts = pc.plan_shifts(plan.groups, plan.surgery.gone, plan.calibration)
     kept, unmatched = _conv_channels(plan)
     plan.surgery.apply()
     channel_map.record(model, kept, unmatched)

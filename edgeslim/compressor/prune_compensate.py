@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune_apply import Surgery
 from edgeslim.compressor.prune_groups import Groups, Member, attr
-from edgeslim.compressor.prune_importance import channel_moments
+from edgeslim.compressor.prune_importance import Calibration
 
 
 @dataclass
@@ -41,8 +40,9 @@ class BiasShift:
     """axis of the layer's weight that its outputs (and the bias) follow."""
 
 
-def plan_shifts(groups: Groups, gone: np.ndarray, data: Dataset) -> list[BiasShift]:
-    """The bias shift of every layer that reads a removed channel, from `data`'s means."""
+def plan_shifts(groups: Groups, gone: np.ndarray, calibration: Calibration) -> list[BiasShift]:
+    """The bias shift of every layer that reads a removed channel, from the channel
+    means over the calibration data."""
     m = groups.d.m
     readers = [
         (mem, bias)
@@ -51,7 +51,7 @@ def plan_shifts(groups: Groups, gone: np.ndarray, data: Dataset) -> list[BiasShi
     ]
     if not readers:
         return []
-    means, _ = channel_moments(m.model, [mem for mem, _ in readers], data)
+    means, _ = calibration.moments()
     shifts = []
     for mem, (bias_node, bias_index, out_axis) in readers:
         removed = gone[mem.ids]

@@ -155,11 +155,29 @@ def channel_moments(
     return means, {name: np.sqrt(v) for name, v in squares.items()}
 
 
-def activation_scores(groups: Groups, data: Dataset) -> dict[int, float]:
+class Calibration:
+    """Calibration data for one model's groups, with the channel moments that both
+    the activation criterion and bias compensation read: measured on first use for
+    every layer input at once, so one onnxruntime pass serves both."""
+
+    def __init__(self, groups: Groups, data: Dataset) -> None:
+        self.groups = groups
+        self.data = data
+        self._moments: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+
+    def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(mean, L2 norm) of each channel, by the layer input tensor's name."""
+        if self._moments is None:
+            readers = [mem for mem in self.groups.d.members.values() if mem.role == "in"]
+            self._moments = channel_moments(self.groups.d.m.model, readers, self.data)
+        return self._moments
+
+
+def activation_scores(groups: Groups, calibration: Calibration) -> dict[int, float]:
     """unit -> sum over the layers reading it of |W_in slice| * ||X channel||."""
     m = groups.d.m
     readers = [mem for mem in groups.d.members.values() if mem.role == "in"]
-    _, norms = channel_moments(m.model, readers, data)
+    _, norms = calibration.moments()
     acc: dict[int, float] = defaultdict(float)
     for mem in readers:
         sums = _slice_sums(m.array(mem.node.input[mem.index]), mem.axis, square=False)
@@ -224,13 +242,15 @@ def _taylor_loss(out, labels: np.ndarray | None):
     return out.pow(2).mean()
 
 
-def scores(groups: Groups, config: PruneConfig, data: Dataset | None) -> dict[int, float]:
+def scores(
+    groups: Groups, config: PruneConfig, calibration: Calibration | None
+) -> dict[int, float]:
     if config.criterion in (Criterion.activation, Criterion.taylor):
-        if data is None:
+        if calibration is None:
             raise ValueError(f"{config.criterion.value} importance needs calibration data")
         if config.criterion is Criterion.taylor:
-            return taylor_scores(groups, data)
-        return activation_scores(groups, data)
+            return taylor_scores(groups, calibration.data)
+        return activation_scores(groups, calibration)
     return weight_scores(groups, l2=config.criterion is Criterion.l2)
 
 
