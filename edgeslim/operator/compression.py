@@ -41,10 +41,10 @@ from edgeslim.operator.runtime import (
     Obj,
     Runtime,
     get_model,
+    holding_jobs,
     model_key,
     parse_model,
     queued_models,
-    running_jobs,
     snapshot,
     storage_credentials,
     unrecorded_results,
@@ -125,19 +125,24 @@ def _reconcile_one(rt: Runtime, body: Obj) -> None:
         ):
             reconcile_serving(rt, key)
         return
-    if current.spec_hash == spec_hash and current.phase == Phase.compressing:
+    if current.spec_hash == spec_hash and (
+        current.phase == Phase.compressing or _holds_job(rt, key, spec_hash, model.metadata.uid)
+    ):
         # Resumed after a restart: the Job exists (adopted on 409) or is made again.
+        # Under Kueue a Queued object may have its Job already, suspended: it has its
+        # policy slot, and its status must keep saying it waits for Kueue.
         start(rt, key, Waiting(body["metadata"].get("creationTimestamp", ""), *key, job), body)
         return
-    # A CompressionPolicy's maxConcurrent queues its models even with no overall limit.
-    if rt.settings.kueue_queue or (rt.slots.unlimited and not policy_limited(rt, key)):
+    # A CompressionPolicy's maxConcurrent queues its models even with no overall
+    # limit (under Kueue there is none: Kueue's quota is the overall limit).
+    if rt.slots.unlimited and not policy_limited(rt, key):
         start(rt, key, Waiting(body["metadata"].get("creationTimestamp", ""), *key, job), body)
         return
 
     entry = Waiting(body["metadata"].get("creationTimestamp", ""), key[0], key[1], job)
     rt.slots.wait(entry)
     admitted = rt.slots.take(
-        queued_models(rt.models_index), running_jobs(rt.jobs_index), policy_groups(rt)
+        queued_models(rt.models_index), holding_jobs(rt.jobs_index), policy_groups(rt)
     )
     started_self = False
     for w in admitted:
@@ -151,11 +156,13 @@ def _reconcile_one(rt: Runtime, body: Obj) -> None:
 
 
 def _mark_queued(rt: Runtime, key: ModelKey, spec_hash: str, job: str, body: Obj) -> None:
-    limit = rt.settings.max_concurrent_jobs
+    limit = rt.slots.limit  # 0 under Kueue: only a policy can hold an object here
 
     def compute(cur: CompressedModelStatus, _b: Obj) -> Transition | None:
         if cur.spec_hash == spec_hash and cur.phase in (Phase.compressing, *COMPRESSED_PHASES):
             return None  # a dispatcher started it meanwhile
+        if kueue.is_waiting(cur, spec_hash):
+            return None  # started meanwhile too: its Job waits for Kueue
         return Transition(
             Phase.queued,
             "Queued",
@@ -263,6 +270,18 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
         raise
 
 
+def _holds_job(rt: Runtime, key: ModelKey, spec_hash: str, uid: str | None) -> bool:
+    """True when one of the object's own Jobs of this spec is unfinished (for a
+    search, any of its steps): it holds its slot already."""
+    unfinished = (jobs.JobState.running, jobs.JobState.suspended)
+    return any(
+        e.spec_hash == spec_hash and e.owner_uid == uid and e.state in unfinished
+        for k, entries in snapshot(rt.jobs_index)
+        if k == key
+        for e in entries
+    )
+
+
 def _known_jobs(rt: Runtime, key: ModelKey, uid: str | None) -> set[str]:
     """Names of the object's own Jobs (by owner uid) the Job watch has seen (any state)."""
     return {
@@ -300,12 +319,11 @@ def dispatch(rt: Runtime) -> None:
     """Fills free slots: searches under way first, then the oldest queued objects."""
     for key in fanout.in_progress(rt):
         fanout.advance_quietly(rt, key)
-    if rt.settings.kueue_queue:
-        return  # Kueue admits the rest
+    # Under Kueue the slots are unlimited: only policies' maxConcurrent hold objects here.
     groups = policy_groups(rt)
     if rt.slots.unlimited and not groups:
         return
-    for w in rt.slots.take(queued_models(rt.models_index), running_jobs(rt.jobs_index), groups):
+    for w in rt.slots.take(queued_models(rt.models_index), holding_jobs(rt.jobs_index), groups):
         _start_quietly(rt, w)
 
 

@@ -16,8 +16,8 @@ hash: a deleted object's Jobs go with it, and a new spec deletes the old ones
 Under Kueue (EDGESLIM_KUEUE_QUEUE) the steps are the same, but every Job a step
 needs is created at once, suspended with the queue label (`kueue.queued`), and
 Kueue's quota alone decides how many candidates run: the operator's Job limit
-would only hold back Jobs Kueue could admit. The object is Queued until Kueue
-admits the plan Job, then Compressing.
+would only hold back Jobs Kueue could admit (its slots are unlimited then). The
+object is Queued until Kueue admits the plan Job, then Compressing.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from edgeslim.operator.runtime import (
     JobEntry,
     Obj,
     Runtime,
+    holding_jobs,
     parse_model,
-    running_jobs,
     snapshot,
     write_status,
 )
@@ -198,9 +198,10 @@ def advance(rt: Runtime, key: tuple[str, str]) -> None:
 
 
 def _slots(rt: Runtime, key: tuple[str, str], wanted: list[str]) -> list[str]:
-    if rt.settings.kueue_queue:
-        return wanted  # all of them, suspended: Kueue admits what its quota allows
-    return rt.slots.take_steps(key, wanted, running_jobs(rt.jobs_index))
+    # Under Kueue the slots are unlimited: all of them, created suspended, and Kueue
+    # admits what its quota allows; the reservation keeps the object's policy slot
+    # held until the index shows the new Jobs.
+    return rt.slots.take_steps(key, wanted, holding_jobs(rt.jobs_index))
 
 
 def _create(rt: Runtime, key: tuple[str, str], manifest: Obj) -> bool:

@@ -120,7 +120,9 @@ async def configure(
     rt = runtime.Runtime(
         settings=cfg,
         kube=Kube.connect(),
-        slots=Slots(cfg.max_concurrent_jobs),
+        # Under Kueue its quota is the overall limit (ours would only hold back Jobs
+        # Kueue could admit); the slots then apply policies' maxConcurrent alone.
+        slots=Slots(0 if cfg.kueue_queue else cfg.max_concurrent_jobs),
         models_index=model_index,
         jobs_index=job_index,
         policies_index=policy_index,

@@ -2,8 +2,11 @@
 
 Every compressor Job -- an object's own, and each plan, candidate and pick Job
 of a fanned-out search (`fanout`) -- is created suspended with Kueue's queue
-label, and Kueue un-suspends it when its ClusterQueue's quota has room. The
-operator then applies no limit of its own: Kueue alone decides how many run.
+label, and Kueue un-suspends it when its ClusterQueue's quota has room. Kueue's
+quota replaces the operator's overall Job limit (EDGESLIM_MAX_CONCURRENT_JOBS
+does not apply); a CompressionPolicy's maxConcurrent still does: a model it
+holds back stays Queued without a Job until one of the policy's Jobs ends,
+and a suspended Job counts against its policy like a running one.
 
 Kueue counts only what pods request. A Job whose spec requests no CPU would fit
 any quota, so all of them would be admitted at once; such a Job requests
@@ -16,7 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgeslim.api.status import CompressedModelStatus, Phase
+from edgeslim.api.status import CompressedModelStatus, ConditionType, Phase
 from edgeslim.operator.names import KUEUE_QUEUE_LABEL
 from edgeslim.operator.status import Transition
 
@@ -51,6 +54,13 @@ def waiting(cur: CompressedModelStatus, spec_hash: str, job: str, queue: str) ->
         spec_hash=spec_hash,
         job_name=job,
     )
+
+
+def is_waiting(cur: CompressedModelStatus, spec_hash: str) -> bool:
+    """True when the spec's Job was started and waits for Kueue (`waiting` wrote it)."""
+    if cur.phase != Phase.queued or cur.spec_hash != spec_hash:
+        return False
+    return any(c.type == ConditionType.ready and c.reason == WAITING for c in cur.conditions)
 
 
 def admitted(cur: CompressedModelStatus, job: str, spec_hash: str, step: bool) -> Transition | None:

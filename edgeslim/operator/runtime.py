@@ -143,6 +143,19 @@ def running_jobs(jobs_index: Any) -> dict[ModelKey, set[str]]:
     return out
 
 
+def holding_jobs(jobs_index: Any) -> dict[ModelKey, set[str]]:
+    """Unfinished Job names per object: running, or under Kueue also suspended
+    (waiting for admission). Each holds its object's place in a CompressionPolicy's
+    maxConcurrent, and counts against the operator's limit where it applies."""
+    unfinished = (jobs.JobState.running, jobs.JobState.suspended)
+    out: dict[ModelKey, set[str]] = {}
+    for key, entries in snapshot(jobs_index):
+        names = {e.name for e in entries if e.state in unfinished}
+        if names:
+            out[key] = names
+    return out
+
+
 def queued_models(models_index: Any) -> list[Waiting]:
     return [
         Waiting(e.created, key[0], key[1], e.job_name or "")

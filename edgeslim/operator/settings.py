@@ -51,11 +51,11 @@ class Settings:
     serving_command: list[str] = field(default_factory=lambda: ["edgeslim"])
     """Entrypoint of edge-serving pods (EDGESLIM_SERVING_COMMAND, shell-split)."""
     max_concurrent_jobs: int = 4
-    """Cluster-wide limit of running compressor Jobs; 0 = unlimited
-    (EDGESLIM_MAX_CONCURRENT_JOBS)."""
+    """Cluster-wide limit of running compressor Jobs; 0 = unlimited; not applied
+    under Kueue, whose quota takes its place (EDGESLIM_MAX_CONCURRENT_JOBS)."""
     kueue_queue: str | None = None
-    """When set, Jobs carry kueue.x-k8s.io/queue-name and Kueue admits them
-    (EDGESLIM_KUEUE_QUEUE)."""
+    """When set, Jobs carry kueue.x-k8s.io/queue-name and Kueue admits them;
+    a CompressionPolicy's maxConcurrent still applies (EDGESLIM_KUEUE_QUEUE)."""
     job_backoff_limit: int = 2
     """Retries of a compressor pod that failed for a reason other than bad input
     (EDGESLIM_JOB_BACKOFF_LIMIT)."""

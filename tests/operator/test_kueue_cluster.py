@@ -2,7 +2,8 @@
 with real compressor pods and S3: every step is a Job of its own that waits,
 suspended, in a LocalQueue, the ClusterQueue's quota (room for two candidate
 pods) -- not the operator's Job limit -- decides how many run, and a killed
-operator's successor finishes the search."""
+operator's successor finishes the search. Kueue replaces only that overall
+limit: a CompressionPolicy's maxConcurrent still rolls its models one wave at a time."""
 
 from __future__ import annotations
 
@@ -14,14 +15,22 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from edgeslim.api.policy import POLICY_PLURAL
 from edgeslim.api.spec import CompressedModel
 from edgeslim.operator import kueue as operator_kueue
-from edgeslim.operator.names import KUEUE_QUEUE_LABEL, STEP_LABEL
+from edgeslim.operator.names import API_GROUP, API_VERSION, KUEUE_QUEUE_LABEL, STEP_LABEL
 from tests.cluster import kueue
 from tests.cluster.fixtures import K8s
 from tests.cluster.processes import wait_until
 from tests.cluster.tools import binaries
-from tests.operator.support import create_model, digits_in_s3, get_model, model_body, wait_phase
+from tests.operator.support import (
+    create_model,
+    digits_in_s3,
+    get_model,
+    model_body,
+    model_jobs,
+    wait_phase,
+)
 
 KUEUE = binaries().kueue
 pytestmark = [
@@ -117,16 +126,83 @@ def test_candidates_run_as_separate_jobs_as_kueue_admits_them(
     assert len(waited) >= PLANNED - QUOTA_PODS, seen_suspended
     assert peak == QUOTA_PODS, peak
     # Each Job went through Kueue: a Workload admitted by the ClusterQueue.
-    workloads = k8s.custom.list_namespaced_custom_object(
-        kueue.GROUP, kueue.VERSION, namespace, "workloads"
-    )["items"]
-    owners = {
-        w["metadata"]["ownerReferences"][0]["name"]
-        for w in workloads
-        if (w.get("status") or {}).get("admission", {}).get("clusterQueue") == cluster_queue
-    }
-    assert owners == {j.metadata.name for j in jobs}
+    assert _admitted_workloads(k8s, namespace, cluster_queue) == {j.metadata.name for j in jobs}
     # The pick took every candidate: the search is recorded like without Kueue.
     assert done["status"]["candidates"] == f"{PLANNED}/{PLANNED}"
     assert done["status"]["results"]["candidatesTried"] == PLANNED
     assert get_model(k8s, namespace, "queued")["status"]["jobName"] == short
+
+
+def _admitted_workloads(k8s: K8s, namespace: str, cluster_queue: str) -> set[str]:
+    """Names of the Jobs whose Workload the ClusterQueue admitted."""
+    workloads = k8s.custom.list_namespaced_custom_object(
+        kueue.GROUP, kueue.VERSION, namespace, "workloads"
+    )["items"]
+    return {
+        w["metadata"]["ownerReferences"][0]["name"]
+        for w in workloads
+        if (w.get("status") or {}).get("admission", {}).get("clusterQueue") == cluster_queue
+    }
+
+
+def test_a_policy_rolls_one_model_at_a_time_though_kueue_has_room_for_both(
+    k8s: K8s, namespace: str, real_kueue: kueue.Kueue, run_operator, s3_server, s3: str, digits
+) -> None:
+    digits_in_s3(k8s, namespace, s3_server, s3, digits)
+    cluster_queue = f"cq-{namespace}"
+    room = str(2 * int(operator_kueue.DEFAULT_CPU))  # both models' Jobs at once
+    kueue.queues(k8s.api_client, namespace, cluster_queue, LOCAL_QUEUE, cpu=room)
+    policy = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "CompressionPolicy",
+        "metadata": {"name": "team-a"},
+        "spec": {
+            "selector": {"matchLabels": {"team": "a"}},
+            "defaults": {"pipeline": [{"simplify": {}}]},  # the cheapest real compression
+            "maxConcurrent": 1,
+        },
+    }
+    k8s.custom.create_namespaced_custom_object(
+        API_GROUP, API_VERSION, namespace, POLICY_PLURAL, policy
+    )
+    held = "waiting for one of CompressionPolicy team-a's 1 slots"
+    peak, held_while_first_ran = 0, False
+    stop = threading.Event()
+
+    def sample(first_job: str) -> None:
+        nonlocal peak, held_while_first_ran
+        while not stop.is_set():
+            unfinished = {j.metadata.name for j in model_jobs(k8s, namespace) if not _finished(j)}
+            peak = max(peak, len(unfinished))
+            st = get_model(k8s, namespace, "second").get("status") or {}
+            if st.get("phase") == "Queued" and held in (st.get("message") or ""):
+                held_while_first_ran |= unfinished == {first_job}
+            time.sleep(0.1)
+
+    def labelled(name: str) -> dict:
+        body = model_body(name, s3)
+        body["metadata"]["labels"] = {"team": "a"}
+        del body["spec"]["pipeline"]  # the policy's
+        return body
+
+    op = run_operator(EDGESLIM_KUEUE_QUEUE=LOCAL_QUEUE)
+    create_model(k8s, namespace, labelled("first"))
+    # Its Job exists: the policy's one slot is taken before the second model comes.
+    [job] = wait_until(lambda: model_jobs(k8s, namespace, "first"), TIMEOUT, 0.1, "a Job")
+    create_model(k8s, namespace, labelled("second"))
+    sampler = threading.Thread(target=sample, args=(job.metadata.name,), daemon=True)
+    sampler.start()
+    try:
+        done = [wait_phase(k8s, namespace, n, {"Ready"}, TIMEOUT, op) for n in ("first", "second")]
+    finally:
+        stop.set()
+        sampler.join(timeout=10)
+
+    # Kueue had room for both; the policy let one Job exist at a time, and the
+    # second model said why it waited while the first's Job ran.
+    assert peak == 1, peak
+    assert held_while_first_ran
+    jobs = {j.metadata.name: j for j in model_jobs(k8s, namespace)}
+    assert set(jobs) == {d["status"]["jobName"] for d in done}
+    assert all(j.metadata.labels[KUEUE_QUEUE_LABEL] == LOCAL_QUEUE for j in jobs.values())
+    assert _admitted_workloads(k8s, namespace, cluster_queue) == set(jobs)
