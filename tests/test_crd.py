@@ -188,6 +188,16 @@ def _optimize_instead(optimize: dict[str, Any]) -> Callable[[dict[str, Any]], No
     return mutate
 
 
+def _canary_beside_targets(names: list[str]) -> Callable[[dict[str, Any]], None]:
+    """A mutation giving the spec a canary and targets of these names."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        obj["spec"]["deployment"]["canary"] = {}
+        obj["spec"]["targets"] = [{"name": n} for n in names]
+
+    return mutate
+
+
 DELETE = object()
 QUANTIZE = {"quantize": {"mode": "dynamic"}}
 PRUNE = {"prune": {"sparsity": 0.3}}
@@ -266,6 +276,11 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
         "deployment-without-output",
         _set("spec.output", DELETE),
         ["spec.output", "a deployment needs an output location"],
+    ),
+    (
+        "target-named-as-a-canary",
+        _canary_beside_targets(["gpu", "arm", "gpu-canary"]),
+        ["spec.targets", "no target may be named <another target>-canary"],
     ),
     (
         "empty-pipeline",

@@ -36,7 +36,7 @@ from edgeslim.api.policy import (
     CompressionPolicySpec,
     CompressionPolicyStatus,
 )
-from edgeslim.api.spec import URI_PATTERN
+from edgeslim.api.spec import CANARY_TARGET_CLASH, URI_PATTERN
 from edgeslim.api.status import CompressedModelStatus
 
 Schema = dict[str, Any]
@@ -188,6 +188,12 @@ CEL_RULES: dict[str, list[Schema]] = {
         _rule(
             "!has(self.pipeline) || !has(self.optimize)",
             "give exactly one of pipeline and optimize",
+        ),
+        _rule(
+            "!has(self.deployment) || !has(self.deployment.canary) || !has(self.targets)"
+            " || !self.targets.exists(t, self.targets.exists(u, u.name == t.name + '-canary'))",
+            CANARY_TARGET_CLASH,
+            fieldPath=".targets",
         ),
     ],
     "spec.pipeline": [
@@ -363,7 +369,8 @@ PRINTER_COLUMNS: list[Schema] = [
         "name": "Canary",
         "type": "string",
         "jsonPath": ".status.canary.shown",
-        "description": "spec.deployment.canary: share of replicas serving the new artifact",
+        "description": "spec.deployment.canary: share of replicas serving the new artifact "
+        "(with spec.targets empty: each target's share is in status.targets[].canary)",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {

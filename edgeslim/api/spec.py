@@ -428,6 +428,11 @@ class DeploymentSpec(WireModel):
 
 
 MAX_TARGETS = 16
+# Target `x`'s canary Deployment is `<name>-x-canary`, target `x-canary`'s serving one too.
+CANARY_TARGET_CLASH = (
+    "targets: with deployment.canary no target may be named <another target>-canary "
+    "(its Deployment would be that target's canary Deployment)"
+)
 
 
 class Target(WireModel):
@@ -536,6 +541,9 @@ class CompressedModelSpec(WireModel):
         names = [t.name for t in self.targets or []]
         if len(set(names)) != len(names):
             raise ValueError("targets: names must be unique")
+        canary = self.deployment is not None and self.deployment.canary is not None
+        if canary and any(f"{n}-canary" in names for n in names):
+            raise ValueError(CANARY_TARGET_CLASH)
         for t in self.targets or []:
             if t.quantize is not None and self.pipeline is None:
                 raise ValueError(f"targets[{t.name}].quantize: needs spec.pipeline")

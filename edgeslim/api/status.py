@@ -183,6 +183,9 @@ class TargetStatus(OpenWireModel):
     history: list[HistoryEntry] = Field(default_factory=list, max_length=MAX_HISTORY)
     """The target's last spec.historyLimit artifacts (newest last) with source identity,
     toolchain versions and verdict: lineage for audits."""
+    canary: CanaryStatus | None = None
+    """spec.deployment.canary: the step, share and analyses of the target's latest canary
+    (its own `<name>-<target>-canary` Deployment)."""
 
 
 class CompressedModelStatus(OpenWireModel):
@@ -236,4 +239,5 @@ class CompressedModelStatus(OpenWireModel):
     split: SplitServingStatus | None = None
     """deployment.split only: the part Deployments and the Service to call."""
     canary: CanaryStatus | None = None
-    """spec.deployment.canary: the step, share and analyses of the latest canary."""
+    """spec.deployment.canary: the step, share and analyses of the latest canary. With
+    spec.targets each target's canary is in its status.targets entry, not here."""

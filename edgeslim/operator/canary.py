@@ -46,7 +46,18 @@ replica, is not rolled into the Deployment. Instead:
   Deployment to the candidate, replica by replica while the canary Deployment
   still serves, and the canary Deployment goes once that is complete.
 
-Objects with `spec.targets` roll their variants out without a canary.
+**spec.targets.** Each target's rollout is canaried by this same code under the
+target's key (`variants`): its body is the variant, its status the target's
+`status.targets[]` entry (`canary`, `failedArtifacts` and the rest are written
+there), its Deployments `<name>-<target>` and `<name>-<target>-canary`, whose
+pods carry the target label, so the target's Service `<name>-<target>` reaches
+its stable and canary pods and never another target's. A promotion hands over to
+that target's ordinary rollout; a target dropped from the spec loses its canary
+Deployment with its other serving objects (`targets.retire`), the object's
+deletion through ownerReferences. The object's own `status.canary` stays unset
+(the CANARY column is empty); the summary message names a target's canary while
+that target is the one furthest behind, and `status.targets[].canary.shown` has
+each share.
 """
 
 from __future__ import annotations
@@ -79,7 +90,7 @@ from edgeslim.api.status import (
     Phase,
     ServedArtifact,
 )
-from edgeslim.operator import ownership, serving, status, variants
+from edgeslim.operator import jobs, ownership, serving, status, variants
 from edgeslim.operator.claimed_apply import put
 from edgeslim.operator.names import (
     APPLIED_HASH_ANNOTATION,
@@ -104,8 +115,11 @@ _METRICS_MAX_BYTES = 4 * 1024 * 1024
 _METRICS_TIMEOUT = 2.0
 
 
-def canary_name(model_name: str) -> str:
-    return f"{serving_name(model_name)}-canary"
+def canary_name(model_name: str, target: str = "") -> str:
+    """The canary Deployment beside the serving one: `<serving name>-canary`, so a
+    spec.targets entry's is `<name>-<target>-canary` (spec validation keeps a target
+    from being named `<another target>-canary`)."""
+    return f"{serving_name(model_name, target)}-canary"
 
 
 # ------------------------------------------------------------------ pure parts
@@ -272,7 +286,8 @@ def build_canary_deployment(
         raise ValueError(f"{model.metadata.name} has no spec.deployment.canary")
     manifest = serving.build_deployment(model, artifact, settings)
     meta = manifest["metadata"]
-    meta["name"] = canary_name(model.metadata.name)
+    # A target's variant model: its labels (the target's Service selects them) and name.
+    meta["name"] = canary_name(model.metadata.name, jobs.target_name(model))
     meta["labels"] = {**meta["labels"], TRACK_LABEL: "canary"}
     body = manifest["spec"]
     body["replicas"] = replicas
@@ -367,8 +382,18 @@ def _short(sha: str) -> str:
     return sha[:12]
 
 
-def _selector(model_name: str, canary: bool) -> str:
-    base = ",".join(f"{k}={v}" for k, v in serving.selector_labels(model_name).items())
+def _about(key: ModelKey) -> str:
+    """An Event's lead for a target's canary (Events are the object's, like the
+    rollout's `target <name>: ...`)."""
+    target = variants.target_of(key)
+    return f"target {target}: " if target else ""
+
+
+def selector(model_name: str, target: str, canary: bool) -> str:
+    """The pods of the model's (or its target's) Deployments; a target's never select
+    another target's pods (the target label is part of its selector)."""
+    labels = serving.selector_labels(model_name, target)
+    base = ",".join(f"{k}={v}" for k, v in labels.items())
     return f"{base},{TRACK_LABEL}=canary" if canary else base
 
 
@@ -377,18 +402,19 @@ def reconcile(
 ) -> bool:
     """Runs the canary step for `key`; True when the canary owns the serving side
     this time (the ordinary rollout must not touch the Deployment), False when
-    the ordinary rollout goes on (no canary, or it ended)."""
-    if variants.target_of(key):
-        return False
-    namespace, name = key[0], model.metadata.name
+    the ordinary rollout goes on (no canary, or it ended).
+
+    A spec.targets entry's key runs the same steps on its variant (see `variants`):
+    its body's status is the target's entry, its Deployments `<name>-<target>` and
+    `<name>-<target>-canary`, and every status write goes into that entry."""
+    namespace, name, target = variants.split(key)
+    cname = canary_name(name, target)
     spec = model.spec.deployment.canary if model.spec.deployment else None
     cur = status.parse(body.get("status"))
     c = cur.canary
-    canary_dep = rt.kube.read_deployment(namespace, canary_name(name)) if (spec or c) else None
+    canary_dep = rt.kube.read_deployment(namespace, cname) if (spec or c) else None
     # Never touch (scale, delete) a `<name>-canary` that is not this model's: NameConflict.
-    found = ownership.claim(
-        canary_dep, "Deployment", canary_name(name), name, model.metadata.uid or ""
-    )
+    found = ownership.claim(canary_dep, "Deployment", cname, name, model.metadata.uid or "")
     ownership.require(found, namespace)
     spec_hash = model.spec.spec_hash()
     cand = serving.candidate(cur, spec_hash)
@@ -403,7 +429,7 @@ def reconcile(
         c = None
     if not running:
         ACTIVE.discard(key)
-        _cleanup(rt, namespace, name, canary_dep, c, state)
+        _cleanup(rt, key, cname, canary_dep, c, state)
         if spec is None or not _starts(cur, spec_hash, cand, state, c):
             return False
         assert cand is not None and cur.last_good_artifact is not None
@@ -419,7 +445,7 @@ def reconcile(
 
     # Measure and decide.
     now = status.now()
-    pods = rt.kube.list_pods(namespace, _selector(name, canary=True))
+    pods = rt.kube.list_pods(namespace, selector(name, target, canary=True))
     pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     m = measure(scrape(pods))
     canary_state = serving.rollout_state(canary_dep)
@@ -444,9 +470,7 @@ def reconcile(
             return True
         if c.result is not CanaryResult.running:
             ACTIVE.discard(key)
-            _cleanup(
-                rt, namespace, name, rt.kube.read_deployment(namespace, canary_name(name)), c, state
-            )
+            _cleanup(rt, key, cname, rt.kube.read_deployment(namespace, cname), c, state)
             return False  # promoted or rolled back: the ordinary rollout goes on
 
     # Apply the step: stable scaled to its share, the canary to its own.
@@ -457,7 +481,7 @@ def reconcile(
     url = shadow_url_of(canary_dep)
     if url is None:
         url = stable_urls(
-            rt.kube.list_pods(namespace, _selector(name, canary=False)), stable.sha256
+            rt.kube.list_pods(namespace, selector(name, target, canary=False)), stable.sha256
         )
     wanted = build_canary_deployment(model, cand, canary_n, url, rt.settings)
     have = ((canary_dep or {}).get("metadata", {}).get("annotations") or {}).get(
@@ -501,8 +525,8 @@ def _starts(
 
 def _cleanup(
     rt: Runtime,
-    namespace: str,
-    name: str,
+    key: ModelKey,
+    cname: str,
     canary_dep: Obj | None,
     c: CanaryStatus | None,
     state: serving.RolloutState,
@@ -519,8 +543,22 @@ def _cleanup(
         )
         if not done:
             return
-    rt.kube.delete_deployment(namespace, canary_name(name), canary_dep["metadata"]["uid"])
-    log.info("%s/%s: canary Deployment deleted", namespace, name)
+    rt.kube.delete_deployment(key[0], cname, canary_dep["metadata"]["uid"])
+    log.info("%s/%s: canary Deployment %s deleted", *key, cname)
+
+
+def remove(rt: Runtime, namespace: str, name: str, target: str, uid: str) -> None:
+    """Deletes the canary Deployment of `name` (or of its `target`) when it is there
+    and this object's: a target gone from the spec, spec.deployment gone. Only a
+    canary's (its track label), never a serving Deployment of the same name."""
+    cname = canary_name(name, target)
+    obj = rt.kube.read_deployment(namespace, cname)
+    found = ownership.claim(obj, "Deployment", cname, name, uid)
+    if obj is None or found.verdict is not ownership.Verdict.owned:
+        return
+    if (obj["metadata"].get("labels") or {}).get(TRACK_LABEL) == "canary":
+        rt.kube.delete_deployment(namespace, cname, obj["metadata"]["uid"])
+        log.info("%s/%s: canary Deployment %s deleted", namespace, name, cname)
 
 
 def _serving_status(
@@ -575,7 +613,7 @@ def _start(
         (
             "Normal",
             "CanaryStarted",
-            f"artifact {_short(cand.sha256)} on {spec.steps[0]}% of the replicas, "
+            f"{_about(key)}artifact {_short(cand.sha256)} on {spec.steps[0]}% of the replicas, "
             f"compared with {_short(stable.sha256)}",
         ),
     )
@@ -656,7 +694,8 @@ def _record(
         Verdict.promote: ("Normal", "CanaryPromoted"),
         Verdict.rollback: ("Warning", "CanaryRolledBack"),
     }[d.verdict]
-    post_event(rt, body, (kind, reason, f"artifact {_short(cand.sha256)}: {d.reason}"[:1024]))
+    message = f"{_about(key)}artifact {_short(cand.sha256)}: {d.reason}"
+    post_event(rt, body, (kind, reason, message[:1024]))
     log.info("%s/%s: canary %s: %s", *key, d.verdict.value, d.reason)
     return new_c
 

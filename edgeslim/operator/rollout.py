@@ -108,6 +108,9 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
             if found.verdict is ownership.Verdict.owned and obj is not None:
                 delete(namespace, sname, obj["metadata"]["uid"])
                 log.info("%s/%s: spec.deployment removed; deleted %s", *key, found.kind)
+        canary.ACTIVE.discard(key)
+        if status.parse(body.get("status")).canary is not None:  # a canary ever ran
+            canary.remove(rt, namespace, name, variants.target_of(key), uid)
         split_serving.remove_parts(rt, key, name, uid, status.parse(body.get("status")))
         write_status(
             rt, key, lambda cur, _b: serving.without_deployment(cur, generation, status.now()), None

@@ -4,7 +4,8 @@ Each target is reconciled, compressed, verified and rolled out by the same code
 as an object without targets, under its own key. What is left is the object's
 side of a change of targets: Jobs, Deployments and Services of targets the spec
 no longer names (or of the object itself, once it names targets; or of every
-target, once it names none) are deleted -- only those this object owns.
+target, once it names none) are deleted, canary Deployments included -- only
+those this object owns.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from edgeslim.api.spec import CompressedModel
-from edgeslim.operator import ownership, variants
+from edgeslim.operator import canary, ownership, variants
 from edgeslim.operator.names import serving_name
 from edgeslim.operator.runtime import Obj, Runtime, snapshot, write_status
 
@@ -34,14 +35,16 @@ def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
                 rt.kube.delete_job(namespace, e.name)
         rt.slots.forget(key)
     entries = variants.status_entries(body.get("status"))
-    # Serving names (Deployment and Service) nobody wants: those of targets in the
-    # status but no longer in the spec, and the object's own. That one can only exist
-    # from before the object had targets, so it is looked for until targets are recorded.
-    stale = [serving_name(name, e["name"]) for e in entries if e["name"] not in wanted]
+    # Serving objects (Deployment, Service, canary Deployment) nobody wants: those of
+    # targets in the status but no longer in the spec, and the object's own ("" below).
+    # That one can only exist from before the object had targets, so it is looked for
+    # until targets are recorded.
+    stale = [e["name"] for e in entries if e["name"] not in wanted]
     if wanted and not entries:
-        stale.append(serving_name(name))
-    for sname in stale:
-        _delete_owned(rt, namespace, sname, name, uid or "")
+        stale.append("")
+    for target in stale:
+        _delete_owned(rt, namespace, serving_name(name, target), name, uid or "")
+        canary.remove(rt, namespace, name, target, uid or "")
     if not wanted and entries:
         write_status(
             rt,

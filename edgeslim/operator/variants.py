@@ -184,6 +184,8 @@ def aggregate(
             "ready_replicas": sum(replicas) if replicas else None,
             "last_good_artifact": None,
             "failed_artifacts": [],
+            # Each target's canary is in its entry (the CANARY column stays empty).
+            "canary": None,
             "targets": targets,
             "targets_ready": counted,
         }

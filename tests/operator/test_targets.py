@@ -9,9 +9,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from edgeslim.api.canary import CanaryStatus
 from edgeslim.api.spec import CompressedModel, CompressedModelSpec
 from edgeslim.api.status import CompressedModelStatus, Phase, TargetStatus
-from edgeslim.operator import jobs, runtime, serving, status, variants
+from edgeslim.operator import canary, jobs, runtime, serving, status, variants
 from edgeslim.operator.names import MODEL_LABEL, SPEC_ENV, TARGET_LABEL, serving_name
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import Transition
@@ -327,3 +328,61 @@ def test_target_entries_carry_the_objects_labels_and_policy() -> None:
     b["metadata"]["labels"] = {"team": "vision"}
     [x86] = runtime.model_entries("vision", "digits", b).values()
     assert (x86.labels, x86.policy, x86.policy_generation) == ((("team", "vision"),), "fleet", 2)
+
+
+# ------------------------------------------------------------------ canary
+
+
+def canary_body(**kw: object) -> dict:
+    b = body(**kw)
+    b["spec"]["deployment"]["canary"] = {"steps": [50, 100]}
+    return b
+
+
+def test_a_target_canary_deployment_is_its_own_and_behind_its_service() -> None:
+    assert canary.canary_name("digits", "gpu") == "digits-gpu-canary"
+    assert canary.canary_name("digits") == "digits-canary"
+    assert canary.canary_name("a" * 60, "gpu-a") != canary.canary_name("a" * 60, "gpu-b")
+    models = {}
+    for name in ("x86", "gpu"):
+        v = variants.variant_body(canary_body(), name)
+        assert v is not None
+        models[name] = runtime.parse_model(v)
+    artifact = serving.ServedArtifact(uri="s3://models/edge/m.onnx", sha256="1" * 64)
+    dep = canary.build_canary_deployment(models["gpu"], artifact, 1, "", Settings())
+    assert dep["metadata"]["name"] == "digits-gpu-canary"
+    pods = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pods.items()
+    assert (pods[TARGET_LABEL], pods[canary.TRACK_LABEL]) == ("gpu", "canary")
+    assert dep["spec"]["template"]["spec"]["nodeSelector"]["accelerator"] == "yes"
+    # The target's Service reaches its canary pods; the other target's never does.
+    assert serving.build_service(models["gpu"])["spec"]["selector"].items() <= pods.items()
+    assert not serving.build_service(models["x86"])["spec"]["selector"].items() <= pods.items()
+    assert canary.selector("digits", "gpu", canary=True) == (
+        f"{MODEL_LABEL}=digits,app.kubernetes.io/component=serving,"
+        f"{TARGET_LABEL}=gpu,{canary.TRACK_LABEL}=canary"
+    )
+
+
+def test_a_target_entry_carries_its_canary_and_the_summary_none() -> None:
+    c = CanaryStatus(artifact="c" * 64, stable="a" * 64, weight=50, shown="50%", step_started=AT)
+    new_view = {**entry("gpu", Phase.deploying), "canary": c.wire()}
+    del new_view["name"]
+    # The object's own canary from before it had targets does not stay in the summary.
+    current = {**variants.aggregate({}, [entry("x86", Phase.ready)], ["x86", "gpu"], 4, AT)}
+    current["canary"] = c.model_copy(update={"artifact": "d" * 64}).wire()
+    out = variants.with_target(current, "gpu", new_view, ["x86", "gpu"], 4, AT)
+    assert "canary" not in out
+    assert [t.get("canary") for t in out["targets"]] == [None, c.wire()]
+    view = variants.view(out, "gpu")
+    assert status.parse(view).canary == c
+    v = variants.variant_body(canary_body(status_=out), "gpu")
+    assert v is not None and status.parse(v["status"]).canary == c
+    assert status.parse(variants.view(out, "x86")).canary is None
+
+
+def test_a_target_may_not_be_named_as_another_targets_canary() -> None:
+    targets = [{"name": "gpu"}, {"name": "gpu-canary"}]
+    with pytest.raises(ValidationError, match="no target may be named <another target>-canary"):
+        CompressedModel.model_validate(canary_body(targets=targets))
+    CompressedModel.model_validate(body(targets=targets))  # without a canary: no clash
