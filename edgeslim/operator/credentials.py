@@ -6,10 +6,13 @@ This reads them itself, in the client's order: in a pod, the service account's
 token and CA (the token file is re-read, since bound tokens rotate); else the
 current context of KUBECONFIG (paths joined with `os.pathsep`, the first file
 to name a thing wins) or ~/.kube/config, with a bearer token (or token file),
-a client certificate and key (paths or inline data), or a user name and
-password. `exec` and `auth-provider` plugins are not run: they fail with a
-line that says so. The same `Credentials` serve our own calls (`rest`) and
-kopf's watches (`connection_info`), so both connections are one identity.
+a client certificate and key (paths or inline data), a user name and
+password, or an `exec` credential plugin (`exec_credential`: run as kubectl
+runs it, its answer cached until shortly before it expires and shared by the
+whole process). The legacy `auth-provider` plugins (gcp, azure, oidc; removed
+from kubectl) fail with a line that says to use an exec plugin. The same
+`Credentials` serve our own calls (`rest`) and kopf's watches
+(`connection_info`), so both connections are one identity.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from edgeslim.operator import exec_credential
+from edgeslim.operator.exec_credential import ExecPlugin, ExecPluginError, Issued
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REREAD_S = 60.0  # as the kubernetes client: bound tokens rotate well before they expire
@@ -51,35 +57,57 @@ class Credentials:
     username: str | None = None
     password: str | None = None
     namespace: str | None = None  # the pod's own, for kopf's cluster-scoped Events
+    exec: ExecPlugin | None = None  # a credential plugin gives the token or certificate
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, issued: Issued | None = None) -> ssl.SSLContext:
+        """With `issued`'s client certificate, when the exec plugin gave one."""
         ctx = ssl.create_default_context(cafile=self.ca_file, cadata=self.ca_data)
         if self.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        if self.cert_file:
+        if issued is not None and issued.cert_pem and issued.key_pem:
+            exec_credential.load_client_pem(ctx, issued.cert_pem, issued.key_pem)
+        elif self.cert_file:
             ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
 
 
 class TokenSource:
-    """The bearer token to send now: a token file re-read once a minute."""
+    """The bearer token to send now: a token file re-read once a minute, or the
+    exec plugin's current credential (`issued`, shared by the whole process)."""
 
     def __init__(self, creds: Credentials) -> None:
         self.creds = creds
         self._token = creds.token
         self._read_at = float("-inf")
 
-    def token(self) -> str | None:
+    def issued(self) -> Issued | None:
+        """The exec plugin's credential now (running it when the cached one is
+        stale); None without a plugin. NoCredentials when the plugin fails."""
+        if self.creds.exec is None:
+            return None
+        try:
+            return exec_credential.issued(self.creds.exec)
+        except ExecPluginError as exc:
+            raise NoCredentials(str(exc)) from None
+
+    def invalidate(self, seen: Issued | None) -> None:
+        """The API server refused `seen` (401): the next `issued` runs the plugin again."""
+        if self.creds.exec is not None and seen is not None:
+            exec_credential.invalidate(self.creds.exec, seen)
+
+    def token(self, issued: Issued | None = None) -> str | None:
+        if self.creds.exec is not None:
+            return (issued or self.issued() or _NONE).token
         path = self.creds.token_file
         if path and time.monotonic() - self._read_at > TOKEN_REREAD_S:
             self._token = Path(path).read_text().strip() or None
             self._read_at = time.monotonic()
         return self._token
 
-    def authorization(self) -> str | None:
+    def authorization(self, issued: Issued | None = None) -> str | None:
         """The Authorization header value, or None (a client certificate, or anonymous)."""
-        token = self.token()
+        token = self.token(issued)
         if token:
             return f"Bearer {token}"
         if self.creds.username is not None:
@@ -146,16 +174,23 @@ def from_kubeconfig(path: str | os.PathLike[str] | None = None) -> Credentials:
     user_dir, user = sections["users"].get(context.get("user"), (Path(), {}))
     if not cluster.get("server"):
         raise NoCredentials(f"kubeconfig context {current!r}: its cluster names no server")
-    for plugin in ("exec", "auth-provider"):
-        if plugin in user and not user.get("token"):
-            raise NoCredentials(
-                f"kubeconfig user {context.get('user')!r}: {plugin} credentials are not "
-                "supported by the operator; use a token or a client certificate"
-            )
+    user_name = str(context.get("user"))
+    if "auth-provider" in user and not user.get("token"):
+        provider = (user.get("auth-provider") or {}).get("name") or "?"
+        raise NoCredentials(
+            f"kubeconfig user {user_name!r}: the {provider!r} auth-provider was removed from "
+            "kubectl and is not supported; use its exec plugin (e.g. gke-gcloud-auth-plugin, "
+            "kubelogin) or a token or client certificate"
+        )
+    ca_file = _path(cluster_dir, cluster.get("certificate-authority"))
+    ca_data = _decoded(cluster.get("certificate-authority-data"))
+    plugin = None
+    if user.get("exec") and not user.get("token"):  # a static token wins, as before
+        plugin = _exec_plugin(user_name, user["exec"], cluster, ca_file, ca_data, user_dir)
     return Credentials(
         server=cluster["server"].rstrip("/"),
-        ca_file=_path(cluster_dir, cluster.get("certificate-authority")),
-        ca_data=_decoded(cluster.get("certificate-authority-data")),
+        ca_file=ca_file,
+        ca_data=ca_data,
         insecure=bool(cluster.get("insecure-skip-tls-verify")),
         cert_file=_path(user_dir, user.get("client-certificate"))
         or _private_file(user.get("client-certificate-data"), "client.crt"),
@@ -166,26 +201,59 @@ def from_kubeconfig(path: str | os.PathLike[str] | None = None) -> Credentials:
         username=user.get("username"),
         password=user.get("password"),
         namespace=context.get("namespace"),
+        exec=plugin,
     )
 
 
-def connection_info(creds: Credentials) -> Any:
-    """The same credentials as kopf's ConnectionInfo, for its login handler."""
+def _exec_plugin(
+    user: str,
+    section: Any,
+    cluster: dict[str, Any],
+    ca_file: str | None,
+    ca_data: str | None,
+    user_dir: Path,
+) -> ExecPlugin:
+    ca_pem = ca_data
+    if ca_pem is None and ca_file and (section or {}).get("provideClusterInfo"):
+        try:  # the plugin gets the CA as data, as kubectl passes it
+            ca_pem = Path(ca_file).read_text()
+        except OSError as exc:
+            raise NoCredentials(f"kubeconfig cluster CA {ca_file}: {exc.strerror}") from None
+    try:
+        return exec_credential.plugin_for(user, section, cluster, ca_pem, str(user_dir))
+    except ExecPluginError as exc:
+        raise NoCredentials(str(exc)) from None
+
+
+def connection_info(creds: Credentials, issued: Issued | None = None) -> Any:
+    """The same credentials as kopf's ConnectionInfo, for its login handler; with
+    an exec plugin, its credential `issued` (else the current one), expiring
+    for kopf when the plugin should run again."""
     import kopf
 
+    source = TokenSource(creds)
+    if creds.exec is not None and issued is None:
+        issued = source.issued()
+    exec_cert = issued is not None and bool(issued.cert_pem)
     return kopf.ConnectionInfo(
         server=creds.server,
         ca_path=creds.ca_file,
         ca_data=creds.ca_data,
         insecure=creds.insecure or None,
-        certificate_path=creds.cert_file,
-        private_key_path=creds.key_file,
-        scheme="Bearer" if creds.token or creds.token_file else None,
-        token=TokenSource(creds).token(),
+        certificate_path=None if exec_cert else creds.cert_file,
+        private_key_path=None if exec_cert else creds.key_file,
+        certificate_data=issued.cert_pem if issued is not None and exec_cert else None,
+        private_key_data=issued.key_pem if issued is not None and exec_cert else None,
+        scheme="Bearer" if creds.token or creds.token_file or (issued and issued.token) else None,
+        token=source.token(issued),
         username=creds.username,
         password=creds.password,
         default_namespace=creds.namespace,
+        expiration=issued.kopf_expiration() if issued is not None else None,
     )
+
+
+_NONE = Issued(token=None, cert_pem=None, key_pem=None, expires=None)
 
 
 def without_kubernetes_client() -> None:

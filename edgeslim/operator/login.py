@@ -9,16 +9,21 @@ once (the 1,000-model bench, ~2 minutes into the create phase), their PATCHes
 opened ~230 connections in one second (the process's open files 82 -> 310)
 and RSS rose by ~60 MB within that second, held until the connections closed
 and `malloc_trim` returned it: the peak of the whole run.
+
+With an exec credential plugin, the session expires for kopf when the plugin
+should run again (kopf then logs in anew), and a login after a 401 never hands
+back the credential the previous session was refused with.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import kopf
 
-from edgeslim.operator import credentials
+from edgeslim.operator import credentials, exec_credential
 
 # Kinds the operator watches (CompressedModels, CompressionPolicies, Jobs,
 # Deployments): each holds one connection per namespace watched (one when
@@ -31,6 +36,9 @@ SCANNING_WATCHES = 2
 REQUEST_CONNECTIONS = 16
 
 _namespaces = 0
+# The exec plugin's credential kopf's current session carries: kopf only logs in
+# again at its expiration or after a 401, so the next login asks for a newer one.
+_handed: exec_credential.Issued | None = None
 
 
 def watch(namespaces: int) -> None:
@@ -49,9 +57,10 @@ def connection_limit(namespaces: int) -> int:
 @kopf.on.login()
 async def login(**_: Any) -> kopf.AiohttpSession:
     # Called again whenever the API server answers 401: a rotated token is re-read
-    # (kopf closes the session it replaces). Async: the session belongs to kopf's loop.
+    # (kopf closes the session it replaces). Async: the session belongs to kopf's loop;
+    # the credentials on a thread, as an exec plugin may take seconds to answer.
     try:
-        info = credentials.connection_info(credentials.load())
+        info = await asyncio.to_thread(_connection_info)
     except credentials.NoCredentials as exc:
         raise kopf.LoginError(str(exc)) from exc
     session = aiohttp.ClientSession(
@@ -66,3 +75,13 @@ async def login(**_: Any) -> kopf.AiohttpSession:
         expiration=info.expiration,
         aiohttp_session=session,
     )
+
+
+def _connection_info() -> Any:
+    global _handed
+    creds = credentials.load()
+    source = credentials.TokenSource(creds)
+    source.invalidate(_handed)  # refused or expired: not that one again
+    issued = source.issued()
+    _handed = issued
+    return credentials.connection_info(creds, issued)

@@ -24,14 +24,12 @@ def run(namespaces: list[str] | None = None, verbose: bool = False) -> int:
     from edgeslim.operator.kube import Kube
     from edgeslim.operator.settings import Settings
 
-    # Fail in a second with a clear line instead of kopf retrying its startup forever.
+    # Fail in a second with a clear line instead of kopf retrying its startup forever
+    # (an exec credential plugin runs here: its failure is the line).
     try:
         Kube.connect()
     except NoCredentials as exc:
-        raise BadInput(
-            f"no Kubernetes credentials: not running in a pod, and KUBECONFIG / ~/.kube/config "
-            f"gave none ({exc})"
-        ) from exc
+        raise BadInput(f"no Kubernetes credentials: {exc}") from exc
     settings = Settings.from_env()
     watched = namespaces or ([settings.namespace] if settings.namespace else [])
     configure_logging(settings.log_format, verbose)

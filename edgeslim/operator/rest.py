@@ -9,17 +9,23 @@ positional order as CoreV1Api, BatchV1Api, AppsV1Api and CustomObjectsApi
 (their `_preload_content=False` answer: the raw response, `.data` and
 `.status`) over one urllib3 pool with the credentials of `credentials.py`;
 a non-2xx answer raises `ApiError`, with the server's status, reason and body.
+With an exec credential plugin, each request carries the plugin's current
+credential (re-run when it nears expiry, see `exec_credential`); a client
+certificate from it gets a new pool when it changes, and a 401 drops the
+credential and sends the request once more with a fresh one.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import urllib3
 
 from edgeslim.operator.credentials import Credentials, TokenSource
+from edgeslim.operator.exec_credential import Issued
 
 
 class ApiError(Exception):
@@ -86,12 +92,34 @@ class Rest:
         self.creds = creds
         self.auth = TokenSource(creds)
         self.user_agent = user_agent
+        self.pool_size = pool_size
+        self._pool_lock = threading.Lock()
+        # An exec plugin runs now, so a failing one fails `Kube.connect` (NoCredentials).
+        issued = self.auth.issued()
+        self._pool_cert = _cert(issued)
+        self.pool = self._new_pool(issued)
+
+    def _new_pool(self, issued: Issued | None) -> urllib3.PoolManager:
+        https = self.creds.server.startswith("https")
         # Handlers run on many threads at once: `pool_size` connections, not 1.
-        self.pool = urllib3.PoolManager(
+        return urllib3.PoolManager(
             num_pools=2,
-            maxsize=pool_size,
-            ssl_context=creds.ssl_context() if creds.server.startswith("https") else None,
+            maxsize=self.pool_size,
+            ssl_context=self.creds.ssl_context(issued) if https else None,
         )
+
+    def _pool_for(self, issued: Issued | None) -> urllib3.PoolManager:
+        """The pool whose TLS connections present `issued`'s client certificate: a
+        new one when the plugin gave a new certificate (open connections keep the
+        one they were made with)."""
+        cert = _cert(issued)
+        if cert != self._pool_cert:
+            with self._pool_lock:
+                if cert != self._pool_cert:
+                    old, self.pool = self.pool, self._new_pool(issued)
+                    self._pool_cert = cert
+                    old.clear()  # idle connections close now, busy ones when released
+        return self.pool
 
     def __getattr__(self, method: str) -> Any:
         if method in ROUTES:
@@ -117,14 +145,39 @@ class Rest:
         headers = {"Accept": "application/json"}
         if self.user_agent:
             headers["User-Agent"] = self.user_agent
-        authorization = self.auth.authorization()
-        if authorization:
-            headers["Authorization"] = authorization
         data = None
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
             data = json.dumps(body).encode()  # JSON is YAML too (apply-patch+yaml)
-        response = self.pool.request(
+        issued = self.auth.issued()
+        response = self._send(verb, url, data, headers, timeout, issued)
+        if response.status == 401 and issued is not None:
+            # Revoked or expired before its stated time: a 401 was not acted on,
+            # so sending it again with a fresh credential is safe, once.
+            self.auth.invalidate(issued)
+            fresh = self.auth.issued()
+            if fresh is not issued:
+                response = self._send(verb, url, data, headers, timeout, fresh)
+        if not 200 <= response.status <= 299:
+            raise ApiError(
+                response.status, response.reason, response.data.decode("utf-8", "replace")
+            )
+        return response
+
+    def _send(
+        self,
+        verb: str,
+        url: str,
+        data: bytes | None,
+        headers: dict[str, str],
+        timeout: Any,
+        issued: Issued | None,
+    ) -> urllib3.BaseHTTPResponse:
+        headers = dict(headers)
+        authorization = self.auth.authorization(issued)
+        if authorization:
+            headers["Authorization"] = authorization
+        return self._pool_for(issued).request(
             verb,
             url,
             body=data,
@@ -132,11 +185,12 @@ class Rest:
             timeout=_timeout(timeout),
             preload_content=True,
         )
-        if not 200 <= response.status <= 299:
-            raise ApiError(
-                response.status, response.reason, response.data.decode("utf-8", "replace")
-            )
-        return response
+
+
+def _cert(issued: Issued | None) -> tuple[str, str] | None:
+    if issued is None or not issued.cert_pem or not issued.key_pem:
+        return None
+    return issued.cert_pem, issued.key_pem
 
 
 def _query_value(value: Any) -> str:

@@ -113,8 +113,9 @@ def test_no_credentials_and_plugins_say_so_in_one_line(
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(NoCredentials, match="neither KUBECONFIG nor"):
         credentials.from_kubeconfig()
-    plugin = _kubeconfig(tmp_path / "exec", {"exec": {"command": "aws"}})
-    with pytest.raises(NoCredentials, match="exec credentials are not supported"):
-        credentials.from_kubeconfig(plugin)
+    # exec plugins run (test_exec_credential); the legacy auth-providers do not.
+    legacy = _kubeconfig(tmp_path / "legacy", {"auth-provider": {"name": "oidc"}})
+    with pytest.raises(NoCredentials, match=r"'oidc' auth-provider was removed .* exec plugin"):
+        credentials.from_kubeconfig(legacy)
     with pytest.raises(NoCredentials, match="no current context"):
         credentials.from_kubeconfig(_kubeconfig(tmp_path / "x", {}, current="gone"))
