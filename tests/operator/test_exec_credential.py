@@ -8,6 +8,7 @@ would. The plugin counts its runs and records what it was given.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -27,8 +28,11 @@ import yaml
 
 from edgeslim.operator import credentials, exec_credential, login
 from edgeslim.operator.credentials import NoCredentials, TokenSource
+from edgeslim.operator.kube import Kube
 from edgeslim.operator.rest import ApiError, Rest
 from tests.cluster.certs import CertificateAuthority
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.fixtures import K8s
 
 V1 = "client.authentication.k8s.io/v1"
 V1BETA1 = "client.authentication.k8s.io/v1beta1"
@@ -68,6 +72,8 @@ elif mode == "cert":  # the pair named for this run (the last one after that)
         "clientCertificateData": stem.with_suffix(".crt").read_text(),
         "clientKeyData": stem.with_suffix(".key").read_text(),
     }
+elif mode == "token-file":  # the token in the file named for this run (the last after that)
+    status = {"token": pathlib.Path(extra[min(n, len(extra)) - 1]).read_text().strip()}
 elif mode == "fail":
     sys.stderr.write("\nerror: no credentials for profile prod\nsecond line\n")
     sys.exit(3)
@@ -456,8 +462,6 @@ def test_kopf_logs_in_with_a_fresh_credential_after_a_401(
         async with ctx.aiohttp_session as session, session.get(ctx.server + "/api") as response:
             return response.status, ctx.expiration
 
-    import asyncio
-
     first, expiration = asyncio.run(log_in_and_get())
     issued = TokenSource(credentials.load()).issued()
     assert issued is not None and expiration == issued.refresh_at
@@ -466,3 +470,74 @@ def test_kopf_logs_in_with_a_fresh_credential_after_a_401(
     assert (first, second) == (401, 200)
     assert token_server.seen == ["Bearer token-1", "Bearer token-2"]
     assert plugin.runs == 2
+
+
+# -- a real API server ---------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_exec_plugins_authenticate_the_operator_to_a_real_api_server(
+    tmp_path: Path, plugin: Plugin, control_plane: ControlPlane, k8s: K8s, namespace: str
+) -> None:
+    """A service account's token (TokenRequest) and the admin's client certificate,
+    each handed over by an exec plugin: the operator's REST client lists pods, and
+    kopf's login session does too. The token plugin's first answer is a token the
+    API server does not know: the 401 makes the client run it again."""
+    from kubernetes import client
+
+    k8s.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="edge"))
+    )
+    k8s.rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "list-pods"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        },
+    )
+    k8s.rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "edge-lists-pods"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "list-pods",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "edge", "namespace": namespace}],
+        },
+    )
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
+    )
+    token = k8s.core.create_namespaced_service_account_token("edge", namespace, request)
+    (tmp_path / "unknown").write_text("not-a-token-the-server-knows")
+    (tmp_path / "sa").write_text(token.status.token)
+    ca = {"certificate-authority-data": base64.b64encode(control_plane.ca.cert_pem).decode()}
+
+    by_token = _kubeconfig(
+        tmp_path / "by-token",
+        plugin.exec("token-file", str(tmp_path / "unknown"), str(tmp_path / "sa")),
+        server=control_plane.server,
+        **ca,
+    )
+    kube = Kube.connect(kubeconfig=by_token)
+    assert kube.list_pods(namespace, "app=none") == []
+    assert plugin.runs == 2  # the unknown token was refused (401), the next one listed
+
+    stem = str(control_plane.admin.cert.with_suffix(""))
+    by_cert = _kubeconfig(
+        tmp_path / "by-cert", plugin.exec("cert", stem), server=control_plane.server, **ca
+    )
+    assert Kube.connect(kubeconfig=by_cert).list_pods(namespace, "app=none") == []
+
+    async def kopf_lists_pods() -> int:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KUBECONFIG", str(by_cert))
+            mp.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+            ctx = await login.login()
+        url = f"{ctx.server}/api/v1/namespaces/{namespace}/pods"
+        async with ctx.aiohttp_session as session, session.get(url) as response:
+            return response.status
+
+    assert asyncio.run(kopf_lists_pods()) == 200
