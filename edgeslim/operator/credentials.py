@@ -214,7 +214,8 @@ def _exec_plugin(
     user_dir: Path,
 ) -> ExecPlugin:
     ca_pem = ca_data
-    if ca_pem is None and ca_file and (section or {}).get("provideClusterInfo"):
+    wants_ca = isinstance(section, dict) and section.get("provideClusterInfo")
+    if ca_pem is None and ca_file and wants_ca:
         try:  # the plugin gets the CA as data, as kubectl passes it
             ca_pem = Path(ca_file).read_text()
         except OSError as exc:

@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -62,7 +62,7 @@ class ExecPluginError(Exception):
 class EnvVar(BaseModel):
     model_config = ConfigDict(frozen=True)
     name: str
-    value: str
+    value: str = Field(repr=False)  # may be a secret: never in a repr
 
 
 class ExecConfig(BaseModel):
@@ -114,9 +114,9 @@ class ExecCredential(BaseModel):
 class Issued:
     """One answer of the plugin, as the clients use it."""
 
-    token: str | None
-    cert_pem: str | None
-    key_pem: str | None
+    token: str | None = field(repr=False)
+    cert_pem: str | None = field(repr=False)
+    key_pem: str | None = field(repr=False)
     expires: dt.datetime | None  # tz-aware; None: until a 401
 
     @property
