@@ -5,6 +5,7 @@ a real S3 endpoint (tests/fixtures_s3.py) and the Kubernetes control plane
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,17 @@ import onnx
 import pytest
 
 pytest_plugins = ["tests.fixtures_s3", "tests.cluster.fixtures"]
+
+# One compute thread for torch and the compressor's onnxruntime sessions
+# (edgeslim.cpus.compute_threads), here and in the CLI subprocesses that inherit
+# it, unless the caller chose: the suite shares 2 cores with the control plane,
+# its pods and other work, and two spinning OpenMP/onnxruntime threads per
+# process then wait on each other. Measured with ~5 runnable processes on the
+# 2 cores: test_optimize.py, test_distill.py, the demo and distill steps took
+# 467 s with the default (2) and 114 s with 1; on an idle machine the digits
+# pruning search takes 12 s with 2 and 13 s with 1. Pods the node agent runs get
+# their own environment, so cluster compressors still take the default.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "examples" / "digits" / "build.py"
