@@ -225,7 +225,8 @@ def test_batchnorm_put_back_into_a_pruned_folded_cnn_recovers_more(
 ) -> None:
     """The export folded every BatchNorm into its Conv; half the channels pruned away
     leave the rest shifted. With the norms put back for training (set to the source's
-    statistics of the kept channels where a conv lost no input, batch statistics,
+    statistics of the kept channels where a conv lost no input or feeds a hard-swish,
+    batch statistics,
     folded back after), the same
     epochs recover more than training the bare convs."""
     source, dataset = mobilenet
@@ -239,8 +240,9 @@ def test_batchnorm_put_back_into_a_pruned_folded_cnn_recovers_more(
         if batch_norm:
             assert (
                 # Matched to the source: the 3 convs that lost no input channel (the stem
-                # and the depthwise convs); pruning recorded the others as unmatched.
-                "trained with BatchNorm after 8 convolutions (3 set to the source's channel "
+                # and the depthwise convs) and the 3 that did but feed a hard-swish;
+                # pruning recorded the other 2 as unmatched.
+                "trained with BatchNorm after 8 convolutions (6 set to the source's channel "
                 "statistics), folded back after"
             ) in out.notes
             # Folded back: the same nodes and weight shapes as the pruned input.

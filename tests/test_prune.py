@@ -424,6 +424,56 @@ def test_structured_records_which_source_channels_each_conv_keeps(cnn):
     assert channel_map.without(cnn) is cnn
 
 
+class GatedCNN(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.act = act
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("act", "opset", "matched"),
+    [
+        (nn.ReLU(), 17, False),
+        (nn.Hardswish(), 17, True),  # HardSwish
+        (nn.Hardswish(), 13, True),  # x * HardSigmoid(x)
+        (nn.SiLU(), 13, True),  # x * Sigmoid(x)
+        (nn.GELU(), 17, True),  # Div -> Erf -> Add -> Mul -> Mul
+    ],
+    ids=["relu", "hardswish", "hardswish-opset13", "silu", "gelu"],
+)
+def test_a_conv_that_lost_inputs_is_matched_only_before_a_scale_sensitive_activation(
+    act: nn.Module, opset: int, matched: bool
+):
+    """ReLU passes any scale through; hard-swish, sigmoid gates and GELU do not, so
+    distillation gives a conv that feeds one its source statistics back (channel_map)."""
+    from edgeslim.compressor import channel_map
+
+    torch.manual_seed(0)
+    module = GatedCNN(act).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (torch.randn(1, 1, 8, 8),),
+        buf,
+        dynamo=False,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["output"],
+    )
+    model = onnx.load_from_string(buf.getvalue())
+    out = prune(model, method="structured", sparsity=0.5).model
+    conv1, conv2 = (n.output[0] for n in out.graph.node if n.op_type == "Conv")
+    kept = channel_map.read(out)
+    assert len(kept[conv1]) == 4  # reads the image: always matched
+    assert len(kept[conv2]) == (8 if matched else 0)
+
+
 @pytest.mark.parametrize("view", [False, True], ids=["flatten", "view"])
 def test_structured_removing_dead_channels_keeps_outputs_exact(view):
     torch.manual_seed(1)

@@ -31,6 +31,15 @@ from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.steps import StepContext, StepOutput
 from edgeslim.errors import BadInput
 
+# Activations that are not positively homogeneous (f(a x) != a f(x) for a > 0, unlike
+# ReLU): what they compute depends on their input's scale, not only on its direction.
+# Opset 11-13 exports spell hard-swish as x * HardSigmoid(x) and SiLU as x * Sigmoid(x),
+# so the gate alone is enough to recognise them.
+SCALE_SENSITIVE = frozenset(
+    {"HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu"}
+    | {"Softplus", "Softsign", "Mish", "Erf"}
+)
+
 MAGNITUDE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Below this a weight is a bias-like vector or a toy kernel: pruning it saves
 # nothing and can wreck a layer.
@@ -358,14 +367,33 @@ def prune_structured(
 
 def _conv_channels(plan: StructuredPlan) -> tuple[dict[str, np.ndarray], set[str]]:
     """For `channel_map`: Conv / ConvTranspose output tensor -> indices of the channels
-    it keeps, and the outputs of those that lose input channels."""
+    it keeps, and the outputs of those that lose input channels and feed no
+    scale-sensitive activation (see `channel_map` for why)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in plan.groups.d.m.model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def scale_sensitive(name: str) -> bool:
+        # GELU below opset 20 is x * (1 + Erf(x / sqrt 2)) / 2: look through one Div / Mul.
+        near = readers.get(name, [])
+        ops = {n.op_type for n in near}
+        ops |= {
+            r.op_type
+            for n in near
+            if n.op_type in ("Div", "Mul")
+            for r in readers.get(n.output[0], [])
+        }
+        return bool(ops & SCALE_SENSITIVE)
+
     kept, unmatched = {}, set()
     for mem in plan.groups.d.members.values():
         if mem.index != 1 or mem.node.op_type not in ("Conv", "ConvTranspose"):
             continue
         gone = plan.surgery.gone[mem.ids]
+        out = mem.node.output[0]
         if mem.role == "out":
-            kept[mem.node.output[0]] = np.flatnonzero(~gone)
-        elif mem.role == "in" and gone.any():
-            unmatched.add(mem.node.output[0])
+            kept[out] = np.flatnonzero(~gone)
+        elif mem.role == "in" and gone.any() and not scale_sensitive(out):
+            unmatched.add(out)
     return kept, unmatched
