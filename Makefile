@@ -27,9 +27,11 @@ demo: venv
 	$(BIN)/python examples/digits/build.py --out out/demo/data
 	$(BIN)/edgeslim compress examples/digits/digits.yaml --output out/demo
 
+# Two workers: the control-plane tests on one (all of them, in file order; see
+# tests/conftest.py), everything else on the other while those wait on pods.
 test: venv controlplane
 	$(BIN)/ruff check edgeslim tests bench examples
-	$(BIN)/pytest -ra --durations=30
+	$(BIN)/pytest -ra --durations=30 -n 2 --dist loadscope --no-loadscope-reorder
 
 # Everything except the control-plane tests; for a quick loop while editing.
 # (The chart tests still need the cached helm binary, hence controlplane.)

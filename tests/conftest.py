@@ -4,6 +4,8 @@ a real S3 endpoint (tests/fixtures_s3.py) and the Kubernetes control plane
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import os
 import subprocess
@@ -49,10 +51,48 @@ def digits(request: pytest.FixtureRequest) -> Digits:
     """The digits CNN and its train/val splits, rebuilt only when build.py changes."""
     key = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:12]
     out = Path(request.config.cache.mkdir(f"digits-{key}-{TEST_EPOCHS}"))
-    if not (out / "val.npz").exists():
-        subprocess.run(
-            [sys.executable, str(BUILD_SCRIPT), "--out", str(out), "--epochs", str(TEST_EPOCHS)],
-            check=True,
-            capture_output=True,
-        )
+    # Under pytest-xdist every worker asks at once: one builds, the others wait.
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "val.npz").exists():
+            argv = ["--out", str(out), "--epochs", str(TEST_EPOCHS)]
+            subprocess.run(
+                [sys.executable, str(BUILD_SCRIPT), *argv],
+                check=True,
+                capture_output=True,
+            )
     return Digits(out, out / "cnn.onnx", out / "train.npz", out / "val.npz")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`make test` runs `pytest -n 2 --dist loadscope`: every file with control-plane
+    tests is one unit on one worker, in file order, sharing one control plane and
+    node agent (not one per worker, never two cluster tests at once); every other
+    file is a unit of its own, so its module fixtures (a trained model, say) are
+    built once. While the cluster tests wait on pods and controllers, the other
+    worker computes.
+
+    Not xdist_group marks with `--dist loadgroup`: xdist 3.8 writes the group into
+    `item._nodeid`, which pytest 9.2 no longer reads, so it schedules test by test."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "cluster" if path in cluster_files() else path
+
+    return ClusterApart(config, log)
+
+
+@functools.cache
+def cluster_files() -> frozenset[str]:
+    """Test files (as node ids name them) that mark any test `cluster`."""
+    tests = ROOT / "tests"
+    return frozenset(
+        p.relative_to(ROOT).as_posix()
+        for p in tests.rglob("test_*.py")
+        if "mark.cluster" in p.read_text()
+    )
