@@ -135,7 +135,13 @@ def test_rollout_new_artifact_and_rollback(
     garbage = b"this is not an ONNX model"
     sha3 = hashlib.sha256(garbage).hexdigest()
     with node_agent.hooked(artifact_result_hook(s3_server, garbage)):
-        generation = patch_spec(k8s, namespace, {"evaluation": {"maxMetricDrop": 0.06}})
+        # A short deadline for this rollout only: its pod never gets ready, so the
+        # whole deadline is waited out (the good rollouts above keep DEADLINE).
+        generation = patch_spec(
+            k8s,
+            namespace,
+            {"evaluation": {"maxMetricDrop": 0.06}, "deployment": {"progressDeadlineSeconds": 10}},
+        )
         # The rollout starts: a surge pod on sha3 that stays unready.
         wait_until(
             lambda: any(
