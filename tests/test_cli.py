@@ -336,3 +336,35 @@ def test_a_missing_workdir_is_a_usage_error(
     err = capsys.readouterr().err
     assert "--workdir" in err and "is not an existing folder" in err and "Traceback" not in err
     assert written(tmp_path) == []
+
+
+def test_a_quantize_only_compress_never_loads_torch(digits, tmp_path: Path) -> None:
+    """torch is for pruning and distillation: importing it costs a compressor pod about
+    500 MB, so a run that only simplifies and quantizes must not (onnxruntime's tools
+    package imports it whenever it is installed; the manifest's version comes from the
+    package metadata)."""
+    import subprocess
+    import sys
+
+    doc = spec_for(
+        digits,
+        tmp_path,
+        pipeline=[{"simplify": {}}, {"quantize": {"mode": "static", "calibrationSamples": 64}}],
+    )
+    doc["spec"]["evaluation"]["latencyRuns"] = 5
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    probe = (
+        "import sys; from edgeslim.cli import main; "
+        f"code = main(['compress', {str(path)!r}, '--quiet']); "
+        "print('torch' in sys.modules, code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.stdout.split()[-2:] == ["False", str(EXIT_OK)], done.stdout + done.stderr
+    (manifest,) = (p for p in written(tmp_path) if p.name == "manifest.json")
+    result = json.loads(manifest.read_text())
+    assert result["versions"]["torch"] == torch.__version__.split("+")[0]
+    notes = [n for step in result["steps"] for n in step.get("notes", [])]
+    assert not any("pre-processing skipped" in n for n in notes), notes
