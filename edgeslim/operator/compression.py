@@ -273,9 +273,8 @@ def start(rt: Runtime, key: ModelKey, entry: Waiting, body: Obj | None = None) -
 def _holds_job(rt: Runtime, key: ModelKey, spec_hash: str, uid: str | None) -> bool:
     """True when one of the object's own Jobs of this spec is unfinished (for a
     search, any of its steps): it holds its slot already."""
-    unfinished = (jobs.JobState.running, jobs.JobState.suspended)
     return any(
-        e.spec_hash == spec_hash and e.owner_uid == uid and e.state in unfinished
+        e.spec_hash == spec_hash and e.owner_uid == uid and e.state in jobs.UNFINISHED
         for k, entries in snapshot(rt.jobs_index)
         if k == key
         for e in entries

@@ -188,6 +188,10 @@ class JobState(StrEnum):
     failed = "Failed"
 
 
+# A Job in these states holds its object's slot (and its policy's) until it ends.
+UNFINISHED = frozenset({JobState.running, JobState.suspended})
+
+
 def _condition(job: Obj, kind: str) -> Obj | None:
     for cond in (job.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind and cond.get("status") == "True":

@@ -109,9 +109,10 @@ def reconcile_serving(rt: Runtime, key: ModelKey, deployment: Obj | None = None)
                 delete(namespace, sname, obj["metadata"]["uid"])
                 log.info("%s/%s: spec.deployment removed; deleted %s", *key, found.kind)
         canary.ACTIVE.discard(key)
-        if status.parse(body.get("status")).canary is not None:  # a canary ever ran
+        current = status.parse(body.get("status"))
+        if current.canary is not None:  # a canary ever ran
             canary.remove(rt, namespace, name, variants.target_of(key), uid)
-        split_serving.remove_parts(rt, key, name, uid, status.parse(body.get("status")))
+        split_serving.remove_parts(rt, key, name, uid, current)
         write_status(
             rt, key, lambda cur, _b: serving.without_deployment(cur, generation, status.now()), None
         )

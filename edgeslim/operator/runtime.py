@@ -147,10 +147,9 @@ def holding_jobs(jobs_index: Any) -> dict[ModelKey, set[str]]:
     """Unfinished Job names per object: running, or under Kueue also suspended
     (waiting for admission). Each holds its object's place in a CompressionPolicy's
     maxConcurrent, and counts against the operator's limit where it applies."""
-    unfinished = (jobs.JobState.running, jobs.JobState.suspended)
     out: dict[ModelKey, set[str]] = {}
     for key, entries in snapshot(jobs_index):
-        names = {e.name for e in entries if e.state in unfinished}
+        names = {e.name for e in entries if e.state in jobs.UNFINISHED}
         if names:
             out[key] = names
     return out
