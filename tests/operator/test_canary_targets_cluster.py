@@ -95,7 +95,14 @@ def test_one_targets_canary_is_its_own_and_leaves_the_other_alone(
 
             a = wait_until(at_step, TIMEOUT, 0.3, "target a's canary at 50%")
             assert a["phase"] == "Deploying" and a["servingArtifact"] == sha1
-            canary_dep = deployments(k8s, namespace)["digits-a-canary"]
+            # The canary's status is written before its Deployment (a restarted
+            # operator resumes from status), so the Deployment may come a moment later.
+            canary_dep = wait_until(
+                lambda: deployments(k8s, namespace).get("digits-a-canary"),
+                30,
+                0.3,
+                "a's canary Deployment",
+            )
             assert canary_dep.spec.selector.match_labels[TARGET] == "a"
             assert canary_dep.spec.template.metadata.labels["edgeslim.io/track"] == "canary"
             top = get_model(k8s, namespace, "digits")["status"]
