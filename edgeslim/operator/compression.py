@@ -141,9 +141,7 @@ def _reconcile_one(rt: Runtime, body: Obj) -> None:
 
     entry = Waiting(body["metadata"].get("creationTimestamp", ""), key[0], key[1], job)
     rt.slots.wait(entry)
-    admitted = rt.slots.take(
-        queued_models(rt.models_index), holding_jobs(rt.jobs_index), policy_groups(rt)
-    )
+    admitted = rt.slots.take(queued_models(rt.models_index), holding(rt), policy_groups(rt))
     started_self = False
     for w in admitted:
         if w.key == key:
@@ -322,8 +320,18 @@ def dispatch(rt: Runtime) -> None:
     groups = policy_groups(rt)
     if rt.slots.unlimited and not groups:
         return
-    for w in rt.slots.take(queued_models(rt.models_index), holding_jobs(rt.jobs_index), groups):
+    for w in rt.slots.take(queued_models(rt.models_index), holding(rt), groups):
         _start_quietly(rt, w)
+
+
+def holding(rt: Runtime) -> dict[ModelKey, set[str]]:
+    """Unfinished Jobs per object (`holding_jobs`), and the objects between two steps
+    of an optimize search with none: a search holds its CompressionPolicy place from
+    its plan to its pick, or a second model of the policy could start in that gap."""
+    held = holding_jobs(rt.jobs_index)
+    for key in fanout.in_progress(rt):
+        held.setdefault(key, set())
+    return held
 
 
 def forget_model(rt: Runtime, namespace: str, name: str) -> None:

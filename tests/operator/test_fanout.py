@@ -4,12 +4,13 @@ names, the plan size read from a pod, the progress text and the slots a search t
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
 from edgeslim.api.status import CompressedModelStatus, Phase
-from edgeslim.operator import fanout, jobs, kueue, queue
+from edgeslim.operator import compression, fanout, jobs, kueue, queue
 from edgeslim.operator.names import (
     KUEUE_QUEUE_LABEL,
     MODEL_LABEL,
@@ -17,6 +18,7 @@ from edgeslim.operator.names import (
     STEP_LABEL,
     job_name,
 )
+from edgeslim.operator.runtime import JobEntry, ModelEntry
 from edgeslim.operator.settings import Settings
 from tests.operator.test_builders import UID, container, model
 
@@ -109,6 +111,31 @@ def test_a_search_takes_only_free_slots_and_counts_them_until_they_run() -> None
     assert slots.take_steps(key, ["c2", "c3"], running) == ["c2"]
     slots.forget(key)
     assert queue.Slots(limit=0).take_steps(key, ["c0", "c1", "c2"], {}) == ["c0", "c1", "c2"]
+
+
+def test_a_search_between_two_steps_keeps_its_policy_place() -> None:
+    # Its plan Job has ended and no candidate is created yet: no Job of it is
+    # unfinished, but it still holds the place of its policy (maxConcurrent 1).
+    searching, other = ("ns", "a"), ("ns", "b")
+    rt = SimpleNamespace(
+        models_index={
+            searching: [ModelEntry("t0", Phase.compressing, "h", job_name("a", "h"), 1, 1)],
+            other: [ModelEntry("t1", Phase.queued, "g", "b-job", 1, 1)],
+        },
+        jobs_index={
+            searching: [JobEntry("a-plan", "h", jobs.JobState.succeeded, UID, fanout.PLAN)]
+        },
+    )
+    held = compression.holding(rt)
+    assert held == {searching: set()}
+    groups = {searching: ("policy", 1), other: ("policy", 1)}
+    waiting = [queue.Waiting("t1", "ns", "b", "b-job")]
+    assert queue.Slots(limit=0).take(waiting, held, groups) == []
+    # Without the hold, the other model would have started in that gap.
+    assert queue.Slots(limit=0).take(waiting, {}, groups) == waiting
+    # Once the pick Job exists, the search is no longer "between steps": the Job holds it.
+    rt.jobs_index[searching].append(JobEntry(job_name("a", "h"), "h", jobs.JobState.running, UID))
+    assert compression.holding(rt) == {searching: {job_name("a", "h")}}
 
 
 def test_the_admitted_slot_goes_to_the_plan_job() -> None:
