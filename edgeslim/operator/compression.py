@@ -89,12 +89,12 @@ def reconcile_model(rt: Runtime, body: Obj) -> None:
     With spec.targets each target goes through the same steps as a variant (its
     own key, effective spec and status entry, see `variants`)."""
     model = parse_model(body)  # InvalidSpec propagates; the handler records it
-    if not model.spec.targets and not variants.status_entries(body.get("status")):
-        _reconcile_one(rt, body)
-        return
+    had_targets = bool(variants.status_entries(body.get("status")))
     targets.retire(rt, body, model)
-    if not model.spec.targets:  # they were all removed: the object is itself again
-        _reconcile_one(rt, rt.kube.get_model(*model_key(body)) or body)
+    if not model.spec.targets:
+        if had_targets:  # they were all removed: the object is itself again
+            body = rt.kube.get_model(*model_key(body)) or body
+        _reconcile_one(rt, body)
         return
     for t in model.spec.targets:
         variant = variant_body(body, t.name)

@@ -89,6 +89,7 @@ async def configure(
     job_index: kopf.Index,
     source_index: kopf.Index,
     policy_index: kopf.Index,
+    serving_index: kopf.Index,
     **_: Any,
 ) -> None:
     # Our own group on everything kopf writes, so it reads as ours in kubectl.
@@ -126,6 +127,7 @@ async def configure(
         models_index=model_index,
         jobs_index=job_index,
         policies_index=policy_index,
+        serving_index=serving_index,
     )
     metrics.watch_queue(rt.running_count, rt.queued_count)
     runtime.use_policies(policy_index)
@@ -188,6 +190,13 @@ def source_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
 def job_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     key = variants.variant_key(namespace, labels[MODEL_LABEL], labels.get(TARGET_LABEL, ""))
     return {key: runtime.job_entry(dict(body))}
+
+
+@kopf.index(*DEPLOYMENTS, labels=OURS)
+def serving_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    # By object, not by target: what targets.retire looks through for those the
+    # spec no longer names (the status may have lost their entries first).
+    return {(namespace, labels[MODEL_LABEL]): runtime.serving_entry(dict(body))}
 
 
 @kopf.on.resume(*MODELS, retries=RETRIES)

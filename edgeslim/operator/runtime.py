@@ -24,7 +24,7 @@ from edgeslim.api.status import CompressedModelStatus, Phase
 from edgeslim.errors import BadInput
 from edgeslim.operator import events, jobs, policy, status, variants
 from edgeslim.operator.kube import Conflict, Kube
-from edgeslim.operator.names import STEP_LABEL
+from edgeslim.operator.names import STEP_LABEL, TARGET_LABEL
 from edgeslim.operator.queue import ModelKey, Slots, Waiting
 from edgeslim.operator.settings import Settings
 from edgeslim.operator.status import COMPRESSED_PHASES, Transition
@@ -121,6 +121,19 @@ def job_entry(body: Obj) -> JobEntry:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ServingEntry:
+    """A serving Deployment (stable, canary or split part) of a CompressedModel."""
+
+    name: str
+    target: str  # its spec.targets entry; "" for the object's own
+
+
+def serving_entry(body: Obj) -> ServingEntry:
+    meta = body.get("metadata") or {}
+    return ServingEntry(meta.get("name", ""), (meta.get("labels") or {}).get(TARGET_LABEL, ""))
+
+
 def snapshot(index: Any) -> list[tuple[Any, list[Any]]]:
     """A copy of a kopf index. kopf updates indexes on the event loop while sync
     handlers read them from threads, so a read may race a resize: just retry."""
@@ -194,6 +207,7 @@ class Runtime:
     models_index: Any = None
     jobs_index: Any = None
     policies_index: Any = None
+    serving_index: Any = None
     ready: bool = False
 
     def running_count(self) -> int:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 
 from edgeslim.api.spec import CompressedModel
-from edgeslim.operator import canary, ownership, variants
-from edgeslim.operator.names import serving_name
+from edgeslim.operator import ownership, variants
 from edgeslim.operator.runtime import Obj, Runtime, snapshot, write_status
 
 log = logging.getLogger("edgeslim.operator")
@@ -23,29 +22,29 @@ log = logging.getLogger("edgeslim.operator")
 def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
     """Deletes the children no target wants, before the targets are reconciled."""
     meta = body["metadata"]
-    namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
+    namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid") or ""
     wanted = {t.name for t in model.spec.targets or []}
     for key, entries in snapshot(rt.jobs_index):
         k_ns, k_name, target = variants.split(key)
-        if (k_ns, k_name) != (namespace, name) or (target in wanted if target else not wanted):
+        if (k_ns, k_name) != (namespace, name) or _wanted(target, wanted):
             continue
         for e in entries:
             if e.owner_uid == uid:
                 log.info("%s/%s: deleting Job %s (no such target now)", namespace, name, e.name)
                 rt.kube.delete_job(namespace, e.name)
         rt.slots.forget(key)
-    entries = variants.status_entries(body.get("status"))
-    # Serving objects (Deployment, Service, canary Deployment) nobody wants: those of
-    # targets in the status but no longer in the spec, and the object's own ("" below).
-    # That one can only exist from before the object had targets, so it is looked for
-    # until targets are recorded.
-    stale = [e["name"] for e in entries if e["name"] not in wanted]
-    if wanted and not entries:
-        stale.append("")
-    for target in stale:
-        _delete_owned(rt, namespace, serving_name(name, target), name, uid or "")
-        canary.remove(rt, namespace, name, target, uid or "")
-    if not wanted and entries:
+    # Serving objects come from the index of serving Deployments, not from the status:
+    # another target's status write drops the entries of targets the spec no longer
+    # names, and may come first. Canary Deployments and split parts are in it too;
+    # each Service goes before its Deployment, so a crash in between leaves the
+    # Deployment to find again.
+    for key, entries in snapshot(rt.serving_index):
+        if key != (namespace, name):
+            continue
+        for e in entries:
+            if not _wanted(e.target, wanted):
+                _delete_owned(rt, namespace, e.name, name, uid)
+    if not wanted and variants.status_entries(body.get("status")):
         write_status(
             rt,
             (namespace, name),
@@ -53,10 +52,16 @@ def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
         )
 
 
+def _wanted(target: str, wanted: set[str]) -> bool:
+    """Whether the children of `target` ("": the object's own) are still wanted:
+    a named target while the spec names it; the object's own while it names none."""
+    return target in wanted if target else not wanted
+
+
 def _delete_owned(rt: Runtime, namespace: str, sname: str, model: str, uid: str) -> None:
     for kind, read, delete in (
-        ("Deployment", rt.kube.read_deployment, rt.kube.delete_deployment),
         ("Service", rt.kube.read_service, rt.kube.delete_service),
+        ("Deployment", rt.kube.read_deployment, rt.kube.delete_deployment),
     ):
         obj = read(namespace, sname)
         found = ownership.claim(obj, kind, sname, model, uid)
