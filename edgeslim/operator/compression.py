@@ -272,10 +272,7 @@ def _holds_job(rt: Runtime, key: ModelKey, spec_hash: str, uid: str | None) -> b
     """True when one of the object's own Jobs of this spec is unfinished (for a
     search, any of its steps): it holds its slot already."""
     return any(
-        e.spec_hash == spec_hash and e.owner_uid == uid and e.state in jobs.UNFINISHED
-        for k, entries in snapshot(rt.jobs_index)
-        if k == key
-        for e in entries
+        e.state in jobs.UNFINISHED for e in fanout.own_jobs(rt, key, spec_hash, uid).values()
     )
 
 

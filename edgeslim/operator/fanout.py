@@ -123,7 +123,10 @@ def planned_from_status(current: CompressedModelStatus) -> int | None:
     return int(total) if done.isdigit() and total.isdigit() else None
 
 
-def _own_jobs(rt: Runtime, key: tuple[str, str], spec_hash: str, uid: str | None) -> dict:
+def own_jobs(
+    rt: Runtime, key: tuple[str, str], spec_hash: str, uid: str | None
+) -> dict[str, JobEntry]:
+    """The object's own Jobs of this spec (by owner uid), any step, any state."""
     return {
         e.name: e
         for k, entries in snapshot(rt.jobs_index)
@@ -164,7 +167,7 @@ def advance(rt: Runtime, key: tuple[str, str]) -> None:
         return
     name, uid = model.metadata.name, model.metadata.uid
     final = job_name(name, spec_hash)
-    mine = _own_jobs(rt, key, spec_hash, uid)
+    mine = own_jobs(rt, key, spec_hash, uid)
     if final in mine:
         return  # the pick Job runs or ran: compression.record_result takes its result
     plan = step_job_name(name, spec_hash, PLAN)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,21 +148,21 @@ def snapshot(index: Any) -> list[tuple[Any, list[Any]]]:
 
 
 def running_jobs(jobs_index: Any) -> dict[ModelKey, set[str]]:
-    out: dict[ModelKey, set[str]] = {}
-    for key, entries in snapshot(jobs_index):
-        names = {e.name for e in entries if e.state is jobs.JobState.running}
-        if names:
-            out[key] = names
-    return out
+    return _jobs_in(jobs_index, {jobs.JobState.running})
 
 
 def holding_jobs(jobs_index: Any) -> dict[ModelKey, set[str]]:
     """Unfinished Job names per object: running, or under Kueue also suspended
     (waiting for admission). Each holds its object's place in a CompressionPolicy's
     maxConcurrent, and counts against the operator's limit where it applies."""
+    return _jobs_in(jobs_index, jobs.UNFINISHED)
+
+
+def _jobs_in(jobs_index: Any, states: Collection[jobs.JobState]) -> dict[ModelKey, set[str]]:
+    """Names of the Jobs in one of `states`, per object that has any."""
     out: dict[ModelKey, set[str]] = {}
     for key, entries in snapshot(jobs_index):
-        names = {e.name for e in entries if e.state in jobs.UNFINISHED}
+        names = {e.name for e in entries if e.state in states}
         if names:
             out[key] = names
     return out
