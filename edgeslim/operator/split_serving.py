@@ -25,7 +25,7 @@ from edgeslim.api.status import (
     SplitServingStatus,
 )
 from edgeslim.operator import ownership, rollout_status, serving, status
-from edgeslim.operator.claimed_apply import put
+from edgeslim.operator.claimed_apply import delete_serving, put
 from edgeslim.operator.names import (
     API_GROUP,
     APPLIED_HASH_ANNOTATION,
@@ -260,16 +260,7 @@ def remove_parts(
     (only those it owns); the status' split entry goes with the next write."""
     if cur.split is None:
         return
-    namespace = key[0]
     for i in range(min(cur.split.parts, MAX_SPLIT_PARTS)):
         pname = part_serving_name(model_name, i)
-        for read, delete, kind in (
-            (rt.kube.read_deployment, rt.kube.delete_deployment, "Deployment"),
-            (rt.kube.read_service, rt.kube.delete_service, "Service"),
-        ):
-            obj = read(namespace, pname)
-            found = ownership.claim(obj, kind, pname, model_name, uid)
-            if obj is not None and found.verdict is ownership.Verdict.owned:
-                delete(namespace, pname, obj["metadata"]["uid"])
-                log.info("%s/%s: split removed; deleted %s %s", *key, kind, pname)
+        delete_serving(rt, key[0], pname, model_name, uid, "split removed")
     write_status(rt, key, lambda c, _b: c.model_copy(update={"split": None}).wire())

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from edgeslim.api.spec import CompressedModel
-from edgeslim.operator import ownership, variants
+from edgeslim.operator import variants
+from edgeslim.operator.claimed_apply import delete_serving
 from edgeslim.operator.runtime import Obj, Runtime, snapshot, write_status
 
 log = logging.getLogger("edgeslim.operator")
@@ -35,15 +36,13 @@ def retire(rt: Runtime, body: Obj, model: CompressedModel) -> None:
         rt.slots.forget(key)
     # Serving objects come from the index of serving Deployments, not from the status:
     # another target's status write drops the entries of targets the spec no longer
-    # names, and may come first. Canary Deployments and split parts are in it too;
-    # each Service goes before its Deployment, so a crash in between leaves the
-    # Deployment to find again.
+    # names, and may come first. Canary Deployments and split parts are in it too.
     for key, entries in snapshot(rt.serving_index):
         if key != (namespace, name):
             continue
         for e in entries:
             if not _wanted(e.target, wanted):
-                _delete_owned(rt, namespace, e.name, name, uid)
+                delete_serving(rt, namespace, e.name, name, uid, "no such target now")
     if not wanted and variants.status_entries(body.get("status")):
         write_status(
             rt,
@@ -56,15 +55,3 @@ def _wanted(target: str, wanted: set[str]) -> bool:
     """Whether the children of `target` ("": the object's own) are still wanted:
     a named target while the spec names it; the object's own while it names none."""
     return target in wanted if target else not wanted
-
-
-def _delete_owned(rt: Runtime, namespace: str, sname: str, model: str, uid: str) -> None:
-    for kind, read, delete in (
-        ("Service", rt.kube.read_service, rt.kube.delete_service),
-        ("Deployment", rt.kube.read_deployment, rt.kube.delete_deployment),
-    ):
-        obj = read(namespace, sname)
-        found = ownership.claim(obj, kind, sname, model, uid)
-        if obj is not None and found.verdict is ownership.Verdict.owned:
-            delete(namespace, sname, obj["metadata"]["uid"])
-            log.info("%s/%s: deleted %s %s (no such target now)", namespace, model, kind, sname)
