@@ -65,8 +65,9 @@ class Credentials:
         if self.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        if issued is not None and issued.cert_pem and issued.key_pem:
-            exec_credential.load_client_pem(ctx, issued.cert_pem, issued.key_pem)
+        pem = exec_credential.client_pem(issued)
+        if pem is not None:
+            exec_credential.load_client_pem(ctx, *pem)
         elif self.cert_file:
             ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
@@ -235,16 +236,16 @@ def connection_info(creds: Credentials, issued: Issued | None = None) -> Any:
     source = TokenSource(creds)
     if creds.exec is not None and issued is None:
         issued = source.issued()
-    exec_cert = issued is not None and bool(issued.cert_pem)
+    pem = exec_credential.client_pem(issued)
     return kopf.ConnectionInfo(
         server=creds.server,
         ca_path=creds.ca_file,
         ca_data=creds.ca_data,
         insecure=creds.insecure or None,
-        certificate_path=None if exec_cert else creds.cert_file,
-        private_key_path=None if exec_cert else creds.key_file,
-        certificate_data=issued.cert_pem if issued is not None and exec_cert else None,
-        private_key_data=issued.key_pem if issued is not None and exec_cert else None,
+        certificate_path=creds.cert_file if pem is None else None,
+        private_key_path=creds.key_file if pem is None else None,
+        certificate_data=pem[0] if pem is not None else None,
+        private_key_data=pem[1] if pem is not None else None,
         scheme="Bearer" if creds.token or creds.token_file or (issued and issued.token) else None,
         token=source.token(issued),
         username=creds.username,

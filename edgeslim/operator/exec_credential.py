@@ -140,6 +140,14 @@ class Issued:
         return max(refresh_at, _now() + dt.timedelta(seconds=KOPF_MIN_LIFETIME_S))
 
 
+def client_pem(issued: Issued | None) -> tuple[str, str] | None:
+    """(certificate, key) PEM when the plugin gave a client certificate (its answer
+    is refused unless it gives both or neither)."""
+    if issued is None or not issued.cert_pem or not issued.key_pem:
+        return None
+    return issued.cert_pem, issued.key_pem
+
+
 def plugin_for(
     user: str,
     section: object,

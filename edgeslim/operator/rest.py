@@ -24,6 +24,7 @@ from urllib.parse import quote, urlencode
 
 import urllib3
 
+from edgeslim.operator import exec_credential
 from edgeslim.operator.credentials import Credentials, TokenSource
 from edgeslim.operator.exec_credential import Issued
 
@@ -96,7 +97,7 @@ class Rest:
         self._pool_lock = threading.Lock()
         # An exec plugin runs now, so a failing one fails `Kube.connect` (NoCredentials).
         issued = self.auth.issued()
-        self._pool_cert = _cert(issued)
+        self._pool_cert = exec_credential.client_pem(issued)
         self.pool = self._new_pool(issued)
 
     def _new_pool(self, issued: Issued | None) -> urllib3.PoolManager:
@@ -112,7 +113,7 @@ class Rest:
         """The pool whose TLS connections present `issued`'s client certificate: a
         new one when the plugin gave a new certificate (open connections keep the
         one they were made with)."""
-        cert = _cert(issued)
+        cert = exec_credential.client_pem(issued)
         if cert != self._pool_cert:
             with self._pool_lock:
                 if cert != self._pool_cert:
@@ -185,12 +186,6 @@ class Rest:
             timeout=_timeout(timeout),
             preload_content=True,
         )
-
-
-def _cert(issued: Issued | None) -> tuple[str, str] | None:
-    if issued is None or not issued.cert_pem or not issued.key_pem:
-        return None
-    return issued.cert_pem, issued.key_pem
 
 
 def _query_value(value: Any) -> str:
