@@ -369,10 +369,7 @@ def _conv_channels(plan: StructuredPlan) -> tuple[dict[str, np.ndarray], set[str
     """For `channel_map`: Conv / ConvTranspose output tensor -> indices of the channels
     it keeps, and the outputs of those that lose input channels and feed no
     scale-sensitive activation (see `channel_map` for why)."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in plan.groups.d.m.model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = plan.groups.d.m.consumers  # the graph before surgery, as here
 
     def scale_sensitive(name: str) -> bool:
         # GELU below opset 20 is x * (1 + Erf(x / sqrt 2)) / 2: look through one Div / Mul.
