@@ -25,11 +25,12 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from edgeslim.api.spec import PruneConfig
+from edgeslim.api.spec import PruneConfig, SimplifyConfig
 from edgeslim.compressor import graph as g
 from edgeslim.compressor import prune_importance
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
+from edgeslim.compressor.simplify import Simplify
 from edgeslim.compressor.steps import StepContext
 from tests.archs import export, tiny_bert
 
@@ -115,6 +116,8 @@ def zero_removed(model: onnx.ModelProto, config: PruneConfig) -> onnx.ModelProto
             continue
         name = mem.node.input[mem.index]
         arr = arrays.setdefault(name, numpy_helper.to_array(plan.groups.d.m.inits[name]).copy())
+        if not np.issubdtype(arr.dtype, np.floating):
+            continue  # a shuffle's channel indices: cut, never zeroed
         index = [slice(None)] * arr.ndim
         index[mem.axis] = np.flatnonzero(mask)
         arr[tuple(index)] = 0
@@ -489,6 +492,42 @@ def test_layout_ops_of_a_detection_head_are_followed_exactly(opset: int):
     assert g.weight_stats(out.model)[0] == plan.predicted
     feeds = {"input": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_shufflenet_channel_shuffles_become_gathers_and_prune_exactly(opset: int):
+    """ShuffleNetV2 after `simplify` (which folds the shuffles' shapes to constants):
+    every shuffle is written as a Gather of its channels, so the interleaved streams
+    prune like any other layer instead of collapsing into one unprunable group."""
+    torch.manual_seed(0)
+    module = torchvision.models.shufflenet_v2_x0_5(num_classes=10, weights=None)
+    with torch.no_grad():  # an untrained net's output hardly depends on any one channel
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.05, 0.2)
+    raw = export(module, (torch.randn(1, 3, 64, 64),), ["input"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    config = PruneConfig(sparsity=0.5)
+    notes: list[str] = []
+    plan = planned(model, config, notes)
+    assert any(n.startswith("16 channel shuffles") for n in notes), notes
+    assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 57, notes
+
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    onnx.checker.check_model(out.model, full_check=True)
+    after = g.weight_stats(out.model)[0]
+    assert after == plan.predicted
+    assert plan.before / after >= 1.8
+    assert sum(n.op_type == "Gather" for n in out.model.graph.node) == 16
+    feeds = {"input": RNG.normal(size=(2, 3, 64, 64)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(
+        run(out.model, feeds), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max()
+    )
 
 
 class FPN(torch.nn.Module):

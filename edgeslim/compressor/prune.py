@@ -291,6 +291,13 @@ def plan_structured(
     folded = pgr.fold_integer_constants(model)
     if folded:
         notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")
+    shuffles = pgr.shuffles_to_gathers(model)
+    if shuffles:
+        notes.append(
+            f"{len(shuffles)} channel shuffles (Reshape, Transpose, Reshape) written as a "
+            f"Gather of their channels, so that any channels can go: {', '.join(shuffles[:3])}"
+            + (f" (+{len(shuffles) - 3} more)" if len(shuffles) > 3 else "")
+        )
     before, _ = g.weight_stats(model)
     groups = pg.discover(model, excluded)
     for grp in groups.groups:

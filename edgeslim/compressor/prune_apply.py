@@ -62,6 +62,14 @@ class Surgery:
             for axis, mask in axes.items():
                 arr = np.compress(mask, arr, axis=axis)
             self._replace(name, np.ascontiguousarray(arr))
+        for pick in self.groups.d.renumbered:  # after the cut above
+            keep = ~self.gone[pick.ids]
+            if keep.all():
+                continue
+            name = self._own(pick.node, 1, names)
+            arr = self.m.array(name)
+            position = np.cumsum(keep) - 1
+            self._replace(name, position[arr % len(keep)].astype(arr.dtype))
         for fix in self.groups.d.fixups:
             value = int(fix.value(self.kept))
             if value == fix.value(lambda ids: len(ids)):

@@ -242,6 +242,15 @@ class Fixup:
     """Given kept(ids) -> number of ids kept, the new value."""
 
 
+@dataclass
+class Renumber:
+    """The constant indices at `node.input[1]` point into channels with these `ids`:
+    once cut, each remaining index is renumbered to its channel's new position."""
+
+    node: onnx.NodeProto
+    ids: np.ndarray
+
+
 def identities_to_initializers(model: onnx.ModelProto) -> int:
     """Turn `Identity(constant)` nodes of the main graph into initializers of their own.
 
@@ -325,6 +334,99 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
         del graph.node[:]
         graph.node.extend(keep)
     return folded
+
+
+def shuffles_to_gathers(model: onnx.ModelProto) -> list[str]:
+    """Write each channel shuffle as one Gather of its channels; the Gathers' names.
+
+    ShuffleNet's shuffle is Reshape [.., C, ..] -> [.., G, C/G, ..], a Transpose
+    swapping those two axes, and a Reshape back. Kept as it is, it forces every
+    one of the G blocks to keep the same channels, and the blocks of one stage
+    interleave, so that constraint doubles at each unit until the whole stream
+    is one channel group. A Gather with the same permutation computes the same
+    tensor and takes any subset: the pruner then cuts its indices like a weight.
+    """
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    shapes = infer_shapes(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
+        readers = consumers.get(name, [])
+        ok = len(readers) == 1 and readers[0].op_type == op and name not in outputs
+        return readers[0] if ok else None
+
+    def target(node: onnx.NodeProto) -> list[int] | None:
+        init = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if init is None or attr(node, "allowzero", 0):
+            return None
+        return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
+
+    drop: set[int] = set()
+    written: list[str] = []
+    for split in graph.node:
+        if split.op_type != "Reshape" or (dims := shapes.get(split.input[0])) is None:
+            continue
+        swap = only_reader(split.output[0], "Transpose")
+        merge = swap and only_reader(swap.output[0], "Reshape")
+        if not swap or not merge:
+            continue
+        p = _shuffled_axis(dims, target(split), attr(swap, "perm"), target(merge))
+        if p is None:
+            continue
+        groups = target(split)[p]  # type: ignore[index]
+        order = np.arange(dims[p]).reshape(groups, -1).T.reshape(-1)  # type: ignore[arg-type]
+        indices = f"{merge.name or merge.output[0]}_channel_order"
+        graph.initializer.append(numpy_helper.from_array(order.astype(np.int64), indices))
+        gather = onnx.helper.make_node(
+            "Gather", [split.input[0], indices], [merge.output[0]], name=merge.name, axis=p
+        )
+        merge.CopyFrom(gather)
+        drop.update((id(split), id(swap)))
+        written.append(merge.name or merge.output[0])
+    if drop:
+        keep = [n for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return written
+
+
+def _shuffled_axis(
+    dims: list[int | None], split: list[int] | None, perm: object, merge: list[int] | None
+) -> int | None:
+    """The axis p that Reshape(split) -> Transpose(perm) -> Reshape(merge) shuffles
+    (every other axis restated as it is, p not the batch axis), else None."""
+    rank = len(dims)
+    if split is None or merge is None or len(split) != rank + 1 or len(merge) != rank:
+        return None
+    for p in range(1, rank):
+        swapped = list(range(rank + 1))
+        swapped[p], swapped[p + 1] = p + 1, p
+        c = dims[p]
+        if (
+            c is not None
+            and list(perm or []) == swapped
+            and split[p] > 1
+            and split[p + 1] > 0
+            and split[p] * split[p + 1] == c
+            and _restates(dims[:p] + dims[p + 1 :], split[:p] + split[p + 2 :])
+            and merge[p] in (c, -1)
+            and _restates(dims[:p] + dims[p + 1 :], merge[:p] + merge[p + 1 :])
+            and merge.count(-1) <= 1
+        ):
+            return p
+    return None
+
+
+def _restates(dims: list[int | None], values: list[int]) -> bool:
+    """Whether Reshape target `values` keeps each of `dims` as it is (at most one -1)."""
+    if values.count(-1) > 1:
+        return False
+    return all(v == -1 or (d is not None and v == d) for d, v in zip(dims, values, strict=True))
 
 
 def _bounded(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:

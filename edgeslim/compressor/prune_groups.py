@@ -41,6 +41,7 @@ from edgeslim.compressor.prune_graph import (
     Fixup,
     Member,
     Model,
+    Renumber,
     Track,
     attr,
     label,
@@ -159,6 +160,7 @@ class Discovery(LayoutOps):
         self.tracks: dict[str, Track] = {}
         self.members: dict[tuple[int, int, int], Member] = {}
         self.fixups: list[Fixup] = []
+        self.renumbered: list[Renumber] = []
         self.blocked: list[tuple[np.ndarray, str]] = []
         self.normalized: list[tuple[np.ndarray, str]] = []
         """ids a LayerNorm normalizes over, and that LayerNorm."""

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgeslim.compressor.prune_graph import Block, Fixup, Track, attr, label
+from edgeslim.compressor.prune_graph import Block, Fixup, Renumber, Track, attr, label
 
 if TYPE_CHECKING:
     from edgeslim.compressor.prune_graph import Model
@@ -31,6 +31,7 @@ class LayoutOps:
     chan: UnionFind
     grp: UnionFind
     fixups: list[Fixup]
+    renumbered: list[Renumber]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None: ...  # provided by Discovery
 
@@ -78,7 +79,7 @@ class LayoutOps:
             raise Block(f"{where} uses allowzero")
         if self._is_flatten_shape(node):
             return self._flatten(node, ins, where, 1)
-        target = self._shape_pieces(node.input[1])
+        target = self._shape_pieces(node)
         if target is None or t.rank is None:
             raise Block(f"{where} has a target shape that cannot be followed")
         values = [v for v, _ in target]
@@ -131,12 +132,12 @@ class LayoutOps:
         node, index, pos = at
         self.fixups.append(Fixup(node, index, pos, value))
 
-    def _shape_pieces(self, name: str):
-        """A Reshape target as [(value or None if computed, (node, input, pos) or None)]."""
+    def _shape_pieces(self, node):
+        """A Reshape's target as [(value or None if computed, (node, input, pos) or None)]."""
+        name = node.input[1]
         arr = self.m.array(name)
-        consumers = self.m.consumers.get(name, [])
-        if arr is not None:
-            return [(int(v), (consumers[0], 1, i)) for i, v in enumerate(arr.reshape(-1))]
+        if arr is not None:  # a constant other Reshapes may share: this node's own copy
+            return [(int(v), (node, 1, i)) for i, v in enumerate(arr.reshape(-1))]
         concat = self.m.producers.get(name)
         if concat is None or concat.op_type != "Concat" or attr(concat, "axis", 0) != 0:
             return None
@@ -303,13 +304,27 @@ class LayoutOps:
         pos = t.pos(where)
         axis = int(attr(node, "axis", 0)) % t.rank  # type: ignore[operator]
         if axis == pos:
-            raise Block(f"{where} picks channels")
+            return self._pick_channels(node, t, where)
         k = self.m.rank(node.input[1])
         if k is None:
             raise Block(f"rank of the indices unknown at {where}")
         rank = t.rank - 1 + k  # type: ignore[operator]
         new_pos = pos if axis > pos else pos - 1 + k
         return {node.output[0]: Track(new_pos - rank, t.ids, rank)}
+
+    def _pick_channels(self, node, t: Track, where):
+        """A Gather of the channels by a constant index vector (a shuffle, see
+        prune_graph.shuffles_to_gathers): each output channel carries the id of the
+        channel it copies; the indices are cut with the removed ones and renumbered."""
+        idx = self.m.array(node.input[1])
+        if idx is None or idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise Block(f"{where} picks channels")
+        if not ((idx >= -t.size) & (idx < t.size)).all():
+            raise Block(f"{where} picks channels out of range")
+        ids = t.ids[idx % t.size]
+        self.member(node, 1, 0, ids, "param")
+        self.renumbered.append(Renumber(node, t.ids))
+        return {node.output[0]: Track(t.axis, ids, t.rank)}
 
     def _axes(self, node, where) -> list[int]:
         axes = attr(node, "axes")
