@@ -52,16 +52,26 @@ import onnx
 import torch
 from torch.nn import functional as F
 
-from edgeslim.api.spec import CompressedModel, DistillConfig, PruneConfig
+from edgeslim.api.spec import CompressedModel, DistillConfig, PruneConfig, SimplifyConfig
 from edgeslim.compressor import datasets, evaluate, graph
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.pipeline import compress
 from edgeslim.compressor.prune import Prune
+from edgeslim.compressor.simplify import Simplify
 from edgeslim.compressor.steps import StepContext
 
 # arch -> teacher training epochs (enough for a usable source on two cores)
-ARCHS = {"mobilenet_v3_small": 12, "resnet18": 6, "bert": 8, "detector": 8}
-CNNS = ("mobilenet_v3_small", "resnet18")
+ARCHS = {
+    "mobilenet_v3_small": 12,
+    "resnet18": 6,
+    "bert": 8,
+    "detector": 8,
+    "shufflenet_v2_x0_5": 12,
+}
+CNNS = ("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5")
+# Exported with its channel shuffles' shapes computed from Shape: `simplify` folds
+# them to constants first, as a user would (see the README).
+SIMPLIFY_FIRST = ("shufflenet_v2_x0_5",)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 LATENCY_RUNS = 200
 
@@ -164,6 +174,7 @@ def edgeslim(
     budget: DistillConfig,
     criterion: str = "l1",
     compensate_bias: bool = True,
+    simplify: bool = False,
 ) -> tuple[Result, list[str]]:
     """The source ONNX through the real pipeline: prune (structured) then distill."""
     started = time.perf_counter()
@@ -188,6 +199,7 @@ def edgeslim(
                 "latencyRuns": 5,
             },
             "pipeline": [
+                *([{"simplify": {}}] if simplify else []),
                 {"prune": prune.model_dump(mode="json", by_alias=True, exclude_none=True)},
                 {
                     "distill": {
@@ -212,6 +224,8 @@ def edgeslim(
     # The pruned model before distillation: the same prune step on its own.
     loaded = onnx.load(folder / "source.onnx")
     graph.constants_to_initializers(loaded)
+    if simplify:
+        loaded = Simplify(SimplifyConfig()).run(loaded, None).model  # type: ignore[arg-type]
     ctx = StepContext(
         source=loaded,
         workdir=run,
@@ -401,23 +415,40 @@ def main() -> None:
             print(table[-1], file=sys.stderr, flush=True)
             for s in args.sparsity:
                 print(f"{arch} {s}: edgeslim ...", file=sys.stderr, flush=True)
-                runs, peers = [], []
+                runs, peers, failed = [], [], ""
                 for seed in range(args.seeds):
                     seeded = budget.model_copy(update={"seed": seed})
                     ours, step_notes = edgeslim(
-                        folder, source, task, s, seeded, args.criterion, not args.no_compensate_bias
+                        folder,
+                        source,
+                        task,
+                        s,
+                        seeded,
+                        args.criterion,
+                        not args.no_compensate_bias,
+                        arch in SIMPLIFY_FIRST,
                     )
                     runs.append(ours)
+                    if failed:
+                        continue
                     print(f"{arch} {s}: torch-pruning ...", file=sys.stderr, flush=True)
-                    peers.append(torch_pruning(module, source, task, teacher, s, seeded))
-                ours, peer = over_seeds(runs), over_seeds(peers)
+                    try:
+                        peers.append(torch_pruning(module, source, task, teacher, s, seeded))
+                    except Exception as exc:  # the peer's own failure is a result too
+                        failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+                ours = over_seeds(runs)
                 table.append(fmt_row(arch, f"{s:g}", "edgeslim", ours, src))
-                table.append(fmt_row(arch, f"{s:g}", "torch-pruning", peer, src))
+                if failed:
+                    table.append(f"| {arch} | {s:g} | torch-pruning | failed: {failed} |")
+                    versus.append(f"{arch} {s:g}: torch-pruning failed ({failed})")
+                else:
+                    peer = over_seeds(peers)
+                    table.append(fmt_row(arch, f"{s:g}", "torch-pruning", peer, src))
+                    versus.append(_versus(arch, s, ours, peer))
                 # Rows as they come (stderr), so a run cut short still shows them.
                 print("\n".join(table[-2:]), file=sys.stderr, flush=True)
                 notes += [f"{arch} {s:g}: {n}" for n in step_notes if _summary(n)]
                 goals += _goals(arch, s, ours, src)
-                versus.append(_versus(arch, s, ours, peer))
     minutes = (time.perf_counter() - began) / 60
 
     print(

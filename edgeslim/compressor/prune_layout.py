@@ -202,7 +202,10 @@ class LayoutOps:
                 for r in readers
             ):
                 return {}
-        raise Block(f"its channel count is read by {where}")
+        raise Block(
+            f"its channel count is read by {where} (a `simplify` step before `prune` turns "
+            "shapes computed from fixed dims into constants)"
+        )
 
     def _reads_other_dims(self, reader, k: int, n: int) -> bool:
         """Whether a Gather or Slice of an n-long shape vector leaves out its entry k
