@@ -530,6 +530,46 @@ def test_shufflenet_channel_shuffles_become_gathers_and_prune_exactly(opset: int
     )
 
 
+@pytest.mark.parametrize("opset", [14, 17])  # the attention exports from opset 14
+def test_vit_multihead_attention_heads_prune_exactly(opset: int):
+    """torchvision's VisionTransformer, whose nn.MultiheadAttention packs Q, K and V
+    in one projection (split by Reshape [S, B, 3, E] and three Gathers) and folds the
+    heads into the batch axis ([S, B*H, D], Transpose, [B, H, S, D]); after
+    `simplify`. Heads and FFN neurons prune; the hidden width (the patch embedding's
+    Reshape, the class token) is left whole with a note."""
+    torch.manual_seed(0)
+    module = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
+    )
+    with torch.no_grad():  # torchvision starts biases and the head at zero
+        for mha in (m for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention)):
+            mha.in_proj_bias.uniform_(-0.5, 0.5)
+            mha.out_proj.bias.uniform_(-0.5, 0.5)
+        for linear in (m for m in module.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.mul_(4)
+        module.heads.head.weight.normal_(0, 0.2)
+    raw = export(module, (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    config = PruneConfig(sparsity=0.5)
+    notes: list[str] = []
+    plan = planned(model, config, notes)
+    assert len(plan.groups.d.layers) == 10
+    assert len(plan.groups.reached_layers()) == 8, notes
+    assert any(n.startswith("skipped /conv_proj/Conv: Reshape") for n in notes), notes
+
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    for layer in (0, 1):
+        attention = f"/encoder/layers/encoder_layer_{layer}/self_attention/MatMul"
+        assert f"removed 2/4 heads of {attention}" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    feeds = {"input": RNG.normal(size=(3, 3, 32, 32)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
 class FPN(torch.nn.Module):
     """A DBNet-style neck: strided convs, 1x1 laterals merged top-down by Add with
     F.interpolate(size=...) and the levels concatenated for the head. `size` reads H

@@ -84,9 +84,15 @@ class LayoutOps:
             raise Block(f"{where} has a target shape that cannot be followed")
         values = [v for v, _ in target]
         others_ok = all(v != -1 for v in values[:-2])
-        if t.axis == -1 and len(values) == t.rank + 1 and others_ok:
+        # A -1 before the last two is fine when those two are exactly the channels.
+        exact_tail = None not in values[-2:] and math.prod(values[-2:]) == t.size
+        if t.axis == -1 and len(values) == t.rank + 1 and (others_ok or exact_tail):
+            if self._picked_apart(node.output[0]):
+                return self._split_chunks(node, t, target, where)
             return self._split_heads(node, t, target, where)
-        if t.axis == -2 and len(values) == t.rank - 1 and others_ok:
+        if t.axis == -2 and (
+            (len(values) == t.rank - 1 and others_ok) or self._whole_last(node, t, values)
+        ):
             return self._merge_heads(node, t, target, where)
         if len(values) == t.rank and self._same_dims(node.input[0], node.output[0]):
             # A reshape that keeps every dim where it was (e.g. [B, -1, S, D] on
@@ -97,7 +103,74 @@ class LayoutOps:
             if value == t.size and at is not None:
                 self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
                 return {node.output[0]: t}
+        folded = self._heads_into_batch(node, t, values, where)
+        if folded is not None:
+            return folded
         raise Block(f"{where} changes the channel layout in a way that cannot be followed")
+
+    def _picked_apart(self, name: str) -> bool:
+        """Whether a tensor, through Unsqueeze / Transpose / Squeeze, is only read by
+        Gathers of one constant index each (torch's unflatten-then-select of
+        nn.MultiheadAttention's packed Q/K/V projection)."""
+        readers = self.m.consumers.get(name, [])
+        while len(readers) == 1 and readers[0].op_type in ("Unsqueeze", "Transpose", "Squeeze"):
+            name = readers[0].output[0]
+            readers = self.m.consumers.get(name, [])
+        return bool(readers) and all(
+            r.op_type == "Gather" and r.input[0] == name and self._scalar(r.input[1])
+            for r in readers
+        )
+
+    def _scalar(self, name: str) -> bool:
+        value = self.m.array(name)
+        return value is not None and value.size == 1 and value.ndim <= 1
+
+    def _split_chunks(self, node, t: Track, target, where):
+        """[..., K*C] -> [..., K, C] whose K chunks are then picked apart (Q, K and V of
+        one packed projection): channel j of every chunk is one unit, tracked on C."""
+        (k, _), (c, c_at) = target[-2], target[-1]
+        if c is None or c <= 0 or t.size % c or k not in (-1, t.size // c):
+            raise Block(f"{where} splits the channels in a way that cannot be followed")
+        chunks = t.ids.reshape(-1, c)
+        for row in chunks[1:]:
+            self.union(chunks[0], row)
+        self._constant_fixup(c_at, lambda kept, ids=chunks[0]: kept(ids), where)
+        return {node.output[0]: Track(-1, chunks[0], t.rank + 1)}
+
+    def _heads_into_batch(self, node, t: Track, values, where):
+        """[S, B, H*D] -> [S, B*H, D] -> Transpose -> [B, H, S, D], how
+        nn.MultiheadAttention splits heads: each head's D ids are one unit, tracked on H
+        of the last Reshape (whose H follows the kept heads). The two tensors between
+        hold the heads inside the batch axis and carry no track; None if not this."""
+        rank, d = t.rank, values[-1]
+        if (
+            t.axis != -1
+            or len(values) != rank
+            or values.count(-1) != 1
+            or None in values
+            or d <= 0
+            or t.size % d
+        ):
+            return None
+        batch = values.index(-1)
+        dims = self.m.dims(node.input[0])
+        if dims is None or any(v != dims[i] for i, v in enumerate(values[:-1]) if i != batch):
+            return None
+        swap = self._only_reader(node.output[0])
+        unfold = swap and swap.op_type == "Transpose" and self._only_reader(swap.output[0])
+        if not unfold or unfold.op_type != "Reshape":
+            return None
+        perm = list(attr(swap, "perm") or reversed(range(rank)))
+        target = self._shape_pieces(unfold)
+        heads, at = t.size // d, perm.index(batch)
+        moved = [values[i] for i in perm]
+        if target is None or [v for v, _ in target] != [*moved[:at], -1, heads, *moved[at + 1 :]]:
+            return None
+        blocks = t.ids.reshape(heads, d)
+        for row in blocks:
+            self.union(row[:1].repeat(d - 1), row[1:])
+        self._constant_fixup(target[at + 1][1], lambda kept, ids=blocks[:, 0]: kept(ids), where)
+        return {unfold.output[0]: Track(at + 1 - (rank + 1), blocks[:, 0], rank + 1)}
 
     def _split_heads(self, node, t: Track, target, where):
         """[..., H*D] -> [..., H, D]: the D ids of each head become one unit."""
@@ -111,6 +184,12 @@ class LayoutOps:
             self._constant_fixup(h_at, lambda kept, ids=heads[:, 0]: kept(ids), where)
         return {node.output[0]: Track(-2, heads[:, 0], t.rank + 1)}
 
+    def _whole_last(self, node, t: Track, values) -> bool:
+        """[..., H, D] -> [..., H*D] with H*D written out: the leading axes may regroup
+        freely (nn.MultiheadAttention folds sequence and batch), the last is exact."""
+        dims = self.m.dims(node.input[0], need=(-1,))
+        return bool(dims and dims[-1] and values[-1] == t.size * dims[-1])
+
     def _merge_heads(self, node, t: Track, target, where):
         """[..., H, D] -> [..., H*D]: each head id repeats over its D channels."""
         dims = self.m.dims(node.input[0], need=(-1,))
@@ -120,7 +199,7 @@ class LayoutOps:
             raise Block(f"{where} merges the channels in a way that cannot be followed")
         if v != -1:
             self._constant_fixup(v_at, lambda kept, ids=t.ids, d=d: kept(ids) * d, where)
-        return {node.output[0]: Track(-1, np.repeat(t.ids, d), t.rank - 1)}
+        return {node.output[0]: Track(-1, np.repeat(t.ids, d), len(target))}
 
     def _same_dims(self, a: str, b: str) -> bool:
         da, db = self.m.dims(a), self.m.dims(b)
