@@ -66,7 +66,7 @@ ARCHS = {
     "resnet18": 6,
     "bert": 8,
     "detector": 8,
-    "shufflenet_v2_x0_5": 12,
+    "shufflenet_v2_x0_5": 30,
 }
 CNNS = ("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5")
 # Exported with its channel shuffles' shapes computed from Shape: `simplify` folds
