@@ -280,7 +280,8 @@ def plan_structured(
     """Find the groups of `model` (initializer weights) and choose what goes; None if nothing.
 
     `model` may gain initializers (shared constants unshared, explicit Split
-    sizes) but computes the same function; nothing is removed yet.
+    sizes) and have its channel shuffles written as Gathers, but computes the
+    same function; no channel is removed yet.
     """
     if config.sparsity == 0:
         notes.append("structured: sparsity 0 removes no channel; model unchanged")
