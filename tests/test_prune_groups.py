@@ -10,6 +10,9 @@ count the plan predicted, and, with the channels the pruner removes zeroed in
 the source beforehand, that source and pruned model agree exactly. BERT's
 hidden width is the exception (LayerNorm statistics change when channels go):
 there the pruned graph is compared with a narrower BERT built in torch.
+Families it was not tuned on follow, after `simplify` as a user would run it:
+ShuffleNetV2 (channel shuffles), torchvision's ViT (nn.MultiheadAttention) and
+a small Swin (windows, packed Q/K/V, relative position bias, patch merging).
 """
 
 from __future__ import annotations
@@ -535,8 +538,8 @@ def test_vit_multihead_attention_heads_prune_exactly(opset: int):
     """torchvision's VisionTransformer, whose nn.MultiheadAttention packs Q, K and V
     in one projection (split by Reshape [S, B, 3, E] and three Gathers) and folds the
     heads into the batch axis ([S, B*H, D], Transpose, [B, H, S, D]); after
-    `simplify`. Heads and FFN neurons prune; the hidden width (the patch embedding's
-    Reshape, the class token) is left whole with a note."""
+    `simplify`. Heads and FFN neurons prune; the hidden width is left whole with a
+    note (the class token, an Expand of a constant, is concatenated to the patches)."""
     torch.manual_seed(0)
     module = torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
@@ -555,7 +558,7 @@ def test_vit_multihead_attention_heads_prune_exactly(opset: int):
     plan = planned(model, config, notes)
     assert len(plan.groups.d.layers) == 10
     assert len(plan.groups.reached_layers()) == 8, notes
-    assert any(n.startswith("skipped /conv_proj/Conv: Reshape") for n in notes), notes
+    assert any(n.startswith("skipped /conv_proj/Conv: Concat") for n in notes), notes
 
     source = zero_removed(model, config)
     out = Prune(config).run(source, None)
@@ -565,6 +568,53 @@ def test_vit_multihead_attention_heads_prune_exactly(opset: int):
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == plan.predicted
     feeds = {"input": RNG.normal(size=(3, 3, 32, 32)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_swin_windows_heads_and_stage_widths_prune(opset: int):
+    """A small torchvision SwinTransformer after `simplify`: window partition and
+    reverse (Reshape/Transpose over the axes before the channels), shifted windows
+    (Slice + Concat on H and W), a packed Q/K/V projection split [.., 3, H, D] and
+    picked apart, a relative position bias per head, patch merging. With the stage
+    widths (LayerNorm-normalized, so not exact) excluded, heads and FFN neurons
+    prune exactly; with them, every layer is reached and the graph stays valid."""
+    torch.manual_seed(0)
+    module = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4]
+    )
+    with torch.no_grad():
+        for linear in (m for m in module.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.mul_(4)
+            if linear.bias is not None:
+                linear.bias.uniform_(-0.3, 0.3)
+    raw = export(module, (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    feeds = {"input": RNG.normal(size=(2, 3, 32, 32)).astype(np.float32)}
+
+    whole = PruneConfig(sparsity=0.5)
+    plan = planned(model, whole, [])
+    assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 19
+    out = Prune(whole).run(model, None)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    assert plan.before / plan.predicted >= 1.8
+    assert run(out.model, feeds).shape == (2, 1000)
+
+    stems = [n.name for n in model.graph.node if n.name.endswith(("reduction/MatMul", "0.0/Conv"))]
+    assert len(stems) == 2  # the patch embedding and the one patch merging
+    config = PruneConfig(sparsity=0.5, exclude_nodes=stems)
+    plan = planned(model, config, [])
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    for stage, heads in ((1, 2), (3, 4)):
+        for block in (0, 1):
+            attention = f"/features/features.{stage}/features.{stage}.{block}/attn/MatMul"
+            assert f"removed {heads // 2}/{heads} heads of {attention}" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
     expected, before = run(source, feeds), run(model, feeds)
     assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
     np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)

@@ -83,6 +83,9 @@ class LayoutOps:
         if target is None or t.rank is None:
             raise Block(f"{where} has a target shape that cannot be followed")
         values = [v for v, _ in target]
+        kept = self._channels_kept(node, t, target, where)
+        if kept is not None:
+            return kept
         others_ok = all(v != -1 for v in values[:-2])
         # A -1 before the last two is fine when those two are exactly the channels.
         exact_tail = None not in values[-2:] and math.prod(values[-2:]) == t.size
@@ -90,6 +93,8 @@ class LayoutOps:
             if self._picked_apart(node.output[0]):
                 return self._split_chunks(node, t, target, where)
             return self._split_heads(node, t, target, where)
+        if t.axis == -1 and len(values) == t.rank + 2 and self._picked_apart(node.output[0]):
+            return self._split_chunks(node, t, target, where)
         if t.axis == -2 and (
             (len(values) == t.rank - 1 and others_ok) or self._whole_last(node, t, values)
         ):
@@ -107,6 +112,30 @@ class LayoutOps:
         if folded is not None:
             return folded
         raise Block(f"{where} changes the channel layout in a way that cannot be followed")
+
+    def _channels_kept(self, node, t: Track, target, where):
+        """A Reshape that only regroups the axes before and after the channels, e.g.
+        [N, C, H, W] -> [N, C, H*W] (a patch embedding) or [S*B, C] -> [S, B, C]: the
+        target holds C whole with the same number of elements after it, so every
+        element keeps its channel. None if it is not such a Reshape."""
+        dims = self.m.dims(node.input[0])
+        if dims is None:
+            return None
+        after = dims[t.pos(where) + 1 :]
+        if None in after:
+            return None
+        for q, (value, at) in enumerate(target):
+            rest = [v for v, _ in target[q + 1 :]]
+            if (
+                value == t.size
+                and at is not None
+                and None not in rest
+                and min(rest, default=1) > 0
+                and math.prod(rest) == math.prod(after)
+            ):
+                self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+                return {node.output[0]: Track(q - len(target), t.ids, len(target))}
+        return None
 
     def _picked_apart(self, name: str) -> bool:
         """Whether a tensor, through Unsqueeze / Transpose / Squeeze, is only read by
@@ -126,16 +155,28 @@ class LayoutOps:
         return value is not None and value.size == 1 and value.ndim <= 1
 
     def _split_chunks(self, node, t: Track, target, where):
-        """[..., K*C] -> [..., K, C] whose K chunks are then picked apart (Q, K and V of
-        one packed projection): channel j of every chunk is one unit, tracked on C."""
-        (k, _), (c, c_at) = target[-2], target[-1]
-        if c is None or c <= 0 or t.size % c or k not in (-1, t.size // c):
+        """[..., K*C] -> [..., K, C] or [..., K, H, D] whose K chunks are then picked
+        apart (Q, K and V of one packed projection): channel j of every chunk is one
+        unit, tracked on C; with heads, each head's D channels are one unit, on H."""
+        heads = len(target) == t.rank + 2
+        (k, _), (c, c_at) = target[-2 - heads], target[-1 - heads]
+        d = target[-1][0] if heads else 1
+        if (
+            None in (c, d)
+            or c <= 0
+            or d <= 0
+            or t.size % (c * d)
+            or k not in (-1, t.size // (c * d))
+        ):
             raise Block(f"{where} splits the channels in a way that cannot be followed")
-        chunks = t.ids.reshape(-1, c)
+        chunks = t.ids.reshape(-1, c * d)
         for row in chunks[1:]:
             self.union(chunks[0], row)
-        self._constant_fixup(c_at, lambda kept, ids=chunks[0]: kept(ids), where)
-        return {node.output[0]: Track(-1, chunks[0], t.rank + 1)}
+        units = chunks[0].reshape(c, d)
+        for row in units:
+            self.union(row[:1].repeat(d - 1), row[1:])
+        self._constant_fixup(c_at, lambda kept, ids=units[:, 0]: kept(ids), where)
+        return {node.output[0]: Track(-1 - heads, units[:, 0], len(target))}
 
     def _heads_into_batch(self, node, t: Track, values, where):
         """[S, B, H*D] -> [S, B*H, D] -> Transpose -> [B, H, S, D], how
