@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgeslim.compressor import graph as g
+from edgeslim.compressor.prune_graph import fresh_name
 from edgeslim.compressor.prune_groups import Groups, Model
 
 
@@ -92,7 +93,7 @@ class Surgery:
             self._replace(name, (arr + delta).astype(arr.dtype))
             return
         weight = self.m.array(node.input[1])
-        name = _fresh(f"{node.name or node.output[0]}_bias", names)
+        name = fresh_name(f"{node.name or node.output[0]}_bias", names)
         self.m.graph.initializer.append(numpy_helper.from_array(delta.astype(weight.dtype), name))
         while len(node.input) < index:
             node.input.append("")
@@ -114,7 +115,7 @@ class Surgery:
         old = node.input[index]
         if self.m.uses(old) <= 1:
             return old
-        new = _fresh(f"{old}__pruned", names)
+        new = fresh_name(f"{old}__pruned", names)
         self.m.graph.initializer.append(numpy_helper.from_array(self.m.array(old), new))
         node.input[index] = new
         self.m.consumers[old].remove(node)
@@ -132,16 +133,6 @@ class Surgery:
                     a.ints[pos] = value
                 return
         raise KeyError(f"{node.name} has no attribute {name}")
-
-
-def _fresh(base: str, names: set[str]) -> str:
-    """`base`, or `base2`, `base3`, ... : the first not in `names` (which gains it)."""
-    name, n = base, 1
-    while name in names:
-        n += 1
-        name = f"{base}{n}"
-    names.add(name)
-    return name
 
 
 def _counted(init: onnx.TensorProto, dims: list[int]) -> int:

@@ -336,6 +336,16 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
     return folded
 
 
+def fresh_name(base: str, names: set[str]) -> str:
+    """`base`, or `base2`, `base3`, ... : the first not in `names` (which gains it)."""
+    name, n = base, 1
+    while name in names:
+        n += 1
+        name = f"{base}{n}"
+    names.add(name)
+    return name
+
+
 def shuffles_to_gathers(model: onnx.ModelProto) -> list[str]:
     """Write each channel shuffle as one Gather of its channels; the Gathers' names.
 
@@ -366,6 +376,8 @@ def shuffles_to_gathers(model: onnx.ModelProto) -> list[str]:
             return None
         return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
 
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    names |= {i.name for i in graph.input}
     drop: set[int] = set()
     written: list[str] = []
     for split in graph.node:
@@ -380,7 +392,7 @@ def shuffles_to_gathers(model: onnx.ModelProto) -> list[str]:
             continue
         groups = target(split)[p]  # type: ignore[index]
         order = np.arange(dims[p]).reshape(groups, -1).T.reshape(-1)  # type: ignore[arg-type]
-        indices = f"{merge.name or merge.output[0]}_channel_order"
+        indices = fresh_name(f"{merge.name or merge.output[0]}_channel_order", names)
         graph.initializer.append(numpy_helper.from_array(order.astype(np.int64), indices))
         gather = onnx.helper.make_node(
             "Gather", [split.input[0], indices], [merge.output[0]], name=merge.name, axis=p
