@@ -172,11 +172,9 @@ class LayoutOps:
         chunks = t.ids.reshape(-1, c * d)
         for row in chunks[1:]:
             self.union(chunks[0], row)
-        units = chunks[0].reshape(c, d)
-        for row in units:
-            self.union(row[:1].repeat(d - 1), row[1:])
-        self._constant_fixup(c_at, lambda kept, ids=units[:, 0]: kept(ids), where)
-        return {node.output[0]: Track(-1 - heads, units[:, 0], len(target))}
+        units = self._heads(chunks[0], d)
+        self._constant_fixup(c_at, lambda kept, ids=units: kept(ids), where)
+        return {node.output[0]: Track(-1 - heads, units, len(target))}
 
     def _heads_into_batch(self, node, t: Track, values, where):
         """[S, B, H*D] -> [S, B*H, D] -> Transpose -> [B, H, S, D], how
@@ -207,23 +205,26 @@ class LayoutOps:
         moved = [values[i] for i in perm]
         if target is None or [v for v, _ in target] != [*moved[:at], -1, heads, *moved[at + 1 :]]:
             return None
-        blocks = t.ids.reshape(heads, d)
-        for row in blocks:
-            self.union(row[:1].repeat(d - 1), row[1:])
-        self._constant_fixup(target[at + 1][1], lambda kept, ids=blocks[:, 0]: kept(ids), where)
-        return {unfold.output[0]: Track(at + 1 - (rank + 1), blocks[:, 0], rank + 1)}
+        units = self._heads(t.ids, d)
+        self._constant_fixup(target[at + 1][1], lambda kept, ids=units: kept(ids), where)
+        return {unfold.output[0]: Track(at + 1 - (rank + 1), units, rank + 1)}
 
     def _split_heads(self, node, t: Track, target, where):
         """[..., H*D] -> [..., H, D]: the D ids of each head become one unit."""
         (h, h_at), (d, _) = target[-2], target[-1]
         if d is None or d <= 0 or t.size % d or h not in (-1, t.size // d):
             raise Block(f"{where} splits the channels in a way that cannot be followed")
-        heads = t.ids.reshape(-1, d)
-        for row in heads:
-            self.union(row[:1].repeat(d - 1), row[1:])
+        units = self._heads(t.ids, d)
         if h != -1:
-            self._constant_fixup(h_at, lambda kept, ids=heads[:, 0]: kept(ids), where)
-        return {node.output[0]: Track(-2, heads[:, 0], t.rank + 1)}
+            self._constant_fixup(h_at, lambda kept, ids=units: kept(ids), where)
+        return {node.output[0]: Track(-2, units, t.rank + 1)}
+
+    def _heads(self, ids: np.ndarray, d: int) -> np.ndarray:
+        """Each run of d consecutive ids (a head) made one unit; one id per head."""
+        rows = ids.reshape(-1, d)
+        for row in rows:
+            self.union(row[:1].repeat(d - 1), row[1:])
+        return rows[:, 0]
 
     def _whole_last(self, node, t: Track, values) -> bool:
         """[..., H, D] -> [..., H*D] with H*D written out: the leading axes may regroup
