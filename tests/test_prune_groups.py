@@ -525,6 +525,11 @@ def test_shufflenet_channel_shuffles_become_gathers_and_prune_exactly(opset: int
     assert after == plan.predicted
     assert plan.before / after >= 1.8
     assert sum(n.op_type == "Gather" for n in out.model.graph.node) == 16
+    # The raw export, whose shuffles compute their shapes from Shape: the step
+    # simplifies it first by itself and reaches the same layers.
+    raw_out = Prune(config).run(raw, None)
+    assert any(n.startswith("simplified first") for n in raw_out.notes), raw_out.notes
+    assert any(n.startswith("structured: 57/57 layers pruned") for n in raw_out.notes)
     feeds = {"input": RNG.normal(size=(2, 3, 64, 64)).astype(np.float32)}
     expected, before = run(source, feeds), run(model, feeds)
     assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
@@ -715,7 +720,7 @@ def test_a_shape_sliced_to_its_spatial_dims_does_not_read_the_channels():
     np.testing.assert_allclose(run(out.model, feeds), run(model, feeds), rtol=1e-4, atol=1e-5)
 
 
-def test_a_shape_that_reads_the_channel_count_still_blocks():
+def test_a_shape_that_reads_the_channel_count_blocks_until_folded():
     class Scaled(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -726,10 +731,26 @@ def test_a_shape_that_reads_the_channel_count_still_blocks():
             return self.b(y / y.shape[1])
 
     model = export(Scaled(), (torch.randn(1, 3, 4, 4),), ["input"], 17)
-    out = Prune(PruneConfig(sparsity=0.5)).run(model, None)
-    assert any(
-        n.startswith("skipped /a/Conv: its channel count is read by Shape") for n in out.notes
-    ), out.notes
+    config = PruneConfig(sparsity=0.5)
+    notes: list[str] = []
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    assert plan_structured(work, config, set(), notes) is None
+    assert any(n.startswith("skipped /a/Conv: its channel count is read by Shape") for n in notes)
+
+    # The step folds that read into the constant it is over fixed dims (8) first, as
+    # the simplify step would: dividing by 8 is what the source does, so /a/Conv
+    # prunes and, where the removed channels were zero, nothing changes.
+    out = Prune(config).run(model, None)
+    assert any(n.startswith("simplified first") for n in out.notes), out.notes
+    assert any(n.startswith("removed 4/8 channels of /a/Conv") for n in out.notes), out.notes
+    simplified = Simplify(SimplifyConfig()).run(model, None).model  # type: ignore[arg-type]
+    feeds = {"input": RNG.normal(size=(2, 3, 4, 4)).astype(np.float32)}
+    same_cut = Prune(config).run(simplified, None).model
+    np.testing.assert_allclose(run(out.model, feeds), run(same_cut, feeds), rtol=1e-6)
+    source = zero_removed(simplified, config)
+    exact = Prune(config).run(source, None).model
+    np.testing.assert_allclose(run(exact, feeds), run(source, feeds), rtol=1e-5, atol=1e-6)
 
 
 class GroupedNet(torch.nn.Module):

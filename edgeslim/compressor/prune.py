@@ -28,6 +28,7 @@ from edgeslim.compressor import prune_graph as pgr
 from edgeslim.compressor import prune_groups as pg
 from edgeslim.compressor import prune_importance as pi
 from edgeslim.compressor.datasets import Dataset
+from edgeslim.compressor.prune_layout import SHAPE_READ
 from edgeslim.compressor.steps import StepContext, StepOutput
 from edgeslim.errors import BadInput
 
@@ -72,6 +73,7 @@ class Prune:
             changed = prune_magnitude(work, self.config, excluded, notes)
         else:
             calibration = self.calibration(model, ctx, notes)
+            work = fold_shapes_if_it_helps(work, excluded, notes)
             changed = prune_structured(work, self.config, excluded, notes, calibration)
         if not changed:
             return StepOutput(model=model, notes=notes)
@@ -286,19 +288,7 @@ def plan_structured(
     if config.sparsity == 0:
         notes.append("structured: sparsity 0 removes no channel; model unchanged")
         return None
-    shared = pgr.identities_to_initializers(model)
-    if shared:
-        notes.append(f"{shared} Identity nodes of shared constants turned into initializers")
-    folded = pgr.fold_integer_constants(model)
-    if folded:
-        notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")
-    shuffles = pgr.shuffles_to_gathers(model)
-    if shuffles:
-        notes.append(
-            f"{len(shuffles)} channel shuffles (Reshape, Transpose, Reshape) written as a "
-            f"Gather of their channels, so that any channels can go: {', '.join(shuffles[:3])}"
-            + (f" (+{len(shuffles) - 3} more)" if len(shuffles) > 3 else "")
-        )
+    _prepare(model, notes)
     before, _ = g.weight_stats(model)
     groups = pg.discover(model, excluded)
     for grp in groups.groups:
@@ -321,6 +311,70 @@ def plan_structured(
     return StructuredPlan(
         groups, chosen, surgery, before, surgery.predicted_parameters(before), calib
     )
+
+
+def _prepare(model: onnx.ModelProto, notes: list[str]) -> None:
+    """The rewrites discovery needs, none of which changes what the model computes."""
+    shared = pgr.identities_to_initializers(model)
+    if shared:
+        notes.append(f"{shared} Identity nodes of shared constants turned into initializers")
+    folded = pgr.fold_integer_constants(model)
+    if folded:
+        notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")
+    shuffles = pgr.shuffles_to_gathers(model)
+    if shuffles:
+        notes.append(
+            f"{len(shuffles)} channel shuffles (Reshape, Transpose, Reshape) written as a "
+            f"Gather of their channels, so that any channels can go: {', '.join(shuffles[:3])}"
+            + (f" (+{len(shuffles) - 3} more)" if len(shuffles) > 3 else "")
+        )
+
+
+def _reach(model: onnx.ModelProto, excluded: set[str]) -> tuple[int, bool]:
+    """Layers a prunable group reaches (in a copy of `model`), and whether a Shape
+    that reads a channel count kept any group whole."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _prepare(work, [])
+    groups = pg.discover(work, excluded)
+    by_shape = any(
+        grp.blocked is not None and grp.blocked.startswith(SHAPE_READ) for grp in groups.groups
+    )
+    return len(groups.reached_layers()), by_shape
+
+
+def fold_shapes_if_it_helps(
+    model: onnx.ModelProto, excluded: set[str], notes: list[str]
+) -> onnx.ModelProto:
+    """`model` after onnxslim (what the simplify step runs) where a Shape reading a
+    channel count keeps a group whole and the slimmed graph reaches more layers.
+
+    Exporters compute Reshape targets and Slice bounds from `Shape` at run time
+    (ShuffleNet's shuffle, nn.MultiheadAttention's head split); over fixed dims
+    onnxslim folds them into constants the groups can follow. Otherwise, or if an
+    excluded node would lose its name, `model` as it is."""
+    reached, by_shape = _reach(model, excluded)
+    if not by_shape:
+        return model
+    try:
+        import onnxslim
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        slim = onnxslim.slim(copy)
+        g.constants_to_initializers(slim)
+    except Exception:  # a graph onnxslim cannot handle: prune what can be followed
+        return model
+    if not excluded <= {n.name for n in slim.graph.node}:
+        return model
+    more, _ = _reach(slim, excluded)
+    if more <= reached:
+        return model
+    notes.append(
+        f"simplified first (onnxslim, as the simplify step): shapes computed from fixed dims "
+        f"became constants, so groups reach {more} layers instead of {reached}"
+    )
+    return slim
 
 
 def prune_structured(

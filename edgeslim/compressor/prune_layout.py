@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from edgeslim.compressor.prune_groups import UnionFind
 
 
+# How a group kept whole because a Shape reads its channel count is noted.
+SHAPE_READ = "its channel count is read by"
+
+
 class LayoutOps:
     """Handlers for layout ops, mixed into Discovery (which provides the state)."""
 
@@ -323,10 +327,7 @@ class LayoutOps:
                 for r in readers
             ):
                 return {}
-        raise Block(
-            f"its channel count is read by {where} (a `simplify` step before `prune` turns "
-            "shapes computed from fixed dims into constants)"
-        )
+        raise Block(f"{SHAPE_READ} {where}")
 
     def _reads_other_dims(self, reader, k: int, n: int) -> bool:
         """Whether a Gather or Slice of an n-long shape vector leaves out its entry k
