@@ -52,12 +52,11 @@ import onnx
 import torch
 from torch.nn import functional as F
 
-from edgeslim.api.spec import CompressedModel, DistillConfig, PruneConfig, SimplifyConfig
+from edgeslim.api.spec import CompressedModel, DistillConfig, PruneConfig
 from edgeslim.compressor import datasets, evaluate, graph
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.pipeline import compress
 from edgeslim.compressor.prune import Prune
-from edgeslim.compressor.simplify import Simplify
 from edgeslim.compressor.steps import StepContext
 
 # arch -> teacher training epochs (enough for a usable source on two cores)
@@ -69,9 +68,6 @@ ARCHS = {
     "shufflenet_v2_x0_5": 30,
 }
 CNNS = ("mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5")
-# Exported with its channel shuffles' shapes computed from Shape: `simplify` folds
-# them to constants first, as a user would (see the README).
-SIMPLIFY_FIRST = ("shufflenet_v2_x0_5",)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 LATENCY_RUNS = 200
 
@@ -174,7 +170,6 @@ def edgeslim(
     budget: DistillConfig,
     criterion: str = "l1",
     compensate_bias: bool = True,
-    simplify: bool = False,
 ) -> tuple[Result, list[str]]:
     """The source ONNX through the real pipeline: prune (structured) then distill."""
     started = time.perf_counter()
@@ -199,7 +194,6 @@ def edgeslim(
                 "latencyRuns": 5,
             },
             "pipeline": [
-                *([{"simplify": {}}] if simplify else []),
                 {"prune": prune.model_dump(mode="json", by_alias=True, exclude_none=True)},
                 {
                     "distill": {
@@ -224,8 +218,6 @@ def edgeslim(
     # The pruned model before distillation: the same prune step on its own.
     loaded = onnx.load(folder / "source.onnx")
     graph.constants_to_initializers(loaded)
-    if simplify:
-        loaded = Simplify(SimplifyConfig()).run(loaded, None).model  # type: ignore[arg-type]
     ctx = StepContext(
         source=loaded,
         workdir=run,
@@ -419,14 +411,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     seeded = budget.model_copy(update={"seed": seed})
                     ours, step_notes = edgeslim(
-                        folder,
-                        source,
-                        task,
-                        s,
-                        seeded,
-                        args.criterion,
-                        not args.no_compensate_bias,
-                        arch in SIMPLIFY_FIRST,
+                        folder, source, task, s, seeded, args.criterion, not args.no_compensate_bias
                     )
                     runs.append(ours)
                     if failed:
