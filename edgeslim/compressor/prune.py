@@ -353,6 +353,8 @@ def fold_shapes_if_it_helps(
     (ShuffleNet's shuffle, nn.MultiheadAttention's head split); over fixed dims
     onnxslim folds them into constants the groups can follow. Otherwise, or if an
     excluded node would lose its name, `model` as it is."""
+    if not any(n.op_type == "Shape" for n in model.graph.node):
+        return model  # nothing reads a shape: spare the trial discovery
     reached, by_shape = _reach(model, excluded)
     if not by_shape:
         return model

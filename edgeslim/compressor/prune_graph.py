@@ -357,31 +357,25 @@ def shuffles_to_gathers(model: onnx.ModelProto) -> list[str]:
     tensor and takes any subset: the pruner then cuts its indices like a weight.
     """
     graph = model.graph
-    inits = g.initializer_map(graph)
-    shapes = infer_shapes(model)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    m = Model.of(model, set())
 
     def only_reader(name: str, op: str) -> onnx.NodeProto | None:
-        readers = consumers.get(name, [])
-        ok = len(readers) == 1 and readers[0].op_type == op and name not in outputs
+        readers = m.consumers.get(name, [])
+        # The one reader anywhere: no graph output, no If/Loop/Scan body reads it.
+        ok = len(readers) == 1 and m.uses(name) == 1 and readers[0].op_type == op
         return readers[0] if ok else None
 
     def target(node: onnx.NodeProto) -> list[int] | None:
-        init = inits.get(node.input[1]) if len(node.input) > 1 else None
-        if init is None or attr(node, "allowzero", 0):
+        value = m.array(node.input[1]) if len(node.input) > 1 else None
+        if value is None or attr(node, "allowzero", 0):
             return None
-        return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
+        return [int(v) for v in value.reshape(-1)]
 
-    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    names |= {i.name for i in graph.input}
+    names = set(m.inits) | set(m.producers) | m.graph_inputs
     drop: set[int] = set()
     written: list[str] = []
     for split in graph.node:
-        if split.op_type != "Reshape" or (dims := shapes.get(split.input[0])) is None:
+        if split.op_type != "Reshape" or (dims := m.shapes.get(split.input[0])) is None:
             continue
         swap = only_reader(split.output[0], "Transpose")
         merge = swap and only_reader(swap.output[0], "Reshape")
