@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +43,19 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def _drain(proc: subprocess.Popen[str], into: queue.Queue[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        into.put(line)
+
+
+def _take_all(lines: queue.Queue[str]) -> list[str]:
+    taken = []
+    while not lines.empty():
+        taken.append(lines.get_nowait())
+    return taken
+
+
 def test_make_cluster_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     binaries_or_fail()
     proc = subprocess.Popen(
@@ -51,15 +66,21 @@ def test_make_cluster_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    # A thread drains the output: reading it in the test would block on EOF,
+    # which a straggling descendant holding the pipe could delay past the exit
+    # this test is about.
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=_drain, args=(proc, lines), daemon=True)
+    reader.start()
     try:
-        assert proc.stdout is not None
         output = ""
         deadline = time.monotonic() + 120
         while "AWS_DEFAULT_REGION" not in output and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output += line
+            try:
+                output += lines.get(timeout=1)
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
         kubeconfig = re.search(r"^export KUBECONFIG=(\S+)$", output, re.M)
         endpoint = re.search(r"^export AWS_ENDPOINT_URL=(\S+)$", output, re.M)
         assert kubeconfig and endpoint, output
@@ -80,10 +101,15 @@ def test_make_cluster_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None
         children = descendants(proc.pid)
         assert len(children) >= 3  # etcd, kube-apiserver, kube-controller-manager
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        stopping = time.monotonic()
+        proc.wait(timeout=120)
+        took = time.monotonic() - stopping
+        reader.join(timeout=10)
+        rest = "".join(_take_all(lines))
+        left = sorted(pid for pid in children if pid_alive(pid))
         assert proc.returncode == 0, rest
-        assert rest.strip().endswith("stopped")
-        assert not [pid for pid in children if pid_alive(pid)]
+        assert rest.strip().endswith("stopped"), f"after {took:.0f}s: {rest}"
+        assert not left, f"still alive {took:.0f}s after Ctrl-C: {left}"
     finally:
         if proc.poll() is None:
             # SIGTERM runs the same clean-up as Ctrl-C; SIGKILL would orphan
