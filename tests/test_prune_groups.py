@@ -539,15 +539,23 @@ def test_shufflenet_channel_shuffles_become_gathers_and_prune_exactly(opset: int
 
 
 @pytest.mark.parametrize("opset", [14, 17])  # the attention exports from opset 14
-def test_vit_multihead_attention_heads_prune_exactly(opset: int):
+def test_vit_multihead_attention_heads_and_hidden_width_prune(opset: int):
     """torchvision's VisionTransformer, whose nn.MultiheadAttention packs Q, K and V
     in one projection (split by Reshape [S, B, 3, E] and three Gathers) and folds the
     heads into the batch axis ([S, B*H, D], Transpose, [B, H, S, D]); after
-    `simplify`. Heads and FFN neurons prune; the hidden width is left whole with a
-    note (the class token, an Expand of a constant, is concatenated to the patches)."""
+    `simplify`. The hidden width is one group with the class token (an Expand of a
+    constant over the batch, concatenated to the patches) and the position
+    embedding: every layer is reached. With the patch embedding (the width's
+    producer) excluded, heads and FFN neurons prune exactly."""
     torch.manual_seed(0)
     module = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=10,
     )
     with torch.no_grad():  # torchvision starts biases and the head at zero
         for mha in (m for m in module.modules() if isinstance(m, torch.nn.MultiheadAttention)):
@@ -558,13 +566,24 @@ def test_vit_multihead_attention_heads_prune_exactly(opset: int):
         module.heads.head.weight.normal_(0, 0.2)
     raw = export(module, (torch.randn(1, 3, 32, 32),), ["input"], opset)
     model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
-    config = PruneConfig(sparsity=0.5)
-    notes: list[str] = []
-    plan = planned(model, config, notes)
-    assert len(plan.groups.d.layers) == 10
-    assert len(plan.groups.reached_layers()) == 8, notes
-    assert any(n.startswith("skipped /conv_proj/Conv: Concat") for n in notes), notes
+    feeds = {"input": RNG.normal(size=(3, 3, 32, 32)).astype(np.float32)}
 
+    whole = PruneConfig(sparsity=0.5)
+    plan = planned(model, whole, [])
+    assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 10
+    out = Prune(whole).run(model, None)
+    assert any(n.startswith("removed 32/64 hidden channels of /conv_proj/Conv") for n in out.notes)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    assert plan.before / plan.predicted >= 3  # heads and FFN alone gave 1.7x
+    shapes = {t.name: tuple(t.dims) for t in out.model.graph.initializer}
+    assert shapes["class_token"] == (1, 1, 32)
+    assert shapes["encoder.pos_embedding"] == (1, 17, 32)
+    assert run(out.model, feeds).shape == (3, 10)
+
+    config = PruneConfig(sparsity=0.5, exclude_nodes=["/conv_proj/Conv"])
+    plan = planned(model, config, [])
+    assert len(plan.groups.reached_layers()) == 8
     source = zero_removed(model, config)
     out = Prune(config).run(source, None)
     for layer in (0, 1):
@@ -572,10 +591,63 @@ def test_vit_multihead_attention_heads_prune_exactly(opset: int):
         assert f"removed 2/4 heads of {attention}" in out.notes, out.notes
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == plan.predicted
-    feeds = {"input": RNG.normal(size=(3, 3, 32, 32)).astype(np.float32)}
     expected, before = run(source, feeds), run(model, feeds)
     assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
     np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+class TokenNet(torch.nn.Module):
+    """Patches, a learned class token expanded over the batch and put in front of
+    them, a position embedding, and a head that reads the class token's row."""
+
+    def __init__(self, width_from_data: bool) -> None:
+        super().__init__()
+        self.width_from_data = width_from_data
+        self.embed = torch.nn.Conv2d(3, 16, 4, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.pos = torch.nn.Parameter(torch.randn(1, 17, 16))
+        self.fc, self.head = torch.nn.Linear(16, 24), torch.nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        width = t.shape[-1] if self.width_from_data else -1
+        t = torch.cat([self.cls.expand(x.shape[0], -1, width), t], 1) + self.pos
+        return self.head(torch.relu(self.fc(t))[:, 0])
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_an_expanded_class_token_joins_the_width_only_where_its_channel_axis_stays(
+    opset: int,
+):
+    """expand(B, -1, -1) leaves the channel axis at the constant's own width (the
+    exporter writes it as Where(shape == -1, 1, shape)), so the token's columns are
+    cut with the patches' and the cut is exact where removed channels were zero.
+    expand(B, -1, C) with C the data's width spells the width out: it stays whole."""
+    torch.manual_seed(0)
+    raw = export(TokenNet(False), (torch.randn(2, 3, 16, 16),), ["input"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    assert len(plan.groups.reached_layers()) == 3
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("removed 8/16 channels of /embed/Conv") for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    feeds = {"input": RNG.normal(size=(3, 3, 16, 16)).astype(np.float32)}
+    expected = run(source, feeds)
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    spelled = export(TokenNet(True), (torch.randn(2, 3, 16, 16),), ["input"], opset)
+    simplified = Simplify(SimplifyConfig()).run(spelled, None).model  # type: ignore[arg-type]
+    notes: list[str] = []
+    plan = planned(simplified, config, notes)
+    assert len(plan.groups.reached_layers()) == 2
+    assert any(n.startswith("skipped /embed/Conv:") and "not tracked" in n for n in notes), notes
+    out = Prune(config).run(simplified, None)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert run(out.model, feeds).shape == (3, 5)
 
 
 @pytest.mark.parametrize("opset", [14, 17])

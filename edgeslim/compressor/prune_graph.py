@@ -19,6 +19,28 @@ from onnx import numpy_helper
 from edgeslim.compressor import graph as g
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+# `Model.entries` reads shape vectors: a few entries, a few ops deep.
+ENTRY_LIMIT = 64
+ENTRY_DEPTH = 16
+
+
+def _where(cond: int | None, a: int | None, b: int | None) -> int | None:
+    if cond is None:
+        return a if a == b else None
+    return a if cond else b
+
+
+def _known(f: Callable[[int, int], int]) -> Callable[[int | None, int | None], int | None]:
+    return lambda a, b: None if a is None or b is None else int(f(a, b))
+
+
+ELEMENTWISE_ENTRIES: dict[str, Callable[..., int | None]] = {
+    "Equal": _known(lambda a, b: a == b),
+    "Add": _known(lambda a, b: a + b),
+    "Sub": _known(lambda a, b: a - b),
+    "Mul": _known(lambda a, b: a * b),
+    "Where": _where,
+}
 
 
 class Block(Exception):
@@ -127,6 +149,63 @@ class Model:
     def rank(self, name: str) -> int | None:
         dims = self.dims(name, need=())
         return None if dims is None else len(dims)
+
+    def entries(self, name: str, depth: int = 0) -> list[int | None] | None:
+        """The values of a small integer vector (a shape, an index) as far as they
+        are known without running the model: constants, and what Concat, Gather,
+        Where, ... make of them. An entry is None where it is only known at run time
+        (a batch size that Shape reads); the result is None for anything else."""
+        arr = self.array(name)
+        if arr is not None:
+            if arr.size > ENTRY_LIMIT or arr.dtype.kind not in "iub":
+                return None
+            return [int(v) for v in arr.reshape(-1)]
+        node = self.producers.get(name)
+        if node is None or depth > ENTRY_DEPTH or node.domain not in ("", "ai.onnx"):
+            return None
+        op = node.op_type
+
+        def of(i: int) -> list[int | None] | None:
+            return self.entries(node.input[i], depth + 1) if len(node.input) > i else None
+
+        if op == "Shape":
+            # Static dims from inference only (a probe's batch size is made up). A
+            # channel count read here blocks its group in discovery anyway.
+            rank = self.rank(node.input[0])
+            dims = self.shapes.get(node.input[0]) or [None] * (rank or 0)
+            if rank is None or len(dims) != rank:
+                return None
+            return dims[slice(attr(node, "start"), attr(node, "end"))]
+        if op in ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape"):
+            return of(0)
+        if op == "Concat":
+            parts = [of(i) for i in range(len(node.input))]
+            return None if any(p is None for p in parts) else [v for p in parts for v in p]
+        if op == "Gather":
+            data, idx = of(0), self.array(node.input[1])
+            if data is None or idx is None or attr(node, "axis", 0) != 0:
+                return None
+            picked = [int(i) for i in idx.reshape(-1)]
+            return (
+                None
+                if any(not -len(data) <= i < len(data) for i in picked)
+                else [data[i] for i in picked]
+            )
+        if op == "ConstantOfShape":
+            shape, value = of(0), attr(node, "value")
+            fill = np.zeros(1, np.float32) if value is None else numpy_helper.to_array(value)
+            if shape is None or len(shape) != 1 or shape[0] is None or shape[0] > ENTRY_LIMIT:
+                return None
+            return [int(fill.reshape(-1)[0])] * shape[0] if fill.dtype.kind in "iub" else None
+        if op in ELEMENTWISE_ENTRIES:
+            known = [of(i) for i in range(len(node.input))]
+            parts = [p for p in known if p is not None]
+            n = max((len(p) for p in parts), default=0)
+            if len(parts) != len(known) or any(len(p) not in (1, n) for p in parts):
+                return None
+            rows = zip(*(p * n if len(p) == 1 else p for p in parts), strict=True)
+            return [ELEMENTWISE_ENTRIES[op](*row) for row in rows]
+        return None
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:

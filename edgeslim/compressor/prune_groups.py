@@ -381,6 +381,11 @@ class Discovery(LayoutOps):
                 self._broadcast(node, i, arr, ref)
                 ranks.append(arr.ndim)
                 continue
+            expanded = self._expanded_constant(name, ref)
+            if expanded is not None:
+                self._broadcast(expanded, 0, self.m.array(expanded.input[0]), ref)
+                ranks.append(self.m.rank(name))
+                continue
             dims = self.m.dims(name, need=(ref.axis,))
             if dims is None:
                 raise Block(f"shape of {name} unknown at {where}")
@@ -393,6 +398,22 @@ class Discovery(LayoutOps):
         rank = None if None in ranks else max(r for r in ranks if r is not None)
         track = Track(ref.axis, ref.ids, rank)
         return {node.output[0]: track}
+
+    def _expanded_constant(self, name: str, track: Track) -> onnx.NodeProto | None:
+        """The Expand that makes `name` from a constant of this node's own, where its
+        shape leaves the channel axis at 1: the channels are the constant's, so cutting
+        them there cuts the expanded tensor (ViT's class token, expanded to the batch
+        and concatenated to the patches)."""
+        node = self.m.producers.get(name)
+        if node is None or node.op_type != "Expand" or self.m.uses(name) != 1:
+            return None
+        arr = self.m.array(node.input[0])
+        shape = self.m.entries(node.input[1])
+        if arr is None or self.m.uses(node.input[0]) != 1 or node.input[0] in self.m.graph_inputs:
+            return None
+        if shape is None or len(shape) < -track.axis or shape[track.axis] != 1:
+            return None
+        return node
 
     def _broadcast(self, node, index: int, arr: np.ndarray, track: Track) -> None:
         """Slice a constant that broadcasts against the tracked tensor, if it spans the channels."""

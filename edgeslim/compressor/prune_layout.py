@@ -43,6 +43,8 @@ class LayoutOps:
 
     def _nary(self, node, ins, where): ...
 
+    def _expanded_constant(self, name: str, track: Track) -> onnx.NodeProto | None: ...
+
     def _transpose(self, node, ins, where):
         t = ins[0]
         perm = attr(node, "perm")
@@ -489,8 +491,10 @@ class LayoutOps:
         pos = ref.pos(where)
         axis = int(attr(node, "axis", 0)) % ref.rank  # type: ignore[operator]
         if axis != pos:  # concatenated along another axis: the channels must line up
-            if len(tracked) != len(ins):
-                raise Block(f"{where} joins it with a tensor whose channels are not tracked")
+            for name, t in zip(node.input, ins, strict=True):
+                constant = self.m.array(name) is not None
+                if t is None and not constant and self._expanded_constant(name, ref) is None:
+                    raise Block(f"{where} joins it with a tensor whose channels are not tracked")
             return self._nary(node, ins, where)
         parts = []
         for name, t in zip(node.input, ins, strict=True):
