@@ -598,33 +598,36 @@ def test_vit_multihead_attention_heads_and_hidden_width_prune(opset: int):
 
 class TokenNet(torch.nn.Module):
     """Patches, a learned class token expanded over the batch and put in front of
-    them, a position embedding, and a head that reads the class token's row."""
+    them (`tokens` times: DeiT's class and distillation tokens, which start equal
+    and so are exported as one Expand read twice), a position embedding, and a
+    head that reads the first token's row."""
 
-    def __init__(self, width_from_data: bool) -> None:
+    def __init__(self, width_from_data: bool, tokens: int = 1) -> None:
         super().__init__()
-        self.width_from_data = width_from_data
+        self.width_from_data, self.tokens = width_from_data, tokens
         self.embed = torch.nn.Conv2d(3, 16, 4, 4)
         self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
-        self.pos = torch.nn.Parameter(torch.randn(1, 17, 16))
+        self.pos = torch.nn.Parameter(torch.randn(1, 16 + tokens, 16))
         self.fc, self.head = torch.nn.Linear(16, 24), torch.nn.Linear(24, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.embed(x).flatten(2).transpose(1, 2)
         width = t.shape[-1] if self.width_from_data else -1
-        t = torch.cat([self.cls.expand(x.shape[0], -1, width), t], 1) + self.pos
+        token = self.cls.expand(x.shape[0], -1, width)
+        t = torch.cat([token] * self.tokens + [t], 1) + self.pos
         return self.head(torch.relu(self.fc(t))[:, 0])
 
 
-@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize(("opset", "tokens"), [(11, 1), (13, 2), (17, 1)])
 def test_an_expanded_class_token_joins_the_width_only_where_its_channel_axis_stays(
-    opset: int,
+    opset: int, tokens: int
 ):
     """expand(B, -1, -1) leaves the channel axis at the constant's own width (the
     exporter writes it as Where(shape == -1, 1, shape)), so the token's columns are
     cut with the patches' and the cut is exact where removed channels were zero.
     expand(B, -1, C) with C the data's width spells the width out: it stays whole."""
     torch.manual_seed(0)
-    raw = export(TokenNet(False), (torch.randn(2, 3, 16, 16),), ["input"], opset)
+    raw = export(TokenNet(False, tokens), (torch.randn(2, 3, 16, 16),), ["input"], opset)
     model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
     config = PruneConfig(sparsity=0.5)
     plan = planned(model, config, [])
@@ -639,7 +642,7 @@ def test_an_expanded_class_token_joins_the_width_only_where_its_channel_axis_sta
     np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-5, atol=1e-6)
 
     torch.manual_seed(0)
-    spelled = export(TokenNet(True), (torch.randn(2, 3, 16, 16),), ["input"], opset)
+    spelled = export(TokenNet(True, tokens), (torch.randn(2, 3, 16, 16),), ["input"], opset)
     simplified = Simplify(SimplifyConfig()).run(spelled, None).model  # type: ignore[arg-type]
     notes: list[str] = []
     plan = planned(simplified, config, notes)

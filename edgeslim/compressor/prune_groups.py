@@ -381,7 +381,7 @@ class Discovery(LayoutOps):
                 self._broadcast(node, i, arr, ref)
                 ranks.append(arr.ndim)
                 continue
-            expanded = self._expanded_constant(name, ref)
+            expanded = self._expanded_constant(name, ref, node)
             if expanded is not None:
                 self._broadcast(expanded, 0, self.m.array(expanded.input[0]), ref)
                 ranks.append(self.m.rank(name))
@@ -399,13 +399,18 @@ class Discovery(LayoutOps):
         track = Track(ref.axis, ref.ids, rank)
         return {node.output[0]: track}
 
-    def _expanded_constant(self, name: str, track: Track) -> onnx.NodeProto | None:
-        """The Expand that makes `name` from a constant of this node's own, where its
-        shape leaves the channel axis at 1: the channels are the constant's, so cutting
-        them there cuts the expanded tensor (ViT's class token, expanded to the batch
-        and concatenated to the patches)."""
+    def _expanded_constant(
+        self, name: str, track: Track, reader: onnx.NodeProto
+    ) -> onnx.NodeProto | None:
+        """The Expand that makes `name` (read by `reader` alone) from a constant of its
+        own, where its shape leaves the channel axis at 1: the channels are the
+        constant's, so cutting them there cuts the expanded tensor (ViT's class token,
+        expanded to the batch and concatenated to the patches)."""
         node = self.m.producers.get(name)
-        if node is None or node.op_type != "Expand" or self.m.uses(name) != 1:
+        readers = self.m.consumers.get(name, [])
+        if node is None or node.op_type != "Expand" or self.m.uses(name) != len(readers):
+            return None
+        if any(r is not reader for r in readers):
             return None
         arr = self.m.array(node.input[0])
         shape = self.m.entries(node.input[1])

@@ -43,7 +43,9 @@ class LayoutOps:
 
     def _nary(self, node, ins, where): ...
 
-    def _expanded_constant(self, name: str, track: Track) -> onnx.NodeProto | None: ...
+    def _expanded_constant(
+        self, name: str, track: Track, reader: onnx.NodeProto
+    ) -> onnx.NodeProto | None: ...
 
     def _transpose(self, node, ins, where):
         t = ins[0]
@@ -493,7 +495,7 @@ class LayoutOps:
         if axis != pos:  # concatenated along another axis: the channels must line up
             for name, t in zip(node.input, ins, strict=True):
                 constant = self.m.array(name) is not None
-                if t is None and not constant and self._expanded_constant(name, ref) is None:
+                if t is None and not constant and not self._expanded_constant(name, ref, node):
                     raise Block(f"{where} joins it with a tensor whose channels are not tracked")
             return self._nary(node, ins, where)
         parts = []
