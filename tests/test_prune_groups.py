@@ -828,6 +828,50 @@ def test_a_shape_that_reads_the_channel_count_blocks_until_folded():
     np.testing.assert_allclose(run(exact, feeds), run(source, feeds), rtol=1e-5, atol=1e-6)
 
 
+class SegFormerStage(torch.nn.Module):
+    """SegFormer's stage: patches to a sequence, LayerNorm, an MLP on a residual, and
+    back to a map by `reshape(n, h, w, -1)` with n, h and w read by Shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 3, 2, 1)
+        self.norm = torch.nn.LayerNorm(16)
+        self.fc = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.embed(x)
+        n, _, h, w = y.shape
+        t = self.norm(y.flatten(2).transpose(1, 2))
+        t = t + self.fc(t)
+        return self.out(t.reshape(n, h, w, -1).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_simplify_folds_the_shapes_of_opset_17_layer_norm_graphs(opset: int):
+    """onnxslim's own shape inference fails on graphs with LayerNormalization
+    (opset 17 on) and it then folds no Shape behind a computed Reshape target;
+    `simplify` (and the prune step's own fold) give it the shapes first, so the
+    sequence-to-map Reshape becomes a constant and the whole width prunes. The
+    batch stays dynamic and the function is unchanged."""
+    torch.manual_seed(0)
+    raw = export(SegFormerStage(), (torch.randn(2, 3, 16, 16),), ["input"], opset)
+    simplified = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    assert not [n for n in simplified.graph.node if n.op_type == "Shape"]
+    for batch in (1, 3):
+        feeds = {"input": RNG.normal(size=(batch, 3, 16, 16)).astype(np.float32)}
+        np.testing.assert_allclose(run(simplified, feeds), run(raw, feeds), rtol=1e-5, atol=1e-6)
+
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(simplified, config, [])
+    out = Prune(config).run(raw, None)
+    assert any(n.startswith("simplified first") for n in out.notes), out.notes
+    assert any(n.startswith("structured: 3/3 layers pruned") for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    assert run(out.model, feeds).shape == (3, 4, 8, 8)
+
+
 class GroupedNet(torch.nn.Module):
     """A grouped Conv (ResNeXt, RegNet) and a depthwise Conv with channel multiplier 2."""
 

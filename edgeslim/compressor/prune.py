@@ -359,11 +359,11 @@ def fold_shapes_if_it_helps(
     if not by_shape:
         return model
     try:
-        import onnxslim
+        from edgeslim.compressor.simplify import slim as simplified
 
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        slim = onnxslim.slim(copy)
+        slim = simplified(copy)
         g.constants_to_initializers(slim)
     except Exception:  # a graph onnxslim cannot handle: prune what can be followed
         return model

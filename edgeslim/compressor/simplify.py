@@ -9,6 +9,7 @@ runtime and later steps (prune, quantize) still see ordinary Conv/Gemm nodes.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import onnx
@@ -18,15 +19,31 @@ from edgeslim.compressor.graph import constants_to_initializers
 from edgeslim.compressor.steps import StepContext, StepOutput
 
 
+def slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim on `model`, with the tensor shapes worked out first.
+
+    onnxslim folds `Shape` over fixed dims only where it knows the shapes, and
+    its own copy of onnxruntime's symbolic shape inference fails on opset-17
+    LayerNormalization graphs (onnxslim 0.1.98: an unbound local in
+    `onnx_infer_single_node`); it then falls back to ONNX's inference, which
+    loses the dims behind every computed Reshape target, and a SegFormer at
+    opset 17 kept 41 Shape nodes (4 at opset 14). onnxruntime's own symbolic
+    inference, run first, gives it the shapes (4 left at 17 too)."""
+    import onnxslim
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    with contextlib.suppress(Exception):  # custom domains, > 2 GB: onnxslim infers alone
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    return onnxslim.slim(model)
+
+
 class Simplify:
     def __init__(self, config: SimplifyConfig) -> None:
         self.config = config
 
     def run(self, model: onnx.ModelProto, ctx: StepContext) -> StepOutput:
-        import onnxslim
-
         before = Counter(n.op_type for n in model.graph.node)
-        slimmed = onnxslim.slim(model)
+        slimmed = slim(model)
         converted = constants_to_initializers(slimmed)
         after = Counter(n.op_type for n in slimmed.graph.node)
         removed = {
