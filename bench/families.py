@@ -1,6 +1,6 @@
 """Structured pruning on architecture families the dependency groups were not tuned on.
 
-    python bench/families.py [--arch vit swin] [--epochs N] [--sparsity S]
+    python bench/families.py [--arch vit swin] [--epochs N] [--sparsity S] [--seeds N]
 
 Each model is built from torchvision with no weights, trained briefly on
 scikit-learn's digits (bench/archs.py), exported to ONNX and compressed through
@@ -29,6 +29,7 @@ import copy
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import archs  # bench/archs.py: the script's folder is first on sys.path
@@ -62,23 +63,38 @@ def trained(arch: str, epochs: int) -> tuple[torch.nn.Module, archs.Task, onnx.M
     return module, task, archs.export(module, task)
 
 
-def row(arch: str, tool: str, sparsity: float, reached: str, before: int, after: int,
-        source: float, compressed: float, seconds: float) -> str:  # fmt: skip
-    return (
-        f"| {arch} | {tool} | {sparsity:g} | {reached} | {before:,} | {after:,} | "
-        f"{before / after:.2f}x | {100 * source:.1f} | {100 * compressed:.1f} | {seconds:.0f} |"
-    )
+@dataclass
+class Row:
+    arch: str
+    tool: str
+    reached: str
+    before: int
+    after: int
+    source: float
+    compressed: list[float]
+    """held-out accuracy after distillation, one per seed"""
+    seconds: float
+
+    def __str__(self) -> str:
+        mean = 100 * sum(self.compressed) / len(self.compressed)
+        spread = 100 * (max(self.compressed) - min(self.compressed))
+        return (
+            f"| {self.arch} | {self.tool} | {self.reached} | {self.before:,} | {self.after:,} | "
+            f"{self.before / self.after:.2f}x | {100 * self.source:.1f} | {mean:.1f} | "
+            f"{spread:.1f} | {self.seconds / len(self.compressed):.0f} |"
+        )
 
 
 def edgeslim(
-    arch: str, task: archs.Task, source: onnx.ModelProto, sparsity: float, distill_epochs: int
-) -> tuple[str, list[str]]:
+    arch: str, task: archs.Task, source: onnx.ModelProto, sparsity: float, budget: DistillConfig
+) -> tuple[Row, list[str]]:
     """The exported source through the real pipeline, as a user would write it."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pruning.write_data(task, folder)
         onnx.save(source, folder / "source.onnx")
+        distill = {"dataset": str(folder / "train.npz"), "epochs": budget.epochs}
         spec = {
             "apiVersion": "edgeslim.io/v1alpha1",
             "kind": "CompressedModel",
@@ -94,7 +110,7 @@ def edgeslim(
                 "pipeline": [
                     {"simplify": {}},
                     {"prune": {"method": "structured", "sparsity": sparsity}},
-                    {"distill": {"dataset": str(folder / "train.npz"), "epochs": distill_epochs}},
+                    {"distill": {**distill, "seed": budget.seed}},
                 ],
             },
         }
@@ -105,11 +121,11 @@ def edgeslim(
     notes = [n for s in r.steps for n in s.notes if n.startswith(("structured:", "held out"))]
     summary = next(n for n in notes if n.startswith("structured:"))
     reached = summary.split(" layers pruned")[0].removeprefix("structured: ")
-    line = row(
-        arch, "edgeslim", sparsity, reached, r.source.parameters, r.artifact.parameters,
-        r.evaluation.baseline, r.evaluation.compressed, time.perf_counter() - started,
+    row = Row(
+        arch, "edgeslim", reached, r.source.parameters, r.artifact.parameters,
+        r.evaluation.baseline, [r.evaluation.compressed], time.perf_counter() - started,
     )  # fmt: skip
-    return line, [f"{arch}: {n}" for n in notes]
+    return row, [f"{arch}: {n}" for n in notes]
 
 
 def torch_pruning_vit(
@@ -117,8 +133,8 @@ def torch_pruning_vit(
     task: archs.Task,
     source: onnx.ModelProto,
     sparsity: float,
-    distill_epochs: int,
-) -> str:
+    budget: DistillConfig,
+) -> Row:
     """Torch-Pruning's ViT recipe on a copy of the trained module, then the same
     distillation budget as edgeslim's step (bench/pruning.py's loop)."""
     import torch_pruning as tp
@@ -139,15 +155,22 @@ def torch_pruning_vit(
     )
     pruner.step()
     model.hidden_dim = model.conv_proj.out_channels  # read by the patch reshape
-    pruning.distill(model, task, teacher, DistillConfig(dataset="-", epochs=distill_epochs))
+    pruning.distill(model, task, teacher, budget)
     pruned = archs.export(model, task)
     changed, _, layers = pruning.layers_changed(source, pruned)
-    return row(
-        "vit", "torch-pruning", sparsity, f"{changed}/{layers}",
+    return Row(
+        "vit", "torch-pruning", f"{changed}/{layers}",
         graph.weight_stats(source)[0], graph.weight_stats(pruned)[0],
-        pruning.quick_metric(source, task), pruning.quick_metric(pruned, task),
+        pruning.quick_metric(source, task), [pruning.quick_metric(pruned, task)],
         time.perf_counter() - started,
     )  # fmt: skip
+
+
+def over_seeds(runs: list[Row]) -> Row:
+    first = runs[0]
+    first.compressed = [c for r in runs for c in r.compressed]
+    first.seconds = sum(r.seconds for r in runs)
+    return first
 
 
 def main() -> None:
@@ -156,30 +179,37 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the source")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--distill-epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3, help="distillations per row (both)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows, notes = [], []
+    rows: list[Row] = []
+    notes: list[str] = []
     for arch in args.arch:
         print(f"{arch}: training, then compressing ...", file=sys.stderr, flush=True)
         module, task, source = trained(arch, args.epochs)
-        line, arch_notes = edgeslim(arch, task, source, args.sparsity, args.distill_epochs)
-        rows.append(line)
-        notes += arch_notes
-        if arch == "vit":
-            rows.append(torch_pruning_vit(module, task, source, args.sparsity, args.distill_epochs))
-        print("\n".join(rows[-2:]), file=sys.stderr, flush=True)
+        ours, peer = [], []
+        for seed in range(args.seeds):
+            budget = DistillConfig(dataset="train.npz", epochs=args.distill_epochs, seed=seed)
+            row, arch_notes = edgeslim(arch, task, source, args.sparsity, budget)
+            ours.append(row)
+            notes += arch_notes if seed == 0 else []
+            if arch == "vit":
+                peer.append(torch_pruning_vit(module, task, source, args.sparsity, budget))
+        rows += [over_seeds(ours)] + ([over_seeds(peer)] if peer else [])
+        print("\n".join(map(str, rows[-2:])), file=sys.stderr, flush=True)
     print(
         f"\nsource trained {args.epochs} epochs on digits (32x32); prune structured "
         f"{args.sparsity:g} (L1), distill {args.distill_epochs} epochs (edgeslim: simplify, "
         "prune, distill steps; Torch-Pruning: its DepGraph, then plain-torch distillation "
-        "on all the training data); accuracy on the held-out split; 1 torch thread\n"
+        f"on all the training data); held-out accuracy, mean of {args.seeds} distillation "
+        "seeds and spread (max - min); seconds per seed; 1 torch thread\n"
     )
     print(
-        "| arch | tool | sparsity | layers pruned | params | after | fewer | source % "
-        "| compressed % | s |"
+        "| arch | tool | layers pruned | params | after | fewer | source % "
+        "| compressed % | spread | s |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+    print("\n".join(map(str, rows)))
     print("\n" + "\n".join(f"- {n}" for n in notes))
 
 

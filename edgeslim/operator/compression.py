@@ -317,6 +317,7 @@ def dispatch(rt: Runtime) -> None:
     groups = policy_groups(rt)
     if rt.slots.unlimited and not groups:
         return
+    # holding() lists the searches again: advancing one may just have finished it.
     for w in rt.slots.take(queued_models(rt.models_index), holding(rt), groups):
         _start_quietly(rt, w)
 

@@ -39,6 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgeslim.api.errors import format_validation_error
 from edgeslim.redact import redact, remember
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ def plugin_for(
     try:
         config = ExecConfig.model_validate(section)
     except ValidationError as exc:
-        raise ExecPluginError(f"kubeconfig user {user!r}: exec: {_problems(exc)}") from None
+        problem = format_validation_error(exc)
+        raise ExecPluginError(f"kubeconfig user {user!r}: exec: {problem}") from None
     if config.interactive_mode is None and config.api_version.endswith("/v1"):
         # As kubectl: v1 requires it (v1beta1 defaults to IfAvailable).
         raise ExecPluginError(
@@ -342,7 +344,7 @@ def parse(stdout: bytes, api_version: str, name: str = "exec plugin") -> Issued:
         cred = ExecCredential.model_validate(doc)
     except ValidationError as exc:
         raise ExecPluginError(
-            f"{name} answered an invalid ExecCredential: {_problems(exc)}"
+            f"{name} answered an invalid ExecCredential: {format_validation_error(exc)}"
         ) from None
     if cred.api_version != api_version:
         shown = cred.api_version if re.fullmatch(r"[\w./-]{1,80}", cred.api_version) else "another"
@@ -396,14 +398,6 @@ def _first_line(stderr: bytes) -> str:
         if line.strip():
             return redact(line.strip())[:300]
     return "(nothing on stderr)"
-
-
-def _problems(exc: ValidationError) -> str:
-    """Where and what, without the input values pydantic would quote."""
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}"
-        for e in exc.errors(include_input=False, include_url=False)
-    )
 
 
 def _now() -> dt.datetime:

@@ -288,7 +288,7 @@ def test_kubeconfig_mistakes_are_refused_in_one_line(tmp_path: Path, plugin: Plu
     secret_env = {**beta, "env": [{"name": "AWS_SECRET", "value": 12345678901}]}
     with pytest.raises(NoCredentials) as caught:
         _load(tmp_path, secret_env)
-    assert "env.0.value" in str(caught.value) and "12345678901" not in str(caught.value)
+    assert "env[0].value" in str(caught.value) and "12345678901" not in str(caught.value)
     missing = {
         **beta,
         "command": "edgeslim-no-such-plugin",
