@@ -261,6 +261,80 @@ def test_a_mean_over_the_channels_that_is_no_layer_norm_keeps_the_width():
     ), out.notes
 
 
+class RMSNet(torch.nn.Module):
+    """A residual stream under RMSNorm (T5, Llama), written `x * rsqrt(mean(x^2) + eps)`
+    or `x / sqrt(mean(x^2) + eps)`; `scaled` multiplies by the mean square instead,
+    which is no norm."""
+
+    def __init__(self, width: int, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.embed = torch.nn.Linear(8, width)
+        self.fc1, self.fc2 = torch.nn.Linear(width, 2 * width), torch.nn.Linear(2 * width, width)
+        self.g1, self.g2 = (
+            torch.nn.Parameter(torch.rand(width) + 0.5),
+            torch.nn.Parameter(torch.rand(width) + 0.5),
+        )
+        self.head = torch.nn.Linear(width, 3)
+
+    def norm(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        square = h.pow(2).mean(-1, keepdim=True)
+        if self.form == "rsqrt":
+            return h * torch.rsqrt(square + 1e-6) * g
+        if self.form == "div":
+            return h / torch.sqrt(square + 1e-6) * g
+        return h * square * g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.fc2(torch.relu(self.fc1(self.norm(h, self.g1))))
+        return self.head(self.norm(h, self.g2))
+
+
+def narrow_rms_net(model: onnx.ModelProto, width: int, form: str) -> RMSNet:
+    """An RMSNet of `width` holding the pruned `model`'s weights (MatMul weights found
+    by node name, transposed back to Linear's layout)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    matmul = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    module = RMSNet(width, form).eval()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            layer, kind = name.rsplit(".", 1) if "." in name else (name, "")
+            value = inits[matmul[f"/{layer}/MatMul"]].T if kind == "weight" else inits[name]
+            assert tuple(value.shape) == tuple(param.shape), name
+            param.copy_(torch.from_numpy(np.array(value)))
+    return module
+
+
+@pytest.mark.parametrize(("opset", "form"), [(13, "rsqrt"), (17, "rsqrt"), (17, "div")])
+def test_rms_norm_lets_the_stream_prune_over_the_kept_channels(opset: int, form: str):
+    """RMSNorm written out (Pow, ReduceMean, Add, Sqrt, then Div(1, .) and Mul, or Div)
+    is followed like a LayerNorm: the stream's width is cut in every member, and the
+    result is exactly an RMSNet of the narrower width with the kept weights (the mean
+    square now over the kept channels). A mean square used as a plain factor is no
+    norm: the width stays whole."""
+    torch.manual_seed(0)
+    raw = export(RMSNet(16, form), (torch.randn(2, 4, 8),), ["x"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    out = Prune(config).run(model, None)
+    assert any(n.startswith("removed 8/16 hidden channels of /embed/MatMul") for n in out.notes)
+    assert any("/ReduceMean normalizes over the channels" in n for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    feeds = {"x": RNG.normal(size=(3, 4, 8)).astype(np.float32)}
+    expected = narrow_rms_net(out.model, 8, form)(torch.from_numpy(feeds["x"])).detach().numpy()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+    scaled = export(RMSNet(16, "scaled"), (torch.randn(2, 4, 8),), ["x"], opset)
+    out = Prune(config).run(scaled, None)
+    assert any(
+        n.startswith("skipped /embed/MatMul") and "reduces over the channels" in n
+        for n in out.notes
+    ), out.notes
+
+
 def test_global_scope_keeps_min_channels_in_every_group():
     case = build("mobilenet_v3_small", 17)
     work = onnx.ModelProto()

@@ -504,7 +504,7 @@ class Discovery(LayoutOps):
             raise Block(f"{where} reduces every axis")
         axes = [a % t.rank for a in axes]  # type: ignore[operator]
         if pos in axes:
-            if axes == [pos] and self._decomposed_layer_norm(node):
+            if axes == [pos] and (self._decomposed_layer_norm(node) or self._rms_norm(node)):
                 # The row statistics broadcast back over the channels: nothing to track.
                 self.normalized.append((t.ids, where))
                 return {}
@@ -565,6 +565,47 @@ class Discovery(LayoutOps):
         if self._only_reader(sqrt.output[0]) is not divs[0] or divs[0].input[1] != sqrt.output[0]:
             return False
         return node is mean or node is var
+
+    def _rms_norm(self, node: onnx.NodeProto) -> bool:
+        """Whether ReduceMean `node` is the mean square of an RMSNorm written out (T5,
+        Llama): x * 1 / sqrt(mean(x^2) + eps), the reciprocal as Reciprocal or Div(1, .),
+        or x / sqrt(...). Like a LayerNorm, it then normalizes over the kept channels."""
+        m = self.m
+        pow_ = m.producers.get(node.input[0])
+        if pow_ is None or pow_.op_type != "Pow" or self._only_reader(pow_.output[0]) is not node:
+            return False
+        if not self._scalar_constant(pow_.input[1], 2.0) or attr(node, "keepdims", 1) != 1:
+            return False
+        x = pow_.input[0]
+        add = self._only_reader(node.output[0])
+        if add is None or add.op_type != "Add":
+            return False
+        eps = [n for n in add.input if n != node.output[0]]
+        if len(eps) != 1 or not self._scalar_constant(eps[0]):
+            return False
+        sqrt = self._only_reader(add.output[0])
+        if sqrt is None or sqrt.op_type != "Sqrt":
+            return False
+        inverse = self._only_reader(sqrt.output[0])
+        if inverse is None:
+            return False
+        if inverse.op_type == "Div" and list(inverse.input) == [x, sqrt.output[0]]:
+            return True
+        one = inverse.op_type == "Div" and self._scalar_constant(inverse.input[0], 1.0)
+        if not one and inverse.op_type != "Reciprocal":
+            return False
+        scale = self._only_reader(inverse.output[0])
+        return (
+            scale is not None
+            and scale.op_type == "Mul"
+            and sorted(scale.input) == sorted([x, inverse.output[0]])
+        )
+
+    def _scalar_constant(self, name: str, value: float | None = None) -> bool:
+        arr = self.m.array(name)
+        if arr is None or arr.size != 1:
+            return False
+        return value is None or float(arr.reshape(-1)[0]) == value
 
     def _same_reduction(self, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
         def axes(n: onnx.NodeProto) -> list[int] | None:
