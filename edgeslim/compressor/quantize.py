@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgeslim.api.spec import CalibrationMethod, QuantizeConfig, QuantizeMode
-from edgeslim.compressor import evaluate
+from edgeslim.compressor import evaluate, ort_tools
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.graph import constants_to_initializers
 from edgeslim.compressor.steps import StepContext, StepOutput
@@ -270,7 +270,7 @@ def _pre_process(path: Path) -> list[str]:
     Quantization picks better ranges and fuses more with full shape information;
     a graph the symbolic shape inferencer cannot handle is quantized as it is.
     """
-    _import_ort_tools_without_torch()
+    ort_tools.import_without_torch()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     staged = path.with_suffix(".pre.onnx")
@@ -284,30 +284,6 @@ def _pre_process(path: Path) -> list[str]:
         return [f"pre-processing skipped: {type(exc).__name__}: {str(exc)[:200]}"]
     staged.replace(path)
     return []
-
-
-def _import_ort_tools_without_torch() -> None:
-    """Imports `onnxruntime.tools` (which `quant_pre_process` loads) without torch.
-
-    Its `__init__` imports torch whenever torch is installed, for an export helper
-    quantization never calls: ~500 MB of memory and 2 s in every quantizing
-    compressor pod, measured. While it runs, `find_spec("torch")` answers None;
-    should onnxruntime change, the worst case is torch imported as before."""
-    import importlib.util
-    import sys
-
-    if "onnxruntime.tools" in sys.modules or "torch" in sys.modules:
-        return
-    real = importlib.util.find_spec
-
-    def find_spec(name: str, package: str | None = None):  # type: ignore[no-untyped-def]
-        return None if name == "torch" else real(name, package)
-
-    importlib.util.find_spec = find_spec
-    try:
-        import onnxruntime.tools  # noqa: F401
-    finally:
-        importlib.util.find_spec = real
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

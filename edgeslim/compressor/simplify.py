@@ -15,6 +15,7 @@ from collections import Counter
 import onnx
 
 from edgeslim.api.spec import SimplifyConfig
+from edgeslim.compressor import ort_tools
 from edgeslim.compressor.graph import constants_to_initializers
 from edgeslim.compressor.steps import StepContext, StepOutput
 
@@ -30,6 +31,8 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     opset 17 kept 41 Shape nodes (4 at opset 14). onnxruntime's own symbolic
     inference, run first, gives it the shapes (4 left at 17 too)."""
     import onnxslim
+
+    ort_tools.import_without_torch()
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     with contextlib.suppress(Exception):  # custom domains, > 2 GB: onnxslim infers alone
