@@ -545,22 +545,13 @@ class Discovery(LayoutOps):
         divs = [r for r in readers if r.op_type == "Div" and r.input[0] == sub.output[0]]
         if len(pows) != 1 or len(divs) != 1 or m.uses(sub.output[0]) != 2:
             return False
-        exponent = m.array(pows[0].input[1])
-        if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2:
+        if not self._scalar_constant(pows[0].input[1], 2.0):
             return False
         var = self._only_reader(pows[0].output[0])
         if var is None or var.op_type != "ReduceMean" or not self._same_reduction(mean, var):
             return False
-        add = self._only_reader(var.output[0])
-        eps = (
-            add is not None
-            and add.op_type == "Add"
-            and [n for n in add.input if n != var.output[0]]
-        )
-        if not eps or len(eps) != 1 or m.array(eps[0]) is None or m.array(eps[0]).size != 1:
-            return False
-        sqrt = self._only_reader(add.output[0])
-        if sqrt is None or sqrt.op_type != "Sqrt":
+        sqrt = self._eps_sqrt(var)
+        if sqrt is None:
             return False
         if self._only_reader(sqrt.output[0]) is not divs[0] or divs[0].input[1] != sqrt.output[0]:
             return False
@@ -577,17 +568,9 @@ class Discovery(LayoutOps):
         if not self._scalar_constant(pow_.input[1], 2.0) or attr(node, "keepdims", 1) != 1:
             return False
         x = pow_.input[0]
-        add = self._only_reader(node.output[0])
-        if add is None or add.op_type != "Add":
-            return False
-        eps = [n for n in add.input if n != node.output[0]]
-        if len(eps) != 1 or not self._scalar_constant(eps[0]):
-            return False
-        sqrt = self._only_reader(add.output[0])
-        if sqrt is None or sqrt.op_type != "Sqrt":
-            return False
-        inverse = self._only_reader(sqrt.output[0])
-        if inverse is None:
+        sqrt = self._eps_sqrt(node)
+        inverse = None if sqrt is None else self._only_reader(sqrt.output[0])
+        if sqrt is None or inverse is None:
             return False
         if inverse.op_type == "Div" and list(inverse.input) == [x, sqrt.output[0]]:
             return True
@@ -600,6 +583,18 @@ class Discovery(LayoutOps):
             and scale.op_type == "Mul"
             and sorted(scale.input) == sorted([x, inverse.output[0]])
         )
+
+    def _eps_sqrt(self, stat: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Sqrt of `stat` + a scalar constant (a norm's epsilon), each the only
+        reader of the one before: the denominator of a LayerNorm or RMSNorm."""
+        add = self._only_reader(stat.output[0])
+        if add is None or add.op_type != "Add":
+            return None
+        eps = [n for n in add.input if n != stat.output[0]]
+        if len(eps) != 1 or not self._scalar_constant(eps[0]):
+            return None
+        sqrt = self._only_reader(add.output[0])
+        return sqrt if sqrt is not None and sqrt.op_type == "Sqrt" else None
 
     def _scalar_constant(self, name: str, value: float | None = None) -> bool:
         arr = self.m.array(name)
