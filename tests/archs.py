@@ -43,6 +43,34 @@ def tiny_bert(opset: int, *, hidden: int = 64, heads: int = 4, ffn: int = 128) -
     return transformers.BertForSequenceClassification(config)
 
 
+def tiny_llama(*, kv_heads: int, attention: str) -> torch.nn.Module:
+    """A 2-layer Llama decoder (RMSNorm, rotary embeddings, 4 query heads of 16 sharing
+    `kv_heads` K/V heads, SwiGLU FFN of 128) called as (input_ids, attention_mask) and
+    returning its last hidden state; torch's random weights, so seed first."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
+    config._attn_implementation = attention
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.LlamaModel(config)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    return Decoder()
+
+
 def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*names, "output"]}

@@ -33,9 +33,9 @@ from edgeslim.compressor import graph as g
 from edgeslim.compressor import prune_importance
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
-from edgeslim.compressor.simplify import Simplify
+from edgeslim.compressor.simplify import Simplify, slim
 from edgeslim.compressor.steps import StepContext
-from tests.archs import export, tiny_bert
+from tests.archs import export, tiny_bert, tiny_llama
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
@@ -333,6 +333,66 @@ def test_rms_norm_lets_the_stream_prune_over_the_kept_channels(opset: int, form:
         n.startswith("skipped /embed/MatMul") and "reduces over the channels" in n
         for n in out.notes
     ), out.notes
+
+
+@pytest.mark.parametrize(
+    ("opset", "kv_heads", "attention"), [(14, 2, "eager"), (17, 2, "sdpa"), (17, 4, "eager")]
+)
+def test_llama_heads_prune_through_rotary_embeddings_and_shared_kv_heads(
+    opset: int, kv_heads: int, attention: str
+):
+    """A Llama decoder's attention: the rotary embedding slices each head's dims at
+    bounds computed from Shape (not the heads axis, so the heads pass), and with
+    grouped-query attention repeat_kv expands each K/V head over the query heads that
+    read it ([B, KVH, 1, S, D] -> [B, KVH, R, S, D] -> [B, KVH*R, S, D]): one unit is a
+    K/V head with its R query heads, and the Expand and Reshape sizes follow the kept
+    ones. The hidden width is a graph output here, so the result is exact."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 8))
+    module = tiny_llama(kv_heads=kv_heads, attention=attention)
+    raw = export(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], opset)
+    config = PruneConfig(sparsity=0.5)
+    folded = Prune(config).run(raw, None)
+    # Only repeat_kv's Expand and Reshape sizes need the shapes folded first.
+    folded_first = any(n.startswith("simplified first") for n in folded.notes)
+    assert folded_first == (kv_heads < 4), folded.notes
+    unit = "K/V heads with their query heads" if kv_heads < 4 else "heads"
+    q_proj = "/model/layers.{}/self_attn/q_proj/MatMul"
+    for layer in (0, 1):
+        removed = f"removed {kv_heads // 2}/{kv_heads} {unit} of {q_proj.format(layer)}"
+        assert any(n.startswith(removed) for n in folded.notes), folded.notes
+
+    model = slim(raw)  # what the prune step folds the raw export to
+    g.constants_to_initializers(model)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    mask = np.ones((3, 8), np.int64)
+    mask[0, 5:] = 0
+    feeds = {"input_ids": RNG.integers(0, 100, (3, 8)), "attention_mask": mask}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+    # The query heads kept are exactly those that read the kept K/V heads.
+    def weights(m: onnx.ModelProto, proj: str) -> np.ndarray:
+        node = next(n for n in m.graph.node if n.name == f"/model/layers.0/self_attn/{proj}/MatMul")
+        return numpy_helper.to_array(
+            next(t for t in m.graph.initializer if t.name == node.input[1])
+        )
+
+    rep = 4 // kv_heads
+    k_src, k_out = weights(model, "k_proj"), weights(out.model, "k_proj")
+    assert k_out.shape == (64, 16 * kv_heads // 2)
+    kept_kv = [h for h in range(kv_heads) if any(
+        np.array_equal(k_src[:, h * 16 : (h + 1) * 16], k_out[:, j * 16 : (j + 1) * 16])
+        for j in range(kv_heads // 2)
+    )]  # fmt: skip
+    assert len(kept_kv) == kv_heads // 2
+    q_src = weights(model, "q_proj")
+    kept_q = np.concatenate([q_src[:, h * 16 * rep : (h + 1) * 16 * rep] for h in kept_kv], 1)
+    np.testing.assert_array_equal(weights(out.model, "q_proj"), kept_q)
 
 
 def test_global_scope_keeps_min_channels_in_every_group():

@@ -331,8 +331,10 @@ def _prepare(model: onnx.ModelProto, notes: list[str]) -> None:
 
 
 def _reach(model: onnx.ModelProto, excluded: set[str]) -> tuple[int, bool]:
-    """Layers a prunable group reaches (in a copy of `model`), and whether a Shape
-    that reads a channel count kept any group whole."""
+    """Layer inputs and outputs a prunable group slices (in a copy of `model`), and
+    whether a Shape that reads a channel count kept any group whole. Sides, not
+    layers: a Llama's query projection is reached through the hidden width either
+    way, but only the slimmed graph also cuts its heads."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
     _prepare(work, [])
@@ -340,14 +342,14 @@ def _reach(model: onnx.ModelProto, excluded: set[str]) -> tuple[int, bool]:
     by_shape = any(
         grp.blocked is not None and grp.blocked.startswith(SHAPE_READ) for grp in groups.groups
     )
-    return len(groups.reached_layers()), by_shape
+    return len(groups.reached_sides()), by_shape
 
 
 def fold_shapes_if_it_helps(
     model: onnx.ModelProto, excluded: set[str], notes: list[str]
 ) -> onnx.ModelProto:
     """`model` after onnxslim (what the simplify step runs) where a Shape reading a
-    channel count keeps a group whole and the slimmed graph reaches more layers.
+    channel count keeps a group whole and the slimmed graph slices more of the layers.
 
     Exporters compute Reshape targets and Slice bounds from `Shape` at run time
     (ShuffleNet's shuffle, nn.MultiheadAttention's head split); over fixed dims
@@ -374,7 +376,7 @@ def fold_shapes_if_it_helps(
         return model
     notes.append(
         f"simplified first (onnxslim, as the simplify step): shapes computed from fixed dims "
-        f"became constants, so groups reach {more} layers instead of {reached}"
+        f"became constants, so groups slice {more} layer inputs and outputs instead of {reached}"
     )
     return slim
 

@@ -125,6 +125,9 @@ class Group:
     blocked: str | None = None
     unit_width: int = 1
     """ids per unit in one producer (> 1 for attention heads)."""
+    heads: str | None = None
+    """What a unit is where it spans a head's channels: "heads", or with grouped-query
+    attention "K/V heads with their query heads"."""
     normalized: str | None = None
     """A LayerNorm over these channels (the hidden width of a transformer): removing
     channels changes its mean and variance, so the result is not exact."""
@@ -138,8 +141,8 @@ class Group:
 
     @property
     def unit_name(self) -> str:
-        if self.unit_width > 1:
-            return "heads"
+        if self.heads:
+            return self.heads
         if self.normalized:
             return "hidden channels"
         convs = any(n.op_type in ("Conv", "ConvTranspose") for n in self.producers)
@@ -161,6 +164,8 @@ class Discovery(LayoutOps):
         self.members: dict[tuple[int, int, int], Member] = {}
         self.fixups: list[Fixup] = []
         self.renumbered: list[Renumber] = []
+        self.head_splits: list[np.ndarray] = []
+        """One id per head of each tensor split into heads."""
         self.blocked: list[tuple[np.ndarray, str]] = []
         self.normalized: list[tuple[np.ndarray, str]] = []
         """ids a LayerNorm normalizes over, and that LayerNorm."""
@@ -716,6 +721,7 @@ HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "Split": Discovery._split,
     "Slice": Discovery._slice,
     "Pad": Discovery._pad,
+    "Expand": Discovery._expand,
     "Resize": Discovery._resize,
     "Upsample": Discovery._resize,
     "LayerNormalization": Discovery._layer_norm,
@@ -741,15 +747,19 @@ class Groups:
     def prunable(self) -> list[Group]:
         return [grp for grp in self.groups if grp.blocked is None and len(grp.units) > 1]
 
-    def reached_layers(self) -> list[onnx.NodeProto]:
-        """Weight layers with an input or output slice in a prunable group."""
+    def reached_sides(self) -> set[tuple[int, str]]:
+        """(id of a weight layer, "in" or "out") for each side a prunable group slices."""
         ok = {grp.root for grp in self.prunable}
-        hit = {
-            id(mem.node)
+        return {
+            (id(mem.node), mem.role)
             for mem in self.d.members.values()
             if mem.index == 1 and mem.role in ("in", "out")
             if any(int(r) in ok for r in np.unique(self.group_of[mem.ids]))
         }
+
+    def reached_layers(self) -> list[onnx.NodeProto]:
+        """Weight layers with an input or output slice in a prunable group."""
+        hit = {node for node, _ in self.reached_sides()}
         return [n for n in self.d.layers if id(n) in hit]
 
 
@@ -784,4 +794,10 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
         # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
         grp.unit_width = max(1, len(first.ids) // len(np.unique(roots[first.ids])))
+    for heads in d.head_splits:
+        grp = by_group.get(int(group_of[heads[0]]))
+        if grp is not None:
+            # Several heads of one tensor in a unit: query heads that read one K/V head.
+            shared = len(np.unique(roots[heads])) < len(heads)
+            grp.heads = "K/V heads with their query heads" if shared else grp.heads or "heads"
     return Groups(d, list(by_group.values()), roots, group_of)

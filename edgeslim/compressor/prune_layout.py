@@ -36,6 +36,7 @@ class LayoutOps:
     grp: UnionFind
     fixups: list[Fixup]
     renumbered: list[Renumber]
+    head_splits: list[np.ndarray]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None: ...  # provided by Discovery
 
@@ -119,6 +120,9 @@ class LayoutOps:
         folded = self._heads_into_batch(node, t, values, where)
         if folded is not None:
             return folded
+        merged = self._merge_with_next(node, t, target, where)
+        if merged is not None:
+            return merged
         raise Block(f"{where} changes the channel layout in a way that cannot be followed")
 
     def _channels_kept(self, node, t: Track, target, where):
@@ -232,6 +236,8 @@ class LayoutOps:
         rows = ids.reshape(-1, d)
         for row in rows:
             self.union(row[:1].repeat(d - 1), row[1:])
+        if d > 1:
+            self.head_splits.append(rows[:, 0])
         return rows[:, 0]
 
     def _whole_last(self, node, t: Track, values) -> bool:
@@ -250,6 +256,79 @@ class LayoutOps:
         if v != -1:
             self._constant_fixup(v_at, lambda kept, ids=t.ids, d=d: kept(ids) * d, where)
         return {node.output[0]: Track(-1, np.repeat(t.ids, d), len(target))}
+
+    def _merge_with_next(self, node, t: Track, target, where):
+        """[.., C, R, ..] -> [.., C*R, ..]: the axis after the channels folds into them,
+        each channel id repeating R times; what grouped-query attention's repeat_kv
+        writes (K/V heads expanded to [B, KVH, R, S, D], then [B, KVH*R, S, D]), so
+        every query head meets the id of the K/V head it reads. The dims around must
+        stay where they are (checked on the inferred or probed shapes, which carry
+        the computed batch and sequence entries); None if it is not this."""
+        if t.rank is None or len(target) != t.rank - 1:
+            return None
+        pos = t.pos(where)
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        if pos + 1 >= t.rank or dims is None or out is None or None in dims or None in out:
+            return None
+        repeat = dims[pos + 1]
+        if out != [*dims[:pos], t.size * repeat, *dims[pos + 2 :]]:
+            return None
+        value, at = target[pos]
+        if value != -1:
+            if value != t.size * repeat:
+                return None
+            self._constant_fixup(at, lambda kept, ids=t.ids, r=repeat: kept(ids) * r, where)
+        return {node.output[0]: Track(t.axis + 1, np.repeat(t.ids, repeat), t.rank - 1)}
+
+    def _expand(self, node, ins, where):
+        """Broadcasting to a shape leaves the channels where they are (right-aligned);
+        the shape's entry there is 1 (kept as it is), or the channel count, which must
+        be a constant that follows the kept channels (repeat_kv's [B, KVH, R, S, D])."""
+        t = ins[0]
+        if t is None or ins[1] is not None:
+            raise Block(f"it feeds the shape of {where}")
+        shape = self.m.entries(node.input[1])
+        if shape is None or t.rank is None:
+            raise Block(f"{where} has a computed shape")
+        rank = max(t.rank, len(shape))
+        if len(shape) >= -t.axis:
+            k = len(shape) + t.axis
+            if shape[k] != 1:
+                at = self._entry_at(node, 1, k) if shape[k] == t.size else None
+                if at is None:
+                    raise Block(f"{where} expands the channels to a computed or other size")
+                self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+        return {node.output[0]: Track(t.axis, t.ids, rank)}
+
+    def _entry_at(self, reader, index: int, pos: int, depth: int = 0):
+        """Where entry `pos` of the shape vector at reader.input[index] is written as a
+        constant, through Concat and Where (a torch `expand` exports Where(shape == -1,
+        1, shape)): (node, input, pos) for a Fixup, or None."""
+        name = reader.input[index]
+        arr = self.m.array(name)
+        if arr is not None:
+            return (reader, index, pos) if 0 <= pos < arr.size else None
+        node = self.m.producers.get(name)
+        if node is None or depth > 8:
+            return None
+        if node.op_type == "Concat" and attr(node, "axis", 0) in (0, -1):
+            offset = 0
+            for i, part in enumerate(node.input):
+                n = len(self.m.entries(part) or [])
+                if not n:
+                    return None
+                if pos < offset + n:
+                    return self._entry_at(node, i, pos - offset, depth + 1)
+                offset += n
+            return None
+        if node.op_type == "Where":
+            cond = self.m.entries(node.input[0])
+            if cond is None or not cond or cond[pos if len(cond) > 1 else 0] is None:
+                return None
+            picked = 1 if cond[pos if len(cond) > 1 else 0] else 2
+            width = len(self.m.entries(node.input[picked]) or [])
+            return self._entry_at(node, picked, pos if width > 1 else 0, depth + 1)
+        return None
 
     def _same_dims(self, a: str, b: str) -> bool:
         da, db = self.m.dims(a), self.m.dims(b)
@@ -572,18 +651,22 @@ class LayoutOps:
         pos = t.pos(where)
         consts = [self.m.array(n) if n else None for n in [*node.input[1:], "", "", ""][:4]]
         starts, ends, axes, steps = consts
-        if (
-            starts is None
-            or ends is None
-            or (len(node.input) > 3 and node.input[3] and axes is None)
-        ):
+        if len(node.input) > 3 and node.input[3] and axes is None:
+            raise Block(f"{where} has computed axes")
+        # Bounds computed at run time (rotary embeddings slice each head at
+        # `d // 2` read from Shape) only matter on the channel axis; their count
+        # says which axes are sliced when `axes` is left out.
+        count = len(starts) if starts is not None else len(self.m.entries(node.input[1]) or [])
+        if axes is None and not count:
             raise Block(f"{where} has computed bounds")
-        if len(node.input) > 4 and node.input[4] and steps is None:
-            raise Block(f"{where} has computed steps")
-        axes_l = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+        axes_l = list(range(count)) if axes is None else [int(a) for a in axes]
         axes_l = [a % t.rank for a in axes_l]  # type: ignore[operator]
         if pos not in axes_l:
             return {node.output[0]: t}
+        if starts is None or ends is None:
+            raise Block(f"{where} has computed bounds")
+        if len(node.input) > 4 and node.input[4] and steps is None:
+            raise Block(f"{where} has computed steps")
         k = axes_l.index(pos)
         if steps is not None and int(steps[k]) != 1:
             raise Block(f"{where} steps over the channels")
