@@ -175,6 +175,35 @@ class BertLogits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class LlamaLogits(nn.Module):
+    """A LlamaForSequenceClassification (RMSNorm, rotary embeddings, 4 query heads
+    sharing 2 K/V heads, SwiGLU FFN) that returns its logits tensor only; it reads the
+    last token before the padding, as Llama classifiers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.LlamaConfig(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            pad_token_id=0,
+            num_labels=len(KEYWORDS),
+        )
+        config._attn_implementation = "eager"
+        self.model = transformers.LlamaForSequenceClassification(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits
+
+
 def build(arch: str) -> tuple[nn.Module, Task]:
     """The untrained module and its task."""
     torch.manual_seed(0)

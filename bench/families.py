@@ -1,9 +1,9 @@
 """Structured pruning on architecture families the dependency groups were not tuned on.
 
-    python bench/families.py [--arch vit swin] [--epochs N] [--sparsity S] [--seeds N]
+    python bench/families.py [--arch vit swin llama] [--epochs N] [--sparsity S] [--seeds N]
 
-Each model is built from torchvision with no weights, trained briefly on
-scikit-learn's digits (bench/archs.py), exported to ONNX and compressed through
+Each model is built with no weights (torchvision, or a `transformers` config),
+trained briefly on scikit-learn's digits (bench/archs.py), exported to ONNX and compressed through
 the real pipeline, the way a user would write it: `simplify` (which folds the
 shape arithmetic these exports carry), `prune: {method: structured}`, then
 `distill` on the training split. The table gives the layers the groups reached,
@@ -12,23 +12,29 @@ the parameters before and after, and the accuracy on the held-out split.
 - vit: torchvision's VisionTransformer (nn.MultiheadAttention: one packed Q/K/V
   projection, the heads folded into the batch axis), 4 layers of width 64;
 - swin: torchvision's SwinTransformer (shifted windows, packed Q/K/V with
-  heads, relative position bias, patch merging), two stages of width 32 and 64.
+  heads, relative position bias, patch merging), two stages of width 32 and 64;
+- llama: a LlamaForSequenceClassification from a `transformers` config (RMSNorm,
+  rotary embeddings, 4 query heads sharing 2 K/V heads, SwiGLU FFN), 2 layers of
+  width 128, on bench/pruning.py's keyword-counting task instead of digits.
 
-Peer: Torch-Pruning (DepGraph, L1 magnitude) on the same trained ViT module,
+Peers: Torch-Pruning (DepGraph, L1 magnitude) on the same trained ViT module,
 distilled with the same budget by bench/pruning.py's plain-torch loop. It needs
 the class token and position embedding named as `unwrapped_parameters` and the
 module's `hidden_dim` set after pruning (with its defaults alone the pruned
-model's attention reshape fails at the first forward pass). No peer row for
-Swin (see the README). ShuffleNetV2, the third family, is in bench/pruning.py.
+model's attention reshape fails at the first forward pass); and on the Llama with
+its LLM example's recipe (torch_pruning_llama). No peer row for Swin (see the
+README). ShuffleNetV2, the third family, is in bench/pruning.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +51,8 @@ from edgeslim.compressor.pipeline import compress
 
 def build(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if arch == "llama":
+        return archs.LlamaLogits()
     if arch == "vit":
         return torchvision.models.VisionTransformer(
             image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
@@ -57,10 +65,23 @@ def build(arch: str) -> torch.nn.Module:
 
 
 def trained(arch: str, epochs: int) -> tuple[torch.nn.Module, archs.Task, onnx.ModelProto]:
-    task = archs.digits_task()
+    if arch == "llama":  # the keyword task of bench/pruning.py's BERT, at its rate
+        task, lr, epochs = archs.keyword_task(), 2e-3, min(epochs, 8)
+    else:
+        task, lr = archs.digits_task(), 1e-3
     module = build(arch)
-    archs.train(module, task, epochs, lr=1e-3)
+    archs.train(module, task, epochs, lr=lr)
     return module, task, archs.export(module, task)
+
+
+@dataclass
+class Failed:
+    arch: str
+    tool: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"| {self.arch} | {self.tool} |{' - |' * 5} failed: {self.why} |{' - |' * 2}"
 
 
 @dataclass
@@ -166,6 +187,83 @@ def torch_pruning_vit(
     )  # fmt: skip
 
 
+def torch_pruning_llama(
+    module: torch.nn.Module,
+    task: archs.Task,
+    source: onnx.ModelProto,
+    sparsity: float,
+    budget: DistillConfig,
+) -> Row:
+    """Torch-Pruning's LLM recipe (its examples/LLMs/prune_llm.py: heads counted per
+    projection, whole heads removed, head dims kept for the rotary embedding, the
+    attention's K/V group count set after pruning), L1 like the other rows, then the
+    same distillation budget."""
+    import torch_pruning as tp
+
+    started = time.perf_counter()
+    model = copy.deepcopy(module).eval()
+    llama = model.model
+    with torch.no_grad():
+        teacher = module(*archs.example(task, len(task.y_train))).numpy()
+    config = llama.config
+    heads: dict[torch.nn.Module, int] = {}
+    for layer in llama.model.layers:
+        attention = layer.self_attn
+        heads[attention.q_proj] = config.num_attention_heads
+        heads[attention.k_proj] = heads[attention.v_proj] = config.num_key_value_heads
+    pruner = tp.pruner.MetaPruner(
+        model,
+        archs.example(task, 2),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=sparsity,
+        ignored_layers=[llama.score],
+        num_heads=heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=sparsity,
+    )
+    pruner.step()
+    for layer in llama.model.layers:
+        attention = layer.self_attn
+        kv_heads = attention.k_proj.out_features // attention.head_dim
+        attention.num_key_value_groups = (
+            attention.q_proj.out_features // attention.head_dim // kv_heads
+        )
+    pruning.distill(model, task, teacher, budget)
+    pruned = archs.export(model, task)
+    changed, _, layers = pruning.layers_changed(source, pruned)
+    return Row(
+        "llama", "torch-pruning", f"{changed}/{layers}",
+        graph.weight_stats(source)[0], graph.weight_stats(pruned)[0],
+        pruning.quick_metric(source, task), [pruning.quick_metric(pruned, task)],
+        time.perf_counter() - started,
+    )  # fmt: skip
+
+
+PEERS = {"vit": torch_pruning_vit, "llama": torch_pruning_llama}
+
+
+def bounded(seconds: float, peer: Callable[..., Row], *args: object) -> Row | str:
+    """`peer(*args)` in a forked child: its row, or why none came back. Torch-Pruning's
+    dependency-graph construction can loop without end (it does on transformers'
+    Llama here; VainF/Torch-Pruning#527 reports it on Qwen3), so it gets a deadline."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send(peer(*args))
+        except Exception as exc:  # reported in the table, like bench/pruning.py's
+            send.send(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+
+    process = ctx.Process(target=child)
+    process.start()
+    outcome = receive.recv() if receive.poll(seconds) else None
+    process.kill()
+    process.join()
+    return outcome if outcome is not None else f"no result within {seconds:.0f} s"
+
+
 def over_seeds(runs: list[Row]) -> Row:
     first = runs[0]
     first.compressed = [c for r in runs for c in r.compressed]
@@ -175,30 +273,42 @@ def over_seeds(runs: list[Row]) -> Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", choices=["vit", "swin"], default=["vit", "swin"])
+    parser.add_argument(
+        "--arch", nargs="+", choices=["vit", "swin", "llama"], default=["vit", "swin", "llama"]
+    )
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the source")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--distill-epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="distillations per row (both)")
+    parser.add_argument(
+        "--peer-timeout", type=float, default=900, help="seconds per Torch-Pruning run"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows: list[Row] = []
+    rows: list[Row | Failed] = []
     notes: list[str] = []
     for arch in args.arch:
         print(f"{arch}: training, then compressing ...", file=sys.stderr, flush=True)
         module, task, source = trained(arch, args.epochs)
-        ours, peer = [], []
+        ours, peer, failed = [], [], None
         for seed in range(args.seeds):
             budget = DistillConfig(dataset="train.npz", epochs=args.distill_epochs, seed=seed)
             row, arch_notes = edgeslim(arch, task, source, args.sparsity, budget)
             ours.append(row)
             notes += arch_notes if seed == 0 else []
-            if arch == "vit":
-                peer.append(torch_pruning_vit(module, task, source, args.sparsity, budget))
-        rows += [over_seeds(ours)] + ([over_seeds(peer)] if peer else [])
+            if arch in PEERS and failed is None:
+                outcome = bounded(
+                    args.peer_timeout, PEERS[arch], module, task, source, args.sparsity, budget
+                )
+                if isinstance(outcome, str):
+                    failed = Failed(arch, "torch-pruning", outcome)
+                else:
+                    peer.append(outcome)
+        rows += [over_seeds(ours)] + ([failed] if failed else [over_seeds(peer)] if peer else [])
         print("\n".join(map(str, rows[-2:])), file=sys.stderr, flush=True)
     print(
-        f"\nsource trained {args.epochs} epochs on digits (32x32); prune structured "
+        f"\nsource trained {args.epochs} epochs on digits (32x32; llama: at most 8, on the "
+        f"keyword task); prune structured "
         f"{args.sparsity:g} (L1), distill {args.distill_epochs} epochs (edgeslim: simplify, "
         "prune, distill steps; Torch-Pruning: its DepGraph, then plain-torch distillation "
         f"on all the training data); held-out accuracy, mean of {args.seeds} distillation "
