@@ -395,6 +395,51 @@ def test_llama_heads_prune_through_rotary_embeddings_and_shared_kv_heads(
     np.testing.assert_array_equal(weights(out.model, "q_proj"), kept_q)
 
 
+@pytest.mark.parametrize("opset", [14, 17])
+def test_single_head_attention_prunes_its_channels(opset: int):
+    """transformers' SegFormer (its B0 has one head in the first stage, like this
+    one): a single head keeps its channels on the last axis, so Q and K's dims are
+    one group (the scores contract over them) and probs @ V hands V's columns on to
+    the output projection. With the LayerNorm-normalized widths excluded, the
+    result is exact; before, V of a one-head stage stayed whole."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+        num_attention_heads=[1, 2], decoder_hidden_size=32, num_labels=4,
+    )  # fmt: skip
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformers.SegformerForSemanticSegmentation(config)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=x).logits
+
+    raw = export(Logits(), (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    stage = "/m/segformer/stages.{}"
+    reduction = "/blocks.0/attention/sequence_reduction/sequence_reduction/Conv"
+    excluded = [stage.format(0) + reduction] + [
+        stage.format(i) + "/patch_embeddings/proj/Conv" for i in (0, 1)
+    ]
+    config_ = PruneConfig(sparsity=0.5, exclude_nodes=excluded)
+    source = zero_removed(model, config_)
+    out = Prune(config_).run(source, None)
+    attention = stage.format(0) + "/blocks.0/attention/{}_proj/MatMul"
+    qk = f"removed 8/16 neurons of {attention.format('q')}, {attention.format('k')}"
+    assert qk in out.notes, out.notes
+    assert f"removed 8/16 neurons of {attention.format('v')}" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config_, []).predicted
+    feeds = {"input": RNG.normal(size=(3, 3, 32, 32)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 0.1 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-7)
+
+
 def test_global_scope_keeps_min_channels_in_every_group():
     case = build("mobilenet_v3_small", 17)
     work = onnx.ModelProto()

@@ -690,6 +690,13 @@ class Discovery(LayoutOps):
                 raise Block(f"{where} contracts tensors whose channels do not line up")
             self.union(a.ids, b.ids)
             return {}
+        rank = max(ra, rb)
+        # One head (SegFormer's first stage): its channels stay on the last axis, so
+        # probs @ V hands V's columns to the output's, and rows pass the same way.
+        if a is None and b is not None and b.axis == -1:
+            return {node.output[0]: Track(-1, b.ids, rank)}
+        if b is None and a is not None and a.axis == -2:
+            return {node.output[0]: Track(-2, a.ids, rank)}
         tracked = [t for t in (a, b) if t is not None]
         ref = tracked[0]
         if any(t.axis > -3 or t.axis != ref.axis or t.size != ref.size for t in tracked):
@@ -701,7 +708,6 @@ class Discovery(LayoutOps):
             dims = self.m.dims(other, need=(ref.axis,))
             if dims is None or (len(dims) >= -ref.axis and dims[ref.axis] != 1):
                 raise Block(f"{where} meets an operand whose channels are not tracked")
-        rank = max(ra, rb)
         return {node.output[0]: Track(ref.axis, ref.ids, rank)}
 
 
