@@ -440,6 +440,60 @@ def test_single_head_attention_prunes_its_channels(opset: int):
     np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-7)
 
 
+class UnfoldNet(torch.nn.Module):
+    """MobileViT's unfold and fold (its exported Reshape/Transpose runs, targets as
+    written with the batch folded into a -1) around a token MLP on a residual, without
+    MobileViT's LayerNorms so that pruning the width is exact."""
+
+    C, P, N = 8, 4, 4  # channels, pixels per 2x2 patch, patches of the 4x4 map
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.conv_1x1 = torch.nn.Conv2d(16, self.C, 1)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(self.C, 16), torch.nn.ReLU(), torch.nn.Linear(16, self.C)
+        )
+        self.proj = torch.nn.Conv2d(self.C, 16, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, p, n = self.C, self.P, self.N
+        f = self.conv_1x1(torch.relu(self.stem(x)))  # [B, C, 4, 4]
+        tokens = f.reshape(-1, 2, 2, 2).transpose(1, 2).reshape(-1, c, n, p)
+        tokens = tokens.transpose(1, 3).reshape(-1, n, c)  # [B*P, N, C]
+        tokens = tokens + self.mlp(tokens)
+        back = tokens.reshape(-1, p, n, c).transpose(1, 3).reshape(-1, 2, 2, 2)
+        back = back.transpose(1, 2).reshape(-1, c, 4, 4)
+        y = torch.relu(self.proj(back))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_channels_folded_through_the_batch_axis_and_back_prune_exactly(opset: int):
+    """MobileViT's unfold moves the channels into the batch axis with the patch rows
+    ([B, C, H, W] -> [B*C*nh, ph, nw, pw]) before they come out on the last axis of
+    [B*P, N, C], and the fold takes them back. The run of Reshapes and Transposes is
+    checked by executing it on index arrays: the width of conv_1x1, the token MLP's
+    output and the fold is one group, and cutting it is exact."""
+    torch.manual_seed(0)
+    raw = export(UnfoldNet(), (torch.randn(2, 3, 8, 8),), ["input"], opset)
+    model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    assert len(plan.groups.reached_layers()) == len(plan.groups.d.layers) == 6
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    width = "removed 4/8 channels of /conv_1x1/Conv, /mlp/mlp.2/MatMul"
+    assert any(n.startswith(width) for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    feeds = {"input": RNG.normal(size=(3, 3, 8, 8)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_global_scope_keeps_min_channels_in_every_group():
     case = build("mobilenet_v3_small", 17)
     work = onnx.ModelProto()

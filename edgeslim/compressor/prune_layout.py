@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 # How a group kept whole because a Shape reads its channel count is noted.
 SHAPE_READ = "its channel count is read by"
+# A run of layout ops that moves the channels through other axes is checked by
+# running it on index arrays: at most this many elements and ops.
+LAYOUT_RUN_ELEMENTS = 1 << 20
+LAYOUT_RUN_STEPS = 6
 
 
 class LayoutOps:
@@ -37,6 +41,7 @@ class LayoutOps:
     fixups: list[Fixup]
     renumbered: list[Renumber]
     head_splits: list[np.ndarray]
+    tracks: dict[str, Track]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None: ...  # provided by Discovery
 
@@ -84,6 +89,15 @@ class LayoutOps:
         t = ins[0]
         if t is None or ins[1] is not None:
             raise Block(f"it feeds the shape input of {where}")
+        try:
+            return self._reshape_by_rule(node, t, ins, where)
+        except Block:
+            moved = self._through_other_axes(node, t, where)
+            if moved is None:
+                raise
+            return moved
+
+    def _reshape_by_rule(self, node, t: Track, ins, where):
         if attr(node, "allowzero", 0):
             raise Block(f"{where} uses allowzero")
         if self._is_flatten_shape(node):
@@ -124,6 +138,88 @@ class LayoutOps:
         if merged is not None:
             return merged
         raise Block(f"{where} changes the channel layout in a way that cannot be followed")
+
+    def _through_other_axes(self, node, t: Track, where):
+        """A run of Reshapes and Transposes that folds the channels into other axes and
+        brings them out whole again (MobileViT's unfold: [B, C, H, W] -> [B*C*nh, ph,
+        nw, pw] -> Transpose -> [B, C, nh*nw, ph*pw] -> Transpose -> [B*P, N, C], and its
+        fold back). No rule reads it: the run is executed in numpy on the index of every
+        element's channel and of its other coordinates, once at the channel count and
+        once at one fewer with the target entries equal to the count following it. The
+        channels must come out whole on one axis with every other element where it was,
+        both times. Tensors inside the run carry no track; None if it is no such run."""
+        dims = self.m.dims(node.input[0])
+        pos = t.pos(where)
+        if dims is None or None in dims or len(dims) != t.rank or dims[pos] != t.size:
+            return None
+        if math.prod(dims) > LAYOUT_RUN_ELEMENTS or t.size < 2:
+            return None
+        c, fewer = t.size, t.size - 1
+        shape = [1] * len(dims)
+        shape[pos] = c
+        channel = np.broadcast_to(np.arange(c).reshape(shape), dims)
+        spatial = [*dims[:pos], 1, *dims[pos + 1 :]]
+        where_else = np.broadcast_to(np.arange(math.prod(spatial)).reshape(spatial), dims)
+        full = [channel, where_else]
+        cut = [np.take(a, range(fewer), axis=pos) for a in full]
+        fixes: list[tuple] = []
+        step = node
+        for _ in range(LAYOUT_RUN_STEPS):
+            moved = self._layout_step(step, full, cut, c, fewer, fixes)
+            if moved is None:
+                return None
+            full, cut = moved
+            k = self._whole_channels(full, cut, c, fewer)
+            if k is not None:
+                for at in fixes:
+                    self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+                rank = full[0].ndim
+                return {step.output[0]: Track(k - rank, t.ids, rank)}
+            step = self._only_reader(step.output[0])
+            if step is None or step.op_type not in ("Reshape", "Transpose"):
+                return None
+        return None
+
+    def _layout_step(self, node, full, cut, c: int, fewer: int, fixes: list):
+        """`full` and `cut` through one Reshape or Transpose, or None where it fails."""
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm")
+            return [np.transpose(a, perm) for a in full], [np.transpose(a, perm) for a in cut]
+        if attr(node, "allowzero", 0):
+            return None
+        target = self._shape_pieces(node)
+        out = self.m.dims(node.output[0])
+        if target is None or out is None or len(out) != len(target):
+            return None
+        values = [o if v is None else v for (v, _), o in zip(target, out, strict=True)]
+        if None in values:
+            return None
+        values = [full[0].shape[i] if v == 0 else v for i, v in enumerate(values)]
+        narrowed = [
+            fewer if v == c and at is not None else v
+            for v, (_, at) in zip(values, target, strict=True)
+        ]
+        try:
+            moved = [a.reshape(values) for a in full], [a.reshape(narrowed) for a in cut]
+        except ValueError:
+            return None
+        fixes.extend(
+            at for v, (_, at) in zip(values, target, strict=True) if v == c and at is not None
+        )
+        return moved
+
+    @staticmethod
+    def _whole_channels(full, cut, c: int, fewer: int) -> int | None:
+        """The axis where the channels are whole and in order in `full`, and in `cut`
+        the first `fewer` of them with every other coordinate as in `full`."""
+        channel = full[0]
+        for k, n in enumerate(channel.shape):
+            if n != c or not (np.moveaxis(channel, k, -1) == np.arange(c)).all():
+                continue
+            kept = [np.take(a, range(fewer), axis=k) for a in full]
+            if all(a.shape == b.shape and (a == b).all() for a, b in zip(kept, cut, strict=True)):
+                return k
+        return None
 
     def _channels_kept(self, node, t: Track, target, where):
         """A Reshape that only regroups the axes before and after the channels, e.g.
