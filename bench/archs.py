@@ -204,6 +204,26 @@ class LlamaLogits(nn.Module):
         ).logits
 
 
+class MobileViTLogits(nn.Module):
+    """A MobileViTForImageClassification (MobileNetV2 blocks, then transformer blocks
+    over unfolded 2x2 patches) for 32x32 inputs, returning its logits tensor only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.MobileViTConfig(
+            image_size=32,
+            hidden_sizes=[32, 48, 64],
+            neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 64],
+            num_labels=10,
+        )
+        self.model = transformers.MobileViTForImageClassification(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
 def build(arch: str) -> tuple[nn.Module, Task]:
     """The untrained module and its task."""
     torch.manual_seed(0)
