@@ -179,6 +179,34 @@ def distilled(
     )  # fmt: skip
 
 
+def meta_pruner(
+    model: torch.nn.Module,
+    task: archs.Task,
+    sparsity: float,
+    ignored: list[torch.nn.Module],
+    **options: object,
+):
+    """Torch-Pruning's MetaPruner as every peer row runs it: L1 magnitude (edgeslim's
+    default criterion), one sparsity for every layer, the classifier `ignored`."""
+    import torch_pruning as tp
+
+    return tp.pruner.MetaPruner(
+        model,
+        archs.example(task, 2),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=sparsity,
+        ignored_layers=ignored,
+        **options,
+    )
+
+
+def whole_heads(heads: dict[torch.nn.Module, int], sparsity: float) -> dict[str, object]:
+    """MetaPruner options that remove whole heads of these projections, as edgeslim does."""
+    return dict(
+        num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=sparsity
+    )
+
+
 def torch_pruning_vit(
     module: torch.nn.Module,
     task: archs.Task,
@@ -188,16 +216,13 @@ def torch_pruning_vit(
 ) -> Row:
     """Torch-Pruning's ViT recipe on a copy of the trained module, then the same
     distillation budget as edgeslim's step (bench/pruning.py's loop)."""
-    import torch_pruning as tp
-
     started = time.perf_counter()
     model = copy.deepcopy(module).eval()
-    pruner = tp.pruner.MetaPruner(
+    pruner = meta_pruner(
         model,
-        archs.example(task, 2),
-        importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=sparsity,
-        ignored_layers=[model.heads.head],
+        task,
+        sparsity,
+        [model.heads.head],
         # The class token and position embedding are bare Parameters: their channel
         # axis (2) has to be named for them to follow the hidden width.
         unwrapped_parameters=[(model.class_token, 2), (model.encoder.pos_embedding, 2)],
@@ -218,8 +243,6 @@ def torch_pruning_llama(
     projection, whole heads removed, head dims kept for the rotary embedding, the
     attention's K/V group count set after pruning), L1 like the other rows, then the
     same distillation budget."""
-    import torch_pruning as tp
-
     started = time.perf_counter()
     model = copy.deepcopy(module).eval()
     llama = model.model
@@ -229,17 +252,7 @@ def torch_pruning_llama(
         attention = layer.self_attn
         heads[attention.q_proj] = config.num_attention_heads
         heads[attention.k_proj] = heads[attention.v_proj] = config.num_key_value_heads
-    pruner = tp.pruner.MetaPruner(
-        model,
-        archs.example(task, 2),
-        importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=sparsity,
-        ignored_layers=[llama.score],
-        num_heads=heads,
-        prune_num_heads=True,
-        prune_head_dims=False,
-        head_pruning_ratio=sparsity,
-    )
+    pruner = meta_pruner(model, task, sparsity, [llama.score], **whole_heads(heads, sparsity))
     pruner.step()
     for layer in llama.model.layers:
         attention = layer.self_attn
@@ -259,24 +272,14 @@ def torch_pruning_mobilevit(
 ) -> Row:
     """Torch-Pruning on the MobileViT as on bench/pruning.py's BERT: whole heads, the
     attention's head count and width set after pruning, the classifier kept."""
-    import torch_pruning as tp
     from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
 
     started = time.perf_counter()
     model = copy.deepcopy(module).eval()
     attentions = [m for m in model.modules() if isinstance(m, MobileViTSelfAttention)]
     heads = {p: a.num_attention_heads for a in attentions for p in (a.query, a.key, a.value)}
-    pruner = tp.pruner.MetaPruner(
-        model,
-        archs.example(task, 2),
-        importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=sparsity,
-        ignored_layers=[model.model.classifier],
-        num_heads=heads,
-        prune_num_heads=True,
-        prune_head_dims=False,
-        head_pruning_ratio=sparsity,
-    )
+    classifier = [model.model.classifier]
+    pruner = meta_pruner(model, task, sparsity, classifier, **whole_heads(heads, sparsity))
     pruner.step()
     for attention in attentions:
         attention.num_attention_heads = pruner.num_heads[attention.query]
