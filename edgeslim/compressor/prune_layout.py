@@ -2,10 +2,13 @@
 
 Transpose and Gather move the channel axis; Flatten and Reshape fold it (each
 id repeats over what is folded in with it; a [.., H*D] -> [.., H, D] split
-turns the D ids of a head into one unit); Concat, Split and Slice map offsets;
-Shape may read any size but the channel count. Where a size written in the
-graph must follow the pruned count (Reshape targets, Split sizes, Slice
-bounds, Resize sizes), a Fixup records it.
+turns the D ids of a head into one unit; folding the next axis in repeats each
+id, as grouped-query attention's repeat_kv does); Expand keeps the channels
+where they are; Concat, Split and Slice map offsets; Shape may read any size
+but the channel count. A run of Reshapes and Transposes that no rule reads is
+checked by executing it on index arrays. Where a size written in the graph
+must follow the pruned count (Reshape targets, Expand shapes, Split sizes,
+Slice bounds, Resize sizes), a Fixup records it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ class LayoutOps:
     fixups: list[Fixup]
     renumbered: list[Renumber]
     head_splits: list[np.ndarray]
-    tracks: dict[str, Track]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None: ...  # provided by Discovery
 
