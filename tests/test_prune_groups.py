@@ -494,6 +494,46 @@ def test_channels_folded_through_the_batch_axis_and_back_prune_exactly(opset: in
     np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
 
 
+class RoiNet(torch.nn.Module):
+    """A box head's RoiAlign over a feature map (torchvision.ops.roi_align, as Faster
+    R-CNN's MultiScaleRoIAlign calls per level), then a conv and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.box = torch.nn.Conv2d(8, 6, 1)
+        self.head = torch.nn.Linear(6 * 4, 5)
+
+    def forward(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.features(x))
+        pooled = torchvision.ops.roi_align(f, rois, output_size=(2, 2), spatial_scale=1.0)
+        return self.head(torch.relu(self.box(pooled)).flatten(1))
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_roi_align_passes_the_channels_it_pools(opset: int):
+    """RoiAlign pools every channel over every region: the feature conv's channels
+    reach the box conv through it and prune exactly (before, RoiAlign kept the FPN
+    outputs of torchvision's Faster R-CNN whole)."""
+    torch.manual_seed(0)
+    rois = torch.tensor([[0, 0.0, 0.0, 6.0, 6.0], [1, 2.0, 1.0, 7.0, 5.0]])
+    raw = export(RoiNet(), (torch.randn(2, 3, 8, 8), rois), ["x", "rois"], opset)
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(raw, config, [])
+    assert len(plan.groups.reached_layers()) == 3
+    source = zero_removed(raw, config)
+    out = Prune(config).run(source, None)
+    assert "removed 4/8 channels of /features/Conv" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    feeds = {
+        "x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32),
+        "rois": np.array([[0, 1, 0, 5, 7], [1, 0, 2, 6, 6], [0, 2, 2, 7, 7]], np.float32),
+    }
+    expected, before = run(source, feeds), run(raw, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_global_scope_keeps_min_channels_in_every_group():
     case = build("mobilenet_v3_small", 17)
     work = onnx.ModelProto()

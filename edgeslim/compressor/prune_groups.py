@@ -451,6 +451,14 @@ class Discovery(LayoutOps):
         self._only_first_output(node)
         return {node.output[0]: ins[0]}
 
+    def _roi_pool(self, node, ins, where):
+        """RoiAlign / MaxRoiPool pool each channel of [N, C, H, W] over every region
+        ([R, C, h, w] out), as Faster R-CNN's box head reads its FPN levels."""
+        if ins[0] is None or any(ins[1:]):
+            raise Block(f"it feeds the regions of {where}")
+        self._require_channel_axis(ins[0], where)
+        return {node.output[0]: ins[0]}
+
     def _norm(self, node, ins, where):
         t = ins[0]
         if t is None or any(ins[1:]):
@@ -729,6 +737,8 @@ HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "Pad": Discovery._pad,
     "Expand": Discovery._expand,
     "Resize": Discovery._resize,
+    "RoiAlign": Discovery._roi_pool,
+    "MaxRoiPool": Discovery._roi_pool,
     "Upsample": Discovery._resize,
     "LayerNormalization": Discovery._layer_norm,
 }
