@@ -263,9 +263,11 @@ def test_flood_keeps_memory_bounded_and_probes_answering(tiny: Path, tmp_path: P
             # to an admitted body on a slow machine), and the close reset it.
             statuses = sorted(a.split(b" ", 2)[1].decode() if a else "reset" for a in answers)
             # The budget admits four 16 MiB bodies at once; every other one is refused
-            # before it is read, and the admitted ones time out one byte short.
-            refused = statuses.count("503") + statuses.count("reset")
-            assert refused >= 40 - BUDGET // BODY and "503" in statuses, statuses
+            # before it is read, and the admitted ones time out one byte short. How
+            # many are admitted in all depends on timing: on a loaded machine a body
+            # that arrives after an admitted one timed out is admitted too (CI saw 35
+            # refusals). The RSS bound below checks that the budget held.
+            assert "503" in statuses, statuses
             assert set(statuses) <= {"503", "408", "reset"}, statuses
 
             assert read_until_closed(keep_alive, 10) == b""
@@ -296,8 +298,11 @@ def test_flood_keeps_memory_bounded_and_probes_answering(tiny: Path, tmp_path: P
             assert metrics[(closed, (("reason", reason),))] >= 1, reason
         assert metrics[("edgeslim_serving_body_bytes_reserved", ())] == 0
         requests = "edgeslim_serving_requests_total"
-        assert metrics[(requests, (("code", "503"), ("route", "infer")))] >= 36
-        assert 1 <= metrics[(requests, (("code", "408"), ("route", "infer")))] <= BUDGET // BODY
+        refused = metrics[(requests, (("code", "503"), ("route", "infer")))]
+        timed_out = metrics[(requests, (("code", "408"), ("route", "infer")))]
+        # The server answered every body (a "reset" client saw one of these too).
+        assert refused + timed_out >= 40, (refused, timed_out, statuses)
+        assert refused >= statuses.count("503") and timed_out >= max(1, statuses.count("408"))
         log = srv.log.read_text()
         assert "Too many open files" not in log and "Traceback" not in log, log
 
