@@ -62,9 +62,11 @@ ELEMENTWISE_NARY = {
     "Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean", "Where",
     "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
 }  # fmt: skip
-# Work on each channel of an [N, C, ...] tensor separately.
+# Work on each channel of an [N, C, ...] tensor separately (RoiAlign and MaxRoiPool
+# over every region of it, as Faster R-CNN's box head reads its FPN levels).
 POOLS = {
     "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+    "RoiAlign", "MaxRoiPool",
 }  # fmt: skip
 # Per-channel parameters at these input positions, each of shape [C].
 CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
@@ -447,16 +449,10 @@ class Discovery(LayoutOps):
                 raise Block(f"extra output {out} of {label(node)} is used")
 
     def _pool(self, node, ins, where):
-        self._require_channel_axis(ins[0], where)
-        self._only_first_output(node)
-        return {node.output[0]: ins[0]}
-
-    def _roi_pool(self, node, ins, where):
-        """RoiAlign / MaxRoiPool pool each channel of [N, C, H, W] over every region
-        ([R, C, h, w] out), as Faster R-CNN's box head reads its FPN levels."""
-        if ins[0] is None or any(ins[1:]):
+        if ins[0] is None or any(ins[1:]):  # only RoiAlign / MaxRoiPool have more inputs
             raise Block(f"it feeds the regions of {where}")
         self._require_channel_axis(ins[0], where)
+        self._only_first_output(node)
         return {node.output[0]: ins[0]}
 
     def _norm(self, node, ins, where):
@@ -737,8 +733,6 @@ HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "Pad": Discovery._pad,
     "Expand": Discovery._expand,
     "Resize": Discovery._resize,
-    "RoiAlign": Discovery._roi_pool,
-    "MaxRoiPool": Discovery._roi_pool,
     "Upsample": Discovery._resize,
     "LayerNormalization": Discovery._layer_norm,
 }
