@@ -317,7 +317,7 @@ def _prepare(model: onnx.ModelProto, notes: list[str]) -> None:
     """The rewrites discovery needs, none of which changes what the model computes."""
     shared = pgr.identities_to_initializers(model)
     if shared:
-        notes.append(f"{shared} Identity nodes of shared constants turned into initializers")
+        notes.append(f"{shared} Identity nodes of shared constants removed")
     folded = pgr.fold_integer_constants(model)
     if folded:
         notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")

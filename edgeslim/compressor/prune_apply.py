@@ -2,8 +2,9 @@
 
 Every member (an initializer and an axis) keeps the indices whose ids survive;
 a weight sliced on two axes (a Conv's out- and in-channels) is cut once with
-both. A constant that other nodes also read is copied first, so they keep
-theirs. Fixups then rewrite what follows the channel count: a depthwise Conv's
+both. A constant that other nodes also read is cut once where every reader
+cuts it the same way (a weight layers share), else copied first, so each
+reader keeps its own. Fixups then rewrite what follows the channel count: a depthwise Conv's
 `group`, Split sizes, Slice bounds, Resize sizes and Reshape targets.
 """
 
@@ -31,6 +32,20 @@ class Surgery:
                 continue
             _, _, axes = self.edits.setdefault((id(mem.node), mem.index), (mem.node, mem.index, {}))
             axes[mem.axis] = axes[mem.axis] & mask if mem.axis in axes else mask
+        self.in_place = self._agreed()
+
+    def _agreed(self) -> set[str]:
+        """Shared constants that every reader cuts the same way: cut once, so layers
+        that share a weight keep sharing it."""
+        cuts: dict[str, list[dict[int, np.ndarray]]] = {}
+        for node, index, axes in self.edits.values():
+            cuts.setdefault(node.input[index], []).append(axes)
+        return {
+            name
+            for name, each in cuts.items()
+            if len(each) == self.m.uses(name) > 1
+            and all(_same_cut(axes, each[0]) for axes in each[1:])
+        }
 
     def kept(self, ids: np.ndarray) -> int:
         return int((~self.gone[ids]).sum())
@@ -45,20 +60,30 @@ class Surgery:
         for node, index, axes in self.edits.values():
             name = node.input[index]
             init = self.m.inits[name]
-            uses.setdefault(name, self.m.uses(name))
+            uses.setdefault(name, 1 if name in self.in_place else self.m.uses(name))
             old = _counted(init, list(init.dims))
             new = _counted(init, self.new_shape(tuple(init.dims), axes))
+            if uses[name] == 0:
+                continue  # cut once for all its readers, counted already
             if uses[name] > 1:  # a private copy is added, the shared original stays
                 uses[name] -= 1
                 total += new
             else:
+                uses[name] = 0
                 total += new - old
         return total
 
     def apply(self) -> None:
         names = self._names()
+        done: set[str] = set()
         for node, index, axes in self.edits.values():
-            name = self._own(node, index, names)
+            name = node.input[index]
+            if name in done:
+                continue  # a shared constant, already cut for all its readers
+            if name in self.in_place:
+                done.add(name)
+            else:
+                name = self._own(node, index, names)
             arr = self.m.array(name)
             for axis, mask in axes.items():
                 arr = np.compress(mask, arr, axis=axis)
@@ -83,23 +108,33 @@ class Surgery:
                 arr.reshape(-1)[fix.pos] = value
                 self._replace(name, arr)
 
-    def add_to_input(self, node: onnx.NodeProto, index: int, delta: np.ndarray) -> None:
-        """Add `delta` to the constant at node.input[index] (a private copy when shared),
-        or make it that constant where the input is absent (a Conv or Gemm bias)."""
+    def add_to_input(self, readers: list[tuple[onnx.NodeProto, int]], delta: np.ndarray) -> None:
+        """Add `delta` to the constant each (node, input index) reads, or make it that
+        constant where the input is absent (a Conv or Gemm bias). Readers that share
+        one constant, and no other node, keep sharing it; else each gets a copy."""
         names = self._names()
-        if index < len(node.input) and node.input[index]:
-            name = self._own(node, index, names)
+        given = {node.input[i] if i < len(node.input) else "" for node, i in readers}
+        if len(given) == 1 and (name := given.pop()) and self.m.uses(name) == len(readers):
             arr = self.m.array(name)
             self._replace(name, (arr + delta).astype(arr.dtype))
             return
-        weight = self.m.array(node.input[1])
-        name = fresh_name(f"{node.name or node.output[0]}_bias", names)
-        self.m.graph.initializer.append(numpy_helper.from_array(delta.astype(weight.dtype), name))
-        while len(node.input) < index:
-            node.input.append("")
-        node.input.append(name)
-        self.m.consumers[name] = [node]
-        self.m.inits = g.initializer_map(self.m.graph)
+        new = ""
+        for node, index in readers:
+            if index < len(node.input) and node.input[index]:
+                name = self._own(node, index, names)
+                arr = self.m.array(name)
+                self._replace(name, (arr + delta).astype(arr.dtype))
+                continue
+            if not new:  # one new bias for all the readers that have none
+                weight = self.m.array(node.input[1])
+                new = fresh_name(f"{node.name or node.output[0]}_bias", names)
+                init = numpy_helper.from_array(delta.astype(weight.dtype), new)
+                self.m.graph.initializer.append(init)
+                self.m.inits = g.initializer_map(self.m.graph)
+            while len(node.input) < index:
+                node.input.append("")
+            node.input.append(new)
+            self.m.consumers.setdefault(new, []).append(node)
 
     def _names(self) -> set[str]:
         names = {t.name for t in self.m.graph.initializer} | set(self.m.producers)
@@ -133,6 +168,10 @@ class Surgery:
                     a.ints[pos] = value
                 return
         raise KeyError(f"{node.name} has no attribute {name}")
+
+
+def _same_cut(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def _counted(init: onnx.TensorProto, dims: list[int]) -> int:

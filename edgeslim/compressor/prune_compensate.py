@@ -70,13 +70,23 @@ def plan_shifts(groups: Groups, gone: np.ndarray, calibration: Calibration) -> l
 
 
 def apply_shifts(surgery: Surgery, shifts: list[BiasShift]) -> None:
-    """Add each shift, cut to the layer's kept outputs, to its bias (after `surgery.apply()`)."""
+    """Add each shift, cut to the layer's kept outputs, to its bias (after `surgery.apply()`).
+
+    Layers that share a weight (one detection head on every FPN level) see
+    different inputs and so get different shifts; they share one bias too, so it
+    takes their mean."""
+    tied = surgery.groups.d.tied
+    together: dict[object, list[BiasShift]] = {}
     for shift in shifts:
-        delta = shift.delta
-        edit = surgery.edits.get((id(shift.node), 1))
-        if edit is not None and shift.out_axis in edit[2]:
-            delta = delta[edit[2][shift.out_axis]]
-        surgery.add_to_input(shift.bias_node, shift.bias_index, delta)
+        key = shift.node.input[1] if shift.node.input[1] in tied else id(shift)
+        together.setdefault(key, []).append(shift)
+    for same in together.values():
+        first = same[0]
+        delta = np.mean([s.delta for s in same], axis=0)
+        edit = surgery.edits.get((id(first.node), 1))
+        if edit is not None and first.out_axis in edit[2]:
+            delta = delta[edit[2][first.out_axis]]
+        surgery.add_to_input([(s.bias_node, s.bias_index) for s in same], delta)
 
 
 def _bias_of(groups: Groups, mem: Member) -> tuple[onnx.NodeProto, int, int] | None:

@@ -155,6 +155,30 @@ class Group:
 # Discovery
 
 
+def tied_weights(m: Model) -> dict[str, list[onnx.NodeProto]]:
+    """Weights shared by several layers of one kind (ALBERT's repeated layer, a
+    detection head run on every FPN level) -> those layers. Their channels are
+    one unit in all of them, so the weight is cut once and stays shared. An
+    all-equal constant is no sign of sharing (exporters merge equal constants)."""
+    tied = {}
+    for name, readers in m.consumers.items():
+        w = m.float_weight(name)
+        if w is None or w.ndim < 2 or len(readers) < 2 or m.uses(name) != len(readers):
+            continue
+        first = readers[0]
+        if first.op_type not in WEIGHT_LAYERS or np.all(w == w.reshape(-1)[0]):
+            continue
+        if all(
+            r.op_type == first.op_type
+            and list(r.attribute) == list(first.attribute)
+            and list(r.input).index(name) == 1
+            and list(r.input).count(name) == 1
+            for r in readers
+        ):
+            tied[name] = readers
+    return tied
+
+
 class Discovery(LayoutOps):
     """One forward pass over the main graph (which ONNX keeps topologically sorted)."""
 
@@ -174,6 +198,11 @@ class Discovery(LayoutOps):
         self.sources: list[Source] = []
         self.layers: list[onnx.NodeProto] = []
         """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight."""
+        self.tied = tied_weights(m)
+        self.tied_ids: dict[str, np.ndarray] = {}
+        """Output ids of each tied weight, the same for every layer that shares it."""
+        self.tied_slices: dict[tuple[str, int], tuple[np.ndarray, set[int]]] = {}
+        """(tied weight, axis) -> its ids there, and the layers that slice it."""
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -210,6 +239,11 @@ class Discovery(LayoutOps):
             self.union(self.members[key].ids, ids)
         else:
             self.members[key] = Member(node, index, axis, ids, role)
+        name = node.input[index]
+        if name in self.tied:  # every layer sharing the weight cuts the same slice of it
+            first, readers = self.tied_slices.setdefault((name, axis), (ids, set()))
+            self.union(first, ids)
+            readers.add(id(node))
 
     def set_track(self, name: str, track: Track) -> None:
         if not name:
@@ -244,6 +278,13 @@ class Discovery(LayoutOps):
             outs.update(self.produce(node, ins))
             for name, track in outs.items():
                 self.set_track(name, track)
+        for (name, _), (ids, readers) in self.tied_slices.items():
+            if len(readers) < len(self.tied[name]):
+                self.block(
+                    ids,
+                    f"its weight is shared by {len(self.tied[name])} layers and only "
+                    f"{len(readers)} of them read channels that can follow",
+                )
         return self
 
     def _weight(self, node: onnx.NodeProto) -> np.ndarray | None:
@@ -308,17 +349,22 @@ class Discovery(LayoutOps):
             if ins[1] is not None:
                 return {}
             out_axis, w_axis, rank = -1, w.ndim - 1, self.m.rank(node.output[0])
-        local = self.new_ids(node, w.shape[w_axis] // tiles)
-        ids = np.tile(local, tiles)
-        track = Track(out_axis, ids, rank)
         weight = node.input[1]
+        if weight in self.tied_ids:  # a layer sharing its weight: the same channels
+            ids = self.tied_ids[weight]
+            self.sources.append(Source(node, ids))
+        else:
+            ids = np.tile(self.new_ids(node, w.shape[w_axis] // tiles), tiles)
+            if weight in self.tied:
+                self.tied_ids[weight] = ids
+        track = Track(out_axis, ids, rank)
         try:
             if node.name in self.m.excluded:
                 raise Block("excluded")
             if weight in self.m.graph_inputs:
                 raise Block("its weight is also a graph input (overridable at run time)")
-            if self.m.uses(weight) > 1:
-                raise Block("its weight is shared with other nodes")
+            if self.m.uses(weight) > 1 and weight not in self.tied:
+                raise Block("its weight is also read by other nodes than layers like it")
             self.member(node, 1, w_axis, ids, "out")
             if len(node.input) > 2 and node.input[2]:
                 bias = self.m.array(node.input[2])

@@ -1,0 +1,227 @@
+"""Structured pruning of layers that share one weight.
+
+A detection head run on every FPN level (RetinaNet, FCOS, Faster R-CNN's RPN)
+and ALBERT's repeated layer read each weight from several nodes. Their channels
+are one unit in all of those nodes: the weight is cut once and stays shared, so
+the pruned model keeps the structure (and the size) of the source's tying.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeslim.api.spec import PruneConfig
+from edgeslim.compressor import graph as g
+from edgeslim.compressor.datasets import Dataset
+from edgeslim.compressor.prune import Prune
+from tests.archs import export
+from tests.test_prune_groups import RNG, calibration_context, planned, run, zero_removed
+
+pytest.importorskip("transformers")
+
+
+def readers(model: onnx.ModelProto, weight: str) -> list[str]:
+    return [n.name for n in model.graph.node if weight in n.input]
+
+
+class SharedHead(torch.nn.Module):
+    """Three backbone stages, a lateral 1x1 conv per level, and one head (a tower of
+    two convs with ReLU, the second without a bias, then a classifier conv) run on
+    every level, as RetinaNet's head is: each head weight is read by three Convs."""
+
+    def __init__(self, kernel: int = 3) -> None:
+        super().__init__()
+        widths = (8, 12, 16)
+        self.stages = torch.nn.ModuleList(
+            torch.nn.Conv2d(c_in, c, 3, stride=2, padding=1)
+            for c_in, c in zip((3, *widths[:-1]), widths, strict=True)
+        )
+        self.laterals = torch.nn.ModuleList(torch.nn.Conv2d(c, 16, 1) for c in widths)
+        pad = kernel // 2
+        self.tower1 = torch.nn.Conv2d(16, 16, kernel, padding=pad)
+        self.tower2 = torch.nn.Conv2d(16, 16, kernel, padding=pad, bias=False)
+        self.cls = torch.nn.Conv2d(16, 6, kernel, padding=pad)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(torch.relu(self.tower2(torch.relu(self.tower1(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = []
+        for stage, lateral in zip(self.stages, self.laterals, strict=True):
+            x = torch.relu(stage(x))
+            levels.append(self.head(lateral(x)).flatten(2))
+        return torch.cat(levels, 2)
+
+
+HEAD_WEIGHTS = ("tower1.weight", "tower2.weight", "cls.weight")
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_head_shared_by_every_fpn_level_prunes_once_for_all_of_them(opset: int):
+    """The tower's channels are one unit on all three levels, and the lateral convs
+    that feed the shared tower become one group. Before, every head conv was skipped
+    ("its weight is shared with other nodes") and 9 of 15 layers were pruned."""
+    torch.manual_seed(0)
+    model = export(SharedHead(), (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    # The classifier's output is the prediction; every other layer is reached.
+    assert len(plan.groups.d.layers) == 15
+    assert len(plan.groups.reached_layers()) == 15
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    notes = out.notes
+    assert "removed 8/16 channels of /tower1/Conv, /tower1_1/Conv, /tower1_2/Conv" in notes, notes
+    assert "removed 8/16 channels of /laterals.0/Conv, /laterals.1/Conv, /laterals.2/Conv" in notes
+    assert "structured: 15/15 layers pruned (15 reached by a prunable group)" in notes[-1]
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    # Each head weight is still one initializer, read by the three levels' convs.
+    inits = {t.name: numpy_helper.to_array(t) for t in out.model.graph.initializer}
+    for weight in HEAD_WEIGHTS:
+        assert len(readers(out.model, weight)) == 3
+    assert inits["tower1.weight"].shape == (8, 8, 3, 3)
+    assert inits["cls.weight"].shape == (6, 8, 3, 3)
+    feeds = {"input": RNG.normal(size=(2, 3, 32, 32)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shared_layer_read_where_its_input_cannot_be_cut_keeps_its_inputs():
+    """One head applied to a level that comes straight from a graph input: that
+    reader's input channels cannot go, so neither can the shared weight's, for any
+    reader; its output channels still can."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lateral = torch.nn.Conv2d(3, 16, 1)
+            self.head = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.out = torch.nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+            a = self.out(torch.relu(self.head(self.lateral(x))))
+            b = self.out(torch.relu(self.head(level)))
+            return a + b
+
+    torch.manual_seed(0)
+    args = (torch.randn(1, 3, 8, 8), torch.randn(1, 16, 8, 8))
+    model = export(Mixed(), args, ["x", "level"], 17)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(
+        n.startswith("skipped /lateral/Conv: its weight is shared by 2 layers and only 1")
+        for n in out.notes
+    ), out.notes
+    assert "removed 8/16 channels of /head/Conv, /head_1/Conv" in out.notes, out.notes
+    inits = {t.name: numpy_helper.to_array(t) for t in out.model.graph.initializer}
+    assert inits["head.weight"].shape == (8, 16, 3, 3)
+    assert len(readers(out.model, "head.weight")) == 2
+    feeds = {
+        "x": RNG.normal(size=(2, 3, 8, 8)).astype(np.float32),
+        "level": RNG.normal(size=(2, 16, 8, 8)).astype(np.float32),
+    }
+    np.testing.assert_allclose(run(out.model, feeds), run(source, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_bias_compensation_of_a_shared_layer_keeps_one_shared_bias():
+    """Each level's reader gets the mean of what the removed channels fed it, and
+    readers that share a weight share one bias: the second tower conv, which had
+    none, gains one bias for its three readers. The removed channels are constant
+    here (zero weights, a positive bias), so the result is exact; 1x1 kernels, since
+    zero padding at the borders makes any compensation approximate."""
+    torch.manual_seed(0)
+    module = SharedHead(kernel=1)
+    with torch.no_grad():
+        module.tower1.weight[1::2] = 0.0
+        module.tower1.bias[1::2] = 0.3
+        module.tower2.weight[1::2] = 0.0
+        module.tower2.weight[:, 1::2] *= 0.1
+        module.cls.weight[:, 1::2] *= 0.1
+    model = export(module, (torch.randn(1, 3, 16, 16),), ["input"], 17)
+    data = Dataset({"input": RNG.normal(size=(16, 3, 16, 16)).astype(np.float32)}, None, "calib")
+    # The backbone and laterals stay, so that only the constant channels go.
+    keep = [f"/stages.{i}/Conv" for i in range(3)] + [f"/laterals.{i}/Conv" for i in range(3)]
+    config = PruneConfig(sparsity=0.5, calibration_samples=8, exclude_nodes=keep)
+    out = Prune(config).run(model, calibration_context(model, data))
+    assert "removed 8/16 channels of /tower1/Conv, /tower1_1/Conv, /tower1_2/Conv" in out.notes
+    assert "removed 8/16 channels of /tower2/Conv, /tower2_1/Conv, /tower2_2/Conv" in out.notes
+    assert "added the removed channels' mean input to the bias of 6 layers" in out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    tower2 = [n for n in out.model.graph.node if n.name.startswith("/tower2/Conv")]
+    tower2 += [n for n in out.model.graph.node if n.name.startswith("/tower2_")]
+    assert len(tower2) == 3 and len({n.input[2] for n in tower2}) == 1
+    for weight in ("tower1.bias", "cls.bias", tower2[0].input[2], *HEAD_WEIGHTS):
+        assert len(readers(out.model, weight)) == 3, weight
+    feeds = {"input": RNG.normal(size=(4, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(out.model, feeds), run(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+class AlbertLogits(torch.nn.Module):
+    def __init__(self, opset: int) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.AlbertConfig(
+            embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, vocab_size=100, max_position_embeddings=32, num_labels=3,
+        )  # fmt: skip
+        config._attn_implementation = "eager" if opset < 14 else "sdpa"
+        self.m = transformers.AlbertForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=ids, attention_mask=mask).logits
+
+
+# Excluded, they keep the LayerNorm-normalized widths, whose pruning is not exact.
+ALBERT_WIDTHS = [
+    "/m/albert/embeddings/word_embeddings/Gather",
+    "/m/albert/encoder/embedding_hidden_mapping_in/MatMul",
+]
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_albert_layers_share_their_pruned_heads_and_ffn(opset: int):
+    """ALBERT runs one layer's weights at every depth; the exporter writes the extra
+    readers through Identity nodes. The heads and FFN neurons are cut once for both
+    layers and the weights stay shared; before, each reader was given its own copy
+    (43,712 parameters became 77,056 before any channel went). Untrained, the
+    exporter also merges the ones and zeros of every LayerNorm and bias; those stay
+    a copy per reader."""
+    torch.manual_seed(0)
+    module = AlbertLogits(opset)
+    with torch.no_grad():  # as training leaves them: no two LayerNorms or biases alike
+        for p in module.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = torch.randint(0, 100, (2, 8))
+    model = export(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], opset)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5, exclude_nodes=ALBERT_WIDTHS)
+    plan = planned(model, config, [])
+    assert plan.before == g.weight_stats(model)[0]
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    layer = "/m/albert/encoder/albert_layer_groups.0/albert_layers.0"
+    for removed in ("2/4 heads of {}/attention/query", "64/128 neurons of {}/ffn"):
+        assert any(n.startswith(f"removed {removed.format(layer)}/MatMul") for n in out.notes)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    query = next(n for n in out.model.graph.node if n.name == f"{layer}/attention/query/MatMul")
+    ffn = next(n for n in out.model.graph.node if n.name == f"{layer}/ffn/MatMul")
+    for weight in (query.input[1], ffn.input[1]):
+        assert len(readers(out.model, weight)) == 2  # both depths read the one weight
+    inits = {t.name: numpy_helper.to_array(t) for t in out.model.graph.initializer}
+    assert inits[query.input[1]].shape == (64, 32)
+    assert inits[ffn.input[1]].shape == (64, 64)
+    mask = np.ones((3, 8), np.int64)
+    mask[0, 5:] = 0
+    feeds = {"input_ids": RNG.integers(0, 100, (3, 8)), "attention_mask": mask}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
