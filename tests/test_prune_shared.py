@@ -1,9 +1,11 @@
-"""Structured pruning of layers that share one weight.
+"""Structured pruning of detection heads and other layers that share one weight.
 
 A detection head run on every FPN level (RetinaNet, FCOS, Faster R-CNN's RPN)
 and ALBERT's repeated layer read each weight from several nodes. Their channels
 are one unit in all of those nodes: the weight is cut once and stays shared, so
 the pruned model keeps the structure (and the size) of the source's tying.
+FCOS's and RetinaNet v2's towers normalize with GroupNorm, whose statistics
+are per group: there a unit is a whole group.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class SharedHead(torch.nn.Module):
     two convs with ReLU, the second without a bias, then a classifier conv) run on
     every level, as RetinaNet's head is: each head weight is read by three Convs."""
 
-    def __init__(self, kernel: int = 3) -> None:
+    def __init__(self, kernel: int = 3, group_norm: bool = False) -> None:
         super().__init__()
         widths = (8, 12, 16)
         self.stages = torch.nn.ModuleList(
@@ -45,9 +47,15 @@ class SharedHead(torch.nn.Module):
         self.tower1 = torch.nn.Conv2d(16, 16, kernel, padding=pad)
         self.tower2 = torch.nn.Conv2d(16, 16, kernel, padding=pad, bias=False)
         self.cls = torch.nn.Conv2d(16, 6, kernel, padding=pad)
+        # FCOS's and RetinaNet v2's towers normalize with GroupNorm (shared too).
+        self.norm = torch.nn.GroupNorm(4, 16) if group_norm else torch.nn.Identity()
+        if group_norm:
+            with torch.no_grad():  # as training leaves them
+                self.norm.weight.normal_(1.0, 0.2)
+                self.norm.bias.normal_(0.0, 0.2)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls(torch.relu(self.tower2(torch.relu(self.tower1(x)))))
+        return self.cls(torch.relu(self.tower2(torch.relu(self.norm(self.tower1(x))))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         levels = []
@@ -86,6 +94,36 @@ def test_a_head_shared_by_every_fpn_level_prunes_once_for_all_of_them(opset: int
         assert len(readers(out.model, weight)) == 3
     assert inits["tower1.weight"].shape == (8, 8, 3, 3)
     assert inits["cls.weight"].shape == (6, 8, 3, 3)
+    feeds = {"input": RNG.normal(size=(2, 3, 32, 32)).astype(np.float32)}
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_group_norm_removes_whole_groups(opset: int):
+    """torch exports GroupNorm as Reshape to [0, G, -1], InstanceNormalization with a
+    scale and bias per group, Reshape back to Shape(x), then the per-channel Mul and
+    Add. Removing whole groups leaves the others' statistics as they were, so the
+    result is exact; G and the InstanceNormalization's scale and bias follow. Before,
+    the tower stopped at the first Reshape ("a target shape that cannot be followed")."""
+    torch.manual_seed(0)
+    model = export(SharedHead(group_norm=True), (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    assert len(plan.groups.reached_layers()) == 15
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    tower1 = "/tower1/Conv, /tower1_1/Conv, /tower1_2/Conv"
+    assert f"removed 2/4 GroupNorm groups of {tower1}" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    splits = [n for n in out.model.graph.node if n.name.startswith("/norm/Reshape")]
+    targets = {tuple(numpy_helper.to_array(t)) for t in out.model.graph.initializer if any(
+        t.name == n.input[1] for n in splits
+    )}  # fmt: skip
+    assert targets == {(0, 2, -1)}
     feeds = {"input": RNG.normal(size=(2, 3, 32, 32)).astype(np.float32)}
     expected, before = run(source, feeds), run(model, feeds)
     assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()

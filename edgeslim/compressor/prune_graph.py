@@ -363,6 +363,7 @@ def identities_to_initializers(model: onnx.ModelProto) -> int:
         tensor.CopyFrom(inits[src])
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
+        inits[tensor.name] = tensor  # an Identity of this copy reads it too
     if converted:
         kept_info = [v for v in graph.value_info if v.name not in alias]
         del graph.value_info[:]

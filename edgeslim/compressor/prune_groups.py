@@ -128,8 +128,8 @@ class Group:
     unit_width: int = 1
     """ids per unit in one producer (> 1 for attention heads)."""
     heads: str | None = None
-    """What a unit is where it spans a head's channels: "heads", or with grouped-query
-    attention "K/V heads with their query heads"."""
+    """What a unit is where it spans several channels: "heads", with grouped-query
+    attention "K/V heads with their query heads", or "GroupNorm groups"."""
     normalized: str | None = None
     """A LayerNorm over these channels (the hidden width of a transformer): removing
     channels changes its mean and variance, so the result is not exact."""
@@ -198,6 +198,10 @@ class Discovery(LayoutOps):
         self.sources: list[Source] = []
         self.layers: list[onnx.NodeProto] = []
         """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight."""
+        self.norm_groups: list[np.ndarray] = []
+        """One id per group of each GroupNorm."""
+        self.regrouped: dict[str, Track] = {}
+        """A GroupNorm's output (its Reshape back) -> the track of its input."""
         self.tied = tied_weights(m)
         self.tied_ids: dict[str, np.ndarray] = {}
         """Output ids of each tied weight, the same for every layer that shares it."""
@@ -510,6 +514,77 @@ class Discovery(LayoutOps):
         for i in CHANNEL_NORMS[node.op_type]:
             self.member(node, i, 0, t.ids, "param")
         return {node.output[0]: t}
+
+    # -- GroupNorm, as torch exports it ---------------------------------------------
+
+    def _group_norm_parts(
+        self, split: onnx.NodeProto
+    ) -> tuple[int, onnx.NodeProto, onnx.NodeProto] | None:
+        """(G, the InstanceNormalization, the Reshape back) where `split` starts torch's
+        GroupNorm export: Reshape x [N, C, ...] to [0, G, -1], InstanceNormalization
+        with a scale and bias per group, Reshape back to Shape(x) (or to x's dims
+        folded into a constant); the per-channel affine (Mul, Add) follows."""
+        m = self.m
+        target = m.array(split.input[1]) if len(split.input) > 1 else None
+        if target is None or target.shape != (3,) or int(target[0]) != 0 or int(target[2]) != -1:
+            return None
+        groups, x = int(target[1]), split.input[0]
+        dims = m.dims(x, need=(1,))
+        if dims is None or len(dims) < 3 or dims[1] is None or groups < 1 or dims[1] % groups:
+            return None
+        norm = self._only_reader(split.output[0])
+        if norm is None or norm.op_type != "InstanceNormalization":
+            return None
+        back = self._only_reader(norm.output[0])
+        if back is None or back.op_type != "Reshape" or back.input[0] != norm.output[0]:
+            return None
+        shape = m.producers.get(back.input[1])
+        if (
+            shape is not None
+            and shape.op_type == "Shape"
+            and list(shape.input) == [x]
+            and not shape.attribute
+            and m.uses(shape.output[0]) == 1
+        ):
+            return groups, norm, back
+        folded = m.array(back.input[1])
+        if folded is not None and folded.shape == (len(dims),) and int(folded[1]) == dims[1]:
+            return groups, norm, back
+        return None
+
+    def _reshape(self, node, ins, where):
+        t = ins[0]
+        if t is not None and node.output[0] in self.regrouped:
+            return {node.output[0]: self.regrouped[node.output[0]]}  # a GroupNorm's way back
+        parts = None if t is None or ins[1] is not None else self._group_norm_parts(node)
+        if parts is None:
+            return super()._reshape(node, ins, where)
+        groups, _, back = parts
+        if t.pos(where) != 1:
+            raise Block(f"{where} groups the channels of a tensor whose channels are elsewhere")
+        # Its statistics are per group: removing part of one would change them, so a
+        # whole group is one unit, the InstanceNormalization's scale and bias follow the
+        # groups, and G in the target follows the kept count.
+        rows = t.ids.reshape(groups, -1)
+        self.union(np.repeat(rows[:, 0], rows.shape[1]), t.ids)
+        self.norm_groups.append(rows[:, 0])
+        self.fixups.append(Fixup(node, 1, 1, lambda kept, ids=rows[:, 0]: kept(ids)))
+        folded = self.m.array(back.input[1])
+        if folded is not None:  # the way back's channel count is a constant too
+            self.fixups.append(Fixup(back, 1, 1, lambda kept, ids=t.ids: kept(ids)))
+        self.regrouped[back.output[0]] = t
+        return {node.output[0]: Track(-2, rows[:, 0], 3)}
+
+    def _shape(self, node, ins, where):
+        """A GroupNorm's Shape(x), read only by its Reshape back, follows the kept count."""
+        back = self._only_reader(node.output[0])
+        norm = None if back is None else self.m.producers.get(back.input[0])
+        split = None if norm is None else self.m.producers.get(norm.input[0])
+        if split is not None and split.op_type == "Reshape" and split.input[0] == node.input[0]:
+            parts = self._group_norm_parts(split)
+            if parts is not None and parts[2] is back:
+                return {}
+        return super()._shape(node, ins, where)
 
     def _layer_norm(self, node, ins, where):
         t = ins[0]
@@ -850,6 +925,10 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
         # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
         grp.unit_width = max(1, len(first.ids) // len(np.unique(roots[first.ids])))
+    for reps in d.norm_groups:
+        grp = by_group.get(int(group_of[reps[0]]))
+        if grp is not None and len(np.unique(roots[reps])) > 1:
+            grp.heads = grp.heads or "GroupNorm groups"
     for heads in d.head_splits:
         grp = by_group.get(int(group_of[heads[0]]))
         if grp is not None:
