@@ -1145,6 +1145,24 @@ def test_simplify_folds_the_shapes_of_opset_17_layer_norm_graphs(opset: int):
     assert run(out.model, feeds).shape == (3, 4, 8, 8)
 
 
+def test_simplify_goes_on_without_symbolic_shapes_past_their_deadline(monkeypatch):
+    """onnxruntime's symbolic shape inference runs in a child that is killed at its
+    deadline (sympy ran for over 25 minutes on torchvision's Faster R-CNN): past it,
+    onnxslim simplifies with its own inference, here leaving the Shape nodes the
+    symbolic shapes would have folded, and the function unchanged."""
+    from edgeslim.compressor import shape_inference
+
+    torch.manual_seed(0)
+    raw = export(SegFormerStage(), (torch.randn(2, 3, 16, 16),), ["input"], 17)
+    assert shape_inference.infer_symbolic_shapes(raw) is not None
+    assert shape_inference.infer_symbolic_shapes(raw, deadline=0.01) is None
+    monkeypatch.setattr(shape_inference, "DEADLINE_SECONDS", 0.01)
+    simplified = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
+    assert [n for n in simplified.graph.node if n.op_type == "Shape"]
+    feeds = {"input": RNG.normal(size=(3, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(simplified, feeds), run(raw, feeds), rtol=1e-5, atol=1e-6)
+
+
 class GroupedNet(torch.nn.Module):
     """A grouped Conv (ResNeXt, RegNet) and a depthwise Conv with channel multiplier 2."""
 

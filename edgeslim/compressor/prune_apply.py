@@ -3,9 +3,10 @@
 Every member (an initializer and an axis) keeps the indices whose ids survive;
 a weight sliced on two axes (a Conv's out- and in-channels) is cut once with
 both. A constant that other nodes also read is cut once where every reader
-cuts it the same way (a weight layers share), else copied first, so each
-reader keeps its own. Fixups then rewrite what follows the channel count: a depthwise Conv's
-`group`, Split sizes, Slice bounds, Resize sizes and Reshape targets.
+cuts it the same way (a weight that layers share), else copied first, so each
+reader keeps its own. Fixups then rewrite what follows the channel count: a
+depthwise Conv's `group`, Split sizes, Slice bounds, Resize sizes and Reshape
+targets.
 """
 
 from __future__ import annotations

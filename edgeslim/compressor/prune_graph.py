@@ -3,8 +3,9 @@
 `Model` holds the lookups over the main graph (with shapes from ONNX shape
 inference, and from one probe run where inference gives up); `Track`,
 `Member` and `Fixup` are what discovery attaches to tensors, initializers and
-attributes. The clean-ups here (reading shared constants directly, folding integer constant
-subgraphs) keep the function of the model and make more of it followable.
+attributes. The clean-ups here (reading shared constants directly, folding
+integer constant subgraphs) keep the function of the model and make more of it
+followable.
 """
 
 from __future__ import annotations

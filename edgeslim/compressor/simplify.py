@@ -9,14 +9,13 @@ runtime and later steps (prune, quantize) still see ordinary Conv/Gemm nodes.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 
 import onnx
 
 from edgeslim.api.spec import SimplifyConfig
-from edgeslim.compressor import ort_tools
 from edgeslim.compressor.graph import constants_to_initializers
+from edgeslim.compressor.shape_inference import infer_symbolic_shapes
 from edgeslim.compressor.steps import StepContext, StepOutput
 
 
@@ -29,15 +28,11 @@ def slim(model: onnx.ModelProto) -> onnx.ModelProto:
     `onnx_infer_single_node`); it then falls back to ONNX's inference, which
     loses the dims behind every computed Reshape target, and a SegFormer at
     opset 17 kept 41 Shape nodes (4 at opset 14). onnxruntime's own symbolic
-    inference, run first, gives it the shapes (4 left at 17 too)."""
+    inference, run first (in a child, with a deadline), gives it the shapes (4
+    left at 17 too); where that fails or takes too long, onnxslim infers alone."""
     import onnxslim
 
-    ort_tools.import_without_torch()
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    with contextlib.suppress(Exception):  # custom domains, > 2 GB: onnxslim infers alone
-        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    return onnxslim.slim(model)
+    return onnxslim.slim(infer_symbolic_shapes(model) or model)
 
 
 class Simplify:
