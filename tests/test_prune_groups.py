@@ -129,6 +129,26 @@ def zero_removed(model: onnx.ModelProto, config: PruneConfig) -> onnx.ModelProto
     return work
 
 
+def padded_text(vocab: int = 100) -> dict[str, np.ndarray]:
+    """Three sequences of 8 tokens, the first padded after 5 (the mask path runs)."""
+    mask = np.ones((3, 8), np.int64)
+    mask[0, 5:] = 0
+    return {"input_ids": RNG.integers(0, vocab, (3, 8)), "attention_mask": mask}
+
+
+def assert_exact(
+    pruned: onnx.ModelProto,
+    source: onnx.ModelProto,
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+) -> None:
+    """`pruned` computes what `source` (`model` with the removed units zeroed) does,
+    and that differs from `model`, so the zeroed units mattered."""
+    expected, before = run(source, feeds), run(model, feeds)
+    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
+    np.testing.assert_allclose(run(pruned, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
 ARCHS = {
     # arch: (weight layers, reached by a prunable group, minimum parameter ratio at 0.5)
     "mobilenet_v3_small": (54, 54, 1.8),
@@ -368,12 +388,7 @@ def test_llama_heads_prune_through_rotary_embeddings_and_shared_kv_heads(
     out = Prune(config).run(source, None)
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    mask = np.ones((3, 8), np.int64)
-    mask[0, 5:] = 0
-    feeds = {"input_ids": RNG.integers(0, 100, (3, 8)), "attention_mask": mask}
-    expected, before = run(source, feeds), run(model, feeds)
-    assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
-    np.testing.assert_allclose(run(out.model, feeds), expected, rtol=1e-4, atol=1e-5)
+    assert_exact(out.model, source, model, padded_text())
 
     # The query heads kept are exactly those that read the kept K/V heads.
     def weights(m: onnx.ModelProto, proj: str) -> np.ndarray:
