@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgeslim.api.spec import CalibrationMethod, QuantizeConfig, QuantizeMode
-from edgeslim.compressor import evaluate, ort_tools
+from edgeslim.compressor import evaluate, ort_tools, shape_inference
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.graph import constants_to_initializers
 from edgeslim.compressor.steps import StepContext, StepOutput
@@ -273,17 +273,24 @@ def _pre_process(path: Path) -> list[str]:
     ort_tools.import_without_torch()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    notes = []
+    # Its symbolic shape inference runs apart, with a deadline (see shape_inference).
+    shaped = path.with_suffix(".shapes.onnx")
+    if shape_inference.infer_file(path, shaped):
+        shaped.replace(path)
+    else:
+        notes.append(
+            "symbolic shape inference failed or ran past "
+            f"{shape_inference.DEADLINE_SECONDS:.0f} s; pre-processed without it"
+        )
     staged = path.with_suffix(".pre.onnx")
     try:
-        # onnxruntime's symbolic shape inference saves `sym_shape_infer_temp.onnx`
-        # (plus external-data files) into the current directory when it gives up;
-        # running it from the scratch folder keeps that out of the user's folder.
-        with contextlib.chdir(path.parent):
-            quant_pre_process(path, staged)
-    except Exception as exc:  # the inferencer raises bare Exceptions on unusual graphs
-        return [f"pre-processing skipped: {type(exc).__name__}: {str(exc)[:200]}"]
+        with contextlib.chdir(path.parent):  # keep its scratch files in the scratch folder
+            quant_pre_process(path, staged, skip_symbolic_shape=True)
+    except Exception as exc:  # it raises bare Exceptions on unusual graphs
+        return [*notes, f"pre-processing skipped: {type(exc).__name__}: {str(exc)[:200]}"]
     staged.replace(path)
-    return []
+    return notes
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

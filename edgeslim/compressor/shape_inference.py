@@ -4,7 +4,10 @@ It simplifies every symbolic dim with sympy, which on some graphs runs for tens
 of minutes: on torchvision's Faster R-CNN (fasterrcnn_mobilenet_v3_large_320_fpn,
 opset 17) it was still in `_infer_Slice` after 25 minutes, where onnxslim alone
 takes 3 seconds. A thread cannot be stopped, so the inference runs in a child
-that is killed at the deadline, and the caller goes on without its shapes.
+that is killed at the deadline, and the caller goes on without its shapes:
+simplify (and the prune step's own shape fold) with onnxslim's inference alone,
+quantize's pre-processing without the symbolic pass, split with onnx's
+inference.
 
 Run as `python -m edgeslim.compressor.shape_inference IN OUT`.
 """
@@ -27,21 +30,31 @@ def infer_symbolic_shapes(
     model: onnx.ModelProto, deadline: float | None = None
 ) -> onnx.ModelProto | None:
     """`model` with the shapes onnxruntime's symbolic inference finds, or None when
-    it fails or runs past `deadline` (default DEADLINE_SECONDS) (custom domains,
-    > 2 GB, sympy blow-ups)."""
+    it fails or runs past `deadline` (default DEADLINE_SECONDS): custom domains,
+    > 2 GB, sympy blow-ups."""
     with tempfile.TemporaryDirectory(prefix="edgeslim-shapes-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         try:
             src.write_bytes(model.SerializeToString())
-            subprocess.run(
-                [sys.executable, "-m", __name__, str(src), str(dst)],
-                timeout=DEADLINE_SECONDS if deadline is None else deadline,
-                check=True,
-                capture_output=True,
-            )
-            return onnx.load(str(dst))
-        except (subprocess.SubprocessError, OSError, ValueError):
+        except ValueError:  # over protobuf's 2 GB
             return None
+        return onnx.load(str(dst)) if infer_file(src, dst, deadline) else None
+
+
+def infer_file(src: Path, dst: Path, deadline: float | None = None) -> bool:
+    """Write `src` with its inferred shapes to `dst` (a different file); False when the
+    inference fails or runs past `deadline`, and `dst` is then not to be read."""
+    try:
+        subprocess.run(
+            [sys.executable, "-m", __name__, str(src), str(dst)],
+            cwd=dst.parent,  # where it saves `sym_shape_infer_temp.onnx` when it gives up
+            timeout=DEADLINE_SECONDS if deadline is None else deadline,
+            check=True,
+            capture_output=True,
+        )
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return True
 
 
 def main(argv: list[str]) -> int:

@@ -33,6 +33,7 @@ import onnx
 from onnx import helper
 
 from edgeslim.api.split import CrossingTensor, SplitCut, SplitPart, SplitPlan, SplitSource
+from edgeslim.compressor.shape_inference import infer_symbolic_shapes
 from edgeslim.compressor.tensor_sizes import declared_bytes, element_bits
 from edgeslim.errors import BadInput, OutputModelFailed
 
@@ -161,9 +162,10 @@ def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    inferred = infer_symbolic_shapes(model)  # in a child, with a deadline
+    if inferred is None:
+        raise RuntimeError("symbolic shape inference failed or ran past its deadline")
+    return inferred
 
 
 def _known(t: onnx.TypeProto) -> bool:
