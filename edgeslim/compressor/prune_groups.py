@@ -529,14 +529,14 @@ class Discovery(LayoutOps):
         if target is None or target.shape != (3,) or int(target[0]) != 0 or int(target[2]) != -1:
             return None
         groups, x = int(target[1]), split.input[0]
-        dims = m.dims(x, need=(1,))
-        if dims is None or len(dims) < 3 or dims[1] is None or groups < 1 or dims[1] % groups:
-            return None
         norm = self._only_reader(split.output[0])
         if norm is None or norm.op_type != "InstanceNormalization":
             return None
         back = self._only_reader(norm.output[0])
         if back is None or back.op_type != "Reshape" or back.input[0] != norm.output[0]:
+            return None
+        dims = m.dims(x, need=(1,))
+        if dims is None or len(dims) < 3 or dims[1] is None or groups < 1 or dims[1] % groups:
             return None
         shape = m.producers.get(back.input[1])
         if (
