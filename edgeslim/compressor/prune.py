@@ -318,6 +318,12 @@ def _prepare(model: onnx.ModelProto, notes: list[str]) -> None:
     shared = pgr.identities_to_initializers(model)
     if shared:
         notes.append(f"{shared} Identity nodes of shared constants removed")
+    merged = g.merge_duplicate_initializers(model)
+    if merged:
+        notes.append(f"{merged} initializers equal to another merged into it (shared)")
+    cleared = pgr.drop_needless_allowzero(model)
+    if cleared:
+        notes.append(f"allowzero cleared on {cleared} Reshapes whose target has no 0")
     folded = pgr.fold_integer_constants(model)
     if folded:
         notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")

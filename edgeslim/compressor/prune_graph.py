@@ -378,6 +378,24 @@ def identities_to_initializers(model: onnx.ModelProto) -> int:
     return converted
 
 
+def drop_needless_allowzero(model: onnx.ModelProto) -> int:
+    """Clear `allowzero` on main-graph Reshapes whose constant target has no 0.
+
+    torch's dynamo exporter sets it on every Reshape; it only changes what a 0 in
+    the target means, so without one it changes nothing, and the layout rules
+    (which read a 0 as "this input dim") can follow the Reshape."""
+    inits = g.initializer_map(model.graph)
+    cleared = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        flag = next((a for a in node.attribute if a.name == "allowzero"), None)
+        if flag is not None and flag.i and 0 not in numpy_helper.to_array(inits[node.input[1]]):
+            flag.i = 0
+            cleared += 1
+    return cleared
+
+
 # Ops whose all-constant integer results exporters leave in the graph (pads,
 # shapes and bounds computed from constants) and that are cheap to evaluate.
 FOLDABLE = {

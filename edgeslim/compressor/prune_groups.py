@@ -526,7 +526,7 @@ class Discovery(LayoutOps):
         folded into a constant); the per-channel affine (Mul, Add) follows."""
         m = self.m
         target = m.array(split.input[1]) if len(split.input) > 1 else None
-        if target is None or target.shape != (3,) or int(target[0]) != 0 or int(target[2]) != -1:
+        if target is None or target.shape != (3,) or int(target[2]) != -1:
             return None
         groups, x = int(target[1]), split.input[0]
         norm = self._only_reader(split.output[0])
@@ -537,6 +537,10 @@ class Discovery(LayoutOps):
             return None
         dims = m.dims(x, need=(1,))
         if dims is None or len(dims) < 3 or dims[1] is None or groups < 1 or dims[1] % groups:
+            return None
+        # The batch stays: 0 copies it (torch's export), or it is the fixed batch (dynamo's).
+        batch = int(target[0])
+        if not (batch == 0 and not attr(split, "allowzero", 0)) and batch != dims[0]:
             return None
         shape = m.producers.get(back.input[1])
         if (

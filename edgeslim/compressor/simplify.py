@@ -14,7 +14,7 @@ from collections import Counter
 import onnx
 
 from edgeslim.api.spec import SimplifyConfig
-from edgeslim.compressor.graph import constants_to_initializers
+from edgeslim.compressor.graph import constants_to_initializers, merge_duplicate_initializers
 from edgeslim.compressor.shape_inference import infer_symbolic_shapes
 from edgeslim.compressor.steps import StepContext, StepOutput
 
@@ -43,6 +43,7 @@ class Simplify:
         before = Counter(n.op_type for n in model.graph.node)
         slimmed = slim(model)
         converted = constants_to_initializers(slimmed)
+        merged = merge_duplicate_initializers(slimmed)
         after = Counter(n.op_type for n in slimmed.graph.node)
         removed = {
             op: before[op] - after.get(op, 0) for op in before if before[op] > after.get(op, 0)
@@ -52,4 +53,6 @@ class Simplify:
             notes.append("removed " + ", ".join(f"{n} {op}" for op, n in sorted(removed.items())))
         if converted:
             notes.append(f"{converted} Constant nodes turned into initializers")
+        if merged:
+            notes.append(f"{merged} initializers equal to another merged into it (shared)")
         return StepOutput(model=slimmed, notes=notes)
