@@ -204,6 +204,30 @@ class LlamaLogits(nn.Module):
         ).logits
 
 
+class AlbertLogits(nn.Module):
+    """An AlbertForSequenceClassification (one set of layer weights run at both depths,
+    a factorized 64-wide embedding) that returns its logits tensor only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.AlbertConfig(
+            embedding_size=64,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=512,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            num_labels=len(KEYWORDS),
+        )
+        self.model = transformers.AlbertForSequenceClassification(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
 class MobileViTLogits(nn.Module):
     """A MobileViTForImageClassification (MobileNetV2 blocks, then transformer blocks
     over unfolded 2x2 patches) for 32x32 inputs, returning its logits tensor only."""

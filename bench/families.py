@@ -1,6 +1,6 @@
 """Structured pruning on architecture families the dependency groups were not tuned on.
 
-    python bench/families.py [--arch vit swin mobilevit llama] [--epochs N] [--seeds N] ...
+    python bench/families.py [--arch vit swin mobilevit llama albert] [--epochs N] [--seeds N] ...
 
 Each model is built with no weights (torchvision, or a `transformers` config),
 trained briefly on scikit-learn's digits (bench/archs.py), exported to ONNX and compressed through
@@ -18,14 +18,17 @@ the parameters before and after, and the accuracy on the held-out split.
   folded back), widths 32 / 48 / 64;
 - llama: a LlamaForSequenceClassification from a `transformers` config (RMSNorm,
   rotary embeddings, 4 query heads sharing 2 K/V heads, SwiGLU FFN), 2 layers of
-  width 128, on bench/pruning.py's keyword-counting task instead of digits.
+  width 128, on bench/pruning.py's keyword-counting task instead of digits;
+- albert: an AlbertForSequenceClassification from a `transformers` config (one
+  set of layer weights run at both depths, which stays shared when pruned), 2
+  layers of width 128, on the same keyword task.
 
 Peers: Torch-Pruning (DepGraph, L1 magnitude) on the same trained ViT module,
 distilled with the same budget by bench/pruning.py's plain-torch loop. It needs
 the class token and position embedding named as `unwrapped_parameters` and the
 module's `hidden_dim` set after pruning (with its defaults alone the pruned
 model's attention reshape fails at the first forward pass); on the MobileViT
-with whole heads, as bench/pruning.py's BERT; and on the Llama with its LLM
+and the ALBERT with whole heads, as bench/pruning.py's BERT; and on the Llama with its LLM
 example's recipe (torch_pruning_llama). No peer row for Swin (see the
 README). ShuffleNetV2, the third family, is in bench/pruning.py.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -57,6 +61,8 @@ def build(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "llama":
         return archs.LlamaLogits()
+    if arch == "albert":
+        return archs.AlbertLogits()
     if arch == "mobilevit":
         return archs.MobileViTLogits()
     if arch == "vit":
@@ -71,7 +77,7 @@ def build(arch: str) -> torch.nn.Module:
 
 
 def trained(arch: str, epochs: int) -> tuple[torch.nn.Module, archs.Task, onnx.ModelProto]:
-    if arch == "llama":  # the keyword task of bench/pruning.py's BERT, at its rate
+    if arch in ("llama", "albert"):  # the keyword task of bench/pruning.py's BERT, at its rate
         task, lr, epochs = archs.keyword_task(), 2e-3, min(epochs, 8)
     else:  # MobileViT from scratch at 32x32 stays near chance (8.5%) at 1e-3; 94% at 2e-2
         task, lr = archs.digits_task(), 2e-2 if arch == "mobilevit" else 1e-3
@@ -287,10 +293,36 @@ def torch_pruning_mobilevit(
     return distilled("mobilevit", module, model, task, source, budget, started)
 
 
+def torch_pruning_albert(
+    module: torch.nn.Module,
+    task: archs.Task,
+    source: onnx.ModelProto,
+    sparsity: float,
+    budget: DistillConfig,
+) -> Row:
+    """Torch-Pruning on the ALBERT as on bench/pruning.py's BERT: whole heads of the one
+    attention module both depths run, its head count and width set after pruning,
+    the classifier kept."""
+    from transformers.models.albert.modeling_albert import AlbertAttention
+
+    started = time.perf_counter()
+    model = copy.deepcopy(module).eval()
+    attentions = [m for m in model.modules() if isinstance(m, AlbertAttention)]
+    heads = {p: a.num_attention_heads for a in attentions for p in (a.query, a.key, a.value)}
+    classifier = [model.model.classifier]
+    pruner = meta_pruner(model, task, sparsity, classifier, **whole_heads(heads, sparsity))
+    pruner.step()
+    for attention in attentions:
+        attention.num_attention_heads = pruner.num_heads[attention.query]
+        attention.all_head_size = attention.query.out_features
+    return distilled("albert", module, model, task, source, budget, started)
+
+
 PEERS = {
     "vit": torch_pruning_vit,
     "llama": torch_pruning_llama,
     "mobilevit": torch_pruning_mobilevit,
+    "albert": torch_pruning_albert,
 }
 
 
@@ -302,6 +334,7 @@ def bounded(seconds: float, peer: Callable[..., Row], *args: object) -> Row | st
     receive, send = ctx.Pipe(duplex=False)
 
     def child() -> None:
+        torch.set_num_threads(1)  # the parent's pool threads do not exist after fork
         try:
             send.send(peer(*args))
         except Exception as exc:  # reported in the table, like bench/pruning.py's
@@ -327,8 +360,8 @@ def main() -> None:
     parser.add_argument(
         "--arch",
         nargs="+",
-        choices=["vit", "swin", "mobilevit", "llama"],
-        default=["vit", "swin", "mobilevit", "llama"],
+        choices=["vit", "swin", "mobilevit", "llama", "albert"],
+        default=["vit", "swin", "mobilevit", "llama", "albert"],
     )
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the source")
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -338,6 +371,9 @@ def main() -> None:
         "--peer-timeout", type=float, default=900, help="seconds per Torch-Pruning run"
     )
     args = parser.parse_args()
+    # One thread for both tools: edgeslim's distill reads OMP_NUM_THREADS (else it takes
+    # every core), and a forked peer must not find a torch thread pool it cannot use.
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     rows: list[Row | Failed] = []
     notes: list[str] = []
