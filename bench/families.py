@@ -269,53 +269,41 @@ def torch_pruning_llama(
     return distilled("llama", module, model, task, source, budget, started)
 
 
-def torch_pruning_mobilevit(
+def torch_pruning_heads(
+    arch: str,
+    attention: type,
     module: torch.nn.Module,
     task: archs.Task,
     source: onnx.ModelProto,
     sparsity: float,
     budget: DistillConfig,
 ) -> Row:
-    """Torch-Pruning on the MobileViT as on bench/pruning.py's BERT: whole heads, the
-    attention's head count and width set after pruning, the classifier kept."""
+    """Torch-Pruning as on bench/pruning.py's BERT: whole heads of every `attention`
+    module's Q/K/V, its head count and width set after pruning, the classifier kept."""
+    started = time.perf_counter()
+    model = copy.deepcopy(module).eval()
+    attentions = [m for m in model.modules() if isinstance(m, attention)]
+    heads = {p: a.num_attention_heads for a in attentions for p in (a.query, a.key, a.value)}
+    classifier = [model.model.classifier]
+    pruner = meta_pruner(model, task, sparsity, classifier, **whole_heads(heads, sparsity))
+    pruner.step()
+    for a in attentions:
+        a.num_attention_heads = pruner.num_heads[a.query]
+        a.all_head_size = a.query.out_features
+    return distilled(arch, module, model, task, source, budget, started)
+
+
+def torch_pruning_mobilevit(*args: object) -> Row:
     from transformers.models.mobilevit.modeling_mobilevit import MobileViTSelfAttention
 
-    started = time.perf_counter()
-    model = copy.deepcopy(module).eval()
-    attentions = [m for m in model.modules() if isinstance(m, MobileViTSelfAttention)]
-    heads = {p: a.num_attention_heads for a in attentions for p in (a.query, a.key, a.value)}
-    classifier = [model.model.classifier]
-    pruner = meta_pruner(model, task, sparsity, classifier, **whole_heads(heads, sparsity))
-    pruner.step()
-    for attention in attentions:
-        attention.num_attention_heads = pruner.num_heads[attention.query]
-        attention.all_head_size = attention.query.out_features
-    return distilled("mobilevit", module, model, task, source, budget, started)
+    return torch_pruning_heads("mobilevit", MobileViTSelfAttention, *args)  # type: ignore[arg-type]
 
 
-def torch_pruning_albert(
-    module: torch.nn.Module,
-    task: archs.Task,
-    source: onnx.ModelProto,
-    sparsity: float,
-    budget: DistillConfig,
-) -> Row:
-    """Torch-Pruning on the ALBERT as on bench/pruning.py's BERT: whole heads of the one
-    attention module both depths run, its head count and width set after pruning,
-    the classifier kept."""
+def torch_pruning_albert(*args: object) -> Row:
+    """The one attention module ALBERT runs at both depths."""
     from transformers.models.albert.modeling_albert import AlbertAttention
 
-    started = time.perf_counter()
-    model = copy.deepcopy(module).eval()
-    attentions = [m for m in model.modules() if isinstance(m, AlbertAttention)]
-    heads = {p: a.num_attention_heads for a in attentions for p in (a.query, a.key, a.value)}
-    classifier = [model.model.classifier]
-    pruner = meta_pruner(model, task, sparsity, classifier, **whole_heads(heads, sparsity))
-    pruner.step()
-    for attention in attentions:
-        attention.num_attention_heads = pruner.num_heads[attention.query]
-        attention.all_head_size = attention.query.out_features
-    return distilled("albert", module, model, task, source, budget, started)
+    return torch_pruning_heads("albert", AlbertAttention, *args)  # type: ignore[arg-type]
 
 
 PEERS = {
