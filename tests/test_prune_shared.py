@@ -5,7 +5,9 @@ and ALBERT's repeated layer read each weight from several nodes. Their channels
 are one unit in all of those nodes: the weight is cut once and stays shared, so
 the pruned model keeps the structure (and the size) of the source's tying.
 FCOS's and RetinaNet v2's towers normalize with GroupNorm, whose statistics
-are per group: there a unit is a whole group.
+are per group: there a unit is a whole group. Exports as torch's dynamo
+exporter writes them (allowzero on every Reshape, a fixed batch, `as_strided`
+as a Gather) are followed too.
 """
 
 from __future__ import annotations
@@ -177,6 +179,44 @@ def test_reshapes_with_allowzero_and_a_fixed_batch_are_followed():
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == plan.predicted
     feeds = {"input": RNG.normal(size=(1, 3, 32, 32)).astype(np.float32)}
+    assert_exact(out.model, source, model, feeds)
+
+
+def test_a_gather_of_every_element_in_order_is_followed_as_a_reshape():
+    """torch's dynamo exporter writes ConvNeXt's `as_strided` on the pooled map as a
+    flattening Reshape and a Gather of arange(C) shaped [1, C, 1, 1]: every element
+    once, in order, so it is written as the Reshape it is and the channels follow
+    (convnext_tiny so exported: 59 of 59 layers, 3.9x at 0.5, instead of 55, 2.5x)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32), "b1"),
+        numpy_helper.from_array(np.array([8], np.int64), "flat"),
+        numpy_helper.from_array(np.arange(8, dtype=np.int64).reshape(1, 8, 1, 1), "every"),
+        numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1] * 4),
+        onnx.helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        onnx.helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        onnx.helper.make_node("Reshape", ["p", "flat"], ["v"], name="view", allowzero=1),
+        onnx.helper.make_node("Gather", ["v", "every"], ["s"], name="as_strided", axis=0),
+        onnx.helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2"),
+    ]
+    value = onnx.helper.make_tensor_value_info
+    x = value("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
+    y = value("y", onnx.TensorProto.FLOAT, [1, 4, 1, 1])
+    graph = onnx.helper.make_graph(nodes, "dynamo", [x], [y], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    config = PruneConfig(sparsity=0.5)
+    notes: list[str] = []
+    planned(model, config, notes)
+    assert "1 Gathers that pick every element in order written as Reshapes" in notes, notes
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert "removed 4/8 channels of conv1" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    feeds = {"x": RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)}
     assert_exact(out.model, source, model, feeds)
 
 

@@ -321,6 +321,9 @@ def _prepare(model: onnx.ModelProto, notes: list[str]) -> None:
     merged = g.merge_duplicate_initializers(model)
     if merged:
         notes.append(f"{merged} initializers equal to another merged into it (shared)")
+    gathers = pgr.identity_gathers_to_reshapes(model)
+    if gathers:
+        notes.append(f"{gathers} Gathers that pick every element in order written as Reshapes")
     cleared = pgr.drop_needless_allowzero(model)
     if cleared:
         notes.append(f"allowzero cleared on {cleared} Reshapes whose target has no 0")

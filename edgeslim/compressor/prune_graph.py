@@ -396,6 +396,38 @@ def drop_needless_allowzero(model: onnx.ModelProto) -> int:
     return cleared
 
 
+def identity_gathers_to_reshapes(model: onnx.ModelProto) -> int:
+    """Write `Gather(x, arange(n) shaped S)` of a 1-D x of length n as `Reshape(x, S)`.
+
+    torch's dynamo exporter writes `as_strided` that way (ConvNeXt's head: the
+    pooled [1, C, 1, 1] flattened, then gathered back whole); it picks every element
+    once, in order, so it is a Reshape, which the layout rules follow."""
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    candidates = []
+    for node in graph.node:
+        if node.op_type != "Gather" or attr(node, "axis", 0) != 0 or node.input[1] not in inits:
+            continue
+        idx = numpy_helper.to_array(inits[node.input[1]])
+        if idx.ndim > 1 and idx.size and np.array_equal(idx.reshape(-1), np.arange(idx.size)):
+            candidates.append((node, idx.shape))
+    if not candidates:
+        return 0
+    shapes = infer_shapes(model)
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    rewritten = 0
+    for node, shape in candidates:
+        if shapes.get(node.input[0]) != [int(np.prod(shape))]:
+            continue
+        target = fresh_name(f"{node.name or node.output[0]}_shape", names)
+        graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), target))
+        node.op_type = "Reshape"
+        node.input[1] = target
+        del node.attribute[:]
+        rewritten += 1
+    return rewritten
+
+
 # Ops whose all-constant integer results exporters leave in the graph (pads,
 # shapes and bounds computed from constants) and that are cheap to evaluate.
 FOLDABLE = {
