@@ -359,8 +359,9 @@ def main() -> None:
         "--peer-timeout", type=float, default=900, help="seconds per Torch-Pruning run"
     )
     args = parser.parse_args()
-    # One thread for both tools: edgeslim's distill reads OMP_NUM_THREADS (else it takes
-    # every core), and a forked peer must not find a torch thread pool it cannot use.
+    # One thread for both tools, as `make bench-families` sets it, also when run directly:
+    # edgeslim's distill reads OMP_NUM_THREADS (else it takes every core), and a forked
+    # peer must not find a torch thread pool it cannot use.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     rows: list[Row | Failed] = []
