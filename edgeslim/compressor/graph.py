@@ -72,6 +72,13 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return converted
 
 
+def one_value(arr: np.ndarray) -> bool:
+    """Whether `arr` repeats one value (or has under two elements): the ones and zeros
+    of untrained layers, which exporters merge as equal constants. Such a constant
+    read twice is no sign of a shared parameter."""
+    return arr.size < 2 or bool(np.all(arr == arr.reshape(-1)[0]))
+
+
 def merge_duplicate_initializers(model: onnx.ModelProto) -> int:
     """Let the readers of byte-identical initializers of the main graph read one of them.
 
@@ -81,8 +88,8 @@ def merge_duplicate_initializers(model: onnx.ModelProto) -> int:
     read twice compute the same thing, so merging them back changes nothing but
     the size; it also lets structured pruning see the layers that share a weight.
     Graph inputs (overridable at run time) are left alone, and so are constants of
-    one repeated value (the ones and zeros of untrained layers), which are no sign
-    of sharing and which structured pruning would have to copy apart again."""
+    one repeated value (`one_value`), which structured pruning would have to copy
+    apart again."""
     graph = model.graph
     protected = {i.name for i in graph.input} | {o.name for o in graph.output}
     first: dict[tuple[int, tuple[int, ...], str], str] = {}
@@ -91,7 +98,7 @@ def merge_duplicate_initializers(model: onnx.ModelProto) -> int:
         if init.name in protected or init.data_location == onnx.TensorProto.EXTERNAL:
             continue
         arr = numpy_helper.to_array(init)
-        if arr.size < 2 or np.all(arr == arr.reshape(-1)[0]):
+        if one_value(arr):
             continue
         raw = arr.tobytes()
         key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).hexdigest())
@@ -109,6 +116,9 @@ def merge_duplicate_initializers(model: onnx.ModelProto) -> int:
     kept = [t for t in graph.initializer if t.name not in alias]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    kept_info = [v for v in graph.value_info if v.name not in alias]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
     return len(alias)
 
 

@@ -13,6 +13,7 @@ consumers live in another scope, which this step does not trace.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,23 +314,29 @@ def plan_structured(
     )
 
 
+# The rewrites discovery needs, in this order, each with the note it leaves when it
+# changed anything (the count fills in {}).
+REWRITES: list[tuple[Callable[[onnx.ModelProto], int], str]] = [
+    (
+        pgr.identities_to_initializers,
+        "{} Identity nodes of shared constants turned into initializers",
+    ),
+    (g.merge_duplicate_initializers, "{} initializers equal to another merged into it (shared)"),
+    (
+        pgr.identity_gathers_to_reshapes,
+        "{} Gathers that pick every element in order written as Reshapes",
+    ),
+    (pgr.drop_needless_allowzero, "allowzero cleared on {} Reshapes whose target has no 0"),
+    (pgr.fold_integer_constants, "{} nodes computing integer constants (shapes, pads) folded"),
+]
+
+
 def _prepare(model: onnx.ModelProto, notes: list[str]) -> None:
     """The rewrites discovery needs, none of which changes what the model computes."""
-    shared = pgr.identities_to_initializers(model)
-    if shared:
-        notes.append(f"{shared} Identity nodes of shared constants removed")
-    merged = g.merge_duplicate_initializers(model)
-    if merged:
-        notes.append(f"{merged} initializers equal to another merged into it (shared)")
-    gathers = pgr.identity_gathers_to_reshapes(model)
-    if gathers:
-        notes.append(f"{gathers} Gathers that pick every element in order written as Reshapes")
-    cleared = pgr.drop_needless_allowzero(model)
-    if cleared:
-        notes.append(f"allowzero cleared on {cleared} Reshapes whose target has no 0")
-    folded = pgr.fold_integer_constants(model)
-    if folded:
-        notes.append(f"{folded} nodes computing integer constants (shapes, pads) folded")
+    for rewrite, note in REWRITES:
+        count = rewrite(model)
+        if count:
+            notes.append(note.format(count))
     shuffles = pgr.shuffles_to_gathers(model)
     if shuffles:
         notes.append(

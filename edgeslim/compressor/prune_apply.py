@@ -57,20 +57,22 @@ class Surgery:
     def predicted_parameters(self, before: int) -> int:
         """weight_stats' parameter count once the edits are applied."""
         uses: dict[str, int] = {}
+        done: set[str] = set()
         total = before
         for node, index, axes in self.edits.values():
             name = node.input[index]
+            if name in done:
+                continue  # a shared constant, cut once for all its readers
+            if name in self.in_place:
+                done.add(name)
             init = self.m.inits[name]
             uses.setdefault(name, 1 if name in self.in_place else self.m.uses(name))
             old = _counted(init, list(init.dims))
             new = _counted(init, self.new_shape(tuple(init.dims), axes))
-            if uses[name] == 0:
-                continue  # cut once for all its readers, counted already
             if uses[name] > 1:  # a private copy is added, the shared original stays
                 uses[name] -= 1
                 total += new
             else:
-                uses[name] = 0
                 total += new - old
         return total
 

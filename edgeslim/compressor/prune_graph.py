@@ -332,47 +332,31 @@ class Renumber:
 
 
 def identities_to_initializers(model: onnx.ModelProto) -> int:
-    """Remove the main graph's `Identity(initializer)` nodes.
+    """Turn `Identity(constant)` nodes of the main graph into initializers of their own.
 
     The torch exporter writes one initializer for a parameter used in several
-    places (ALBERT's layers) and for equal constants alike (the ones and zeros
-    of untrained LayerNorms and biases), with an Identity per extra reader. A
-    constant of one repeated value is no sign of sharing: each reader gets its
-    own copy, under the Identity's name, free to be cut its own way. The readers
-    of any other constant read it directly, so discovery ties the channels of
-    layers that share a weight, and surgery cuts it once where all agree.
+    places (ALBERT's layers) and for equal constants alike (the zero biases of
+    untrained layers), with an Identity per extra reader. Each gets a copy here;
+    `graph.merge_duplicate_initializers`, run next, merges the copies of any
+    constant that is not one repeated value back into one, so layers that share
+    a weight read it directly, while each merged zero or one stays free to be cut
+    its own way.
     """
     graph = model.graph
     inits = g.initializer_map(graph)
-    bodies = [sub for sub in g.iter_graphs(graph) if sub is not graph]
-    keep_names = {o.name for o in graph.output}
-    keep_names |= {name for sub in bodies for n in sub.node for name in n.input}
-    alias: dict[str, str] = {}
     keep, converted = [], 0
     for node in graph.node:
         src = node.input[0] if node.op_type == "Identity" and node.input else ""
-        src = alias.get(src, src)
-        if src not in inits or node.output[0] in keep_names:
+        if src in inits and node.output[0] not in {o.name for o in graph.output}:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[src])
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            inits[tensor.name] = tensor  # an Identity of this copy reads it too
+            converted += 1
+        else:
             keep.append(node)
-            continue
-        converted += 1
-        arr = numpy_helper.to_array(inits[src])
-        if arr.size > 1 and np.any(arr != arr.reshape(-1)[0]):
-            alias[node.output[0]] = src
-            continue
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(inits[src])
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-        inits[tensor.name] = tensor  # an Identity of this copy reads it too
     if converted:
-        kept_info = [v for v in graph.value_info if v.name not in alias]
-        del graph.value_info[:]
-        graph.value_info.extend(kept_info)
-        for node in keep:
-            for i, name in enumerate(node.input):
-                if name in alias:
-                    node.input[i] = alias[name]
         del graph.node[:]
         graph.node.extend(keep)
     return converted

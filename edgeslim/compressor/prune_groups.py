@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from edgeslim.compressor import graph as g
 from edgeslim.compressor.prune_graph import (
     Block,
     Fixup,
@@ -158,15 +159,15 @@ class Group:
 def tied_weights(m: Model) -> dict[str, list[onnx.NodeProto]]:
     """Weights shared by several layers of one kind (ALBERT's repeated layer, a
     detection head run on every FPN level) -> those layers. Their channels are
-    one unit in all of them, so the weight is cut once and stays shared. An
-    all-equal constant is no sign of sharing (exporters merge equal constants)."""
+    one unit in all of them, so the weight is cut once and stays shared. A
+    constant of one repeated value is no sign of sharing (`graph.one_value`)."""
     tied = {}
     for name, readers in m.consumers.items():
         w = m.float_weight(name)
         if w is None or w.ndim < 2 or len(readers) < 2 or m.uses(name) != len(readers):
             continue
         first = readers[0]
-        if first.op_type not in WEIGHT_LAYERS or np.all(w == w.reshape(-1)[0]):
+        if first.op_type not in WEIGHT_LAYERS or g.one_value(w):
             continue
         if all(
             r.op_type == first.op_type
