@@ -152,8 +152,20 @@ class TextDetector(nn.Module):
         return torch.sigmoid(self.up2(self.up1(self.head(torch.cat(levels, 1)))))
 
 
-class BertLogits(nn.Module):
-    """A BertForSequenceClassification that returns its logits tensor only."""
+class SequenceLogits(nn.Module):
+    """A transformers sequence classifier (`self.model`) called as (input_ids,
+    attention_mask) that returns its logits tensor only."""
+
+    model: nn.Module
+    call: dict[str, object] = {}
+    """Further keyword arguments of every call."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **self.call).logits
+
+
+class BertLogits(SequenceLogits):
+    """A BertForSequenceClassification."""
 
     def __init__(self, attention: str = "sdpa") -> None:
         super().__init__()
@@ -171,14 +183,13 @@ class BertLogits(nn.Module):
         config._attn_implementation = attention  # sdpa exports from opset 14 on
         self.model = transformers.BertForSequenceClassification(config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-
-class LlamaLogits(nn.Module):
+class LlamaLogits(SequenceLogits):
     """A LlamaForSequenceClassification (RMSNorm, rotary embeddings, 4 query heads
-    sharing 2 K/V heads, SwiGLU FFN) that returns its logits tensor only; it reads the
-    last token before the padding, as Llama classifiers do."""
+    sharing 2 K/V heads, SwiGLU FFN); it reads the last token before the padding, as
+    Llama classifiers do."""
+
+    call = {"use_cache": False}
 
     def __init__(self) -> None:
         super().__init__()
@@ -198,15 +209,10 @@ class LlamaLogits(nn.Module):
         config._attn_implementation = "eager"
         self.model = transformers.LlamaForSequenceClassification(config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).logits
 
-
-class AlbertLogits(nn.Module):
+class AlbertLogits(SequenceLogits):
     """An AlbertForSequenceClassification (one set of layer weights run at both depths,
-    a factorized 64-wide embedding) that returns its logits tensor only."""
+    a factorized 64-wide embedding)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -223,9 +229,6 @@ class AlbertLogits(nn.Module):
             num_labels=len(KEYWORDS),
         )
         self.model = transformers.AlbertForSequenceClassification(config)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 class MobileViTLogits(nn.Module):

@@ -43,6 +43,26 @@ def tiny_bert(opset: int, *, hidden: int = 64, heads: int = 4, ffn: int = 128) -
     return transformers.BertForSequenceClassification(config)
 
 
+def tiny_albert(opset: int) -> torch.nn.Module:
+    """A 2-layer AlbertForSequenceClassification (one set of layer weights run at both
+    depths, a 32-wide factorized embedding, width 64, 4 heads, vocabulary 100, 3
+    labels); torch's random weights, so seed first."""
+    import transformers
+
+    config = transformers.AlbertConfig(
+        embedding_size=32,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    config._attn_implementation = "eager" if opset < 14 else "sdpa"
+    return transformers.AlbertForSequenceClassification(config)
+
+
 def tiny_llama(*, kv_heads: int, attention: str) -> torch.nn.Module:
     """A 2-layer Llama decoder (RMSNorm, rotary embeddings, 4 query heads of 16 sharing
     `kv_heads` K/V heads, SwiGLU FFN of 128) called as (input_ids, attention_mask) and

@@ -23,7 +23,7 @@ from edgeslim.compressor import graph as g
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune
 from edgeslim.compressor.simplify import Simplify
-from tests.archs import export
+from tests.archs import export, tiny_albert
 from tests.test_prune_groups import (
     RNG,
     assert_exact,
@@ -291,32 +291,16 @@ def test_bias_compensation_of_a_shared_layer_keeps_one_shared_bias():
     np.testing.assert_allclose(run(out.model, feeds), run(model, feeds), rtol=1e-4, atol=1e-5)
 
 
-class AlbertLogits(torch.nn.Module):
-    def __init__(self, opset: int) -> None:
-        super().__init__()
-        import transformers
-
-        config = transformers.AlbertConfig(
-            embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, vocab_size=100, max_position_embeddings=32, num_labels=3,
-        )  # fmt: skip
-        config._attn_implementation = "eager" if opset < 14 else "sdpa"
-        self.m = transformers.AlbertForSequenceClassification(config)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids=ids, attention_mask=mask).logits
-
-
 # Excluded, they keep the LayerNorm-normalized widths, whose pruning is not exact.
 ALBERT_WIDTHS = [
-    "/m/albert/embeddings/word_embeddings/Gather",
-    "/m/albert/encoder/embedding_hidden_mapping_in/MatMul",
+    "/albert/embeddings/word_embeddings/Gather",
+    "/albert/encoder/embedding_hidden_mapping_in/MatMul",
 ]
 
 
 def trained_like_albert(opset: int) -> onnx.ModelProto:
     torch.manual_seed(0)
-    module = AlbertLogits(opset)
+    module = tiny_albert(opset)
     with torch.no_grad():  # as training leaves them: no two LayerNorms or biases alike
         for p in module.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -335,7 +319,7 @@ def test_simplify_keeps_the_weights_albert_shares():
     out = Simplify(SimplifyConfig()).run(model, None)  # type: ignore[arg-type]
     assert any(n.endswith("merged into it (shared)") for n in out.notes), out.notes
     assert g.weight_stats(out.model)[0] == g.weight_stats(model)[0] == 44_288
-    query = "/m/albert/encoder/albert_layer_groups.0/albert_layers.0/attention/query/MatMul"
+    query = "/albert/encoder/albert_layer_groups.0/albert_layers.0/attention/query/MatMul"
     weight = next(n.input[1] for n in out.model.graph.node if n.name == query)
     assert len(readers(out.model, weight)) == 2
     pruned = Prune(PruneConfig(sparsity=0.5)).run(out.model, None)
@@ -357,7 +341,7 @@ def test_albert_layers_share_their_pruned_heads_and_ffn(opset: int):
     assert plan.before == g.weight_stats(model)[0]
     source = zero_removed(model, config)
     out = Prune(config).run(source, None)
-    layer = "/m/albert/encoder/albert_layer_groups.0/albert_layers.0"
+    layer = "/albert/encoder/albert_layer_groups.0/albert_layers.0"
     for removed in ("2/4 heads of {}/attention/query", "64/128 neurons of {}/ffn"):
         assert any(n.startswith(f"removed {removed.format(layer)}/MatMul") for n in out.notes)
     onnx.checker.check_model(out.model, full_check=True)
