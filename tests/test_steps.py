@@ -165,3 +165,13 @@ def test_quantize_names_what_does_not_exist(
         Quantize(QuantizeConfig(mode="dynamic", **config)).run(
             digits.model(), context(digits, tmp_path)
         )
+
+
+def test_cosine_is_scale_free() -> None:
+    """An untrained detector head answers with values near 1e-14: the source against
+    itself still scores 1, a sign flip -1, and an all-zero row against itself 1."""
+    ref = np.array([[1e-14, -2e-14, 3e-14], [0.0, 0.0, 0.0]], np.float32)
+    assert evaluate.metric(Metric.cosine, ref, ref, None) == pytest.approx(1.0)
+    flipped = ref * np.array([[-1.0], [1.0]], np.float32)
+    assert evaluate.metric(Metric.cosine, flipped, ref, None) == pytest.approx(0.0)
+    assert evaluate.metric(Metric.cosine, ref * 1e20, ref, None) == pytest.approx(1.0)

@@ -158,9 +158,13 @@ def metric(
     if kind is Metric.agreement:
         return float((flat.argmax(1) == ref.argmax(1)).mean())
     if kind is Metric.cosine:
-        num = (flat * ref).sum(1)
-        den = np.linalg.norm(flat, axis=1) * np.linalg.norm(ref, axis=1)
-        return float(np.mean(np.where(den > 0, num / np.maximum(den, 1e-12), 1.0)))
+        # float64 and no absolute floor on the norms: cosine is scale-free, and an
+        # untrained detector head's outputs (about 1e-14) made a fixed 1e-12 floor
+        # score even the source against itself as 0.
+        a, b = flat.astype(np.float64), ref.astype(np.float64)
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        num = (a * b).sum(1)
+        return float(np.mean(np.divide(num, den, out=np.ones_like(num), where=den > 0)))
     return float(np.mean((flat - ref) ** 2))
 
 
