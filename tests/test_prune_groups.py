@@ -410,6 +410,63 @@ def test_llama_heads_prune_through_rotary_embeddings_and_shared_kv_heads(
     np.testing.assert_array_equal(weights(out.model, "q_proj"), kept_q)
 
 
+@pytest.mark.parametrize(("opset", "attention"), [(14, "sdpa"), (17, "eager")])
+def test_multi_query_attention_prunes_query_heads_around_the_one_kv_head(
+    opset: int, attention: str
+):
+    """Multi-query attention (Gemma-2B, Falcon: one K/V head): repeat_kv expands the
+    one head to [B, 1, R, S, D] and folds it to [B, R, S, D], so every query head
+    reads a copy. The K/V head stays whole and the query heads are units of their
+    own: the copies follow the kept count (the Expand's R and the Reshape's R, also
+    behind sdpa's scale Mul). Before, all four heads were one unit with the K/V head
+    and no attention layer was pruned."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 8))
+    module = tiny_llama(kv_heads=1, attention=attention)
+    raw = export(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], opset)
+    config = PruneConfig(sparsity=0.5)
+    model = slim(raw)
+    g.constants_to_initializers(model)
+    source = zero_removed(model, config)
+
+    def weights(m: onnx.ModelProto, layer: int, proj: str) -> np.ndarray:
+        node = next(
+            n for n in m.graph.node if n.name == f"/model/layers.{layer}/self_attn/{proj}/MatMul"
+        )
+        return numpy_helper.to_array(
+            next(t for t in m.graph.initializer if t.name == node.input[1])
+        )
+
+    # A removed query head's zeroed Q still attends (uniformly) to the one V, which
+    # is kept: its output projection rows are zeroed too, so it adds nothing.
+    for layer in (0, 1):
+        q = weights(source, layer, "q_proj").reshape(64, 4, 16)
+        gone = np.flatnonzero(~q.any(axis=(0, 2)))
+        assert len(gone) == 2
+        o = weights(source, layer, "o_proj").reshape(4, 16, 64).copy()
+        o[gone] = 0
+        node = next(
+            n for n in source.graph.node if n.name.endswith(f"{layer}/self_attn/o_proj/MatMul")
+        )
+        g.replace_initializer(source.graph, node.input[1], o.reshape(64, 64))
+    out = Prune(config).run(source, None)
+    for layer in (0, 1):
+        attn = f"/model/layers.{layer}/self_attn"
+        assert any(n.startswith(f"removed 2/4 heads of {attn}/q_proj/MatMul") for n in out.notes)
+        assert any(
+            n.startswith(f"skipped {attn}/v_proj/MatMul: MatMul {attn}/MatMul_1 reads one K/V")
+            for n in out.notes
+        ), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    assert_exact(out.model, source, model, padded_text())
+
+    for proj in ("k_proj", "v_proj"):
+        np.testing.assert_array_equal(weights(out.model, 0, proj), weights(model, 0, proj))
+    assert weights(out.model, 0, "q_proj").shape == (64, 32)
+    assert weights(out.model, 0, "o_proj").shape == (32, 64)
+
+
 @pytest.mark.parametrize("opset", [14, 17])
 def test_single_head_attention_prunes_its_channels(opset: int):
     """transformers' SegFormer (its B0 has one head in the first stage, like this

@@ -827,6 +827,12 @@ class Discovery(LayoutOps):
             return {node.output[0]: Track(-1, b.ids, rank)}
         if b is None and a is not None and a.axis == -2:
             return {node.output[0]: Track(-2, a.ids, rank)}
+        if a is not None and b is not None and a.axis <= -3 and b.axis >= -2:
+            # Multi-query attention: the query heads on a batch axis meet the single
+            # K/V head's own channels, which then stay whole; the heads go on if
+            # that batch axis holds copies of the one head (checked below).
+            self.block(b.ids, f"{where} reads one K/V head for every query head")
+            b = None
         tracked = [t for t in (a, b) if t is not None]
         ref = tracked[0]
         if any(t.axis > -3 or t.axis != ref.axis or t.size != ref.size for t in tracked):
@@ -837,7 +843,15 @@ class Discovery(LayoutOps):
             other = node.input[1] if a is not None else node.input[0]
             dims = self.m.dims(other, need=(ref.axis,))
             if dims is None or (len(dims) >= -ref.axis and dims[ref.axis] != 1):
-                raise Block(f"{where} meets an operand whose channels are not tracked")
+                # ... or hold copies of one slice there (one K/V head repeated over
+                # the query heads), whose count then follows the kept heads.
+                copies = None
+                if dims is not None and len(dims) >= -ref.axis and dims[ref.axis] == ref.size:
+                    copies = self._repeats_of_one(other, ref.axis)
+                if copies is None:
+                    raise Block(f"{where} meets an operand whose channels are not tracked")
+                for at in copies:
+                    self._constant_fixup(at, lambda kept, ids=ref.ids: kept(ids), where)
         return {node.output[0]: Track(ref.axis, ref.ids, rank)}
 
 

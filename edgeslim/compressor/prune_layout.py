@@ -398,6 +398,53 @@ class LayoutOps:
                 self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
         return {node.output[0]: Track(t.axis, t.ids, rank)}
 
+    def _repeats_of_one(self, name: str, axis: int, depth: int = 0) -> list | None:
+        """Where the size of `name`'s `axis` (negative) is written, when that axis
+        is copies of one slice: an Expand of a size-1 axis, perhaps folded by a
+        Reshape [.., 1, R, ..] -> [.., R, ..] and moved by Transposes. That is
+        multi-query attention's repeat_kv (one K/V head expanded over the query
+        heads), whose copies may be cut like any channels. The entries to fix, or
+        None if it is not this."""
+        node = self.m.producers.get(name)
+        rank = self.m.rank(name)
+        if node is None or rank is None or depth > 8 or not -rank <= axis < 0:
+            return None
+        k = rank + axis
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm") or list(reversed(range(rank)))
+            return self._repeats_of_one(node.input[0], perm[k] - rank, depth + 1)
+        if node.op_type in ("Mul", "Div", "Add", "Sub") and len(node.input) == 2:
+            # A constant that is the same for every copy (sdpa's scale) keeps them copies.
+            scale = [self.m.array(i) for i in node.input]
+            if scale[0] is None and scale[1] is not None:
+                const = scale[1]
+                if const.ndim < -axis or const.shape[axis] == 1:
+                    return self._repeats_of_one(node.input[0], axis, depth + 1)
+            return None
+        if node.op_type in ("Cast", "Identity"):
+            return self._repeats_of_one(node.input[0], axis, depth + 1)
+        if node.op_type == "Expand":
+            dims, shape = self.m.dims(node.input[0]), self.m.entries(node.input[1])
+            if dims is None or shape is None or len(shape) < -axis:
+                return None
+            if len(dims) >= -axis and dims[axis] != 1:
+                return None
+            at = self._entry_at(node, 1, len(shape) + axis)
+            return None if at is None else [at]
+        if node.op_type == "Reshape" and not attr(node, "allowzero", 0):
+            dims, target = self.m.dims(node.input[0]), self._shape_pieces(node)
+            out = self.m.dims(name)
+            if dims is None or target is None or out is None or None in dims or k + 1 >= len(dims):
+                return None
+            if dims[k] != 1 or out != [*dims[:k], dims[k + 1], *dims[k + 2 :]]:
+                return None
+            inner = self._repeats_of_one(node.input[0], k + 1 - len(dims), depth + 1)
+            value, at = target[k]
+            if inner is None or (value != -1 and at is None):
+                return None
+            return inner if value == -1 else [*inner, at]
+        return None
+
     def _entry_at(self, reader, index: int, pos: int, depth: int = 0):
         """Where entry `pos` of the shape vector at reader.input[index] is written as a
         constant, through Concat and Where (a torch `expand` exports Where(shape == -1,
