@@ -11,6 +11,7 @@ from types import ModuleType
 
 import onnx
 import torch
+from torch import nn
 
 DIGITS_BUILD = Path(__file__).resolve().parent.parent / "examples" / "digits" / "build.py"
 
@@ -107,3 +108,109 @@ def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -
         dynamic_axes=dynamic,
     )
     return onnx.load_from_string(buf.getvalue())
+
+
+# A YOLOv8n-style detector, written from the published architecture (nothing is
+# downloaded): Conv-BN-SiLU, C2f (a channel split, bottlenecks, one concat of all),
+# SPPF (chained max pools concatenated), an FPN/PAN neck of nearest upsampling and
+# concats, and the decoupled Detect head whose box branch is decoded by DFL (a
+# softmax over 16 bins and a fixed 1x1 conv). Anchor and stride decoding, which
+# follow the DFL and carry no weights, are left out.
+
+
+class ConvBnSilu(nn.Module):
+    def __init__(self, cin: int, cout: int, k: int = 1, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(self.bn(self.conv(x)))
+
+
+class C2f(nn.Module):
+    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False) -> None:
+        super().__init__()
+        self.c = cout // 2
+        self.cv1 = ConvBnSilu(cin, 2 * self.c)
+        self.cv2 = ConvBnSilu((2 + n) * self.c, cout)
+        self.m = nn.ModuleList(
+            nn.Sequential(ConvBnSilu(self.c, self.c, 3), ConvBnSilu(self.c, self.c, 3))
+            for _ in range(n)
+        )
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]) if self.shortcut else m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.cv1 = ConvBnSilu(cin, cin // 2)
+        self.cv2 = ConvBnSilu(cin // 2 * 4, cout)
+        self.pool = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.pool(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloDetect(nn.Module):
+    def __init__(self, classes: int, widths: tuple[int, ...], bins: int = 16) -> None:
+        super().__init__()
+        self.classes, self.bins = classes, bins
+        box, cls = max(16, widths[0] // 4, 4 * bins), max(widths[0], classes)
+
+        def branch(cin: int, mid: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                ConvBnSilu(cin, mid, 3), ConvBnSilu(mid, mid, 3), nn.Conv2d(mid, cout, 1)
+            )
+
+        self.box = nn.ModuleList(branch(w, box, 4 * bins) for w in widths)
+        self.cls = nn.ModuleList(branch(w, cls, classes) for w in widths)
+        self.dfl = nn.Conv2d(bins, 1, 1, bias=False).requires_grad_(False)
+        self.dfl.weight.data[:] = torch.arange(bins, dtype=torch.float).view(1, bins, 1, 1)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        n, width = levels[0].shape[0], self.classes + 4 * self.bins
+        out = torch.cat(
+            [torch.cat((b(x), c(x)), 1).view(n, width, -1) for x, b, c in zip(
+                levels, self.box, self.cls, strict=True
+            )],
+            2,
+        )  # fmt: skip
+        box, cls = out.split((4 * self.bins, self.classes), 1)
+        bins = box.view(n, 4, self.bins, -1).transpose(2, 1).softmax(1)
+        return torch.cat((self.dfl(bins).view(n, 4, -1), cls.sigmoid()), 1)
+
+
+class YoloV8n(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = 16, 32, 64, 128, 256  # YOLOv8n: width multiple 0.25
+        self.stem = nn.Sequential(ConvBnSilu(3, c1, 3, 2), ConvBnSilu(c1, c2, 3, 2))
+        self.s2 = nn.Sequential(C2f(c2, c2, 1, True), ConvBnSilu(c2, c3, 3, 2))
+        self.p3 = C2f(c3, c3, 2, True)
+        self.p4 = nn.Sequential(ConvBnSilu(c3, c4, 3, 2), C2f(c4, c4, 2, True))
+        self.p5 = nn.Sequential(ConvBnSilu(c4, c5, 3, 2), C2f(c5, c5, 1, True), SPPF(c5, c5))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.top4, self.top3 = C2f(c5 + c4, c4), C2f(c4 + c3, c3)
+        self.down3, self.out4 = ConvBnSilu(c3, c3, 3, 2), C2f(c3 + c4, c4)
+        self.down4, self.out5 = ConvBnSilu(c4, c4, 3, 2), C2f(c4 + c5, c5)
+        self.detect = YoloDetect(classes, (c3, c4, c5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.p3(self.s2(self.stem(x)))
+        p4 = self.p4(p3)
+        p5 = self.p5(p4)
+        t4 = self.top4(torch.cat((self.up(p5), p4), 1))
+        o3 = self.top3(torch.cat((self.up(t4), p3), 1))
+        o4 = self.out4(torch.cat((self.down3(o3), t4), 1))
+        o5 = self.out5(torch.cat((self.down4(o4), p5), 1))
+        return self.detect([o3, o4, o5])

@@ -35,7 +35,7 @@ from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.simplify import Simplify, slim
 from edgeslim.compressor.steps import StepContext
-from tests.archs import export, tiny_bert, tiny_llama
+from tests.archs import YoloV8n, export, tiny_bert, tiny_llama
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
@@ -199,6 +199,37 @@ def test_groups_prune_real_architectures_exactly(arch: str, opset: int, constant
     before = run(case.model, case.feeds)
     assert np.abs(before - expected).max() > 1e-2 * np.abs(before).max()
     np.testing.assert_allclose(run(pruned, case.feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("opset", "constants"), [(11, True), (13, False), (17, False)])
+def test_yolov8_style_detector_prunes_c2f_sppf_and_the_neck_exactly(opset: int, constants: bool):
+    """The edge detector people ship most: C2f's channel split and concat of every
+    bottleneck, SPPF's pooled copies, the neck's upsampled concats and the decoupled
+    head all prune as groups. Only the head's output convs keep their outputs (the
+    box bins are decoded by a Reshape and softmax, the classes are the output), and
+    the fixed DFL conv has nothing to prune."""
+    torch.manual_seed(0)
+    module = YoloV8n()
+    with torch.no_grad():  # an untrained net's output hardly depends on its channels
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_(0.0, 0.5)
+    raw = export(module, (torch.randn(1, 3, 96, 96),), ["images"], opset)
+    model = slim(raw)  # what the prune step folds the export's computed Reshape targets to
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    assert (len(plan.groups.d.layers), len(plan.groups.reached_layers())) == (64, 63)
+    source = zero_removed(model, config)
+    out = Prune(config).run(to_constant_nodes(source) if constants else source, None)
+    onnx.checker.check_model(out.model, full_check=True)
+    summary = next(n for n in out.notes if n.startswith("structured:"))
+    assert summary.startswith("structured: 63/64 layers pruned"), out.notes
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    assert plan.before / plan.predicted >= 3.3  # 3,002,864 -> 891,896
+    images = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
+    assert_exact(out.model, source, model, {"images": images})
 
 
 def narrow_bert(model: onnx.ModelProto, hidden: int, heads: int, ffn: int, opset: int):
