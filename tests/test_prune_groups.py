@@ -441,6 +441,69 @@ def test_llama_heads_prune_through_rotary_embeddings_and_shared_kv_heads(
     np.testing.assert_array_equal(weights(out.model, "q_proj"), kept_q)
 
 
+@pytest.mark.parametrize("opset", [11, 17])
+def test_convnext_v2_global_response_norm_prunes_its_ffn(opset: int):
+    """ConvNeXt V2 (its Atto to Nano sizes are made for the edge) puts a Global
+    Response Norm in every FFN: each channel's L2 norm over the map divided by the
+    mean of those norms over the channels. That mean used to keep the FFN whole
+    (13/16 layers, 1.25x). Like a LayerNorm it now covers the kept channels, with a
+    note: with the hidden widths excluded, the result is the zeroed source with each
+    GRN mean taken over the kept channels only."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ConvNextV2Config(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=5
+    )
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformers.ConvNextV2ForImageClassification(config)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=x).logits
+
+    module = Logits()
+    with torch.no_grad():  # transformers starts GRN's scale and shift at zero
+        for name, param in module.named_parameters():
+            if "grn" in name:
+                param.normal_(0.0, 1.0)
+    model = export(module, (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    g.constants_to_initializers(model)
+    everything = PruneConfig(sparsity=0.5)
+    whole = Prune(everything).run(model, None)
+    assert next(n for n in whole.notes if n.startswith("structured:")).startswith(
+        "structured: 17/17 layers pruned"
+    ), whole.notes
+    assert sum("grn/ReduceMean normalizes over the channels of" in n for n in whole.notes) == 4
+
+    stage = "/m/convnextv2/encoder/stages.{}/"
+    widths = [stage.format(i) + "downsampling_layer.1/Conv" for i in (1, 2, 3)]
+    config = PruneConfig(
+        sparsity=0.5, exclude_nodes=["/m/convnextv2/embeddings/patch_embeddings/Conv", *widths]
+    )
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert [n for n in out.notes if n.startswith("removed")] == [
+        f"removed {c * 2}/{c * 4} neurons of {stage.format(i)}layers.0/pwconv1/MatMul"
+        for i, c in enumerate((16, 32, 64, 128))
+    ], out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    # The oracle: the zeroed source, each GRN's mean over all 4c channels scaled to
+    # the mean over the 2c kept ones.
+    oracle = onnx.ModelProto()
+    oracle.CopyFrom(source)
+    nodes = oracle.graph.node
+    for i in reversed([i for i, n in enumerate(nodes) if n.name.endswith("grn/ReduceMean")]):
+        scaled, nodes[i].output[0] = nodes[i].output[0], nodes[i].output[0] + "_over_all"
+        oracle.graph.initializer.append(numpy_helper.from_array(np.float32(2.0), scaled + "_k"))
+        nodes.insert(i + 1, helper.make_node("Mul", [nodes[i].output[0], scaled + "_k"], [scaled]))
+    images = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert_exact(out.model, oracle, model, {"input": images})
+
+
 @pytest.mark.parametrize(("opset", "attention"), [(14, "sdpa"), (17, "eager")])
 def test_multi_query_attention_prunes_query_heads_around_the_one_kv_head(
     opset: int, attention: str

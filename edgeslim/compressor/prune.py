@@ -425,8 +425,8 @@ def prune_structured(
             notes.append(f"removed {n}/{len(grp.units)} {grp.unit_name} of {grp.label}")
             if grp.normalized:
                 notes.append(
-                    f"{grp.normalized} normalizes over the channels of {grp.label}: its mean "
-                    "and variance now cover the kept ones only, so the outputs are not those "
+                    f"{grp.normalized} normalizes over the channels of {grp.label}: its "
+                    "statistics now cover the kept ones only, so the outputs are not those "
                     "of the source even where removed channels were zero (distill to recover)"
                 )
     after, _ = g.weight_stats(model)

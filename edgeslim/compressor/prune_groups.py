@@ -132,8 +132,11 @@ class Group:
     """What a unit is where it spans several channels: "heads", with grouped-query
     attention "K/V heads with their query heads", or "GroupNorm groups"."""
     normalized: str | None = None
-    """A LayerNorm over these channels (the hidden width of a transformer): removing
-    channels changes its mean and variance, so the result is not exact."""
+    """A norm over these channels (a LayerNorm or RMSNorm over a transformer's hidden
+    width, ConvNeXt V2's response norm over its FFN): removing channels changes its
+    statistics, so the result is not exact."""
+    hidden: bool = False
+    """The channels are a hidden width that a LayerNorm or RMSNorm normalizes."""
 
     @property
     def label(self) -> str:
@@ -146,7 +149,7 @@ class Group:
     def unit_name(self) -> str:
         if self.heads:
             return self.heads
-        if self.normalized:
+        if self.hidden:
             return "hidden channels"
         convs = any(n.op_type in ("Conv", "ConvTranspose") for n in self.producers)
         return "channels" if convs else "neurons"
@@ -194,7 +197,8 @@ class Discovery(LayoutOps):
         self.head_splits: list[np.ndarray] = []
         """One id per head of each tensor split into heads."""
         self.blocked: list[tuple[np.ndarray, str]] = []
-        self.normalized: list[tuple[np.ndarray, str]] = []
+        # (ids, the norm, whether it normalizes a hidden width)
+        self.normalized: list[tuple[np.ndarray, str, bool]] = []
         """ids a LayerNorm normalizes over, and that LayerNorm."""
         self.sources: list[Source] = []
         self.layers: list[onnx.NodeProto] = []
@@ -608,7 +612,7 @@ class Discovery(LayoutOps):
         for i in (1, 2):
             if len(node.input) > i and node.input[i]:
                 self.member(node, i, -1, t.ids, "param")
-        self.normalized.append((t.ids, where))
+        self.normalized.append((t.ids, where, True))
         return {node.output[0]: t}
 
     def _softmax(self, node, ins, where):
@@ -639,9 +643,10 @@ class Discovery(LayoutOps):
             raise Block(f"{where} reduces every axis")
         axes = [a % t.rank for a in axes]  # type: ignore[operator]
         if pos in axes:
-            if axes == [pos] and (self._decomposed_layer_norm(node) or self._rms_norm(node)):
+            hidden = self._decomposed_layer_norm(node) or self._rms_norm(node)
+            if axes == [pos] and (hidden or self._response_norm(node)):
                 # The row statistics broadcast back over the channels: nothing to track.
-                self.normalized.append((t.ids, where))
+                self.normalized.append((t.ids, where, hidden))
                 return {}
             raise Block(f"{where} reduces over the channels")
         if not attr(node, "keepdims", 1):
@@ -717,6 +722,25 @@ class Discovery(LayoutOps):
             scale is not None
             and scale.op_type == "Mul"
             and sorted(scale.input) == sorted([x, inverse.output[0]])
+        )
+
+    def _response_norm(self, node: onnx.NodeProto) -> bool:
+        """Whether ReduceMean `node` is the channel mean of ConvNeXt V2's Global
+        Response Norm: g / (mean(g) + eps), g each channel's L2 norm over the map.
+        Like a LayerNorm, it then divides by the mean of the kept channels."""
+        if attr(node, "keepdims", 1) != 1:
+            return False
+        add = self._only_reader(node.output[0])
+        if add is None or add.op_type != "Add":
+            return False
+        eps = [n for n in add.input if n != node.output[0]]
+        if len(eps) != 1 or not self._scalar_constant(eps[0]):
+            return False
+        div = self._only_reader(add.output[0])
+        return (
+            div is not None
+            and div.op_type == "Div"
+            and list(div.input) == [node.input[0], add.output[0]]
         )
 
     def _eps_sqrt(self, stat: onnx.NodeProto) -> onnx.NodeProto | None:
@@ -924,9 +948,12 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
         for gid in np.unique(group_of[ids]).tolist():
             blocked.setdefault(int(gid), reason)
     normalized: dict[int, str] = {}
-    for ids, where in d.normalized:
+    hidden: set[int] = set()
+    for ids, where, width in d.normalized:
         for gid in np.unique(group_of[ids]).tolist():
             normalized.setdefault(int(gid), where)
+            if width:
+                hidden.add(int(gid))
     by_group: dict[int, Group] = {}
     for src in d.sources:
         gid = int(group_of[src.ids[0]]) if len(src.ids) else -1
@@ -941,6 +968,7 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
     for grp in by_group.values():
         grp.units = sorted(units[grp.root])
         grp.normalized = normalized.get(grp.root)
+        grp.hidden = grp.root in hidden
         # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
         grp.unit_width = max(1, len(first.ids) // len(np.unique(roots[first.ids])))
