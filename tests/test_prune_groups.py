@@ -504,6 +504,84 @@ def test_convnext_v2_global_response_norm_prunes_its_ffn(opset: int):
     assert_exact(out.model, oracle, model, {"input": images})
 
 
+def over_kept_channels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each one-group GroupNorm taken over the channels its affine scale
+    keeps (nonzero) only: Gather them before the norm, and after it map every channel
+    to a kept one (a removed channel's value is then scaled by 0)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes, inits = out.graph.node, {t.name: t for t in out.graph.initializer}
+    producer = {o: n for n in nodes for o in n.output}
+    norms = [n for n in nodes if n.op_type == "InstanceNormalization"]
+    for k, norm in enumerate(norms):
+        split = producer[norm.input[0]]
+        back = next(n for n in nodes if n.input and n.input[0] == norm.output[0])
+        shape = producer[back.input[1]]
+        scale = next(n for n in nodes if n.op_type == "Mul" and back.output[0] in n.input)
+        weight = numpy_helper.to_array(inits[next(i for i in scale.input if i in inits)])
+        kept = np.flatnonzero(weight.reshape(-1))
+        where = np.zeros(weight.size, np.int64)
+        where[kept] = np.arange(len(kept))
+        x, full = split.input[0], back.output[0]
+        out.graph.initializer.extend(
+            [numpy_helper.from_array(kept, f"kept{k}"), numpy_helper.from_array(where, f"map{k}")]
+        )
+        split.input[0] = shape.input[0] = f"x{k}"
+        back.output[0] = f"normed{k}"
+        nodes.insert(list(nodes).index(back) + 1, helper.make_node(
+            "Gather", [f"normed{k}", f"map{k}"], [full], axis=1
+        ))  # fmt: skip
+        first = min(list(nodes).index(split), list(nodes).index(shape))
+        nodes.insert(first, helper.make_node("Gather", [x, f"kept{k}"], [f"x{k}"], axis=1))
+    return out
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_one_group_group_norm_prunes_like_a_layer_norm(opset: int):
+    """PoolFormer (and MobileViTv2) normalize each map over all its channels and
+    positions with GroupNorm(1, C), which torch exports as a Reshape to [0, 1, -1],
+    InstanceNormalization and a Reshape back. One group was one unit, so the stage
+    widths silently stayed whole (8/13 layers, 1.37x). Now, as for a LayerNorm, the
+    statistics cover the kept channels, with a note: the result is the zeroed source
+    with every such norm taken over its kept channels only."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.PoolFormerConfig(
+        num_labels=5, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64]
+    )
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformers.PoolFormerForImageClassification(config)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=x).logits
+
+    module = Logits()
+    with torch.no_grad():  # a trained net's norms do not all start at 1 and 0
+        for name, param in module.named_parameters():
+            if "norm" in name or "layer_scale" in name:
+                param.normal_(0.0, 1.0)
+    model = export(module, (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    summary = next(n for n in out.notes if n.startswith("structured:"))
+    assert summary.startswith("structured: 13/13 layers pruned"), out.notes
+    hidden = [n for n in out.notes if " hidden channels of " in n]
+    assert [n.split(" hidden")[0] for n in hidden] == [
+        f"removed {c}/{2 * c}" for c in (8, 16, 24, 32)
+    ], out.notes
+    assert sum(n.startswith("GroupNorm ") and "statistics" in n for n in out.notes) == 4
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    images = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert_exact(out.model, over_kept_channels(source), model, {"input": images})
+
+
 @pytest.mark.parametrize(("opset", "attention"), [(14, "sdpa"), (17, "eager")])
 def test_multi_query_attention_prunes_query_heads_around_the_one_kv_head(
     opset: int, attention: str

@@ -568,9 +568,19 @@ class Discovery(LayoutOps):
         parts = None if t is None or ins[1] is not None else self._group_norm_parts(node)
         if parts is None:
             return super()._reshape(node, ins, where)
-        groups, _, back = parts
+        groups, norm, back = parts
         if t.pos(where) != 1:
             raise Block(f"{where} groups the channels of a tensor whose channels are elsewhere")
+        folded = self.m.array(back.input[1])
+        if folded is not None:  # the way back's channel count is a constant too
+            self.fixups.append(Fixup(back, 1, 1, lambda kept, ids=t.ids: kept(ids)))
+        if groups == 1:
+            # One group normalizes each sample over every channel and position (the
+            # LayerNorm of a map in PoolFormer and MobileViTv2): as for a LayerNorm,
+            # its statistics then cover the kept channels, which go on past the way
+            # back; the tensors in between carry no track.
+            self.normalized.append((t.ids, f"GroupNorm {label(norm)}", True))
+            return {back.output[0]: t}
         # Its statistics are per group: removing part of one would change them, so a
         # whole group is one unit, the InstanceNormalization's scale and bias follow the
         # groups, and G in the target follows the kept count.
@@ -578,9 +588,6 @@ class Discovery(LayoutOps):
         self.union(np.repeat(rows[:, 0], rows.shape[1]), t.ids)
         self.norm_groups.append(rows[:, 0])
         self.fixups.append(Fixup(node, 1, 1, lambda kept, ids=rows[:, 0]: kept(ids)))
-        folded = self.m.array(back.input[1])
-        if folded is not None:  # the way back's channel count is a constant too
-            self.fixups.append(Fixup(back, 1, 1, lambda kept, ids=t.ids: kept(ids)))
         self.regrouped[back.output[0]] = t
         return {node.output[0]: Track(-2, rows[:, 0], 3)}
 
