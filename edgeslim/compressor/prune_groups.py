@@ -197,9 +197,9 @@ class Discovery(LayoutOps):
         self.head_splits: list[np.ndarray] = []
         """One id per head of each tensor split into heads."""
         self.blocked: list[tuple[np.ndarray, str]] = []
-        # (ids, the norm, whether it normalizes a hidden width)
         self.normalized: list[tuple[np.ndarray, str, bool]] = []
-        """ids a LayerNorm normalizes over, and that LayerNorm."""
+        """ids a norm normalizes over, that norm, and whether it is a LayerNorm or
+        RMSNorm of a hidden width."""
         self.sources: list[Source] = []
         self.layers: list[onnx.NodeProto] = []
         """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight."""
