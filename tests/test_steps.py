@@ -83,6 +83,22 @@ def test_distill_recovers_accuracy_and_keeps_pruned_weights_zero(tmp_path: Path,
     assert any("masks" in n for n in out.notes)
 
 
+def test_distill_trains_a_bias_that_starts_at_zero(tmp_path: Path, digits) -> None:
+    """Masks keep magnitude-pruned kernels sparse; a bias that is zero (all of it)
+    is no pruned weight and must learn, as the classifier's does here."""
+    model = digits.model()
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    bias = gemm.input[2]
+    width = numpy_helper.to_array(graph.initializer_map(model.graph)[bias]).shape
+    graph.replace_initializer(model.graph, bias, np.zeros(width, np.float32))
+    # No hold-out: the trained weights are kept even where the input scored as well.
+    config = DistillConfig(dataset=str(digits.train), epochs=1, validation_split=0)
+    out = Distill(config).run(model, context(digits, tmp_path))
+    assert not any("masks" in n for n in out.notes), out.notes
+    trained = numpy_helper.to_array(graph.initializer_map(out.model.graph)[bias])
+    assert np.abs(trained).max() > 0, out.notes
+
+
 def test_distill_refuses_a_student_with_other_inputs(tmp_path: Path, digits) -> None:
     x = helper.make_tensor_value_info("other", TensorProto.FLOAT, ["b", 64])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 10])

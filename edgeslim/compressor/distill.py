@@ -101,11 +101,12 @@ class Distill:
         # Scale each feature's error by the teacher's variance so that wide, large-valued
         # activations do not drown the others (or the output loss).
         feat_scales = [1.0 / (float(f.var()) + 1e-8) for f in feat_targets]
-        # (parameter, mask) pairs: the parameters are the module's own tensors.
+        # (parameter, mask) pairs: the parameters are the module's own tensors. Only
+        # kernels (magnitude pruning zeroes those): a bias that starts at zero learns.
         masks = [
             (w, (w != 0).to(w.dtype))
             for w in student.weights().values()
-            if float((w == 0).float().mean()) >= MASK_MIN_SPARSITY
+            if w.dim() >= 2 and float((w == 0).float().mean()) >= MASK_MIN_SPARSITY
         ]
         if masks:
             notes.append(f"kept {len(masks)} pruned weight masks fixed while training")
