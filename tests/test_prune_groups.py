@@ -582,6 +582,62 @@ def test_one_group_group_norm_prunes_like_a_layer_norm(opset: int):
     assert_exact(out.model, over_kept_channels(source), model, {"input": images})
 
 
+class FoldedGqa(torch.nn.Module):
+    """Grouped-query attention (4 query heads of 16, 2 K/V heads) written the way
+    torch's dynamo exporter decomposes sdpa: K is expanded over its query heads and
+    folded through the batch axis ([B, KVH, R, S, D] -> [B*H, S, D]), transposed
+    there and unfolded ([B, H, D, S]); V is expanded and folded as repeat_kv does.
+    Batch 2 and length 8 are written in, as in a static export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(32, 64, bias=False)
+        self.k = torch.nn.Linear(32, 32, bias=False)
+        self.v = torch.nn.Linear(32, 32, bias=False)
+        self.o = torch.nn.Linear(64, 32)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h, kv, d = 2, 8, 4, 2, 16
+        q = self.q(x).reshape(b, s, h, d).transpose(1, 2)
+        k = self.k(x).reshape(b, s, kv, d).transpose(1, 2).unsqueeze(2)
+        v = self.v(x).reshape(b, s, kv, d).transpose(1, 2).unsqueeze(2)
+        k = k.expand(b, kv, h // kv, s, d).reshape(b * h, s, d).transpose(1, 2)
+        v = v.expand(b, kv, h // kv, s, d).reshape(b, h, s, d)
+        scale = d**-0.25
+        probs = torch.softmax((q * scale) @ (k.reshape(b, h, d, s) * scale), -1)
+        y = (probs @ v).transpose(1, 2).reshape(b, s, h * d)
+        return self.head(torch.relu(self.o(y)))
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_grouped_kv_heads_folded_through_the_batch_axis(opset: int):
+    """The K path above is no single rule's: the run of Reshape, Transpose, Reshape
+    is executed on index arrays, and there the K/V head ids come out on the heads
+    axis each repeated for its query heads, the entries holding them (B*H, H)
+    following the kept count. A unit is one K/V head with its query heads; exact.
+    Before, the K/V heads stayed whole (Llama from torch's dynamo exporter: 6/14
+    layers, now 14/14)."""
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    x = torch.randn(2, 8, 32)
+    torch.onnx.export(
+        FoldedGqa().eval(), (x,), buf, dynamo=False, opset_version=opset,
+        input_names=["x"], output_names=["output"],
+    )  # fmt: skip
+    model = onnx.load_from_string(buf.getvalue())
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(
+        n.startswith("removed 1/2 K/V heads with their query heads of /q/MatMul") for n in out.notes
+    ), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    assert_exact(out.model, source, model, {"x": x.numpy()})
+
+
 @pytest.mark.parametrize(("opset", "attention"), [(14, "sdpa"), (17, "eager")])
 def test_multi_query_attention_prunes_query_heads_around_the_one_kv_head(
     opset: int, attention: str

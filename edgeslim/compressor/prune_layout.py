@@ -6,7 +6,8 @@ turns the D ids of a head into one unit; folding the next axis in repeats each
 id, as grouped-query attention's repeat_kv does); Expand keeps the channels
 where they are; Concat, Split and Slice map offsets; Shape may read any size
 but the channel count. A run of Reshapes and Transposes that no rule reads is
-checked by executing it on index arrays. Where a size written in the graph
+checked by executing it on index arrays (the channels may come out repeated, as
+dynamo's folded grouped-query K does). Where a size written in the graph
 must follow the pruned count (Reshape targets, Expand shapes, Split sizes,
 Slice bounds, Resize sizes), a Fixup records it.
 """
@@ -171,12 +172,13 @@ class LayoutOps:
             if moved is None:
                 return None
             full, cut = moved
-            k = self._whole_channels(full, cut, c, fewer)
-            if k is not None:
-                for at in fixes:
-                    self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+            found = self._whole_channels(full, cut, c, fewer)
+            if found is not None:
+                k, copies = found
+                for at, per in fixes:
+                    self._constant_fixup(at, lambda kept, ids=t.ids, n=per: n * kept(ids), where)
                 rank = full[0].ndim
-                return {step.output[0]: Track(k - rank, t.ids, rank)}
+                return {step.output[0]: Track(k - rank, np.repeat(t.ids, copies), rank)}
             step = self._only_reader(step.output[0])
             if step is None or step.op_type not in ("Reshape", "Transpose"):
                 return None
@@ -197,30 +199,37 @@ class LayoutOps:
         if None in values:
             return None
         values = [full[0].shape[i] if v == 0 else v for i, v in enumerate(values)]
-        narrowed = [
-            fewer if v == c and at is not None else v
-            for v, (_, at) in zip(values, target, strict=True)
-        ]
         try:
-            moved = [a.reshape(values) for a in full], [a.reshape(narrowed) for a in cut]
+            channel = full[0].reshape(values)
         except ValueError:
             return None
-        fixes.extend(
-            at for v, (_, at) in zip(values, target, strict=True) if v == c and at is not None
-        )
-        return moved
+        # An entry whose axis holds the channels (alone, or folded with other axes:
+        # [B, C, R, ..] -> [B*C*R, ..]) holds v / c of each; fewer channels, fewer.
+        narrowed = list(values)
+        for j, (v, (_, at)) in enumerate(zip(values, target, strict=True)):
+            if at is not None and v > 0 and v % c == 0 and np.ptp(channel, axis=j).any():
+                narrowed[j] = v // c * fewer
+                fixes.append((at, v // c))
+        try:
+            return [a.reshape(values) for a in full], [a.reshape(narrowed) for a in cut]
+        except ValueError:
+            return None
 
     @staticmethod
-    def _whole_channels(full, cut, c: int, fewer: int) -> int | None:
-        """The axis where the channels are whole and in order in `full`, and in `cut`
-        the first `fewer` of them with every other coordinate as in `full`."""
+    def _whole_channels(full, cut, c: int, fewer: int) -> tuple[int, int] | None:
+        """(axis, copies) where the channels are whole and in order in `full`, each
+        `copies` times in a row (grouped-query attention's K/V heads, expanded over
+        their query heads and folded through the batch axis by torch's dynamo
+        export), and in `cut` the first `fewer` of them with every other coordinate
+        as in `full`."""
         channel = full[0]
         for k, n in enumerate(channel.shape):
-            if n != c or not (np.moveaxis(channel, k, -1) == np.arange(c)).all():
+            copies = n // c
+            if n % c or not (np.moveaxis(channel, k, -1) == np.arange(c).repeat(copies)).all():
                 continue
-            kept = [np.take(a, range(fewer), axis=k) for a in full]
+            kept = [np.take(a, range(fewer * copies), axis=k) for a in full]
             if all(a.shape == b.shape and (a == b).all() for a, b in zip(kept, cut, strict=True)):
-                return k
+                return k, copies
         return None
 
     def _channels_kept(self, node, t: Track, target, where):
