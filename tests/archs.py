@@ -92,6 +92,18 @@ def tiny_llama(*, kv_heads: int, attention: str) -> torch.nn.Module:
     return Decoder()
 
 
+class PixelLogits(torch.nn.Module):
+    """A transformers vision model (`self.m`) called on pixel_values, returning its
+    logits tensor only; its nodes are named /m/..."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(pixel_values=x).logits
+
+
 def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*names, "output"]}

@@ -35,7 +35,7 @@ from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.simplify import Simplify, slim
 from edgeslim.compressor.steps import StepContext
-from tests.archs import YoloV8n, export, tiny_bert, tiny_llama
+from tests.archs import PixelLogits, YoloV8n, export, tiny_bert, tiny_llama
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
@@ -456,15 +456,7 @@ def test_convnext_v2_global_response_norm_prunes_its_ffn(opset: int):
         hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=5
     )
 
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = transformers.ConvNextV2ForImageClassification(config)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m(pixel_values=x).logits
-
-    module = Logits()
+    module = PixelLogits(transformers.ConvNextV2ForImageClassification(config))
     with torch.no_grad():  # transformers starts GRN's scale and shift at zero
         for name, param in module.named_parameters():
             if "grn" in name:
@@ -551,15 +543,7 @@ def test_one_group_group_norm_prunes_like_a_layer_norm(opset: int):
         num_labels=5, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64]
     )
 
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = transformers.PoolFormerForImageClassification(config)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m(pixel_values=x).logits
-
-    module = Logits()
+    module = PixelLogits(transformers.PoolFormerForImageClassification(config))
     with torch.no_grad():  # a trained net's norms do not all start at 1 and 0
         for name, param in module.named_parameters():
             if "norm" in name or "layer_scale" in name:
@@ -710,15 +694,9 @@ def test_single_head_attention_prunes_its_channels(opset: int):
         num_attention_heads=[1, 2], decoder_hidden_size=32, num_labels=4,
     )  # fmt: skip
 
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = transformers.SegformerForSemanticSegmentation(config)
+    logits = PixelLogits(transformers.SegformerForSemanticSegmentation(config))
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m(pixel_values=x).logits
-
-    raw = export(Logits(), (torch.randn(1, 3, 32, 32),), ["input"], opset)
+    raw = export(logits, (torch.randn(1, 3, 32, 32),), ["input"], opset)
     model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
     stage = "/m/segformer/stages.{}"
     reduction = "/blocks.0/attention/sequence_reduction/sequence_reduction/Conv"

@@ -735,13 +735,8 @@ class Discovery(LayoutOps):
         """Whether ReduceMean `node` is the channel mean of ConvNeXt V2's Global
         Response Norm: g / (mean(g) + eps), g each channel's L2 norm over the map.
         Like a LayerNorm, it then divides by the mean of the kept channels."""
-        if attr(node, "keepdims", 1) != 1:
-            return False
-        add = self._only_reader(node.output[0])
-        if add is None or add.op_type != "Add":
-            return False
-        eps = [n for n in add.input if n != node.output[0]]
-        if len(eps) != 1 or not self._scalar_constant(eps[0]):
+        add = self._plus_eps(node) if attr(node, "keepdims", 1) == 1 else None
+        if add is None:
             return False
         div = self._only_reader(add.output[0])
         return (
@@ -750,14 +745,19 @@ class Discovery(LayoutOps):
             and list(div.input) == [node.input[0], add.output[0]]
         )
 
-    def _eps_sqrt(self, stat: onnx.NodeProto) -> onnx.NodeProto | None:
-        """The Sqrt of `stat` + a scalar constant (a norm's epsilon), each the only
-        reader of the one before: the denominator of a LayerNorm or RMSNorm."""
+    def _plus_eps(self, stat: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Add of a scalar constant (a norm's epsilon) that alone reads `stat`."""
         add = self._only_reader(stat.output[0])
         if add is None or add.op_type != "Add":
             return None
         eps = [n for n in add.input if n != stat.output[0]]
-        if len(eps) != 1 or not self._scalar_constant(eps[0]):
+        return add if len(eps) == 1 and self._scalar_constant(eps[0]) else None
+
+    def _eps_sqrt(self, stat: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Sqrt of `stat` + a scalar constant (a norm's epsilon), each the only
+        reader of the one before: the denominator of a LayerNorm or RMSNorm."""
+        add = self._plus_eps(stat)
+        if add is None:
             return None
         sqrt = self._only_reader(add.output[0])
         return sqrt if sqrt is not None and sqrt.op_type == "Sqrt" else None
