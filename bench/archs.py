@@ -231,6 +231,24 @@ class AlbertLogits(SequenceLogits):
         self.model = transformers.AlbertForSequenceClassification(config)
 
 
+class ConvNextV2Logits(nn.Module):
+    """A ConvNextV2ForImageClassification (depthwise 7x7 convs, LayerNorms over the
+    channels, a Global Response Norm in every FFN) of widths 16 / 32 / 64 / 128 for
+    32x32 inputs, returning its logits tensor only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.ConvNextV2Config(
+            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_labels=10
+        )
+        self.model = transformers.ConvNextV2ForImageClassification(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
 class MobileViTLogits(nn.Module):
     """A MobileViTForImageClassification (MobileNetV2 blocks, then transformer blocks
     over unfolded 2x2 patches) for 32x32 inputs, returning its logits tensor only."""

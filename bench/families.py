@@ -1,6 +1,6 @@
 """Structured pruning on architecture families the dependency groups were not tuned on.
 
-    python bench/families.py [--arch vit swin mobilevit llama albert] [--epochs N] [--seeds N] ...
+    python bench/families.py [--arch vit swin mobilevit convnextv2 llama albert] [--seeds N] ...
 
 Each model is built with no weights (torchvision, or a `transformers` config),
 trained briefly on scikit-learn's digits (bench/archs.py), exported to ONNX and compressed through
@@ -16,6 +16,10 @@ the parameters before and after, and the accuracy on the held-out split.
 - mobilevit: transformers' MobileViTForImageClassification (MobileNetV2 blocks,
   then transformer blocks over 2x2 patches unfolded into the batch axis and
   folded back), widths 32 / 48 / 64;
+- convnextv2: transformers' ConvNextV2ForImageClassification (depthwise 7x7
+  convs, LayerNorms over the channels, a Global Response Norm in every FFN: each
+  channel's L2 norm over the map divided by the mean over the channels), widths
+  16 / 32 / 64 / 128;
 - llama: a LlamaForSequenceClassification from a `transformers` config (RMSNorm,
   rotary embeddings, 4 query heads sharing 2 K/V heads, SwiGLU FFN), 2 layers of
   width 128, on bench/pruning.py's keyword-counting task instead of digits;
@@ -65,6 +69,8 @@ def build(arch: str) -> torch.nn.Module:
         return archs.AlbertLogits()
     if arch == "mobilevit":
         return archs.MobileViTLogits()
+    if arch == "convnextv2":
+        return archs.ConvNextV2Logits()
     if arch == "vit":
         return torchvision.models.VisionTransformer(
             image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
@@ -299,6 +305,29 @@ def torch_pruning_mobilevit(*args: object) -> Row:
     return torch_pruning_heads("mobilevit", MobileViTSelfAttention, *args)  # type: ignore[arg-type]
 
 
+def torch_pruning_convnextv2(
+    module: torch.nn.Module,
+    task: archs.Task,
+    source: onnx.ModelProto,
+    sparsity: float,
+    budget: DistillConfig,
+) -> Row:
+    """Torch-Pruning with its defaults on a CNN, the classifier kept. GRN's scale and
+    shift ([1, 1, 1, C] Parameters) and the layer scales are named as unwrapped
+    parameters on their channel axis so that they follow the FFN and stage widths."""
+    started = time.perf_counter()
+    model = copy.deepcopy(module).eval()
+    unwrapped = [
+        (p, p.dim() - 1) for name, p in model.named_parameters() if name.endswith(
+            ("grn.weight", "grn.bias")
+        )
+    ]  # fmt: skip
+    classifier = [model.model.classifier]
+    pruner = meta_pruner(model, task, sparsity, classifier, unwrapped_parameters=unwrapped)
+    pruner.step()
+    return distilled("convnextv2", module, model, task, source, budget, started)
+
+
 def torch_pruning_albert(*args: object) -> Row:
     """The one attention module ALBERT runs at both depths."""
     from transformers.models.albert.modeling_albert import AlbertAttention
@@ -310,6 +339,7 @@ PEERS = {
     "vit": torch_pruning_vit,
     "llama": torch_pruning_llama,
     "mobilevit": torch_pruning_mobilevit,
+    "convnextv2": torch_pruning_convnextv2,
     "albert": torch_pruning_albert,
 }
 
@@ -348,8 +378,8 @@ def main() -> None:
     parser.add_argument(
         "--arch",
         nargs="+",
-        choices=["vit", "swin", "mobilevit", "llama", "albert"],
-        default=["vit", "swin", "mobilevit", "llama", "albert"],
+        choices=["vit", "swin", "mobilevit", "convnextv2", "llama", "albert"],
+        default=["vit", "swin", "mobilevit", "convnextv2", "llama", "albert"],
     )
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the source")
     parser.add_argument("--sparsity", type=float, default=0.5)
