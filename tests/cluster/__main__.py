@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell without job control starts background commands with SIGINT ignored,
+    # and every child inherits that (make test run with `&`, then pytest, then this
+    # process): Ctrl-C would do nothing. Whoever sends SIGINT here means it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cp: ControlPlane | None = None
     agent: NodeAgent | None = None
     s3: S3Server | None = None
