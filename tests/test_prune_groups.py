@@ -446,9 +446,9 @@ def test_convnext_v2_global_response_norm_prunes_its_ffn(opset: int):
     """ConvNeXt V2 (its Atto to Nano sizes are made for the edge) puts a Global
     Response Norm in every FFN: each channel's L2 norm over the map divided by the
     mean of those norms over the channels. That mean used to keep the FFN whole
-    (13/16 layers, 1.25x). Like a LayerNorm it now covers the kept channels, with a
-    note: with the hidden widths excluded, the result is the zeroed source with each
-    GRN mean taken over the kept channels only."""
+    (only the stage widths were cut: 2.15x). Like a LayerNorm it now covers the
+    kept channels, with a note: with the hidden widths excluded, the result is the
+    zeroed source with each GRN mean taken over the kept channels only."""
     import transformers
 
     torch.manual_seed(0)
