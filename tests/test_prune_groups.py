@@ -566,23 +566,28 @@ def test_one_group_group_norm_prunes_like_a_layer_norm(opset: int):
     assert_exact(out.model, over_kept_channels(source), model, {"input": images})
 
 
+def _weight_of(model: onnx.ModelProto, node_name: str) -> str:
+    return next(n.input[1] for n in model.graph.node if n.name == node_name)
+
+
 class FoldedGqa(torch.nn.Module):
-    """Grouped-query attention (4 query heads of 16, 2 K/V heads) written the way
+    """Grouped-query attention (4 query heads of 16, `kv` K/V heads) written the way
     torch's dynamo exporter decomposes sdpa: K is expanded over its query heads and
     folded through the batch axis ([B, KVH, R, S, D] -> [B*H, S, D]), transposed
     there and unfolded ([B, H, D, S]); V is expanded and folded as repeat_kv does.
     Batch 2 and length 8 are written in, as in a static export."""
 
-    def __init__(self) -> None:
+    def __init__(self, kv: int) -> None:
         super().__init__()
+        self.kv = kv
         self.q = torch.nn.Linear(32, 64, bias=False)
-        self.k = torch.nn.Linear(32, 32, bias=False)
-        self.v = torch.nn.Linear(32, 32, bias=False)
+        self.k = torch.nn.Linear(32, 16 * kv, bias=False)
+        self.v = torch.nn.Linear(32, 16 * kv, bias=False)
         self.o = torch.nn.Linear(64, 32)
         self.head = torch.nn.Linear(32, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h, kv, d = 2, 8, 4, 2, 16
+        b, s, h, kv, d = 2, 8, 4, self.kv, 16
         q = self.q(x).reshape(b, s, h, d).transpose(1, 2)
         k = self.k(x).reshape(b, s, kv, d).transpose(1, 2).unsqueeze(2)
         v = self.v(x).reshape(b, s, kv, d).transpose(1, 2).unsqueeze(2)
@@ -594,29 +599,37 @@ class FoldedGqa(torch.nn.Module):
         return self.head(torch.relu(self.o(y)))
 
 
-@pytest.mark.parametrize("opset", [14, 17])
-def test_grouped_kv_heads_folded_through_the_batch_axis(opset: int):
+@pytest.mark.parametrize(("opset", "kv"), [(14, 2), (17, 2), (17, 1)])
+def test_kv_heads_folded_through_the_batch_axis(opset: int, kv: int):
     """The K path above is no single rule's: the run of Reshape, Transpose, Reshape
-    is executed on index arrays, and there the K/V head ids come out on the heads
+    is executed on index arrays. With 2 K/V heads their ids come out on the heads
     axis each repeated for its query heads, the entries holding them (B*H, H)
-    following the kept count. A unit is one K/V head with its query heads; exact.
-    Before, the K/V heads stayed whole (Llama from torch's dynamo exporter: 6/14
-    layers, now 14/14)."""
+    following the kept count: a unit is one K/V head with its query heads. With one
+    (multi-query) the run is executed from the Expand on the index of each copy,
+    which must come out whole on the heads axis: the query heads are the units and
+    the copies follow them. Exact either way. Before, the attention stayed whole
+    (a Llama from torch's dynamo exporter: 6/14 layers, now 14/14, and 10/14 with
+    one K/V head)."""
     torch.manual_seed(0)
     buf = io.BytesIO()
     x = torch.randn(2, 8, 32)
     torch.onnx.export(
-        FoldedGqa().eval(), (x,), buf, dynamo=False, opset_version=opset,
+        FoldedGqa(kv).eval(), (x,), buf, dynamo=False, opset_version=opset,
         input_names=["x"], output_names=["output"],
     )  # fmt: skip
     model = onnx.load_from_string(buf.getvalue())
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
     source = zero_removed(model, config)
+    if kv == 1:  # a removed query head still reads the one V: zero its output rows
+        q = numpy_helper.to_array(g.initializer_map(source.graph)[_weight_of(source, "/q/MatMul")])
+        o_name = _weight_of(source, "/o/MatMul")
+        o = numpy_helper.to_array(g.initializer_map(source.graph)[o_name]).reshape(4, 16, 32).copy()
+        o[~q.reshape(32, 4, 16).any(axis=(0, 2))] = 0
+        g.replace_initializer(source.graph, o_name, o.reshape(64, 32))
     out = Prune(config).run(source, None)
-    assert any(
-        n.startswith("removed 1/2 K/V heads with their query heads of /q/MatMul") for n in out.notes
-    ), out.notes
+    removed = "removed 2/4 heads" if kv == 1 else "removed 1/2 K/V heads with their query heads"
+    assert any(n.startswith(f"{removed} of /q/MatMul") for n in out.notes), out.notes
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
     assert_exact(out.model, source, model, {"x": x.numpy()})

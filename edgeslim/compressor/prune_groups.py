@@ -878,11 +878,13 @@ class Discovery(LayoutOps):
                 # the query heads), whose count then follows the kept heads.
                 copies = None
                 if dims is not None and len(dims) >= -ref.axis and dims[ref.axis] == ref.size:
-                    copies = self._repeats_of_one(other, ref.axis)
+                    copies = self._repeats_of_one(other, ref.axis) or self._copies_run(
+                        other, ref.axis
+                    )
                 if copies is None:
                     raise Block(f"{where} meets an operand whose channels are not tracked")
-                for at in copies:
-                    self._constant_fixup(at, lambda kept, ids=ref.ids: kept(ids), where)
+                for at, per in copies:
+                    self._constant_fixup(at, lambda kept, ids=ref.ids, n=per: n * kept(ids), where)
         return {node.output[0]: Track(ref.axis, ref.ids, rank)}
 
 

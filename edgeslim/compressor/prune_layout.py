@@ -439,7 +439,7 @@ class LayoutOps:
             if len(dims) >= -axis and dims[axis] != 1:
                 return None
             at = self._entry_at(node, 1, len(shape) + axis)
-            return None if at is None else [at]
+            return None if at is None else [(at, 1)]
         if node.op_type == "Reshape" and not attr(node, "allowzero", 0):
             dims, target = self.m.dims(node.input[0]), self._shape_pieces(node)
             out = self.m.dims(name)
@@ -451,8 +451,59 @@ class LayoutOps:
             value, at = target[k]
             if inner is None or (value != -1 and at is None):
                 return None
-            return inner if value == -1 else [*inner, at]
+            return inner if value == -1 else [*inner, (at, 1)]
         return None
+
+    def _copies_run(self, name: str, axis: int) -> list | None:
+        """The same where Reshapes fold the copies through other axes (torch's dynamo
+        exporter writes multi-query K as [B, 1, R, S, D] -> [B*R, S, D] -> Transpose
+        -> [B, R, D, S]): back from `name` through Reshapes, Transposes and scalar
+        scales to an Expand that grows one size-1 axis to R, then forward on index
+        arrays of the copy and of every other coordinate, at R copies and at one
+        fewer, as for a layout run. The copies must come out whole on `axis`.
+        (entry, copies per kept one) pairs, or None."""
+        chain: list[onnx.NodeProto] = []
+        node = self.m.producers.get(name)
+        while node is not None and node.op_type != "Expand" and len(chain) <= LAYOUT_RUN_STEPS:
+            if node.op_type in ("Transpose", "Reshape"):
+                chain.append(node)
+            elif node.op_type in ("Mul", "Div", "Add", "Sub"):
+                const = self.m.array(node.input[1]) if len(node.input) == 2 else None
+                if const is None or const.size != 1:
+                    return None
+            elif node.op_type not in ("Cast", "Identity"):
+                return None
+            node = self.m.producers.get(node.input[0])
+        if node is None or node.op_type != "Expand":
+            return None
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        shape = self.m.entries(node.input[1])
+        if dims is None or out is None or shape is None or None in out or len(dims) != len(out):
+            return None
+        grown = [j for j, (a, b) in enumerate(zip(dims, out, strict=True)) if a == 1 and b > 1]
+        if len(grown) != 1 or math.prod(out) > LAYOUT_RUN_ELEMENTS:
+            return None
+        j, c = grown[0], out[grown[0]]
+        at = self._entry_at(node, 1, len(shape) - len(out) + j)
+        if at is None:
+            return None
+        index = [1] * len(out)
+        index[j] = c
+        rest = [*out[:j], 1, *out[j + 1 :]]
+        full = [
+            np.broadcast_to(np.arange(c).reshape(index), out),
+            np.broadcast_to(np.arange(math.prod(rest)).reshape(rest), out),
+        ]
+        cut = [np.take(a, range(c - 1), axis=j) for a in full]
+        fixes: list[tuple] = []
+        for step in reversed(chain):
+            moved = self._layout_step(step, full, cut, c, c - 1, fixes)
+            if moved is None:
+                return None
+            full, cut = moved
+        if self._whole_channels(full, cut, c, c - 1) != (full[0].ndim + axis, 1):
+            return None
+        return [(at, 1), *fixes]
 
     def _entry_at(self, reader, index: int, pos: int, depth: int = 0):
         """Where entry `pos` of the shape vector at reader.input[index] is written as a
