@@ -416,7 +416,10 @@ class LayoutOps:
         None if it is not this."""
         node = self.m.producers.get(name)
         rank = self.m.rank(name)
+        # Only where nothing else reads the way: its sizes change with the kept heads.
         if node is None or rank is None or depth > 8 or not -rank <= axis < 0:
+            return None
+        if self.m.uses(name) != 1:
             return None
         k = rank + axis
         if node.op_type == "Transpose":
@@ -465,6 +468,8 @@ class LayoutOps:
         chain: list[onnx.NodeProto] = []
         node = self.m.producers.get(name)
         while node is not None and node.op_type != "Expand" and len(chain) <= LAYOUT_RUN_STEPS:
+            if self.m.uses(node.output[0]) != 1:  # its sizes change: nothing else may read it
+                return None
             if node.op_type in ("Transpose", "Reshape"):
                 chain.append(node)
             elif node.op_type in ("Mul", "Div", "Add", "Sub"):
@@ -474,7 +479,7 @@ class LayoutOps:
             elif node.op_type not in ("Cast", "Identity"):
                 return None
             node = self.m.producers.get(node.input[0])
-        if node is None or node.op_type != "Expand":
+        if node is None or node.op_type != "Expand" or self.m.uses(node.output[0]) != 1:
             return None
         dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
         shape = self.m.entries(node.input[1])
