@@ -231,7 +231,17 @@ class AlbertLogits(SequenceLogits):
         self.model = transformers.AlbertForSequenceClassification(config)
 
 
-class ConvNextV2Logits(nn.Module):
+class PixelLogits(nn.Module):
+    """A transformers image classifier (`self.model`) called on pixel_values that
+    returns its logits tensor only."""
+
+    model: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+class ConvNextV2Logits(PixelLogits):
     """A ConvNextV2ForImageClassification (depthwise 7x7 convs, LayerNorms over the
     channels, a Global Response Norm in every FFN) of widths 16 / 32 / 64 / 128 for
     32x32 inputs, returning its logits tensor only."""
@@ -245,11 +255,8 @@ class ConvNextV2Logits(nn.Module):
         )
         self.model = transformers.ConvNextV2ForImageClassification(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
 
-
-class MobileViTLogits(nn.Module):
+class MobileViTLogits(PixelLogits):
     """A MobileViTForImageClassification (MobileNetV2 blocks, then transformer blocks
     over unfolded 2x2 patches) for 32x32 inputs, returning its logits tensor only."""
 
@@ -264,9 +271,6 @@ class MobileViTLogits(nn.Module):
             num_labels=10,
         )
         self.model = transformers.MobileViTForImageClassification(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
 
 
 def build(arch: str) -> tuple[nn.Module, Task]:

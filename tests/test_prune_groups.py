@@ -423,10 +423,7 @@ def test_llama_heads_prune_through_rotary_embeddings_and_shared_kv_heads(
 
     # The query heads kept are exactly those that read the kept K/V heads.
     def weights(m: onnx.ModelProto, proj: str) -> np.ndarray:
-        node = next(n for n in m.graph.node if n.name == f"/model/layers.0/self_attn/{proj}/MatMul")
-        return numpy_helper.to_array(
-            next(t for t in m.graph.initializer if t.name == node.input[1])
-        )
+        return matmul_weight(m, f"/model/layers.0/self_attn/{proj}/MatMul")[1]
 
     rep = 4 // kv_heads
     k_src, k_out = weights(model, "k_proj"), weights(out.model, "k_proj")
@@ -566,8 +563,23 @@ def test_one_group_group_norm_prunes_like_a_layer_norm(opset: int):
     assert_exact(out.model, over_kept_channels(source), model, {"input": images})
 
 
-def _weight_of(model: onnx.ModelProto, node_name: str) -> str:
-    return next(n.input[1] for n in model.graph.node if n.name == node_name)
+def matmul_weight(model: onnx.ModelProto, node_name: str) -> tuple[str, np.ndarray]:
+    """The constant right operand of MatMul `node_name`: its name and its value."""
+    name = next(n.input[1] for n in model.graph.node if n.name == node_name)
+    return name, numpy_helper.to_array(g.initializer_map(model.graph)[name])
+
+
+def silence_removed_heads(model: onnx.ModelProto, q_proj: str, o_proj: str, heads: int) -> int:
+    """Zero the output-projection rows of every head whose Q columns are zero, and
+    return how many. With one K/V head kept, such a head still attends (uniformly)
+    to V; only with its output rows zeroed too does it add nothing, as when pruned."""
+    q = matmul_weight(model, q_proj)[1]
+    o_name, o = matmul_weight(model, o_proj)
+    gone = ~q.reshape(q.shape[0], heads, -1).any(axis=(0, 2))
+    o = o.reshape(heads, -1, o.shape[1]).copy()
+    o[gone] = 0
+    g.replace_initializer(model.graph, o_name, o.reshape(-1, o.shape[2]))
+    return int(gone.sum())
 
 
 class FoldedGqa(torch.nn.Module):
@@ -621,12 +633,8 @@ def test_kv_heads_folded_through_the_batch_axis(opset: int, kv: int):
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
     source = zero_removed(model, config)
-    if kv == 1:  # a removed query head still reads the one V: zero its output rows
-        q = numpy_helper.to_array(g.initializer_map(source.graph)[_weight_of(source, "/q/MatMul")])
-        o_name = _weight_of(source, "/o/MatMul")
-        o = numpy_helper.to_array(g.initializer_map(source.graph)[o_name]).reshape(4, 16, 32).copy()
-        o[~q.reshape(32, 4, 16).any(axis=(0, 2))] = 0
-        g.replace_initializer(source.graph, o_name, o.reshape(64, 32))
+    if kv == 1:
+        assert silence_removed_heads(source, "/q/MatMul", "/o/MatMul", heads=4) == 2
     out = Prune(config).run(source, None)
     removed = "removed 2/4 heads" if kv == 1 else "removed 1/2 K/V heads with their query heads"
     assert any(n.startswith(f"{removed} of /q/MatMul") for n in out.notes), out.notes
@@ -655,25 +663,12 @@ def test_multi_query_attention_prunes_query_heads_around_the_one_kv_head(
     source = zero_removed(model, config)
 
     def weights(m: onnx.ModelProto, layer: int, proj: str) -> np.ndarray:
-        node = next(
-            n for n in m.graph.node if n.name == f"/model/layers.{layer}/self_attn/{proj}/MatMul"
-        )
-        return numpy_helper.to_array(
-            next(t for t in m.graph.initializer if t.name == node.input[1])
-        )
+        return matmul_weight(m, f"/model/layers.{layer}/self_attn/{proj}/MatMul")[1]
 
-    # A removed query head's zeroed Q still attends (uniformly) to the one V, which
-    # is kept: its output projection rows are zeroed too, so it adds nothing.
     for layer in (0, 1):
-        q = weights(source, layer, "q_proj").reshape(64, 4, 16)
-        gone = np.flatnonzero(~q.any(axis=(0, 2)))
-        assert len(gone) == 2
-        o = weights(source, layer, "o_proj").reshape(4, 16, 64).copy()
-        o[gone] = 0
-        node = next(
-            n for n in source.graph.node if n.name.endswith(f"{layer}/self_attn/o_proj/MatMul")
-        )
-        g.replace_initializer(source.graph, node.input[1], o.reshape(64, 64))
+        attn = f"/model/layers.{layer}/self_attn"
+        removed = silence_removed_heads(source, f"{attn}/q_proj/MatMul", f"{attn}/o_proj/MatMul", 4)
+        assert removed == 2
     out = Prune(config).run(source, None)
     for layer in (0, 1):
         attn = f"/model/layers.{layer}/self_attn"
