@@ -196,6 +196,35 @@ def test_a_run_that_only_hurts_returns_the_input_weights_and_says_so(
         np.testing.assert_array_equal(got[name], value)
 
 
+def test_an_epoch_draws_the_datasets_size_from_the_training_split(
+    mobilenet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holding out a fifth of the data must not also cut a fifth of the optimiser
+    steps: every epoch takes as many samples as the whole dataset holds (512), drawn
+    evenly from the 410 training samples, and never one of the 102 held out."""
+    from edgeslim.compressor import distill
+
+    source, dataset = mobilenet
+    drawn: list[np.ndarray] = []
+    real = distill._shuffled_batches
+
+    def recorded(idx, batch):
+        for b in real(idx, batch):
+            drawn.append(b.numpy())
+            yield b
+
+    monkeypatch.setattr(distill, "_shuffled_batches", recorded)
+    cfg = DistillConfig(dataset=str(dataset), epochs=2, batch_size=32, patience=5)
+    out = Distill(cfg).run(source, context(source, tmp_path))
+    assert any(n.startswith("2 of 2 epochs on 410 samples") for n in out.notes), out.notes
+    assert len(drawn) == 2 * 16  # 2 epochs of ceil(512 / 32) steps, not ceil(410 / 32)
+    counts = np.bincount(np.concatenate(drawn), minlength=512)
+    _, held = _split(512, cfg.validation_split, cfg.seed)
+    assert (counts[held.numpy()] == 0).all()
+    train = np.setdiff1d(np.arange(512), held.numpy())
+    assert len(train) == 410 and set(counts[train].tolist()) == {2, 3}  # 1024 draws of 410
+
+
 def test_intermediate_features_are_matched_and_unknown_names_refused(
     mobilenet, tmp_path: Path
 ) -> None:

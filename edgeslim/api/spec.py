@@ -187,7 +187,8 @@ class DistillConfig(WireModel):
     dataset_sha256: Sha256 | None = None
     """Expected sha256 of the training dataset file."""
     epochs: int = Field(default=5, ge=1, le=1000)
-    """Passes over the training dataset."""
+    """Training epochs. Each draws as many samples as the dataset holds from the part
+    not held out (`validationSplit`), so holding data out costs samples, not steps."""
     temperature: float = Field(default=4.0, gt=0, le=100)
     """Softmax temperature for the teacher's soft targets."""
     alpha: float = Field(default=0.7, ge=0, le=1)

@@ -196,7 +196,13 @@ class Distill:
         if isinstance(student, RenormStudent):
             groups = student.param_groups(params, cfg.learning_rate)
         optimiser = torch.optim.Adam(groups, lr=cfg.learning_rate)
-        steps_per_epoch = -(-len(train_idx) // cfg.batch_size)
+        # An epoch is as many samples as the dataset holds, drawn from the training
+        # split: holding a share out costs data, not optimiser steps. (With one pass
+        # over the split per epoch, the 20% hold-out also cut a fifth of the steps,
+        # and students stopped short: the detector of bench/pruning.py distilled to
+        # IoU 91.3 / 91.6 at sparsity 0.3 / 0.5 in 10 epochs, 91.9 / 92.2 in 13.)
+        steps_per_epoch = -(-len(data) // cfg.batch_size)
+        stream = _shuffled_batches(train_idx, cfg.batch_size)
         schedule = _schedule(cfg.schedule, cfg.epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
 
@@ -211,10 +217,9 @@ class Distill:
         ) as bar:
             for epoch in range(1, cfg.epochs + 1):
                 student.train()  # batch statistics in the inserted norms only
-                order = train_idx[torch.randperm(len(train_idx))]
-                total = 0.0
-                for start, stop in batches(len(order), cfg.batch_size):
-                    idx = order[start:stop]
+                total, seen = 0.0, 0
+                for _ in range(steps_per_epoch):
+                    idx = next(stream)
                     loss = loss_of(idx)
                     optimiser.zero_grad()
                     loss.backward()
@@ -225,8 +230,9 @@ class Distill:
                             for weight, mask in masks:
                                 weight.mul_(mask)
                     total += loss.item() * len(idx)
+                    seen += len(idx)
                     bar.advance()
-                loss_value = total / len(order)
+                loss_value = total / seen
                 epochs_run = epoch
                 if not guarded:
                     bar.note(f"epoch {epoch} loss {loss_value:.4f}")
@@ -338,6 +344,17 @@ def _split(n: int, share: float, seed: int):
         return torch.arange(n), torch.arange(0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[held:].sort().values, order[:held].sort().values
+
+
+def _shuffled_batches(idx, batch: int):
+    """Batches of `idx` forever, reshuffled at every pass, so that over any run of
+    steps each sample is drawn as often as the others (to within one)."""
+    import torch
+
+    while True:
+        order = idx[torch.randperm(len(idx))]
+        for start, stop in batches(len(order), batch):
+            yield order[start:stop]
 
 
 def _schedule(kind: LearningRateSchedule, total_steps: int):
