@@ -72,6 +72,24 @@ def test_simplify_folds_constants_and_turns_constant_nodes_into_initializers(
     )
 
 
+def test_simplify_says_what_the_bytes_it_adds_are(tmp_path: Path, digits) -> None:
+    """The digits model has nothing to fold, so simplify only writes the inferred
+    shapes, and the step table shows it grew: the note accounts for every byte."""
+    model = digits.model()
+    assert not model.graph.value_info
+    out = Simplify(SimplifyConfig()).run(model, context(digits, tmp_path))
+    added = out.model.ByteSize() - model.ByteSize()
+    assert added > 0
+    shapes_only = onnx.ModelProto()
+    shapes_only.CopyFrom(out.model)
+    del shapes_only.graph.value_info[:]
+    assert shapes_only.ByteSize() == model.ByteSize()  # the shapes are all it added
+    note = next(n for n in out.notes if n.startswith("recorded the shapes"))
+    assert f"{len(out.model.graph.value_info)} tensors (value_info, " in note
+    said = int(note.rsplit(", ", 1)[1].split(" bytes")[0].replace(",", ""))
+    assert added - 4 <= said <= added  # up to the graph's own length prefix
+
+
 def test_distill_recovers_accuracy_and_keeps_pruned_weights_zero(tmp_path: Path, digits) -> None:
     ctx = context(digits, tmp_path)
     pruned = Prune(PruneConfig(method="magnitude", sparsity=0.9)).run(digits.model(), ctx).model
