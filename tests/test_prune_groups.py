@@ -312,6 +312,54 @@ def test_a_mean_over_the_channels_that_is_no_layer_norm_keeps_the_width():
     ), out.notes
 
 
+@pytest.mark.parametrize("use", ["normalize", "scale by the norm"])
+def test_only_an_l2_normalize_may_take_a_norm_over_the_channels(use: str):
+    """x / max(||x||, eps) is exact over the kept channels; x * ||x|| is not a
+    normalize, and the width it reads stays whole."""
+
+    class ChannelNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.a(x))
+            if use == "normalize":
+                return self.b(torch.nn.functional.normalize(y, dim=-1))
+            return self.b(y * y.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+    model = export(ChannelNorm(), (torch.randn(2, 8),), ["x"], 13)
+    out = Prune(PruneConfig(sparsity=0.5)).run(model, None)
+    if use == "normalize":
+        assert "removed 8/16 neurons of /a/Gemm" in out.notes, out.notes
+    else:
+        assert any(
+            n.startswith("skipped /a/Gemm") and "reduces over the channels" in n for n in out.notes
+        ), out.notes
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_an_l2_normalize_of_a_conv_map_over_its_channels_prunes_exactly(opset: int):
+    """F.normalize(x, dim=1) between two convs: the norm is over axis 1 of NCHW."""
+
+    class MapNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(16, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.nn.functional.normalize(torch.relu(self.a(x)), dim=1))
+
+    model = export(MapNorm(), (torch.randn(1, 3, 12, 12),), ["x"], opset)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert "removed 8/16 channels of /a/Conv" in out.notes, out.notes
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 3, 12, 12)).astype(np.float32)}
+    assert_exact(out.model, source, model, feeds)
+
+
 class RMSNet(torch.nn.Module):
     """A residual stream under RMSNorm (T5, Llama), written `x * rsqrt(mean(x^2) + eps)`
     or `x / sqrt(mean(x^2) + eps)`; `scaled` multiplies by the mean square instead,
@@ -491,6 +539,52 @@ def test_convnext_v2_global_response_norm_prunes_its_ffn(opset: int):
         nodes.insert(i + 1, helper.make_node("Mul", [nodes[i].output[0], scaled + "_k"], [scaled]))
     images = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     assert_exact(out.model, oracle, model, {"input": images})
+
+
+@pytest.mark.parametrize(("opset", "constants"), [(11, False), (13, True), (17, False)])
+def test_swiftformer_additive_attention_prunes_through_its_l2_normalize(
+    opset: int, constants: bool
+):
+    """SwiftFormer (made for phones) normalizes its query and key with F.normalize over
+    the channels (ReduceL2, a Clip floor, an Expand back to Shape(x), a Div) and
+    tiles the global query over the tokens. Each attention's to_query, to_key and
+    proj used to stay whole (39/47 layers, 2.99x at 0.5). A zero channel adds
+    nothing to an L2 norm, so with the removed channels zeroed the pruned model
+    gives the source's outputs exactly, with no normalization note."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SwiftFormerConfig(
+        depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], num_labels=5
+    )
+    module = PixelLogits(transformers.SwiftFormerForImageClassification(config))
+    # Its blocks reshape the map to tokens by its Shape: slimmed first, as the
+    # prune step itself would, so that zeroing and pruning plan on one graph.
+    model = slim(export(module, (torch.randn(1, 3, 64, 64),), ["input"], opset))
+    g.constants_to_initializers(model)
+    assert sum(n.op_type == "ReduceL2" for n in model.graph.node) == 8
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    if constants:
+        source = to_constant_nodes(source)
+    out = Prune(config).run(source, None)
+    assert next(n for n in out.notes if n.startswith("structured:")).startswith(
+        "structured: 47/47 layers pruned"
+    ), out.notes
+    attention = "/m/swiftformer/encoder/network.{}/blocks.0/attn/to_query/MatMul"
+    removed = [n for n in out.notes if n.startswith("removed")]
+    for stage, width in zip((0, 2, 4, 6), (16, 24, 32, 48), strict=True):
+        assert any(
+            n.startswith(f"removed {width // 2}/{width} ") and attention.format(stage) in n
+            for n in removed
+        ), removed
+    assert not any("normalizes over the channels of" in n for n in out.notes)
+    onnx.checker.check_model(out.model, full_check=True)
+    plan = planned(model, config, [])
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    assert plan.before / plan.predicted >= 3.5
+    images = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    assert_exact(out.model, source, model, {"input": images})
 
 
 def over_kept_channels(model: onnx.ModelProto) -> onnx.ModelProto:

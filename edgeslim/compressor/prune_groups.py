@@ -452,7 +452,11 @@ class Discovery(LayoutOps):
             if dims is None:
                 raise Block(f"shape of {name} unknown at {where}")
             ranks.append(len(dims))
-            if len(dims) >= -ref.axis and dims[ref.axis] != 1:
+            follows = any(
+                t is not None and self._expanded_to_shape_of(name, data, ref.axis)
+                for data, t in zip(node.input, ins, strict=True)
+            )
+            if len(dims) >= -ref.axis and dims[ref.axis] != 1 and not follows:
                 raise Block(
                     f"it meets {name} at {where}, whose channels are not tracked "
                     "(merge with an unprunable branch)"
@@ -650,6 +654,8 @@ class Discovery(LayoutOps):
             raise Block(f"{where} reduces every axis")
         axes = [a % t.rank for a in axes]  # type: ignore[operator]
         if pos in axes:
+            if axes == [pos] and self._l2_normalize(node, pos - t.rank):
+                return {}  # exact: a channel that is zero adds nothing to the norm
             hidden = self._decomposed_layer_norm(node) or self._rms_norm(node)
             if axes == [pos] and (hidden or self._response_norm(node)):
                 # The row statistics broadcast back over the channels: nothing to track.
@@ -730,6 +736,41 @@ class Discovery(LayoutOps):
             and scale.op_type == "Mul"
             and sorted(scale.input) == sorted([x, inverse.output[0]])
         )
+
+    def _l2_normalize(self, node: onnx.NodeProto, axis: int) -> bool:
+        """Whether `node` is the norm of F.normalize over the channels on `axis`
+        (negative; SwiftFormer's additive attention): x / max(||x||, eps), the floor a
+        Clip or Max, the norm stretched back by an Expand to Shape(x) or broadcast by
+        the Div itself."""
+        if node.op_type != "ReduceL2" or attr(node, "keepdims", 1) != 1:
+            return False
+        x = node.input[0]
+        floor = self._only_reader(node.output[0])
+        if floor is None or not self._eps_floor(floor):
+            return False
+        div = self._only_reader(floor.output[0])
+        denominator = floor.output[0]
+        if div is not None and div.op_type == "Expand":
+            if div.input[0] != denominator or not self._expanded_to_shape_of(
+                div.output[0], x, axis
+            ):
+                return False
+            denominator = div.output[0]
+            div = self._only_reader(denominator)
+        return div is not None and div.op_type == "Div" and list(div.input) == [x, denominator]
+
+    def _eps_floor(self, node: onnx.NodeProto) -> bool:
+        """Whether `node` is max(its first input, a scalar constant): a Clip with only a
+        minimum (an input from opset 11, an attribute before) or a Max."""
+        if node.op_type == "Max":
+            return len(node.input) == 2 and self._scalar_constant(node.input[1])
+        if node.op_type != "Clip":
+            return False
+        if len(node.input) > 1:
+            low = node.input[1]
+            high = node.input[2] if len(node.input) > 2 else ""
+            return bool(low) and not high and self._scalar_constant(low)
+        return attr(node, "min") is not None and attr(node, "max") is None
 
     def _response_norm(self, node: onnx.NodeProto) -> bool:
         """Whether ReduceMean `node` is the channel mean of ConvNeXt V2's Global
@@ -905,6 +946,7 @@ HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "Slice": Discovery._slice,
     "Pad": Discovery._pad,
     "Expand": Discovery._expand,
+    "Tile": Discovery._tile,
     "Resize": Discovery._resize,
     "Upsample": Discovery._resize,
     "LayerNormalization": Discovery._layer_norm,

@@ -407,6 +407,21 @@ class LayoutOps:
                 self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
         return {node.output[0]: Track(t.axis, t.ids, rank)}
 
+    def _tile(self, node, ins, where):
+        """Tiling leaves the channels where they are if it repeats them once
+        (SwiftFormer's global query, repeated over the tokens)."""
+        t = ins[0]
+        if t is None or ins[1] is not None:
+            raise Block(f"it feeds the repeats of {where}")
+        repeats = self.m.entries(node.input[1])
+        if repeats is None or t.rank is None or len(repeats) != t.rank:
+            raise Block(f"{where} has computed or misshapen repeats")
+        if repeats[t.rank + t.axis] is None:
+            raise Block(f"{where} repeats the channels a computed number of times")
+        if repeats[t.rank + t.axis] != 1:
+            raise Block(f"{where} repeats the channels")
+        return {node.output[0]: t}
+
     def _repeats_of_one(self, name: str, axis: int, depth: int = 0) -> list | None:
         """Where the size of `name`'s `axis` (negative) is written, when that axis
         is copies of one slice: an Expand of a size-1 axis, perhaps folded by a
@@ -617,10 +632,36 @@ class LayoutOps:
             if all(
                 self._reads_other_dims(r, k, end - start)
                 or self._only_own_resize_sizes(r.output[0], node.input[0], pos)
+                or self._broadcasts_back(r, node.input[0], pos - rank)
                 for r in readers
             ):
                 return {}
         raise Block(f"{SHAPE_READ} {where}")
+
+    def _broadcasts_back(self, expand, data: str, axis: int) -> bool:
+        """Whether `expand` stretches a statistic of `data` over `data`'s own shape, to
+        meet only `data` in elementwise ops: F.normalize's x / Expand(norm, Shape(x)).
+        At run time it takes whatever channel count `data` has, pruned or not."""
+        readers = self.m.consumers.get(expand.output[0], [])
+        return (
+            bool(readers)
+            and self.m.uses(expand.output[0]) == len(readers)
+            and self._expanded_to_shape_of(expand.output[0], data, axis)
+            and all(r.op_type in ("Add", "Sub", "Mul", "Div") and data in r.input for r in readers)
+        )
+
+    def _expanded_to_shape_of(self, name: str, data: str, axis: int) -> bool:
+        """Whether `name` is Expand(s, Shape(data)) with s of size 1 on `axis` (negative)."""
+        node = self.m.producers.get(name)
+        if node is None or node.op_type != "Expand":
+            return False
+        shape = self.m.producers.get(node.input[1])
+        if shape is None or shape.op_type != "Shape" or list(shape.input) != [data]:
+            return False
+        if shape.attribute:  # start / end: part of the shape only
+            return False
+        dims = self.m.dims(node.input[0])
+        return dims is not None and (len(dims) < -axis or dims[axis] == 1)
 
     def _reads_other_dims(self, reader, k: int, n: int) -> bool:
         """Whether a Gather or Slice of an n-long shape vector leaves out its entry k
