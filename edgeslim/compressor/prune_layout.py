@@ -632,19 +632,23 @@ class LayoutOps:
             if all(
                 self._reads_other_dims(r, k, end - start)
                 or self._only_own_resize_sizes(r.output[0], node.input[0], pos)
-                or self._broadcasts_back(r, node.input[0], pos - rank)
+                or self._broadcasts_back(r, node.output[0], node.input[0], pos - rank)
                 for r in readers
             ):
                 return {}
         raise Block(f"{SHAPE_READ} {where}")
 
-    def _broadcasts_back(self, expand, data: str, axis: int) -> bool:
-        """Whether `expand` stretches a statistic of `data` over `data`'s own shape, to
-        meet only `data` in elementwise ops: F.normalize's x / Expand(norm, Shape(x)).
-        At run time it takes whatever channel count `data` has, pruned or not."""
+    def _broadcasts_back(self, expand, shape: str, data: str, axis: int) -> bool:
+        """Whether `expand` stretches a statistic of `data` over `data`'s own shape (the
+        vector `shape`), to meet only `data` in elementwise ops: F.normalize's
+        x / Expand(norm, Shape(x)). At run time it takes whatever channel count `data`
+        has, pruned or not."""
         readers = self.m.consumers.get(expand.output[0], [])
         return (
-            bool(readers)
+            expand.op_type == "Expand"
+            and list(expand.input[1:]) == [shape]
+            and expand.input[0] != shape
+            and bool(readers)
             and self.m.uses(expand.output[0]) == len(readers)
             and self._expanded_to_shape_of(expand.output[0], data, axis)
             and all(r.op_type in ("Add", "Sub", "Mul", "Div") and data in r.input for r in readers)
