@@ -121,6 +121,10 @@ class LayoutOps:
             return self._split_heads(node, t, target, where)
         if t.axis == -1 and len(values) == t.rank + 2 and self._picked_apart(node.output[0]):
             return self._split_chunks(node, t, target, where)
+        if t.axis == -1 and len(values) > t.rank + 1:
+            # [B*N, H*D] -> [B, N, H, D]: tokens flattened for a BatchNorm (LeViT) come
+            # back as they split into heads; the leading axes regroup on their own.
+            return self._split_heads(node, t, target, where)
         if t.axis == -2 and (
             (len(values) == t.rank - 1 and others_ok) or self._whole_last(node, t, values)
         ):
@@ -329,14 +333,28 @@ class LayoutOps:
         return {unfold.output[0]: Track(at + 1 - (rank + 1), units, rank + 1)}
 
     def _split_heads(self, node, t: Track, target, where):
-        """[..., H*D] -> [..., H, D]: the D ids of each head become one unit."""
+        """[..., H*D] -> [..., H, D]: the D ids of each head become one unit. Where
+        the leading axes regroup too ([B*N, H*D] -> [B, N, H, D]), H*D must be written
+        out, or they must hold as many elements as before (then D may be -1)."""
         (h, h_at), (d, _) = target[-2], target[-1]
+        if len(target) > t.rank + 1 and not (h and d and h > 0 and h * d == t.size):
+            lead = [v for v, _ in target[:-2]]
+            dims = self.m.dims(node.input[0])
+            same_lead = (
+                dims is not None
+                and None not in dims[:-1]
+                and all(v is not None and v > 0 for v in lead)
+                and math.prod(lead) == math.prod(dims[:-1])
+            )
+            if not (same_lead and d == -1 and h and h > 0 and t.size % h == 0):
+                raise Block(f"{where} splits the channels in a way that cannot be followed")
+            d = t.size // h
         if d is None or d <= 0 or t.size % d or h not in (-1, t.size // d):
             raise Block(f"{where} splits the channels in a way that cannot be followed")
         units = self._heads(t.ids, d)
         if h != -1:
             self._constant_fixup(h_at, lambda kept, ids=units: kept(ids), where)
-        return {node.output[0]: Track(-2, units, t.rank + 1)}
+        return {node.output[0]: Track(-2, units, len(target))}
 
     def _heads(self, ids: np.ndarray, d: int) -> np.ndarray:
         """Each run of d consecutive ids (a head) made one unit; one id per head."""
