@@ -632,6 +632,57 @@ def test_levit_heads_prune_through_its_token_batch_norms(opset: int, constants: 
     assert_exact(out.model, source, model, {"input": images})
 
 
+@pytest.mark.parametrize(("opset", "constants"), [(13, True), (17, False)])
+def test_focalnet_keeps_its_gates_and_prunes_the_rest_of_their_projection(
+    opset: int, constants: bool
+):
+    """FocalNet's modulation projects to [q, ctx, gates] in one layer and multiplies
+    each focal level's context by one gate channel sliced off the rest, which scales
+    all of them. Those gates used to keep the whole projection (and with it the
+    focal convs) from pruning: 21/33 layers, 2.65x at 0.5. Now the gates stay, with
+    a note, while q and ctx go; with the LayerNorm-normalized stage widths excluded,
+    exactly."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FocalNetConfig(
+        image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_labels=5
+    )
+    module = PixelLogits(transformers.FocalNetForImageClassification(config))
+    model = slim(export(module, (torch.randn(1, 3, 64, 64),), ["input"], opset))
+    g.constants_to_initializers(model)
+    everything = PruneConfig(sparsity=0.5)
+    whole = Prune(everything).run(model, None)
+    assert next(n for n in whole.notes if n.startswith("structured:")).startswith(
+        "structured: 33/33 layers pruned"
+    ), whole.notes
+    gates = [n for n in whole.notes if n.startswith("kept 3 channels of")]
+    assert len(gates) == 4 and all("multiplies it into other channels" in n for n in gates)
+    plan = planned(model, everything, [])
+    assert plan.before / plan.predicted >= 3.5
+
+    widths = [
+        "/m/focalnet/embeddings/patch_embeddings/projection/Conv",
+        *(f"/m/focalnet/encoder/stages.{i}/downsample/projection/Conv" for i in (0, 1, 2)),
+    ]
+    config = PruneConfig(sparsity=0.5, exclude_nodes=widths)
+    source = zero_removed(model, config)
+    if constants:
+        source = to_constant_nodes(source)
+    out = Prune(config).run(source, None)
+    modulation = "/m/focalnet/encoder/stages.{}/layers.0/modulation/projection_in/MatMul"
+    for stage, width in enumerate((16, 32, 64, 128)):  # q and ctx: 2 x width, + 3 gates
+        assert any(
+            n.startswith(f"removed {width}/{2 * width + 3} channels of ")
+            and modulation.format(stage) in n
+            for n in out.notes
+        ), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    images = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    assert_exact(out.model, source, model, {"input": images})
+
+
 def over_kept_channels(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with each one-group GroupNorm taken over the channels its affine scale
     keeps (nonzero) only: Gather them before the norm, and after it map every channel

@@ -420,6 +420,8 @@ def prune_structured(
     plan.surgery.apply()
     channel_map.record(model, kept, unmatched)
     for grp in plan.groups.prunable:
+        if grp.pinned:
+            notes.append(f"kept {len(grp.pinned)} {grp.unit_name} of {grp.label}: {grp.pinned_by}")
         if grp.root in plan.chosen:
             n = len(plan.chosen[grp.root])
             notes.append(f"removed {n}/{len(grp.units)} {grp.unit_name} of {grp.label}")

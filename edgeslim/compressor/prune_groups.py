@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -137,6 +137,9 @@ class Group:
     statistics, so the result is not exact."""
     hidden: bool = False
     """The channels are a hidden width that a LayerNorm or RMSNorm normalizes."""
+    pinned: list[int] = field(default_factory=list)
+    """Units that must stay while the others may go, and why (`pinned_by`)."""
+    pinned_by: str | None = None
 
     @property
     def label(self) -> str:
@@ -197,6 +200,8 @@ class Discovery(LayoutOps):
         self.head_splits: list[np.ndarray] = []
         """One id per head of each tensor split into heads."""
         self.blocked: list[tuple[np.ndarray, str]] = []
+        self.pinned: list[tuple[np.ndarray, str]] = []
+        """Ids that must stay, where the rest of their group may go."""
         self.normalized: list[tuple[np.ndarray, str, bool]] = []
         """ids a norm normalizes over, that norm, and whether it is a LayerNorm or
         RMSNorm of a hidden width."""
@@ -429,6 +434,15 @@ class Discovery(LayoutOps):
 
     def _nary(self, node, ins, where):
         tracked = [t for t in ins if t is not None]
+        wide = [t for t in tracked if t.size > 1]
+        if wide and any(t.size == 1 and t.axis == wide[0].axis for t in tracked):
+            # One channel sliced off that scales all the others (FocalNet's gate for a
+            # focal level): it broadcasts like a constant, and it must stay.
+            for t in tracked:
+                if t.size == 1 and t.axis == wide[0].axis:
+                    self.pinned.append((t.ids, f"{where} multiplies it into other channels"))
+            tracked = [t for t in tracked if t.size > 1 or t.axis != wide[0].axis]
+            ins = [t if any(t is u for u in tracked) else None for t in ins]
         ref = tracked[0]
         for t in tracked[1:]:
             if t.axis != ref.axis or t.size != ref.size:
@@ -1023,6 +1037,11 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
         # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
         grp.unit_width = max(1, len(first.ids) // len(np.unique(roots[first.ids])))
+    for ids, reason in d.pinned:
+        grp = by_group.get(int(group_of[ids[0]]))
+        if grp is not None:
+            grp.pinned = sorted({*grp.pinned, *roots[ids].tolist()})
+            grp.pinned_by = grp.pinned_by or reason
     for reps in d.norm_groups:
         grp = by_group.get(int(group_of[reps[0]]))
         if grp is not None and len(np.unique(roots[reps])) > 1:

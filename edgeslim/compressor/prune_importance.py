@@ -257,15 +257,21 @@ def scores(
 def select(groups: Groups, config: PruneConfig, score: dict[int, float]) -> dict[int, list[int]]:
     """group root -> the units to remove, lowest importance first (ties: lower channel)."""
     floor = max(1, config.min_channels)
+    # Pinned units (a gate that scales the other channels) stay; the share is of the rest.
     ordered = {
-        grp.root: sorted(grp.units, key=lambda u: (score.get(u, 0.0), u)) for grp in groups.prunable
+        grp.root: sorted(
+            (u for u in grp.units if u not in set(grp.pinned)),
+            key=lambda u: (score.get(u, 0.0), u),
+        )
+        for grp in groups.prunable
     }
     if config.scope is PruneScope.layer:
         out = {}
         for grp in groups.prunable:
-            n = min(math.floor(config.sparsity * len(grp.units) + 0.5), len(grp.units) - floor)
+            free = ordered[grp.root]
+            n = min(math.floor(config.sparsity * len(free) + 0.5), len(grp.units) - floor)
             if n > 0:
-                out[grp.root] = ordered[grp.root][:n]
+                out[grp.root] = free[:n]
     else:
         out = _select_global(groups.prunable, ordered, score, config.sparsity, floor)
     if config.round_to and config.round_to > 1:
