@@ -660,6 +660,16 @@ def test_focalnet_keeps_its_gates_and_prunes_the_rest_of_their_projection(
     assert len(gates) == 4 and all("multiplies it into other channels" in n for n in gates)
     plan = planned(model, everything, [])
     assert plan.before / plan.predicted >= 3.5
+    # The floor counts the units that may go: the gates do not stand in for them.
+    for scope in ("layer", "global"):
+        almost = planned(model, PruneConfig(sparsity=0.99, scope=scope), [])
+        stage0 = next(
+            grp
+            for grp in almost.groups.prunable
+            if any("stages.0/layers.0/modulation/projection_in" in n.name for n in grp.producers)
+        )
+        assert len(stage0.pinned) == 3
+        assert len(almost.chosen[stage0.root]) == len(stage0.units) - 3 - 1
 
     widths = [
         "/m/focalnet/embeddings/patch_embeddings/projection/Conv",

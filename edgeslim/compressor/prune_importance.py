@@ -269,7 +269,7 @@ def select(groups: Groups, config: PruneConfig, score: dict[int, float]) -> dict
         out = {}
         for grp in groups.prunable:
             free = ordered[grp.root]
-            n = min(math.floor(config.sparsity * len(free) + 0.5), len(grp.units) - floor)
+            n = min(math.floor(config.sparsity * len(free) + 0.5), len(free) - floor)
             if n > 0:
                 out[grp.root] = free[:n]
     else:
@@ -310,7 +310,7 @@ def _select_global(
     for _, unit, grp in pool:
         if budget <= 0:
             break
-        if len(grp.units) - len(taken[grp.root]) > floor:
+        if len(ordered[grp.root]) - len(taken[grp.root]) > floor:  # pinned ones aside
             taken[grp.root].append(unit)
             budget -= 1
     return {k: v for k, v in taken.items() if v}
