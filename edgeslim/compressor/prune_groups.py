@@ -887,6 +887,46 @@ class Discovery(LayoutOps):
         self.member(node, 1, 1 if attr(node, "transB", 0) else 0, t.ids, "in")
         return {}
 
+    def _einsum(self, node, ins, where):
+        """Einsum between activations (CvT's attention: 'bhlk,bhtk->bhlt'): the
+        operands' channel axes must carry one letter, which the output keeps (heads
+        on a batch-like axis) or which they contract together (Q.K over D). A
+        constant operand along that letter would be a weight: not followed."""
+        equation = attr(node, "equation")
+        text = equation.decode() if isinstance(equation, bytes) else str(equation or "")
+        text = text.replace(" ", "")
+        if "->" not in text or "..." in text:
+            raise Block(f"{where} has no explicit output or uses '...'")
+        lhs, out = text.split("->")
+        terms = lhs.split(",")
+        if len(terms) != len(node.input):
+            raise Block(f"{where} has an equation that does not match its inputs")
+        tracked = [(terms[i], t) for i, t in enumerate(ins) if t is not None]
+        letters = set()
+        for term, t in tracked:
+            if t.rank is None or t.rank != len(term):
+                raise Block(f"rank unknown or not the equation's at {where}")
+            letters.add(term[t.rank + t.axis])
+        if len(letters) != 1:
+            raise Block(f"{where} combines channels on different axes")
+        letter = letters.pop()
+        ref = tracked[0][1]
+        for term, t in tracked:
+            if term.count(letter) != 1 or t.size != ref.size:
+                raise Block(f"{where} combines channels that do not line up")
+            self.union(ref.ids, t.ids)
+        for term, name, t in zip(terms, node.input, ins, strict=True):
+            if t is not None or letter not in term:
+                continue
+            dims = self.m.dims(name)
+            if dims is None or len(dims) != len(term) or dims[term.index(letter)] != 1:
+                raise Block(f"it meets {name} at {where}, whose channels are not tracked")
+        if letter not in out:
+            if len(tracked) < 2:
+                raise Block(f"{where} contracts the channels with an untracked operand")
+            return {}
+        return {node.output[0]: Track(out.index(letter) - len(out), ref.ids, len(out))}
+
     def _matmul(self, node, ins, where):
         a, b = ins[0], ins[1]
         w = self.m.array(node.input[1])
@@ -948,6 +988,7 @@ HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "ConvTranspose": Discovery._conv,
     "Gemm": Discovery._gemm,
     "MatMul": Discovery._matmul,
+    "Einsum": Discovery._einsum,
     "Transpose": Discovery._transpose,
     "Flatten": Discovery._flatten,
     "Reshape": Discovery._reshape,
