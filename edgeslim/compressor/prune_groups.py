@@ -149,6 +149,12 @@ class Group:
         return f"{', '.join(names[:3])} (+{len(names) - 3} more)"
 
     @property
+    def free_units(self) -> list[int]:
+        """The units that may go: all but the pinned ones."""
+        pinned = set(self.pinned)
+        return [u for u in self.units if u not in pinned]
+
+    @property
     def unit_name(self) -> str:
         if self.heads:
             return self.heads

@@ -259,10 +259,7 @@ def select(groups: Groups, config: PruneConfig, score: dict[int, float]) -> dict
     floor = max(1, config.min_channels)
     # Pinned units (a gate that scales the other channels) stay; the share is of the rest.
     ordered = {
-        grp.root: sorted(
-            (u for u in grp.units if u not in set(grp.pinned)),
-            key=lambda u: (score.get(u, 0.0), u),
-        )
+        grp.root: sorted(grp.free_units, key=lambda u: (score.get(u, 0.0), u))
         for grp in groups.prunable
     }
     if config.scope is PruneScope.layer:
