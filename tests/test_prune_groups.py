@@ -733,6 +733,35 @@ def test_cvt_attention_written_as_einsum_prunes_its_heads(opset: int, constants:
     assert_exact(out.model, source, model, {"input": images})
 
 
+def test_pruning_writes_no_onnxruntime_warnings_to_stderr(capfd):
+    """MobileBERT's export leaves many unused constants; the sessions that probe shapes
+    and measure channels used to print a warning line to the user's stderr for each."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileBertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        embedding_size=32,
+        intra_bottleneck_size=32,
+        num_feedforward_networks=2,
+        num_labels=3,
+    )
+    module = transformers.MobileBertForSequenceClassification(config)
+    ids = torch.randint(0, 100, (1, 8))
+    model = export(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], 17)
+    g.constants_to_initializers(model)
+    capfd.readouterr()
+    out = Prune(PruneConfig(sparsity=0.5)).run(model, None)
+    assert next(n for n in out.notes if n.startswith("structured:")).startswith(
+        "structured: 25/25 layers pruned"
+    ), out.notes
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 def over_kept_channels(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with each one-group GroupNorm taken over the channels its affine scale
     keeps (nonzero) only: Gather them before the norm, and after it map every channel

@@ -264,6 +264,7 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3  # no warning per unused constant on the user's stderr
         session = ort.InferenceSession(
             work.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )

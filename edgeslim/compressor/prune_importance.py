@@ -136,6 +136,7 @@ def channel_moments(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3  # no warning per unused constant on the user's stderr
     session = ort.InferenceSession(
         work.SerializeToString(), opts, providers=["CPUExecutionProvider"]
     )
