@@ -234,8 +234,6 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     leading (batch) axis and 16 elsewhere. Any failure just means no probe.
     """
     try:
-        import onnxruntime as ort
-
         work = onnx.ModelProto()
         work.CopyFrom(model)
         del work.graph.value_info[:]
@@ -261,13 +259,7 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
                 feeds[vi.name] = rng.normal(size=dims).astype(dtype)
             else:
                 feeds[vi.name] = np.ones(dims, dtype=dtype)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3  # no warning per unused constant on the user's stderr
-        session = ort.InferenceSession(
-            work.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        session = unoptimized_session(work)
         names = [o.name for o in session.get_outputs()]
         return {
             name: list(np.shape(value))
@@ -275,6 +267,19 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
         }
     except Exception:
         return {}
+
+
+def unoptimized_session(model: onnx.ModelProto):
+    """An onnxruntime session on `model` as written: one thread, no graph optimization
+    (so every tensor asked for as an output is the graph's own), errors only on stderr
+    (a warning per unused constant reached the user's terminal)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)

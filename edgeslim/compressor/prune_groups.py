@@ -441,14 +441,14 @@ class Discovery(LayoutOps):
     def _nary(self, node, ins, where):
         tracked = [t for t in ins if t is not None]
         wide = [t for t in tracked if t.size > 1]
-        if wide and any(t.size == 1 and t.axis == wide[0].axis for t in tracked):
+        narrow = [t for t in tracked if wide and t.size == 1 and t.axis == wide[0].axis]
+        if narrow:
             # One channel sliced off that scales all the others (FocalNet's gate for a
             # focal level): it broadcasts like a constant, and it must stay.
-            for t in tracked:
-                if t.size == 1 and t.axis == wide[0].axis:
-                    self.pinned.append((t.ids, f"{where} multiplies it into other channels"))
-            tracked = [t for t in tracked if t.size > 1 or t.axis != wide[0].axis]
-            ins = [t if any(t is u for u in tracked) else None for t in ins]
+            for t in narrow:
+                self.pinned.append((t.ids, f"{where} multiplies it into other channels"))
+            tracked = [t for t in tracked if all(t is not n for n in narrow)]
+            ins = [None if any(t is n for n in narrow) else t for t in ins]
         ref = tracked[0]
         for t in tracked[1:]:
             if t.axis != ref.axis or t.size != ref.size:

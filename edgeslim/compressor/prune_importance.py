@@ -32,6 +32,7 @@ import onnx
 
 from edgeslim.api.spec import Criterion, PruneConfig, PruneScope
 from edgeslim.compressor.datasets import Dataset
+from edgeslim.compressor.prune_graph import unoptimized_session
 from edgeslim.compressor.prune_groups import Group, Groups, Member, label
 
 
@@ -122,8 +123,6 @@ def channel_moments(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Mean and L2 norm of each channel of every layer input that `members` read, over
     `data` (one pass, every input at once)."""
-    import onnxruntime as ort
-
     wanted: dict[str, int] = {}
     for mem in members:
         wanted[mem.node.input[0]] = _input_axis(mem)
@@ -133,13 +132,7 @@ def channel_moments(
     for name in wanted:
         if name not in present:
             work.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3  # no warning per unused constant on the user's stderr
-    session = ort.InferenceSession(
-        work.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    session = unoptimized_session(work)
     names = list(wanted)
     sums: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
