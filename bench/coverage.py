@@ -44,36 +44,7 @@ from families import bounded
 from edgeslim.api.spec import PruneConfig
 from edgeslim.compressor import graph
 from edgeslim.compressor.prune import Prune
-from tests.archs import PixelLogits, export
-
-
-def build(arch: str) -> tuple[torch.nn.Module, int]:
-    """The module (pixel values in, logits out) and its input size."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if arch == "swiftformer":
-        config = tf.SwiftFormerConfig(depths=[1] * 4, embed_dims=[16, 24, 32, 48], num_labels=5)
-        return PixelLogits(tf.SwiftFormerForImageClassification(config)), 64
-    if arch == "levit":
-        config = tf.LevitConfig(
-            image_size=128,
-            hidden_sizes=[32, 48, 64],
-            num_attention_heads=[2, 3, 4],
-            depths=[1, 1, 1],
-            key_dim=[8, 8, 8],
-            num_labels=5,
-        )
-        return PixelLogits(tf.LevitForImageClassification(config)), 128
-    if arch == "focalnet":
-        config = tf.FocalNetConfig(image_size=64, embed_dim=16, depths=[1] * 4, num_labels=5)
-        return PixelLogits(tf.FocalNetForImageClassification(config)), 64
-    if arch == "cvt":
-        config = tf.CvtConfig(
-            embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=5
-        )
-        return PixelLogits(tf.CvtForImageClassification(config)), 64
-    raise SystemExit(f"unknown arch {arch!r}")
+from tests.archs import PHONE_VISION, export, phone_vision
 
 
 def edgeslim_row(module: torch.nn.Module, size: int, sparsity: float) -> str:
@@ -121,14 +92,15 @@ def row(tool: str, reached: str, before: int, after: int, note: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["swiftformer", "levit", "focalnet", "cvt"])
+    parser.add_argument("--arch", nargs="+", choices=PHONE_VISION, default=list(PHONE_VISION))
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--deadline", type=float, default=300.0)
     args = parser.parse_args()
     print("| arch | tool | layers reached | params | after | fewer | note |")
     print("|---|---|---|---:|---:|---:|---|")
     for arch in args.arch:
-        module, size = build(arch)
+        torch.manual_seed(0)
+        module, size = phone_vision(arch)
         module.eval()
         peers: list[tuple[str, Callable[..., str]]] = [
             ("edgeslim", edgeslim_row),

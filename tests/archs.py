@@ -104,6 +104,41 @@ class PixelLogits(torch.nn.Module):
         return self.m(pixel_values=x).logits
 
 
+# Vision families made for phones and CPUs, small: (module, input size). Shared by
+# tests/test_prune_groups.py and bench/coverage.py.
+PHONE_VISION = ("swiftformer", "levit", "focalnet", "cvt")
+
+
+def phone_vision(arch: str) -> tuple[PixelLogits, int]:
+    """A `transformers` classifier with random weights (5 labels; seed first):
+    SwiftFormer (4 stages, width 16-48), LeViT (3 stages, 32-64, at 128x128),
+    FocalNet (4 stages, 16-128) or CvT (3 stages, 16-48)."""
+    import transformers as tf
+
+    if arch == "swiftformer":
+        config = tf.SwiftFormerConfig(depths=[1] * 4, embed_dims=[16, 24, 32, 48], num_labels=5)
+        return PixelLogits(tf.SwiftFormerForImageClassification(config)), 64
+    if arch == "levit":
+        config = tf.LevitConfig(
+            image_size=128,
+            hidden_sizes=[32, 48, 64],
+            num_attention_heads=[2, 3, 4],
+            depths=[1, 1, 1],
+            key_dim=[8, 8, 8],
+            num_labels=5,
+        )
+        return PixelLogits(tf.LevitForImageClassification(config)), 128
+    if arch == "focalnet":
+        config = tf.FocalNetConfig(image_size=64, embed_dim=16, depths=[1] * 4, num_labels=5)
+        return PixelLogits(tf.FocalNetForImageClassification(config)), 64
+    if arch == "cvt":
+        config = tf.CvtConfig(
+            embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=5
+        )
+        return PixelLogits(tf.CvtForImageClassification(config)), 64
+    raise ValueError(f"unknown arch {arch!r}")
+
+
 def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*names, "output"]}

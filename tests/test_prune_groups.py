@@ -35,7 +35,7 @@ from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.simplify import Simplify, slim
 from edgeslim.compressor.steps import StepContext
-from tests.archs import PixelLogits, YoloV8n, export, tiny_bert, tiny_llama
+from tests.archs import PixelLogits, YoloV8n, export, phone_vision, tiny_bert, tiny_llama
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
@@ -541,6 +541,31 @@ def test_convnext_v2_global_response_norm_prunes_its_ffn(opset: int):
     assert_exact(out.model, oracle, model, {"input": images})
 
 
+def slimmed_export(module: torch.nn.Module, size: int, opset: int) -> onnx.ModelProto:
+    """`module` exported and slimmed first, as the prune step itself slims where
+    computed shapes keep a group whole, so that zeroing and pruning plan on one graph."""
+    model = slim(export(module, (torch.randn(1, 3, size, size),), ["input"], opset))
+    g.constants_to_initializers(model)
+    return model
+
+
+def prune_zeroed_exactly(
+    model: onnx.ModelProto, config: PruneConfig, constants: bool, size: int
+) -> list[str]:
+    """Prune `model` with the units the pruner removes zeroed first (its weights as
+    Constant nodes if `constants`): the result passes the checker, has the predicted
+    parameter count and computes the zeroed source's outputs. Its notes."""
+    source = zero_removed(model, config)
+    if constants:
+        source = to_constant_nodes(source)
+    out = Prune(config).run(source, None)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    images = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    assert_exact(out.model, source, model, {"input": images})
+    return out.notes
+
+
 @pytest.mark.parametrize(("opset", "constants"), [(11, False), (13, True), (17, False)])
 def test_swiftformer_additive_attention_prunes_through_its_l2_normalize(
     opset: int, constants: bool
@@ -551,40 +576,25 @@ def test_swiftformer_additive_attention_prunes_through_its_l2_normalize(
     proj used to stay whole (39/47 layers, 2.99x at 0.5). A zero channel adds
     nothing to an L2 norm, so with the removed channels zeroed the pruned model
     gives the source's outputs exactly, with no normalization note."""
-    import transformers
-
     torch.manual_seed(0)
-    config = transformers.SwiftFormerConfig(
-        depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], num_labels=5
-    )
-    module = PixelLogits(transformers.SwiftFormerForImageClassification(config))
-    # Its blocks reshape the map to tokens by its Shape: slimmed first, as the
-    # prune step itself would, so that zeroing and pruning plan on one graph.
-    model = slim(export(module, (torch.randn(1, 3, 64, 64),), ["input"], opset))
-    g.constants_to_initializers(model)
+    module, size = phone_vision("swiftformer")
+    model = slimmed_export(module, size, opset)
     assert sum(n.op_type == "ReduceL2" for n in model.graph.node) == 8
     config = PruneConfig(sparsity=0.5)
-    source = zero_removed(model, config)
-    if constants:
-        source = to_constant_nodes(source)
-    out = Prune(config).run(source, None)
-    assert next(n for n in out.notes if n.startswith("structured:")).startswith(
+    notes = prune_zeroed_exactly(model, config, constants, size)
+    assert next(n for n in notes if n.startswith("structured:")).startswith(
         "structured: 47/47 layers pruned"
-    ), out.notes
+    ), notes
     attention = "/m/swiftformer/encoder/network.{}/blocks.0/attn/to_query/MatMul"
-    removed = [n for n in out.notes if n.startswith("removed")]
+    removed = [n for n in notes if n.startswith("removed")]
     for stage, width in zip((0, 2, 4, 6), (16, 24, 32, 48), strict=True):
         assert any(
             n.startswith(f"removed {width // 2}/{width} ") and attention.format(stage) in n
             for n in removed
         ), removed
-    assert not any("normalizes over the channels of" in n for n in out.notes)
-    onnx.checker.check_model(out.model, full_check=True)
+    assert not any("normalizes over the channels of" in n for n in notes)
     plan = planned(model, config, [])
-    assert g.weight_stats(out.model)[0] == plan.predicted
     assert plan.before / plan.predicted >= 3.5
-    images = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
-    assert_exact(out.model, source, model, {"input": images})
 
 
 @pytest.mark.parametrize(("opset", "constants"), [(13, True), (17, False)])
@@ -595,41 +605,23 @@ def test_levit_heads_prune_through_its_token_batch_norms(opset: int, constants: 
     key and value (unequal parts) and adding a learnt bias per head to the scores.
     Its attentions used to stay whole (2.2x at 0.5); now whole heads go, with their
     biases, and with the removed units zeroed the outputs are the source's."""
-    import transformers
-
     torch.manual_seed(0)
-    config = transformers.LevitConfig(
-        image_size=128,
-        hidden_sizes=[32, 48, 64],
-        num_attention_heads=[2, 3, 4],
-        depths=[1, 1, 1],
-        key_dim=[8, 8, 8],
-        num_labels=5,
-    )
-    module = PixelLogits(transformers.LevitForImageClassification(config))
+    module, size = phone_vision("levit")
     with torch.no_grad():  # transformers starts the attention biases at zero
         for name, param in module.named_parameters():
             if "attention_biases" in name:
                 param.normal_(0.0, 1.0)
-    model = slim(export(module, (torch.randn(1, 3, 128, 128),), ["input"], opset))
-    g.constants_to_initializers(model)
+    model = slimmed_export(module, size, opset)
     config = PruneConfig(sparsity=0.5)
-    source = zero_removed(model, config)
-    if constants:
-        source = to_constant_nodes(source)
-    out = Prune(config).run(source, None)
-    assert next(n for n in out.notes if n.startswith("structured:")).startswith(
+    notes = prune_zeroed_exactly(model, config, constants, size)
+    assert next(n for n in notes if n.startswith("structured:")).startswith(
         "structured: 27/27 layers pruned"
-    ), out.notes
-    assert not any(n.startswith("skipped") and "Reshape" in n for n in out.notes), out.notes
+    ), notes
+    assert not any(n.startswith("skipped") and "Reshape" in n for n in notes), notes
     qkv = "/m/levit/encoder/stages.0/layers.0/module/queries_keys_values/linear/MatMul"
-    assert any(n.startswith("removed 1/2 heads of") and qkv in n for n in out.notes), out.notes
-    onnx.checker.check_model(out.model, full_check=True)
+    assert any(n.startswith("removed 1/2 heads of") and qkv in n for n in notes), notes
     plan = planned(model, config, [])
-    assert g.weight_stats(out.model)[0] == plan.predicted
     assert plan.before / plan.predicted >= 3.3  # 2.2x when the attentions stayed whole
-    images = np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype(np.float32)
-    assert_exact(out.model, source, model, {"input": images})
 
 
 @pytest.mark.parametrize(("opset", "constants"), [(13, True), (17, False)])
@@ -642,15 +634,9 @@ def test_focalnet_keeps_its_gates_and_prunes_the_rest_of_their_projection(
     focal convs) from pruning: 21/33 layers, 2.65x at 0.5. Now the gates stay, with
     a note, while q and ctx go; with the LayerNorm-normalized stage widths excluded,
     exactly."""
-    import transformers
-
     torch.manual_seed(0)
-    config = transformers.FocalNetConfig(
-        image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_labels=5
-    )
-    module = PixelLogits(transformers.FocalNetForImageClassification(config))
-    model = slim(export(module, (torch.randn(1, 3, 64, 64),), ["input"], opset))
-    g.constants_to_initializers(model)
+    module, size = phone_vision("focalnet")
+    model = slimmed_export(module, size, opset)
     everything = PruneConfig(sparsity=0.5)
     whole = Prune(everything).run(model, None)
     assert next(n for n in whole.notes if n.startswith("structured:")).startswith(
@@ -676,38 +662,25 @@ def test_focalnet_keeps_its_gates_and_prunes_the_rest_of_their_projection(
         *(f"/m/focalnet/encoder/stages.{i}/downsample/projection/Conv" for i in (0, 1, 2)),
     ]
     config = PruneConfig(sparsity=0.5, exclude_nodes=widths)
-    source = zero_removed(model, config)
-    if constants:
-        source = to_constant_nodes(source)
-    out = Prune(config).run(source, None)
+    notes = prune_zeroed_exactly(model, config, constants, size)
     modulation = "/m/focalnet/encoder/stages.{}/layers.0/modulation/projection_in/MatMul"
     for stage, width in enumerate((16, 32, 64, 128)):  # q and ctx: 2 x width, + 3 gates
         assert any(
             n.startswith(f"removed {width}/{2 * width + 3} channels of ")
             and modulation.format(stage) in n
-            for n in out.notes
-        ), out.notes
-    onnx.checker.check_model(out.model, full_check=True)
-    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    images = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
-    assert_exact(out.model, source, model, {"input": images})
+            for n in notes
+        ), notes
 
 
 @pytest.mark.parametrize(("opset", "constants"), [(13, True), (17, False)])
 def test_cvt_attention_written_as_einsum_prunes_its_heads(opset: int, constants: bool):
     """CvT computes its attention with Einsum ('bhlk,bhtk->bhlt', then
     'bhlt,bhtv->bhlv'), which used to stop every query, key and value projection
-    (137,904 -> 45,896 parameters at 0.5, 3.0x; now 4.0x). The heads go through it; with the
-    LayerNorm-normalized stage widths excluded the pruned model is exact."""
-    import transformers
-
+    (137,904 -> 45,896 parameters at 0.5, 3.0x; now 4.0x). The heads go through it;
+    with the LayerNorm-normalized stage widths excluded the pruned model is exact."""
     torch.manual_seed(0)
-    config = transformers.CvtConfig(
-        embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=5
-    )
-    module = PixelLogits(transformers.CvtForImageClassification(config))
-    model = slim(export(module, (torch.randn(1, 3, 64, 64),), ["input"], opset))
-    g.constants_to_initializers(model)
+    module, size = phone_vision("cvt")
+    model = slimmed_export(module, size, opset)
     assert sum(n.op_type == "Einsum" for n in model.graph.node) == 12
     whole = planned(model, PruneConfig(sparsity=0.5), [])
     assert whole.before / whole.predicted >= 3.8
@@ -717,20 +690,13 @@ def test_cvt_attention_written_as_einsum_prunes_its_heads(opset: int, constants:
         for i in range(3)
     ]
     config = PruneConfig(sparsity=0.5, exclude_nodes=widths)
-    source = zero_removed(model, config)
-    if constants:
-        source = to_constant_nodes(source)
-    out = Prune(config).run(source, None)
+    notes = prune_zeroed_exactly(model, config, constants, size)
     query = "/m/cvt/encoder/stages.2/layers.{}/attention/attention/projection_query/MatMul"
     for layer in range(3):
         assert any(
-            n.startswith("removed 2/3 heads of") and query.format(layer) in n for n in out.notes
-        ), out.notes
-    assert not any("Einsum" in n for n in out.notes), out.notes
-    onnx.checker.check_model(out.model, full_check=True)
-    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    images = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
-    assert_exact(out.model, source, model, {"input": images})
+            n.startswith("removed 2/3 heads of") and query.format(layer) in n for n in notes
+        ), notes
+    assert not any("Einsum" in n for n in notes), notes
 
 
 def test_pruning_writes_no_onnxruntime_warnings_to_stderr(capfd):
