@@ -293,49 +293,53 @@ def test_bert_hidden_width_is_one_group_that_composes_with_heads(opset: int):
     np.testing.assert_allclose(run(out.model, case.feeds), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_mean_over_the_channels_that_is_no_layer_norm_keeps_the_width():
-    """Only the LayerNorm pattern may average over a pruned width."""
+class ChannelStatistic(torch.nn.Module):
+    """Two linear layers with a statistic over the first one's outputs in between."""
 
-    class ChannelMean(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.a(x))
-            return self.b(y - y.mean(-1, keepdim=True))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        if self.use == "scale by the mean":
+            return self.b(y * y.mean(-1, keepdim=True))
+        if self.use == "normalize":
+            return self.b(torch.nn.functional.normalize(y, dim=-1))
+        if self.use == "scale by the norm":
+            return self.b(y * y.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return self.b(y * y.amin(-1, keepdim=True))
 
-    model = export(ChannelMean(), (torch.randn(2, 8),), ["x"], 13)
+
+@pytest.mark.parametrize("use", ["scale by the mean", "normalize", "scale by the norm"])
+def test_a_sum_norm_or_mean_over_the_channels_that_is_no_layer_norm_prunes_exactly(use: str):
+    """A zero channel adds nothing to a sum or a norm; a mean that is no norm gets a Mul
+    by kept / all after it, so it stays the sum over the original count. With the
+    removed neurons zeroed the pruned model gives the source's outputs exactly."""
+    torch.manual_seed(0)
+    model = export(ChannelStatistic(use), (torch.randn(2, 8),), ["x"], 13)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert "removed 8/16 neurons of /a/Gemm" in out.notes, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    shares = [n for n in out.model.graph.node if n.op_type == "Mul" and n.name.endswith("_rescale")]
+    assert len(shares) == (use == "scale by the mean")
+    if shares:
+        share = next(i for i in out.model.graph.initializer if i.name == shares[0].input[1])
+        assert numpy_helper.to_array(share).item() == 0.5
+    assert_exact(out.model, source, model, {"x": RNG.normal(size=(5, 8)).astype(np.float32)})
+
+
+def test_a_minimum_over_the_channels_keeps_the_width():
+    """A removed zero channel would become the minimum: the width it reads stays whole."""
+    model = export(ChannelStatistic("minimum"), (torch.randn(2, 8),), ["x"], 13)
     out = Prune(PruneConfig(sparsity=0.5)).run(model, None)
     assert any(
-        n.startswith("skipped /a/Gemm") and "reduces over the channels" in n for n in out.notes
+        n.startswith("skipped /a/Gemm") and "ReduceMin" in n and "reduces over the channels" in n
+        for n in out.notes
     ), out.notes
-
-
-@pytest.mark.parametrize("use", ["normalize", "scale by the norm"])
-def test_only_an_l2_normalize_may_take_a_norm_over_the_channels(use: str):
-    """x / max(||x||, eps) is exact over the kept channels; x * ||x|| is not a
-    normalize, and the width it reads stays whole."""
-
-    class ChannelNorm(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.a(x))
-            if use == "normalize":
-                return self.b(torch.nn.functional.normalize(y, dim=-1))
-            return self.b(y * y.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-
-    model = export(ChannelNorm(), (torch.randn(2, 8),), ["x"], 13)
-    out = Prune(PruneConfig(sparsity=0.5)).run(model, None)
-    if use == "normalize":
-        assert "removed 8/16 neurons of /a/Gemm" in out.notes, out.notes
-    else:
-        assert any(
-            n.startswith("skipped /a/Gemm") and "reduces over the channels" in n for n in out.notes
-        ), out.notes
 
 
 @pytest.mark.parametrize("opset", [11, 17])
@@ -411,7 +415,7 @@ def test_rms_norm_lets_the_stream_prune_over_the_kept_channels(opset: int, form:
     is followed like a LayerNorm: the stream's width is cut in every member, and the
     result is exactly an RMSNet of the narrower width with the kept weights (the mean
     square now over the kept channels). A mean square used as a plain factor is no
-    norm: the width stays whole."""
+    norm: it keeps its 1 / 16 (a Mul by 8 / 16 after it) instead."""
     torch.manual_seed(0)
     raw = export(RMSNet(16, form), (torch.randn(2, 4, 8),), ["x"], opset)
     model = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
@@ -428,10 +432,10 @@ def test_rms_norm_lets_the_stream_prune_over_the_kept_channels(opset: int, form:
 
     scaled = export(RMSNet(16, "scaled"), (torch.randn(2, 4, 8),), ["x"], opset)
     out = Prune(config).run(scaled, None)
-    assert any(
-        n.startswith("skipped /embed/MatMul") and "reduces over the channels" in n
-        for n in out.notes
-    ), out.notes
+    assert any(n.startswith("removed 8/16 neurons of /embed/MatMul") for n in out.notes)
+    assert not any("normalizes over the channels" in n for n in out.notes), out.notes
+    shares = [n for n in out.model.graph.node if n.name.endswith("_rescale")]
+    assert [n.op_type for n in shares] == ["Mul", "Mul"], out.notes
 
 
 @pytest.mark.parametrize(
@@ -564,6 +568,83 @@ def prune_zeroed_exactly(
     images = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
     assert_exact(out.model, source, model, {"input": images})
     return out.notes
+
+
+class Cbam(torch.nn.Module):
+    """CBAM (Woo et al., 2018): channel attention from the average- and max-pooled map
+    through one shared MLP, then spatial attention from the mean and the maximum over
+    the channels through a 7x7 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels // 4, 1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(channels // 4, channels, 1),
+        )
+        self.spatial = torch.nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True))
+        x = x * torch.sigmoid(gate)
+        stats = torch.cat([x.mean(1, keepdim=True), x.max(1, keepdim=True)[0]], 1)
+        return x * torch.sigmoid(self.spatial(stats))
+
+
+class CbamNet(torch.nn.Module):
+    """A small residual CNN with a CBAM after its stem and in its residual branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1) -> torch.nn.Sequential:
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 3, stride, 1),
+                torch.nn.BatchNorm2d(cout),
+                torch.nn.ReLU(),
+            )
+
+        self.stem, self.stem_att = block(3, 16), Cbam(16)
+        self.branch = torch.nn.Sequential(block(16, 32, 2), block(32, 32), Cbam(32))
+        self.shortcut = torch.nn.Conv2d(16, 32, 1, 2)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_att(self.stem(x))
+        x = torch.relu(self.branch(x) + self.shortcut(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("opset", "constants"), [(11, False), (13, True), (17, False)])
+def test_cbam_spatial_attention_prunes_through_its_channel_mean_and_maximum(
+    opset: int, constants: bool
+):
+    """CBAM's spatial attention reads the mean and the maximum over the channels, which
+    kept every group it saw whole. The mean now gets a Mul by kept / all after it (it
+    stays the sum over the original count) and the maximum of non-negative channels
+    does not see zero ones go, so with the removed channels zeroed the pruned model
+    gives the source's outputs exactly. Every layer is cut but the two spatial convs
+    (two statistics in, one map out: nothing to cut); the head loses inputs."""
+    torch.manual_seed(0)
+    module = CbamNet()
+    for norm in module.modules():  # trained-looking BatchNorms, so folding matters
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+    model = slimmed_export(module, 16, opset)
+    assert sum(n.op_type == "ReduceMax" for n in model.graph.node) >= 2
+    config = PruneConfig(sparsity=0.5)
+    notes = prune_zeroed_exactly(model, config, constants, 16)
+    assert next(n for n in notes if n.startswith("structured:")).startswith(
+        "structured: 13/15 layers pruned"
+    ), notes
+    maxima = [n for n in notes if " takes the maximum over the channels of " in n]
+    assert len(maxima) == 2, notes
+    out = Prune(config).run(model, None).model
+    rescales = [n for n in out.graph.node if n.op_type == "Mul" and n.name.endswith("_rescale")]
+    assert len(rescales) == 2
+    shares = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert sorted(shares[n.input[1]].item() for n in rescales) == [0.5, 0.5]
 
 
 @pytest.mark.parametrize(("opset", "constants"), [(11, False), (13, True), (17, False)])

@@ -431,6 +431,13 @@ def prune_structured(
                     "statistics now cover the kept ones only, so the outputs are not those "
                     "of the source even where removed channels were zero (distill to recover)"
                 )
+            if grp.maximum:
+                notes.append(
+                    f"{grp.maximum} takes the maximum over the channels of {grp.label}: it "
+                    "now covers the kept ones only, the source's wherever the kept maximum "
+                    "is at least what was removed (always, after a ReLU, where removed "
+                    "channels were zero)"
+                )
     after, _ = g.weight_stats(model)
     if after != plan.predicted:
         raise RuntimeError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from edgeslim.compressor import graph as g
 from edgeslim.compressor.prune_graph import fresh_name
@@ -110,6 +110,30 @@ class Surgery:
                 arr = self.m.array(name).copy()
                 arr.reshape(-1)[fix.pos] = value
                 self._replace(name, arr)
+
+        for node, ids in self.groups.d.channel_means:
+            kept = self.kept(ids)
+            if kept < len(ids):
+                self._scale_output(node, kept / len(ids), names)
+
+    def _scale_output(self, node: onnx.NodeProto, factor: float, names: set[str]) -> None:
+        """Multiply `node`'s output by `factor`: a Mul after it takes over the output's
+        name, so its readers and the graph's outputs are unchanged."""
+        out = node.output[0]
+        raw = fresh_name(f"{out}_of_kept", names)
+        scale = fresh_name(f"{node.name or out}_kept_share", names)
+        dtype = helper.tensor_dtype_to_np_dtype(self.m.elem_type(node.input[0]))
+        self.m.graph.initializer.append(numpy_helper.from_array(np.array(factor, dtype), scale))
+        self.m.inits = g.initializer_map(self.m.graph)
+        node.output[0] = raw
+        name = fresh_name(f"{node.name or out}_rescale", names)
+        mul = helper.make_node("Mul", [raw, scale], [out], name=name)
+        nodes = self.m.graph.node
+        position = next(i for i, n in enumerate(nodes) if n is node)
+        nodes.insert(position + 1, mul)
+        mul = nodes[position + 1]  # the copy the graph holds
+        self.m.producers[raw], self.m.producers[out] = node, mul
+        self.m.consumers[raw], self.m.consumers[scale] = [mul], [mul]
 
     def add_to_input(self, readers: list[tuple[onnx.NodeProto, int]], delta: np.ndarray) -> None:
         """Add `delta` to the constant each (node, input index) reads, or make it that

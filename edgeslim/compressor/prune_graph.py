@@ -147,6 +147,28 @@ class Model:
             return [k if k is not None else p for k, p in zip(known or probed, probed, strict=True)]
         return known
 
+    def elem_type(self, name: str) -> int:
+        """The element type of a float activation: declared, or that of the first Cast
+        or float constant found walking back along first inputs (float32 if none)."""
+        declared = {v.name: v for v in (*self.graph.value_info, *self.graph.input)}
+        seen: set[str] = set()
+        while name not in seen:
+            seen.add(name)
+            info = declared.get(name)
+            if info is not None and info.type.tensor_type.elem_type:
+                return info.type.tensor_type.elem_type
+            node = self.producers.get(name)
+            if node is None or not node.input:
+                break
+            if node.op_type == "Cast":
+                return int(next(a.i for a in node.attribute if a.name == "to"))
+            for i in node.input:
+                init = self.inits.get(i)
+                if init is not None and init.data_type in FLOAT_TYPES:
+                    return init.data_type
+            name = node.input[0]
+        return onnx.TensorProto.FLOAT
+
     def rank(self, name: str) -> int | None:
         dims = self.dims(name, need=())
         return None if dims is None else len(dims)

@@ -71,6 +71,8 @@ POOLS = {
 }  # fmt: skip
 # Per-channel parameters at these input positions, each of shape [C].
 CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+# Over the channels these are exact when the removed channels were zero.
+SUMS_OVER_CHANNELS = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare"}
 REDUCES = {
     "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
     "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare", "ReduceLogSum",
@@ -135,6 +137,8 @@ class Group:
     """A norm over these channels (a LayerNorm or RMSNorm over a transformer's hidden
     width, ConvNeXt V2's response norm over its FFN): removing channels changes its
     statistics, so the result is not exact."""
+    maximum: str | None = None
+    """A ReduceMax over these channels: it now takes the maximum of the kept ones."""
     hidden: bool = False
     """The channels are a hidden width that a LayerNorm or RMSNorm normalizes."""
     pinned: list[int] = field(default_factory=list)
@@ -211,6 +215,10 @@ class Discovery(LayoutOps):
         self.normalized: list[tuple[np.ndarray, str, bool]] = []
         """ids a norm normalizes over, that norm, and whether it is a LayerNorm or
         RMSNorm of a hidden width."""
+        self.channel_means: list[tuple[onnx.NodeProto, np.ndarray]] = []
+        """ReduceMean nodes over the channels (no norm's) and the ids they average."""
+        self.maxima: list[tuple[np.ndarray, str]] = []
+        """ids a ReduceMax takes the maximum of, and that node."""
         self.sources: list[Source] = []
         self.layers: list[onnx.NodeProto] = []
         """Conv/ConvTranspose/Gemm/MatMul nodes with a constant float weight."""
@@ -674,19 +682,33 @@ class Discovery(LayoutOps):
             raise Block(f"{where} reduces every axis")
         axes = [a % t.rank for a in axes]  # type: ignore[operator]
         if pos in axes:
-            if axes == [pos] and self._l2_normalize(node, pos - t.rank):
-                return {}  # exact: a channel that is zero adds nothing to the norm
-            hidden = self._decomposed_layer_norm(node) or self._rms_norm(node)
-            if axes == [pos] and (hidden or self._response_norm(node)):
-                # The row statistics broadcast back over the channels: nothing to track.
-                self.normalized.append((t.ids, where, hidden))
-                return {}
-            raise Block(f"{where} reduces over the channels")
+            return self._channel_statistic(node, t, where, alone=axes == [pos])
         if not attr(node, "keepdims", 1):
             rank = t.rank - len(axes)  # type: ignore[operator]
             pos -= sum(a < pos for a in axes)
             return {node.output[0]: Track(pos - rank, t.ids, rank)}
         return {node.output[0]: t}
+
+    def _channel_statistic(self, node, t, where, alone: bool):
+        """A reduction over the channels (`alone`, or with other axes) leaves no channel
+        axis to track. Whether it survives channels going decides the rest."""
+        if node.op_type in SUMS_OVER_CHANNELS:
+            return {}  # exact: a channel that is zero adds nothing to a sum or a norm
+        hidden = alone and (self._decomposed_layer_norm(node) or self._rms_norm(node))
+        if hidden or (alone and self._response_norm(node)):
+            # The row statistics broadcast back over the channels.
+            self.normalized.append((t.ids, where, hidden))
+            return {}
+        if node.op_type == "ReduceMean":
+            # A channel mean that is no norm (CBAM's spatial attention): surgery scales it
+            # by kept / all, so it stays the sum over the channels divided by their
+            # original count, exact where the removed channels were zero.
+            self.channel_means.append((node, t.ids))
+            return {}
+        if node.op_type == "ReduceMax":
+            self.maxima.append((t.ids, where))  # CBAM's other statistic
+            return {}
+        raise Block(f"{where} reduces over the channels")
 
     def _only_reader(self, name: str) -> onnx.NodeProto | None:
         readers = self.m.consumers.get(name, [])
@@ -756,41 +778,6 @@ class Discovery(LayoutOps):
             and scale.op_type == "Mul"
             and sorted(scale.input) == sorted([x, inverse.output[0]])
         )
-
-    def _l2_normalize(self, node: onnx.NodeProto, axis: int) -> bool:
-        """Whether `node` is the norm of F.normalize over the channels on `axis`
-        (negative; SwiftFormer's additive attention): x / max(||x||, eps), the floor a
-        Clip or Max, the norm stretched back by an Expand to Shape(x) or broadcast by
-        the Div itself."""
-        if node.op_type != "ReduceL2" or attr(node, "keepdims", 1) != 1:
-            return False
-        x = node.input[0]
-        floor = self._only_reader(node.output[0])
-        if floor is None or not self._eps_floor(floor):
-            return False
-        div = self._only_reader(floor.output[0])
-        denominator = floor.output[0]
-        if div is not None and div.op_type == "Expand":
-            if div.input[0] != denominator or not self._expanded_to_shape_of(
-                div.output[0], x, axis
-            ):
-                return False
-            denominator = div.output[0]
-            div = self._only_reader(denominator)
-        return div is not None and div.op_type == "Div" and list(div.input) == [x, denominator]
-
-    def _eps_floor(self, node: onnx.NodeProto) -> bool:
-        """Whether `node` is max(its first input, a scalar constant): a Clip with only a
-        minimum (an input from opset 11, an attribute before) or a Max."""
-        if node.op_type == "Max":
-            return len(node.input) == 2 and self._scalar_constant(node.input[1])
-        if node.op_type != "Clip":
-            return False
-        if len(node.input) > 1:
-            low = node.input[1]
-            high = node.input[2] if len(node.input) > 2 else ""
-            return bool(low) and not high and self._scalar_constant(low)
-        return attr(node, "min") is not None and attr(node, "max") is None
 
     def _response_norm(self, node: onnx.NodeProto) -> bool:
         """Whether ReduceMean `node` is the channel mean of ConvNeXt V2's Global
@@ -1066,6 +1053,10 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
             normalized.setdefault(int(gid), where)
             if width:
                 hidden.add(int(gid))
+    maximum: dict[int, str] = {}
+    for ids, where in d.maxima:
+        for gid in np.unique(group_of[ids]).tolist():
+            maximum.setdefault(int(gid), where)
     by_group: dict[int, Group] = {}
     for src in d.sources:
         gid = int(group_of[src.ids[0]]) if len(src.ids) else -1
@@ -1080,6 +1071,7 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
     for grp in by_group.values():
         grp.units = sorted(units[grp.root])
         grp.normalized = normalized.get(grp.root)
+        grp.maximum = maximum.get(grp.root)
         grp.hidden = grp.root in hidden
         # ids per unit in one producer: > 1 only where a unit spans channels (heads)
         first = next(s for s in d.sources if int(group_of[s.ids[0]]) == grp.root)
