@@ -1806,28 +1806,32 @@ def test_grouped_and_multiplier_depthwise_convs_keep_their_groups_balanced():
 
 
 class Attention(torch.nn.Module):
-    """Self-attention written with explicit head counts in its reshapes
-    (view(b, s, 4, 8) and reshape(b, s, 32)), unlike transformers' -1."""
+    """Self-attention written with explicit head sizes in its reshapes (view(b, s, 4, 8)
+    and reshape(b, s, 32)), or with the head count alone (view(b, s, 4, -1) and
+    reshape(b, s, -1), as DeBERTa writes them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, head_size: int = 8) -> None:
         super().__init__()
+        self.head_size = head_size
         self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
+        d = self.head_size
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, s, 4, 8).transpose(1, 2)
+            return t.view(b, s, 4, d).transpose(1, 2)
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         a = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1)
-        return self.o((a @ v).transpose(1, 2).reshape(b, s, 32))
+        return self.o((a @ v).transpose(1, 2).reshape(b, s, 4 * d if d > 0 else -1))
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["constant-shapes", "computed-shapes"])
-def test_head_count_constants_in_reshapes_follow_the_pruned_heads(dynamic: bool):
+@pytest.mark.parametrize("head_size", [8, -1])
+def test_head_count_constants_in_reshapes_follow_the_pruned_heads(dynamic: bool, head_size: int):
     torch.manual_seed(0)
-    module = Attention().eval()
+    module = Attention(head_size).eval()
     buf = io.BytesIO()
     torch.onnx.export(
         module,

@@ -349,6 +349,8 @@ class LayoutOps:
             if not (same_lead and d == -1 and h and h > 0 and t.size % h == 0):
                 raise Block(f"{where} splits the channels in a way that cannot be followed")
             d = t.size // h
+        if d == -1 and h and h > 0 and t.size % h == 0:
+            d = t.size // h  # view(..., H, -1) (DeBERTa): H follows the kept heads
         if d is None or d <= 0 or t.size % d or h not in (-1, t.size // d):
             raise Block(f"{where} splits the channels in a way that cannot be followed")
         units = self._heads(t.ids, d)
