@@ -112,7 +112,8 @@ PHONE_VISION = ("swiftformer", "levit", "focalnet", "cvt")
 def phone_vision(arch: str) -> tuple[PixelLogits, int]:
     """A `transformers` classifier with random weights (5 labels; seed first):
     SwiftFormer (4 stages, width 16-48), LeViT (3 stages, 32-64, at 128x128),
-    FocalNet (4 stages, 16-128) or CvT (3 stages, 16-48)."""
+    FocalNet (4 stages, 16-128), CvT (3 stages, 16-48) or SegFormer (2 stages,
+    16-32, its all-MLP decoder 32 wide)."""
     import transformers as tf
 
     if arch == "swiftformer":
@@ -136,6 +137,21 @@ def phone_vision(arch: str) -> tuple[PixelLogits, int]:
             embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=5
         )
         return PixelLogits(tf.CvtForImageClassification(config)), 64
+    if arch == "segformer":  # a semantic segmenter (per-pixel logits at 1/4 scale)
+        config = tf.SegformerConfig(
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            hidden_sizes=[16, 32],
+            num_attention_heads=[1, 2],
+            sr_ratios=[2, 1],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+            decoder_hidden_size=32,
+            num_labels=5,
+            attn_implementation="eager",  # sdpa exports from opset 14 only
+        )
+        return PixelLogits(tf.SegformerForSemanticSegmentation(config)), 64
     raise ValueError(f"unknown arch {arch!r}")
 
 

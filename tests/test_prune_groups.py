@@ -554,7 +554,7 @@ def slimmed_export(module: torch.nn.Module, size: int, opset: int) -> onnx.Model
 
 
 def prune_zeroed_exactly(
-    model: onnx.ModelProto, config: PruneConfig, constants: bool, size: int
+    model: onnx.ModelProto, config: PruneConfig, constants: bool, size: int, batch: int = 2
 ) -> list[str]:
     """Prune `model` with the units the pruner removes zeroed first (its weights as
     Constant nodes if `constants`): the result passes the checker, has the predicted
@@ -565,7 +565,7 @@ def prune_zeroed_exactly(
     out = Prune(config).run(source, None)
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    images = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    images = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
     assert_exact(out.model, source, model, {"input": images})
     return out.notes
 
@@ -778,6 +778,44 @@ def test_cvt_attention_written_as_einsum_prunes_its_heads(opset: int, constants:
             n.startswith("removed 2/3 heads of") and query.format(layer) in n for n in notes
         ), notes
     assert not any("Einsum" in n for n in notes), notes
+
+
+@pytest.mark.parametrize(("opset", "constants"), [(11, False), (13, True), (17, False)])
+def test_segformer_heads_prune_after_onnxslim_writes_its_projections_as_gemm(
+    opset: int, constants: bool
+):
+    """SegFormer splits heads as view(B, N, -1, D); once onnxslim (which the prune step
+    runs where it helps) writes each projection of a fixed-size export as Reshape
+    [-1, C], Gemm, the split reads [B*N, C] -> [B, N, -1, D], which kept every query,
+    key and value whole. Its tokens go back to a map as [B, H*W, C] -> [B, H, W, -1],
+    which must not be read as heads of one channel. Every layer prunes and, with the
+    LayerNorm'd stage widths and the sequence-reduction conv excluded, the heads,
+    Mix-FFNs and decoder prune exactly."""
+    torch.manual_seed(0)
+    module, size = phone_vision("segformer")
+    buf = io.BytesIO()  # one image of a fixed size, as segmenters ship to devices
+    torch.onnx.export(
+        module.eval(), (torch.randn(1, 3, size, size),), buf, dynamo=False,
+        opset_version=opset, input_names=["input"], output_names=["output"],
+    )  # fmt: skip
+    model = slim(onnx.load_from_string(buf.getvalue()))
+    g.constants_to_initializers(model)
+    assert sum(n.op_type == "Gemm" for n in model.graph.node) >= 6
+    notes = Prune(PruneConfig(sparsity=0.5)).run(model, None).notes
+    assert next(n for n in notes if n.startswith("structured:")).startswith(
+        "structured: 21/21 layers pruned"
+    ), notes
+    stage = "/m/segformer/stages.{}/"
+    widths = [
+        stage.format(0) + "patch_embeddings/proj/Conv",
+        stage.format(1) + "patch_embeddings/proj/Conv",
+        stage.format(0) + "blocks.0/attention/sequence_reduction/sequence_reduction/Conv",
+    ]
+    config = PruneConfig(sparsity=0.5, exclude_nodes=widths)
+    notes = prune_zeroed_exactly(model, config, constants, size, batch=1)
+    query = stage.format(1) + "blocks.0/attention/q_proj/MatMul"
+    assert any(n.startswith("removed 1/2 heads of") and query in n for n in notes), notes
+    assert not any("normalizes over the channels" in n for n in notes), notes
 
 
 def test_pruning_writes_no_onnxruntime_warnings_to_stderr(capfd):

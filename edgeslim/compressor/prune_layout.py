@@ -346,10 +346,12 @@ class LayoutOps:
                 and all(v is not None and v > 0 for v in lead)
                 and math.prod(lead) == math.prod(dims[:-1])
             )
-            if not (same_lead and d == -1 and h and h > 0 and t.size % h == 0):
+            if same_lead and d == -1 and h and h > 0 and t.size % h == 0:
+                d = t.size // h
+            elif not (same_lead and h == -1 and d and d > 0 and t.size % d == 0):
+                # (H = -1 with D written: SegFormer's heads after onnxslim's Gemm.)
                 raise Block(f"{where} splits the channels in a way that cannot be followed")
-            d = t.size // h
-        if d == -1 and h and h > 0 and t.size % h == 0:
+        if d == -1 and h and h > 0 and t.size % h == 0 and self._lead_kept(node):
             d = t.size // h  # view(..., H, -1) (DeBERTa): H follows the kept heads
         if d is None or d <= 0 or t.size % d or h not in (-1, t.size // d):
             raise Block(f"{where} splits the channels in a way that cannot be followed")
@@ -357,6 +359,19 @@ class LayoutOps:
         if h != -1:
             self._constant_fixup(h_at, lambda kept, ids=units: kept(ids), where)
         return {node.output[0]: Track(-2, units, len(target))}
+
+    def _lead_kept(self, node) -> bool:
+        """Whether a Reshape that adds one axis keeps the axes before the last where they
+        were ([B, S, C] -> [B, S, H, D]), on the inferred or probed shapes: with D = -1
+        the target alone cannot tell that from [B, H*W, C] -> [B, H, W, -1]."""
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        return (
+            dims is not None
+            and out is not None
+            and len(out) == len(dims) + 1
+            and None not in dims[:-1]
+            and out[:-2] == dims[:-1]
+        )
 
     def _heads(self, ids: np.ndarray, d: int) -> np.ndarray:
         """Each run of d consecutive ids (a head) made one unit; one id per head."""
