@@ -1,7 +1,8 @@
 """Structured-pruning coverage on vision families made for phones and CPUs, against
 Torch-Pruning.
 
-    python bench/coverage.py [--arch swiftformer levit focalnet cvt] [--sparsity 0.5]
+    python bench/coverage.py [--arch swiftformer levit focalnet cvt segformer]
+                             [--sparsity 0.5]
                              [--deadline 300]
 
 Each model is built from a `transformers` config with random weights (nothing is
@@ -20,7 +21,10 @@ bench/families.py measure accuracy.
 - focalnet: FocalNet's focal modulation (query, context and one gate per level
   from one projection, depthwise convs per level), 4 stages of width 16-128;
 - cvt: CvT (convolutional token projections, attention written as Einsum),
-  3 stages of width 16-48.
+  3 stages of width 16-48;
+- segformer: SegFormer, a semantic segmenter (attention over a sequence reduced by
+  a strided conv, Mix-FFN with a depthwise conv, an all-MLP decoder), 2 stages of
+  width 16-32; its classifier is a 1x1 Conv, which Torch-Pruning is told to ignore.
 
 Each tool counts the parameters of its own format (the ONNX file has the
 BatchNorms that follow convs folded into them).
@@ -70,7 +74,9 @@ def torch_pruning_row(module: torch.nn.Module, size: int, sparsity: float) -> st
     classifiers = [
         m
         for name, m in module.named_modules()
-        if isinstance(m, torch.nn.Linear) and ("classifier" in name or name.endswith("head"))
+        # the final layer: a Linear, or SegFormer's 1x1 Conv over the decoder's map
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+        and ("classifier" in name or name.endswith("head"))
     ]
     pruner = tp.pruner.MetaPruner(
         module,

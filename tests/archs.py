@@ -106,7 +106,7 @@ class PixelLogits(torch.nn.Module):
 
 # Vision families made for phones and CPUs, small: (module, input size). Shared by
 # tests/test_prune_groups.py and bench/coverage.py.
-PHONE_VISION = ("swiftformer", "levit", "focalnet", "cvt")
+PHONE_VISION = ("swiftformer", "levit", "focalnet", "cvt", "segformer")
 
 
 def phone_vision(arch: str) -> tuple[PixelLogits, int]:
