@@ -640,6 +640,11 @@ def test_cbam_spatial_attention_prunes_through_its_channel_mean_and_maximum(
     ), notes
     maxima = [n for n in notes if " takes the maximum over the channels of " in n]
     assert len(maxima) == 2, notes
+    assert (
+        "scaled 2 means over the channels by the share kept (a Mul after each, so each stays "
+        "the sum over the source's count): /stem_att/ReduceMean_1 by 8/16, "
+        "/branch/branch.2/ReduceMean_1 by 16/32"
+    ) in notes, notes
     out = Prune(config).run(model, None).model
     rescales = [n for n in out.graph.node if n.op_type == "Mul" and n.name.endswith("_rescale")]
     assert len(rescales) == 2

@@ -438,6 +438,12 @@ def prune_structured(
                     "is at least what was removed (always, after a ReLU, where removed "
                     "channels were zero)"
                 )
+    if plan.surgery.rescaled:
+        notes.append(
+            f"scaled {len(plan.surgery.rescaled)} means over the channels by the share kept "
+            f"(a Mul after each, so each stays the sum over the source's count): "
+            + ", ".join(plan.surgery.rescaled)
+        )
     after, _ = g.weight_stats(model)
     if after != plan.predicted:
         raise RuntimeError(

@@ -34,6 +34,8 @@ class Surgery:
             _, _, axes = self.edits.setdefault((id(mem.node), mem.index), (mem.node, mem.index, {}))
             axes[mem.axis] = axes[mem.axis] & mask if mem.axis in axes else mask
         self.in_place = self._agreed()
+        self.rescaled: list[str] = []
+        """Channel means given a Mul after them by `apply`, as "name by kept/all"."""
 
     def _agreed(self) -> set[str]:
         """Shared constants that every reader cuts the same way: cut once, so layers
@@ -115,6 +117,7 @@ class Surgery:
             kept = self.kept(ids)
             if kept < len(ids):
                 self._scale_output(node, kept / len(ids), names)
+                self.rescaled.append(f"{node.name or node.output[0]} by {kept}/{len(ids)}")
 
     def _scale_output(self, node: onnx.NodeProto, factor: float, names: set[str]) -> None:
         """Multiply `node`'s output by `factor`: a Mul after it takes over the output's
