@@ -692,6 +692,14 @@ class Discovery(LayoutOps):
     def _channel_statistic(self, node, t, where, alone: bool):
         """A reduction over the channels (`alone`, or with other axes) leaves no channel
         axis to track. Whether it survives channels going decides the rest."""
+        centred = any(
+            r.op_type in ("Add", "Sub") and node.input[0] in r.input
+            for r in self.m.consumers.get(node.output[0], [])
+        )
+        if centred and not (alone and self._decomposed_layer_norm(node)):
+            # x - mean(x) outside a LayerNorm: a removed channel would leave its -mean
+            # out of the layers that read it, even where it was zero.
+            raise Block(f"{where} reduces over the channels and is taken back off them")
         if node.op_type in SUMS_OVER_CHANNELS:
             return {}  # exact: a channel that is zero adds nothing to a sum or a norm
         hidden = alone and (self._decomposed_layer_norm(node) or self._rms_norm(node))
