@@ -64,6 +64,33 @@ def tiny_albert(opset: int) -> torch.nn.Module:
     return transformers.AlbertForSequenceClassification(config)
 
 
+def tiny_deberta_v3() -> torch.nn.Module:
+    """A 2-layer DebertaV2ForSequenceClassification configured as DeBERTa-v3 ships
+    (relative attention with c2p and p2c, 8 log buckets, the keys shared with the
+    position projections, a LayerNorm'd relative embedding table), width 64, 4
+    heads, vocabulary 100, 3 labels; eager attention, so every opset exports it.
+    torch's random weights, so seed first."""
+    import transformers
+
+    config = transformers.DebertaV2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=3,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=8,
+        max_relative_positions=16,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+    )
+    config._attn_implementation = "eager"
+    return transformers.DebertaV2ForSequenceClassification(config)
+
+
 def tiny_llama(*, kv_heads: int, attention: str) -> torch.nn.Module:
     """A 2-layer Llama decoder (RMSNorm, rotary embeddings, 4 query heads of 16 sharing
     `kv_heads` K/V heads, SwiGLU FFN of 128) called as (input_ids, attention_mask) and

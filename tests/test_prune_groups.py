@@ -35,7 +35,15 @@ from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune, plan_structured
 from edgeslim.compressor.simplify import Simplify, slim
 from edgeslim.compressor.steps import StepContext
-from tests.archs import PixelLogits, YoloV8n, export, phone_vision, tiny_bert, tiny_llama
+from tests.archs import (
+    PixelLogits,
+    YoloV8n,
+    export,
+    phone_vision,
+    tiny_bert,
+    tiny_deberta_v3,
+    tiny_llama,
+)
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
@@ -832,6 +840,54 @@ def test_segformer_heads_prune_after_onnxslim_writes_its_projections_as_gemm(
     query = stage.format(1) + "blocks.0/attention/q_proj/MatMul"
     assert any(n.startswith("removed 1/2 heads of") and query in n for n in notes), notes
     assert not any("normalizes over the channels" in n for n in notes), notes
+
+
+@pytest.mark.parametrize(("opset", "constants"), [(11, False), (13, True), (17, False)])
+def test_deberta_v3_relative_attention_prunes_heads_and_hidden_width(opset: int, constants: bool):
+    """DeBERTa-v3 scores each head's query against position keys (and its key against
+    position queries): the same query / key projections run over a LayerNorm'd table
+    of relative embeddings, and GatherElements picks each pair's score by a position
+    index expanded over the heads (folded into the batch axis). Both kept it at 6/18
+    layers (1.27x at 0.5). Now the table's columns join the hidden width and the
+    index follows the kept heads: 18/18 layers, and with the hidden width excluded
+    (its LayerNorms are not exact) the heads and FFNs prune exactly. A fixed-size
+    export: with a dynamic batch the heads stay folded through the scores."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (1, 16))
+    buf = io.BytesIO()
+    torch.onnx.export(
+        tiny_deberta_v3().eval(), (ids,), buf, dynamo=False, opset_version=opset,
+        input_names=["input_ids"], output_names=["output"],
+    )  # fmt: skip
+    model = onnx.load_from_string(buf.getvalue())
+    g.constants_to_initializers(model)
+    assert sum(n.op_type == "GatherElements" for n in model.graph.node) == 4
+    config = PruneConfig(sparsity=0.5)
+    out = Prune(config).run(model, None)
+    assert next(n for n in out.notes if n.startswith("structured:")).startswith(
+        "structured: 18/18 layers pruned"
+    ), out.notes
+    assert any(
+        n.startswith("removed 32/64 hidden channels of /deberta/embeddings/word_embeddings")
+        for n in out.notes
+    ), out.notes
+    table = g.initializer_map(out.model.graph)["deberta.encoder.rel_embeddings.weight"]
+    assert tuple(table.dims) == (16, 32)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    assert run(out.model, {"input_ids": ids.numpy()}).shape == (1, 3)
+
+    narrow = PruneConfig(sparsity=0.5, exclude_nodes=["/deberta/embeddings/word_embeddings/Gather"])
+    source = zero_removed(model, narrow)
+    if constants:
+        source = to_constant_nodes(source)
+    out = Prune(narrow).run(source, None)
+    query = "/deberta/encoder/layer.{}/attention/self/query_proj/MatMul"
+    for layer in (0, 1):
+        assert any(
+            n.startswith(f"removed 2/4 heads of {query.format(layer)}") for n in out.notes
+        ), out.notes
+    assert_exact(out.model, source, model, {"input_ids": ids.numpy()})
 
 
 def test_pruning_writes_no_onnxruntime_warnings_to_stderr(capfd):

@@ -292,6 +292,8 @@ class Discovery(LayoutOps):
     def run(self) -> Discovery:
         for node in self.m.graph.node:
             ins = [self.tracks.get(name) if name else None for name in node.input]
+            if node.input and ins[0] is None and self._norms_a_table(node):
+                ins[0] = self._normed_table(node)
             if node.op_type in WEIGHT_LAYERS and self._weight(node) is not None:
                 self.layers.append(node)
             outs: dict[str, Track] = {}
@@ -433,6 +435,43 @@ class Discovery(LayoutOps):
         except Block as why:
             self.block(ids, str(why))
         return {node.output[0]: Track(-1, ids, None if rank is None else rank + 1)}
+
+    def _norms_a_table(self, node: onnx.NodeProto) -> bool:
+        """Whether `node` is a LayerNorm over the columns of a constant [N, H] table
+        (DeBERTa's relative position embeddings, normed and then fed through the query
+        and key projections that the tokens go through): a LayerNormalization, or the
+        mean of one written out before opset 17."""
+        table = self.m.float_weight(node.input[0])
+        if table is None or table.ndim != 2:
+            return False
+        if node.op_type == "LayerNormalization":
+            return int(attr(node, "axis", -1)) % 2 == 1
+        if node.op_type != "ReduceMean" or not self._decomposed_layer_norm(node):
+            return False
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1:
+            found = self.m.array(node.input[1])
+            axes = None if found is None else found.reshape(-1).tolist()
+        return axes is not None and [a % 2 for a in axes] == [1]
+
+    def _normed_table(self, node: onnx.NodeProto) -> Track:
+        """The table's H columns start ids, which the shared projections then join to
+        the hidden width; every node that reads the table cuts it alike."""
+        name = node.input[0]
+        table = self.m.array(name)
+        ids = self.new_ids(node, table.shape[1])  # type: ignore[union-attr]
+        track = Track(-1, ids, 2)
+        self.tracks[name] = track  # the written-out LayerNorm's Sub reads it too
+        try:
+            if name in self.m.graph_inputs:
+                raise Block("its table is also a graph input (overridable at run time)")
+            for reader in self.m.consumers.get(name, []):
+                if reader.op_type not in ("LayerNormalization", "ReduceMean", "Sub"):
+                    raise Block(f"its table is also read by {reader.op_type} {label(reader)}")
+                self.member(reader, list(reader.input).index(name), 1, ids, "out")
+        except Block as why:
+            self.block(ids, str(why))
+        return track
 
     # -- pass-through ops --------------------------------------------------------
 
@@ -983,6 +1022,27 @@ class Discovery(LayoutOps):
                     self._constant_fixup(at, lambda kept, ids=ref.ids, n=per: n * kept(ids), where)
         return {node.output[0]: Track(ref.axis, ref.ids, rank)}
 
+    def _gather_elements(self, node, ins, where):
+        """GatherElements along another axis than the channels: output row i reads data
+        row i, so the channels pass on where the indices hold one slice per channel.
+        Indices that are copies of one slice there (DeBERTa's relative positions,
+        expanded over the folded heads) follow the kept count."""
+        t, index = ins[0], node.input[1]
+        if t is None or ins[1] is not None:
+            raise Block(f"{where} gathers by the channels")
+        rank = t.rank
+        if rank is None or int(attr(node, "axis", 0)) % rank == t.pos(where):
+            raise Block(f"{where} gathers along the channels")
+        dims = self.m.dims(index, need=(t.axis,))
+        if dims is None or len(dims) != rank or dims[t.axis] != t.size:
+            raise Block(f"{where} has indices that cannot follow the channels")
+        copies = self._repeats_of_one(index, t.axis)
+        if copies is None:
+            raise Block(f"{where} has indices that differ from channel to channel")
+        for at, per in copies:
+            self._constant_fixup(at, lambda kept, ids=t.ids, n=per: n * kept(ids), where)
+        return {node.output[0]: t}
+
 
 HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "Conv": Discovery._conv,
@@ -995,6 +1055,7 @@ HANDLERS: dict[str, Callable[..., dict[str, Track]]] = {
     "Reshape": Discovery._reshape,
     "Shape": Discovery._shape,
     "Gather": Discovery._gather,
+    "GatherElements": Discovery._gather_elements,
     "Unsqueeze": Discovery._unsqueeze,
     "Squeeze": Discovery._squeeze,
     "Concat": Discovery._concat,
