@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -94,10 +96,11 @@ class Quantize:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save(model, src)
             notes += _pre_process(src)
-            if data is None:
-                self._dynamic(src, dst)
-            else:
-                self._static(src, dst, data, ctx, per_channel)
+            with _quantizer_warnings(notes):
+                if data is None:
+                    self._dynamic(src, dst)
+                else:
+                    self._static(src, dst, data, ctx, per_channel)
             out = onnx.load(dst)
         quantized = sum(
             1
@@ -219,6 +222,35 @@ def _calibration_cache(
         digest.update(name.encode() + np.ascontiguousarray(data.inputs[name]).tobytes())
     ctx.calibration_cache.mkdir(parents=True, exist_ok=True)
     return ctx.calibration_cache / f"{digest.hexdigest()[:32]}.json"
+
+
+@contextlib.contextmanager
+def _quantizer_warnings(notes: list[str]):
+    """onnxruntime's quantizer warns through the root logger, which prints each line to
+    the user's stderr (a BERT's LayerNorm weights give one line each under per-channel
+    static int8). Its records are kept out of the log and summed up in one note."""
+    seen: dict[str, int] = {}
+
+    def collect(record: logging.LogRecord) -> bool:
+        if f"onnxruntime{os.sep}quantization" not in record.pathname:
+            return True
+        message = record.getMessage()
+        seen[message] = seen.get(message, 0) + 1
+        return False
+
+    root = logging.getLogger()
+    root.addFilter(collect)
+    try:
+        yield
+    finally:
+        root.removeFilter(collect)
+        if seen:
+            first = next(iter(seen))
+            more = f" (+{len(seen) - 1} other messages)" if len(seen) > 1 else ""
+            notes.append(
+                f"onnxruntime's quantizer warned {sum(seen.values())} times, e.g. "
+                f"{first!r}{more}"
+            )
 
 
 def _opset(model: onnx.ModelProto) -> int:
