@@ -182,7 +182,11 @@ def phone_vision(arch: str) -> tuple[PixelLogits, int]:
     raise ValueError(f"unknown arch {arch!r}")
 
 
-def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -> onnx.ModelProto:
+def export(
+    module: torch.nn.Module, args: tuple, names: list[str], opset: int, *, static: bool = False
+) -> onnx.ModelProto:
+    """`module` exported with a dynamic batch (and sequence length for input_ids), or
+    at the example's fixed shapes with `static`, as models often ship to devices."""
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*names, "output"]}
     if "input_ids" in names:  # sequence length too
@@ -195,7 +199,7 @@ def export(module: torch.nn.Module, args: tuple, names: list[str], opset: int) -
         opset_version=opset,
         input_names=names,
         output_names=["output"],
-        dynamic_axes=dynamic,
+        dynamic_axes=None if static else dynamic,
     )
     return onnx.load_from_string(buf.getvalue())
 

@@ -817,12 +817,8 @@ def test_segformer_heads_prune_after_onnxslim_writes_its_projections_as_gemm(
     Mix-FFNs and decoder prune exactly."""
     torch.manual_seed(0)
     module, size = phone_vision("segformer")
-    buf = io.BytesIO()  # one image of a fixed size, as segmenters ship to devices
-    torch.onnx.export(
-        module.eval(), (torch.randn(1, 3, size, size),), buf, dynamo=False,
-        opset_version=opset, input_names=["input"], output_names=["output"],
-    )  # fmt: skip
-    model = slim(onnx.load_from_string(buf.getvalue()))
+    # one image of a fixed size, as segmenters ship to devices
+    model = slim(export(module, (torch.randn(1, 3, size, size),), ["input"], opset, static=True))
     g.constants_to_initializers(model)
     assert sum(n.op_type == "Gemm" for n in model.graph.node) >= 6
     notes = Prune(PruneConfig(sparsity=0.5)).run(model, None).notes
@@ -854,12 +850,7 @@ def test_deberta_v3_relative_attention_prunes_heads_and_hidden_width(opset: int,
     export: with a dynamic batch the heads stay folded through the scores."""
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (1, 16))
-    buf = io.BytesIO()
-    torch.onnx.export(
-        tiny_deberta_v3().eval(), (ids,), buf, dynamo=False, opset_version=opset,
-        input_names=["input_ids"], output_names=["output"],
-    )  # fmt: skip
-    model = onnx.load_from_string(buf.getvalue())
+    model = export(tiny_deberta_v3(), (ids,), ["input_ids"], opset, static=True)
     g.constants_to_initializers(model)
     assert sum(n.op_type == "GatherElements" for n in model.graph.node) == 4
     config = PruneConfig(sparsity=0.5)
@@ -1049,13 +1040,8 @@ def test_kv_heads_folded_through_the_batch_axis(opset: int, kv: int):
     (a Llama from torch's dynamo exporter: 6/14 layers, now 14/14, and 10/14 with
     one K/V head)."""
     torch.manual_seed(0)
-    buf = io.BytesIO()
     x = torch.randn(2, 8, 32)
-    torch.onnx.export(
-        FoldedGqa(kv).eval(), (x,), buf, dynamo=False, opset_version=opset,
-        input_names=["x"], output_names=["output"],
-    )  # fmt: skip
-    model = onnx.load_from_string(buf.getvalue())
+    model = export(FoldedGqa(kv), (x,), ["x"], opset, static=True)
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
     source = zero_removed(model, config)

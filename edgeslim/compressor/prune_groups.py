@@ -731,17 +731,18 @@ class Discovery(LayoutOps):
     def _channel_statistic(self, node, t, where, alone: bool):
         """A reduction over the channels (`alone`, or with other axes) leaves no channel
         axis to track. Whether it survives channels going decides the rest."""
+        layer_norm = alone and self._decomposed_layer_norm(node)
         centred = any(
             r.op_type in ("Add", "Sub") and node.input[0] in r.input
             for r in self.m.consumers.get(node.output[0], [])
         )
-        if centred and not (alone and self._decomposed_layer_norm(node)):
+        if centred and not layer_norm:
             # x - mean(x) outside a LayerNorm: a removed channel would leave its -mean
             # out of the layers that read it, even where it was zero.
             raise Block(f"{where} reduces over the channels and is taken back off them")
         if node.op_type in SUMS_OVER_CHANNELS:
             return {}  # exact: a channel that is zero adds nothing to a sum or a norm
-        hidden = alone and (self._decomposed_layer_norm(node) or self._rms_norm(node))
+        hidden = layer_norm or (alone and self._rms_norm(node))
         if hidden or (alone and self._response_norm(node)):
             # The row statistics broadcast back over the channels.
             self.normalized.append((t.ids, where, hidden))
@@ -1018,8 +1019,7 @@ class Discovery(LayoutOps):
                     )
                 if copies is None:
                     raise Block(f"{where} meets an operand whose channels are not tracked")
-                for at, per in copies:
-                    self._constant_fixup(at, lambda kept, ids=ref.ids, n=per: n * kept(ids), where)
+                self._copies_follow(copies, ref.ids, where)
         return {node.output[0]: Track(ref.axis, ref.ids, rank)}
 
     def _gather_elements(self, node, ins, where):
@@ -1039,8 +1039,7 @@ class Discovery(LayoutOps):
         copies = self._repeats_of_one(index, t.axis)
         if copies is None:
             raise Block(f"{where} has indices that differ from channel to channel")
-        for at, per in copies:
-            self._constant_fixup(at, lambda kept, ids=t.ids, n=per: n * kept(ids), where)
+        self._copies_follow(copies, t.ids, where)
         return {node.output[0]: t}
 
 
@@ -1111,10 +1110,16 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
     d = Discovery(m).run()
     roots = d.chan.roots()
     group_of = np.array([d.grp.find(i) for i in range(len(roots))], dtype=np.int64)
-    blocked: dict[int, str] = {}
-    for ids, reason in d.blocked:
-        for gid in np.unique(group_of[ids]).tolist():
-            blocked.setdefault(int(gid), reason)
+
+    def first_per_group(found: list[tuple[np.ndarray, str]]) -> dict[int, str]:
+        """group -> the first text recorded for any of its ids."""
+        out: dict[int, str] = {}
+        for ids, text in found:
+            for gid in np.unique(group_of[ids]).tolist():
+                out.setdefault(int(gid), text)
+        return out
+
+    blocked = first_per_group(d.blocked)
     normalized: dict[int, str] = {}
     hidden: set[int] = set()
     for ids, where, width in d.normalized:
@@ -1122,10 +1127,7 @@ def discover(model: onnx.ModelProto, excluded: set[str]) -> Groups:
             normalized.setdefault(int(gid), where)
             if width:
                 hidden.add(int(gid))
-    maximum: dict[int, str] = {}
-    for ids, where in d.maxima:
-        for gid in np.unique(group_of[ids]).tolist():
-            maximum.setdefault(int(gid), where)
+    maximum = first_per_group(d.maxima)
     by_group: dict[int, Group] = {}
     for src in d.sources:
         gid = int(group_of[src.ids[0]]) if len(src.ids) else -1

@@ -179,8 +179,7 @@ class LayoutOps:
             found = self._whole_channels(full, cut, c, fewer)
             if found is not None:
                 k, copies = found
-                for at, per in fixes:
-                    self._constant_fixup(at, lambda kept, ids=t.ids, n=per: n * kept(ids), where)
+                self._copies_follow(fixes, t.ids, where)
                 rank = full[0].ndim
                 return {step.output[0]: Track(k - rank, np.repeat(t.ids, copies), rank)}
             step = self._only_reader(step.output[0])
@@ -346,12 +345,13 @@ class LayoutOps:
                 and all(v is not None and v > 0 for v in lead)
                 and math.prod(lead) == math.prod(dims[:-1])
             )
-            if same_lead and d == -1 and h and h > 0 and t.size % h == 0:
-                d = t.size // h
-            elif not (same_lead and h == -1 and d and d > 0 and t.size % d == 0):
-                # (H = -1 with D written: SegFormer's heads after onnxslim's Gemm.)
+            # D = -1, or H = -1 with D written (SegFormer's heads after onnxslim's Gemm).
+            d_left = d == -1 and h and h > 0 and t.size % h == 0
+            if not (same_lead and (d_left or (h == -1 and d and d > 0 and t.size % d == 0))):
                 raise Block(f"{where} splits the channels in a way that cannot be followed")
-        if d == -1 and h and h > 0 and t.size % h == 0 and self._lead_kept(node):
+        elif d == -1 and h and h > 0 and not self._lead_kept(node):
+            raise Block(f"{where} splits the channels in a way that cannot be followed")
+        if d == -1 and h and h > 0 and t.size % h == 0:
             d = t.size // h  # view(..., H, -1) (DeBERTa): H follows the kept heads
         if d is None or d <= 0 or t.size % d or h not in (-1, t.size // d):
             raise Block(f"{where} splits the channels in a way that cannot be followed")
@@ -359,6 +359,12 @@ class LayoutOps:
         if h != -1:
             self._constant_fixup(h_at, lambda kept, ids=units: kept(ids), where)
         return {node.output[0]: Track(-2, units, len(target))}
+
+    def _copies_follow(self, copies: list[tuple], ids: np.ndarray, where: str) -> None:
+        """Each (entry, copies per unit) found where copies of one slice are written
+        follows the kept count of `ids`."""
+        for at, per in copies:
+            self._constant_fixup(at, lambda kept, ids=ids, n=per: n * kept(ids), where)
 
     def _lead_kept(self, node) -> bool:
         """Whether a Reshape that adds one axis keeps the axes before the last where they

@@ -248,8 +248,7 @@ def _quantizer_warnings(notes: list[str]):
             first = next(iter(seen))
             more = f" (+{len(seen) - 1} other messages)" if len(seen) > 1 else ""
             notes.append(
-                f"onnxruntime's quantizer warned {sum(seen.values())} times, e.g. "
-                f"{first!r}{more}"
+                f"onnxruntime's quantizer warned {sum(seen.values())} times, e.g. {first!r}{more}"
             )
 
 
