@@ -1028,6 +1028,46 @@ class FoldedGqa(torch.nn.Module):
         return self.head(torch.relu(self.o(y)))
 
 
+class SizedAttention(FoldedGqa):
+    """Attention of 4 heads with every size read from the tensors (`x.shape`,
+    `k.shape`), as a dynamic-shape export writes it: K's fold to [B*H, S, D] and
+    back reads S, D, B and H from K itself."""
+
+    def __init__(self) -> None:
+        super().__init__(kv=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h, d = x.shape[0], x.shape[1], 4, 16
+        q = self.q(x).reshape(b, s, h, d).transpose(1, 2)
+        k = self.k(x).reshape(b, s, h, d).transpose(1, 2)
+        v = self.v(x).reshape(b, s, h, d).transpose(1, 2)
+        n = k.shape
+        k = k.reshape(-1, n[-2], n[-1]).transpose(1, 2).reshape(n[0], n[1], n[-1], n[-2])
+        probs = torch.softmax(q @ k * d**-0.5, -1)
+        y = (probs @ v).transpose(1, 2).reshape(b, s, h * d)
+        return self.head(torch.relu(self.o(y)))
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_kv_fold_with_sizes_read_at_run_time(opset: int):
+    """torch's TorchScript exporter with dynamic axes reads each size as
+    Unsqueeze(Gather(Shape(k), i)): K's own head count among them, which then only
+    sizes the fold's own Reshapes. Exact at the export's batch and at another;
+    before, the attention stayed whole."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    model = export(SizedAttention(), (x,), ["x"], opset)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("removed 2/4 heads of /q/MatMul") for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    for shape in ((2, 8, 32), (3, 8, 32)):  # the batch is dynamic
+        assert_exact(out.model, source, model, {"x": RNG.normal(size=shape).astype(np.float32)})
+
+
 @pytest.mark.parametrize(("opset", "kv"), [(14, 2), (17, 2), (17, 1)])
 def test_kv_heads_folded_through_the_batch_axis(opset: int, kv: int):
     """The K path above is no single rule's: the run of Reshape, Transpose, Reshape
@@ -1097,6 +1137,51 @@ def test_multi_query_attention_prunes_query_heads_around_the_one_kv_head(
         np.testing.assert_array_equal(weights(out.model, 0, proj), weights(model, 0, proj))
     assert weights(out.model, 0, "q_proj").shape == (64, 32)
     assert weights(out.model, 0, "o_proj").shape == (32, 64)
+
+
+@pytest.mark.parametrize(
+    ("kv", "layers", "removed"), [(2, 14, "1/2 K/V heads"), (1, 10, "2/4 heads")]
+)
+def test_grouped_query_attention_with_dynamic_shapes_from_torchs_default_exporter(
+    kv: int, layers: int, removed: str
+):
+    """A Llama (4 query heads, `kv` K/V heads) exported as torch's default exporter
+    writes it with dynamic batch and sequence: every Reshape has `allowzero`, the
+    head views' targets are [B, S, -1, D] with B and S read by `Shape` at run time,
+    and sdpa's K is folded to [B*H, S, D] and back to [B, H, D, S] by targets read
+    from its own shape. A computed entry is never read as "copy the input dim", so
+    `allowzero` only blocks a literal 0, and the fold is executed with each read
+    entry taking its tensor's size at the kept count, as it will at run time. With
+    one K/V head (multi-query) its copies fold the same way and the query heads
+    prune around it. Before, only the FFNs pruned (6/14 layers); now as with fixed
+    shapes (14/14, and 10/14 with one K/V head), exact at the export's shapes and
+    at others."""
+    torch.manual_seed(0)
+    module = tiny_llama(kv_heads=kv, attention="sdpa").eval()
+    ids = torch.randint(0, 100, (2, 8))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    model = torch.onnx.export(
+        module,
+        (ids, torch.ones_like(ids)),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["output"],
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+    ).model_proto
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    if kv == 1:  # the attention (q) and output (o) projections of layers 0 and 1
+        for q, o in (("node_linear", "node_linear_3"), ("node_linear_7", "node_linear_10")):
+            assert silence_removed_heads(source, q, o, heads=4) == 2
+    out = Prune(config).run(source, None)
+    assert f"structured: {layers}/14 layers pruned" in " ".join(out.notes), out.notes
+    assert sum(n.startswith(f"removed {removed}") for n in out.notes) == 2
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    assert_exact(out.model, source, model, padded_text())
+    other = {"input_ids": RNG.integers(0, 100, (1, 5)), "attention_mask": np.ones((1, 5), np.int64)}
+    assert_exact(out.model, source, model, other)
 
 
 @pytest.mark.parametrize("opset", [14, 17])
@@ -1822,9 +1907,11 @@ class SegFormerStage(torch.nn.Module):
 def test_simplify_folds_the_shapes_of_opset_17_layer_norm_graphs(opset: int):
     """onnxslim's own shape inference fails on graphs with LayerNormalization
     (opset 17 on) and it then folds no Shape behind a computed Reshape target;
-    `simplify` (and the prune step's own fold) give it the shapes first, so the
-    sequence-to-map Reshape becomes a constant and the whole width prunes. The
-    batch stays dynamic and the function is unchanged."""
+    `simplify` gives it the shapes first, so the sequence-to-map Reshape becomes a
+    constant. The batch stays dynamic and the function is unchanged. The prune
+    step no longer needs that fold here: the flatten reads its own channel count
+    ([N, C, -1] from Shape), which follows the kept count at run time, so the raw
+    graph prunes the whole width as it is, to what the simplified graph prunes to."""
     torch.manual_seed(0)
     raw = export(SegFormerStage(), (torch.randn(2, 3, 16, 16),), ["input"], opset)
     simplified = Simplify(SimplifyConfig()).run(raw, None).model  # type: ignore[arg-type]
@@ -1836,10 +1923,16 @@ def test_simplify_folds_the_shapes_of_opset_17_layer_norm_graphs(opset: int):
     config = PruneConfig(sparsity=0.5)
     plan = planned(simplified, config, [])
     out = Prune(config).run(raw, None)
-    assert any(n.startswith("simplified first") for n in out.notes), out.notes
+    assert not any(n.startswith("simplified first") for n in out.notes), out.notes
     assert any(n.startswith("structured: 3/3 layers pruned") for n in out.notes), out.notes
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == plan.predicted
+    same_cut = Prune(config).run(simplified, None).model
+    for batch in (1, 3):
+        feeds = {"input": RNG.normal(size=(batch, 3, 16, 16)).astype(np.float32)}
+        np.testing.assert_allclose(
+            run(out.model, feeds), run(same_cut, feeds), rtol=1e-5, atol=1e-6
+        )
     assert run(out.model, feeds).shape == (3, 4, 8, 8)
 
 

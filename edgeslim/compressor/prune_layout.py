@@ -101,7 +101,7 @@ class LayoutOps:
             return moved
 
     def _reshape_by_rule(self, node, t: Track, ins, where):
-        if attr(node, "allowzero", 0):
+        if self._literal_zero(node):
             raise Block(f"{where} uses allowzero")
         if self._is_flatten_shape(node):
             return self._flatten(node, ins, where, 1)
@@ -170,12 +170,16 @@ class LayoutOps:
         full = [channel, where_else]
         cut = [np.take(a, range(fewer), axis=pos) for a in full]
         fixes: list[tuple] = []
+        # Each tensor of the run -> its shape at the channel count and at one fewer:
+        # a target entry read by `Shape` from one of them takes that tensor's size.
+        sizes = {node.input[0]: (full[0].shape, cut[0].shape)}
         step = node
         for _ in range(LAYOUT_RUN_STEPS):
-            moved = self._layout_step(step, full, cut, c, fewer, fixes)
+            moved = self._layout_step(step, full, cut, c, fewer, fixes, sizes)
             if moved is None:
                 return None
             full, cut = moved
+            sizes[step.output[0]] = (full[0].shape, cut[0].shape)
             found = self._whole_channels(full, cut, c, fewer)
             if found is not None:
                 k, copies = found
@@ -187,12 +191,12 @@ class LayoutOps:
                 return None
         return None
 
-    def _layout_step(self, node, full, cut, c: int, fewer: int, fixes: list):
+    def _layout_step(self, node, full, cut, c: int, fewer: int, fixes: list, sizes: dict):
         """`full` and `cut` through one Reshape or Transpose, or None where it fails."""
         if node.op_type == "Transpose":
             perm = attr(node, "perm")
             return [np.transpose(a, perm) for a in full], [np.transpose(a, perm) for a in cut]
-        if attr(node, "allowzero", 0):
+        if self._literal_zero(node):
             return None
         target = self._shape_pieces(node)
         out = self.m.dims(node.output[0])
@@ -208,9 +212,16 @@ class LayoutOps:
             return None
         # An entry whose axis holds the channels (alone, or folded with other axes:
         # [B, C, R, ..] -> [B*C*R, ..]) holds v / c of each; fewer channels, fewer.
+        # One read at run time from a tensor of the run is that tensor's size then.
         narrowed = list(values)
+        read = self._sizes_read(node)
+        if len(read) != len(values):
+            read = [None] * len(values)
         for j, (v, (_, at)) in enumerate(zip(values, target, strict=True)):
-            if at is not None and v > 0 and v % c == 0 and np.ptp(channel, axis=j).any():
+            if read[j] is not None and read[j][0] in sizes:
+                name, k = read[j]
+                values[j], narrowed[j] = (int(shape[k]) for shape in sizes[name])
+            elif at is not None and v > 0 and v % c == 0 and np.ptp(channel, axis=j).any():
                 narrowed[j] = v // c * fewer
                 fixes.append((at, v // c))
         try:
@@ -499,7 +510,7 @@ class LayoutOps:
                 return None
             at = self._entry_at(node, 1, len(shape) + axis)
             return None if at is None else [(at, 1)]
-        if node.op_type == "Reshape" and not attr(node, "allowzero", 0):
+        if node.op_type == "Reshape" and not self._literal_zero(node):
             dims, target = self.m.dims(node.input[0]), self._shape_pieces(node)
             out = self.m.dims(name)
             if dims is None or target is None or out is None or None in dims or k + 1 >= len(dims):
@@ -522,10 +533,10 @@ class LayoutOps:
         fewer, as for a layout run. The copies must come out whole on `axis`.
         (entry, copies per kept one) pairs, or None."""
         chain: list[onnx.NodeProto] = []
+        walked: list[onnx.NodeProto] = []
         node = self.m.producers.get(name)
         while node is not None and node.op_type != "Expand" and len(chain) <= LAYOUT_RUN_STEPS:
-            if self.m.uses(node.output[0]) != 1:  # its sizes change: nothing else may read it
-                return None
+            walked.append(node)
             if node.op_type in ("Transpose", "Reshape"):
                 chain.append(node)
             elif node.op_type in ("Mul", "Div", "Add", "Sub"):
@@ -535,8 +546,20 @@ class LayoutOps:
             elif node.op_type not in ("Cast", "Identity"):
                 return None
             node = self.m.producers.get(node.input[0])
-        if node is None or node.op_type != "Expand" or self.m.uses(node.output[0]) != 1:
+        if node is None or node.op_type != "Expand":
             return None
+        # Their sizes change: nothing else may read them, but a Shape whose sizes only
+        # become targets of the chain's own Reshapes (dynamic shapes), which follow.
+        run = {n.output[0] for n in chain if n.op_type == "Reshape"}
+        for step in (node, *walked):
+            readers = self.m.consumers.get(step.output[0], [])
+            others = [
+                r
+                for r in readers
+                if r.op_type != "Shape" or not self._only_run_sizes(r.output[0], run)
+            ]
+            if len(others) != 1 or self.m.uses(step.output[0]) != len(readers):
+                return None
         dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
         shape = self.m.entries(node.input[1])
         if dims is None or out is None or shape is None or None in out or len(dims) != len(out):
@@ -557,11 +580,13 @@ class LayoutOps:
         ]
         cut = [np.take(a, range(c - 1), axis=j) for a in full]
         fixes: list[tuple] = []
+        sizes = {node.output[0]: (full[0].shape, cut[0].shape)}
         for step in reversed(chain):
-            moved = self._layout_step(step, full, cut, c, c - 1, fixes)
+            moved = self._layout_step(step, full, cut, c, c - 1, fixes, sizes)
             if moved is None:
                 return None
             full, cut = moved
+            sizes[step.output[0]] = (full[0].shape, cut[0].shape)
         if self._whole_channels(full, cut, c, c - 1) != (full[0].ndim + axis, 1):
             return None
         return [(at, 1), *fixes]
@@ -606,6 +631,17 @@ class LayoutOps:
         node, index, pos = at
         self.fixups.append(Fixup(node, index, pos, value))
 
+    def _literal_zero(self, node) -> bool:
+        """Whether `node` (a Reshape) may read a 0 in its target as 0 rather than "the
+        input's dim": with `allowzero` (which torch's dynamo exporter sets on every
+        Reshape) and a 0 or a computed entry the rules cannot see (a computed target
+        whose pieces are unknown). A size read by `Shape` is a computed piece the rules
+        never read as a copy, so [B, S, -1, D] with B and S read at run time passes."""
+        if not attr(node, "allowzero", 0):
+            return False
+        pieces = self._shape_pieces(node)
+        return pieces is None or any(value == 0 for value, _ in pieces)
+
     def _shape_pieces(self, node):
         """A Reshape's target as [(value or None if computed, (node, input, pos) or None)]."""
         name = node.input[1]
@@ -626,6 +662,52 @@ class LayoutOps:
             else:
                 pieces += [(int(v), (concat, index, i)) for i, v in enumerate(value.reshape(-1))]
         return pieces
+
+    def _sizes_read(self, node) -> list[tuple[str, int] | None]:
+        """For each entry of a Reshape's target: (tensor, axis) where the entry is that
+        tensor's size read at run time (a Concat of `Shape(x)` slices, as exports with
+        dynamic shapes write [B*H, S, D] from K's own shape), else None."""
+        concat = self.m.producers.get(node.input[1])
+        if (
+            self.m.array(node.input[1]) is not None
+            or concat is None
+            or concat.op_type != "Concat"
+            or attr(concat, "axis", 0) != 0
+        ):
+            return [None] * len(self._shape_pieces(node) or [])
+        read: list[tuple[str, int] | None] = []
+        for part in concat.input:
+            axes = self._shape_axes(part)
+            if axes is not None:
+                read += axes
+                continue
+            dims = self.m.dims(part, need=(0,))
+            read += [None] * int(dims[0] if dims and dims[0] is not None else 0)
+        return read
+
+    def _shape_axes(self, name: str) -> list[tuple[str, int]] | None:
+        """[(x, axis), ...] where `name` is `Shape(x)` (start / end too), a constant
+        Slice of it or one entry Gathered and Unsqueezed, else None."""
+        node = self.m.producers.get(name)
+        if node is not None and node.op_type == "Slice":
+            inner = self._shape_axes(node.input[0])
+            bounds = None if inner is None else self._vector_slice(node, len(inner))
+            return None if bounds is None else inner[slice(*bounds)]
+        if node is not None and node.op_type == "Unsqueeze":  # of one Gather: torch's export
+            picked = self.m.producers.get(node.input[0])
+            if picked is None or picked.op_type != "Gather" or self.m.rank(name) != 1:
+                return None
+            inner, index = self._shape_axes(picked.input[0]), self._gathered(picked)
+            if inner is None or index is None or len(index) != 1:
+                return None
+            return [inner[index[0]]]
+        if node is None or node.op_type != "Shape":
+            return None
+        rank = self.m.rank(node.input[0])
+        if rank is None:
+            return None
+        start, end, _ = slice(attr(node, "start"), attr(node, "end")).indices(rank)
+        return [(node.input[0], k) for k in range(start, end)]
 
     def _is_flatten_shape(self, node) -> bool:
         data, shape_name = node.input[0], node.input[1]
@@ -675,9 +757,47 @@ class LayoutOps:
                 or self._only_own_resize_sizes(r.output[0], node.input[0], pos)
                 or self._broadcasts_back(r, node.output[0], node.input[0], pos - rank)
                 for r in readers
-            ):
+            ) or self._only_run_sizes(node.output[0], self._run_from(node.input[0])):
                 return {}
         raise Block(f"{SHAPE_READ} {where}")
+
+    def _run_from(self, name: str) -> set[str]:
+        """The outputs of the Reshapes in the runs `_through_other_axes` may execute
+        from `name`."""
+        found: set[str] = set()
+        for first in self.m.consumers.get(name, []):
+            step = first
+            for _ in range(LAYOUT_RUN_STEPS):
+                if step is None or step.op_type not in ("Reshape", "Transpose"):
+                    break
+                if step.op_type == "Reshape":
+                    found.add(step.output[0])
+                step = self._only_reader(step.output[0])
+        return found
+
+    def _only_run_sizes(self, name: str, run: set[str], depth: int = 0) -> bool:
+        """Whether the sizes in `name` (read by Shape from a tensor that then starts a
+        run of Reshapes and Transposes) only become target entries of that run's
+        Reshapes: the run is executed with each such entry taking its tensor's size
+        at the kept count (see `_layout_step`), as it will at run time. The fold and
+        unfold of sdpa's K under a dynamic-shape export ([B, H, S, D] to [B*H, S, D]
+        and back to [B, H, D, S], every size read from K's own shape) is such a run."""
+        readers = self.m.consumers.get(name, [])
+        if not readers or self.m.uses(name) != len(readers) or depth > 4:
+            return False
+        for r in readers:
+            if r.op_type == "Reshape" and list(r.input[1:]) == [name] and r.output[0] in run:
+                continue
+            passes = r.op_type in ("Concat", "Unsqueeze") or (
+                r.op_type in ("Slice", "Gather") and r.input[0] == name
+            )
+            if not (
+                passes
+                and list(r.input).count(name) == 1
+                and self._only_run_sizes(r.output[0], run, depth + 1)
+            ):
+                return False
+        return True
 
     def _broadcasts_back(self, expand, shape: str, data: str, axis: int) -> bool:
         """Whether `expand` stretches a statistic of `data` over `data`'s own shape (the
