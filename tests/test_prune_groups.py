@@ -342,6 +342,33 @@ def test_a_sum_norm_or_mean_over_the_channels_that_is_no_layer_norm_prunes_exact
     assert_exact(out.model, source, model, {"x": RNG.normal(size=(5, 8)).astype(np.float32)})
 
 
+def test_normalize_as_torchs_default_exporter_writes_it_prunes_exactly():
+    """torch's dynamo exporter (dynamic batch) writes F.normalize as x / Expand(norm,
+    [B, N, C]) with C a constant: the expanded norm is the same along the channels,
+    so C follows the kept count. Before, the width stayed whole (SwiftFormer so
+    exported: 39 of 47 layers, now 47)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8)
+    model = torch.onnx.export(
+        ChannelStatistic("normalize").eval(),
+        (x,),
+        dynamo=True,
+        input_names=["x"],
+        output_names=["output"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    ).model_proto
+    assert "Expand" in {n.op_type for n in model.graph.node}
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("removed 8/16 neurons of") for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    for batch in (1, 4):
+        feeds = {"x": RNG.normal(size=(batch, 3, 8)).astype(np.float32)}
+        assert_exact(out.model, source, model, feeds)
+
+
 @pytest.mark.parametrize(
     ("use", "why"),
     [
@@ -1026,6 +1053,63 @@ class FoldedGqa(torch.nn.Module):
         probs = torch.softmax((q * scale) @ (k.reshape(b, h, d, s) * scale), -1)
         y = (probs @ v).transpose(1, 2).reshape(b, s, h * d)
         return self.head(torch.relu(self.o(y)))
+
+
+class BiasedAttention(torch.nn.Module):
+    """Window attention as Swin writes it: 4 heads of 8 over a 7x7 window, scores
+    plus a learnt per-head bias looked up in a [(2*7-1)^2, H] table by a fixed
+    index, viewed [N, N, H] and moved to [1, H, N, N] at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+        self.proj = torch.nn.Linear(32, 32)
+        self.table = torch.nn.Parameter(torch.randn(169, 4))
+        self.register_buffer("index", torch.randint(0, 169, (49 * 49,)))
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], 49
+        qkv = self.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        bias = self.table[self.index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * 8**-0.5 + bias, -1)
+        y = (probs @ v).transpose(1, 2).reshape(b, n, 32)
+        return self.head(torch.relu(self.proj(y)))
+
+
+def test_a_bias_table_moved_to_the_heads_at_run_time_is_cut_with_them():
+    """torch's default exporter leaves Swin's relative position bias as a [N*N, H]
+    constant with Reshape, Transpose and Unsqueeze after it. Those only move its
+    values, so they are folded into one [1, H, N, N] constant (the source constant
+    goes) and its heads axis is cut with the heads. Before, every attention stayed
+    whole (torchvision's swin_t so exported with a dynamic batch: 2.97x at 0.5,
+    now 3.94x). Exact at two batch sizes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 49, 32)
+    model = torch.onnx.export(
+        BiasedAttention().eval(),
+        (x,),
+        dynamo=True,
+        input_names=["x"],
+        output_names=["output"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    ).model_proto
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    notes: list[str] = []
+    plan = planned(model, config, notes)
+    assert any(n.endswith("Reshape / Transpose nodes over constant weights folded") for n in notes)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("removed 2/4 heads of") for n in out.notes), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    biases = [i for i in out.model.graph.initializer if list(i.dims) == [1, 2, 49, 49]]
+    assert len(biases) == 1
+    for batch in (2, 5):
+        feeds = {"x": RNG.normal(size=(batch, 49, 32)).astype(np.float32)}
+        assert_exact(out.model, source, model, feeds)
 
 
 class SizedAttention(FoldedGqa):

@@ -328,6 +328,7 @@ REWRITES: list[tuple[Callable[[onnx.ModelProto], int], str]] = [
     ),
     (pgr.drop_needless_allowzero, "allowzero cleared on {} Reshapes whose target has no 0"),
     (pgr.fold_integer_constants, "{} nodes computing integer constants (shapes, pads) folded"),
+    (pgr.fold_constant_layouts, "{} Reshape / Transpose nodes over constant weights folded"),
 ]
 
 

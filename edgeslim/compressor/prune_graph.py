@@ -255,16 +255,23 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     masks, head splits); a real run does not. Symbolic dims become 2 for the
     leading (batch) axis and 16 elsewhere. Any failure just means no probe.
     """
+    outputs = [out for node in model.graph.node for out in node.output if out]
+    values = probe_values(model, outputs, batch=2)
+    return {name: list(np.shape(value)) for name, value in values.items()}
+
+
+def probe_values(model: onnx.ModelProto, names: list[str], batch: int) -> dict[str, np.ndarray]:
+    """The values of the tensors `names` on made-up inputs whose symbolic dims are
+    `batch` on the leading axis and 16 elsewhere; empty on any failure."""
     try:
         work = onnx.ModelProto()
         work.CopyFrom(model)
         del work.graph.value_info[:]
         present = {o.name for o in work.graph.output}
-        for node in work.graph.node:
-            for out in node.output:
-                if out and out not in present:
-                    work.graph.output.append(onnx.ValueInfoProto(name=out))
-                    present.add(out)
+        for out in names:
+            if out not in present:
+                work.graph.output.append(onnx.ValueInfoProto(name=out))
+                present.add(out)
         inits = {t.name for t in work.graph.initializer}
         rng = np.random.default_rng(0)
         feeds = {}
@@ -273,7 +280,7 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
                 continue
             tt = vi.type.tensor_type
             dims = [
-                d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 16)
+                d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 16)
                 for i, d in enumerate(tt.shape.dim)
             ]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
@@ -282,11 +289,9 @@ def probe_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
             else:
                 feeds[vi.name] = np.ones(dims, dtype=dtype)
         session = unoptimized_session(work)
-        names = [o.name for o in session.get_outputs()]
-        return {
-            name: list(np.shape(value))
-            for name, value in zip(names, session.run(names, feeds), strict=True)
-        }
+        wanted = set(names)
+        outs = [o.name for o in session.get_outputs() if o.name in wanted]
+        return dict(zip(outs, session.run(outs, feeds), strict=True))
     except Exception:
         return {}
 
@@ -423,11 +428,11 @@ def identity_gathers_to_reshapes(model: onnx.ModelProto) -> int:
         idx = numpy_helper.to_array(inits[node.input[1]])
         if idx.ndim > 1 and idx.size and np.array_equal(idx.reshape(-1), np.arange(idx.size)):
             candidates.append((node, idx.shape))
+    rewritten = _computed_identity_gathers(model)
     if not candidates:
-        return 0
+        return rewritten
     shapes = infer_shapes(model)
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    rewritten = 0
     for node, shape in candidates:
         if shapes.get(node.input[0]) != [int(np.prod(shape))]:
             continue
@@ -438,6 +443,77 @@ def identity_gathers_to_reshapes(model: onnx.ModelProto) -> int:
         del node.attribute[:]
         rewritten += 1
     return rewritten
+
+
+def _computed_identity_gathers(model: onnx.ModelProto) -> int:
+    """The same with a dynamic batch: `Gather(Reshape(x, [-1]), idx)` where idx is
+    computed at run time (dynamo writes `as_strided` of a [B, C, 1, 1] as
+    Range(0, B) * C unsqueezed plus arange(C)). Where idx is arange(x.size) shaped
+    like x at two batch sizes, the Gather becomes `Reshape(flat, Shape(x))`, which
+    a layout run follows (its sizes are read from x itself)."""
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    producers = g.producers(graph)
+    candidates = []
+    for node in graph.node:
+        flat = producers.get(node.input[0]) if node.op_type == "Gather" else None
+        if (
+            flat is None
+            or attr(node, "axis", 0) != 0
+            or node.input[1] in inits
+            or flat.op_type != "Reshape"
+            or flat.input[1] not in inits
+            or numpy_helper.to_array(inits[flat.input[1]]).tolist() != [-1]
+        ):
+            continue
+        candidates.append((node, flat.input[0]))
+    if not candidates:
+        return 0
+    wanted = [name for node, x in candidates for name in (node.input[1], x)]
+    runs = [probe_values(model, wanted, batch) for batch in (2, 3)]
+
+    def identity(node: onnx.NodeProto, x: str) -> bool:
+        for values in runs:
+            idx, data = values.get(node.input[1]), values.get(x)
+            if idx is None or data is None or idx.shape != data.shape:
+                return False
+            if not np.array_equal(idx.reshape(-1), np.arange(data.size)):
+                return False
+        return True
+
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    rewritten = 0
+    for node, x in candidates:
+        if not identity(node, x):
+            continue
+        shape = onnx.helper.make_node(
+            "Shape", [x], [fresh_name(f"{node.name or node.output[0]}_shape", names)]
+        )
+        graph.node.insert(list(graph.node).index(node), shape)
+        idx = node.input[1]
+        node.op_type = "Reshape"
+        node.input[1] = shape.output[0]
+        del node.attribute[:]
+        _drop_unread(graph, idx)
+        rewritten += 1
+    return rewritten
+
+
+def _drop_unread(graph: onnx.GraphProto, name: str) -> None:
+    """Remove the node computing `name` where nothing reads it any more, and so on up
+    through its inputs (the index arithmetic a rewrite left behind)."""
+    outputs = {o.name for o in graph.output}
+    pending = [name]
+    while pending:
+        tensor = pending.pop()
+        readers = [n for n in graph.node if tensor in n.input]
+        node = next((n for n in graph.node if tensor in n.output), None)
+        if node is None or readers or tensor in outputs:
+            continue
+        if any(o in outputs or any(o in n.input for n in graph.node) for o in node.output):
+            continue
+        graph.node.remove(node)
+        pending.extend(i for i in node.input if i)
 
 
 # Ops whose all-constant integer results exporters leave in the graph (pads,
@@ -492,6 +568,65 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
             tensor = numpy_helper.from_array(np.asarray(value), name)
             graph.initializer.append(tensor)
             inits[name] = tensor
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
+# Ops that only move the elements of their first input: folding one over a constant
+# keeps every value exactly and the element count, so nothing grows.
+LAYOUT_FOLDABLE = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
+
+
+def fold_constant_layouts(model: onnx.ModelProto) -> int:
+    """Evaluate main-graph layout ops over a float constant that nothing else reads.
+
+    torch's dynamo exporter leaves Swin's relative position bias as the gathered
+    table [N*N, H], then Reshape [N, N, -1], Transpose and Unsqueeze before the Add
+    to the scores; folded, the bias is one constant [1, H, N, N] whose heads axis
+    the head groups can cut. The source constant goes, so the file does not grow."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    inits = g.initializer_map(graph)
+    readers = g.consumers(graph)
+    outputs = {o.name for o in graph.output} | {i.name for i in graph.input}
+    nested = {
+        name
+        for sub in g.iter_graphs(graph)
+        if sub is not graph
+        for n in sub.node
+        for name in n.input
+    }
+    keep, folded = [], 0
+    for node in graph.node:
+        data = node.input[0] if node.input else ""
+        ready = (
+            node.op_type in LAYOUT_FOLDABLE
+            and node.domain in ("", "ai.onnx")
+            and data in inits
+            and inits[data].data_type in FLOAT_TYPES
+            and len(readers.get(data, [])) == 1
+            and data not in outputs | nested
+            and all(name in inits for name in node.input[1:] if name)
+            and not any(o in outputs for o in node.output)
+        )
+        values = None
+        if ready:
+            try:
+                feeds = {n: numpy_helper.to_array(inits[n]) for n in node.input if n}
+                values = ReferenceEvaluator(_single_node_model(model, node, feeds)).run(None, feeds)
+            except Exception:
+                values = None
+        if values is None or len(values) != 1:
+            keep.append(node)
+            continue
+        tensor = numpy_helper.from_array(np.asarray(values[0]), node.output[0])
+        graph.initializer.append(tensor)
+        inits[node.output[0]] = tensor
+        graph.initializer.remove(inits.pop(data))
         folded += 1
     if folded:
         del graph.node[:]

@@ -522,7 +522,7 @@ class Discovery(LayoutOps):
             follows = any(
                 t is not None and self._expanded_to_shape_of(name, data, ref.axis)
                 for data, t in zip(node.input, ins, strict=True)
-            )
+            ) or self._expanded_over_channels(name, ref, where)
             if len(dims) >= -ref.axis and dims[ref.axis] != 1 and not follows:
                 raise Block(
                     f"it meets {name} at {where}, whose channels are not tracked "
@@ -531,6 +531,26 @@ class Discovery(LayoutOps):
         rank = None if None in ranks else max(r for r in ranks if r is not None)
         track = Track(ref.axis, ref.ids, rank)
         return {node.output[0]: track}
+
+    def _expanded_over_channels(self, name: str, track: Track, where: str) -> bool:
+        """Whether `name` (read by one node) is an Expand of something of size 1 on the
+        channel axis to the channel count written as a constant: torch's dynamo
+        exporter writes F.normalize's x / norm as x / Expand(norm, [B, N, C]). It is
+        the same along the channels, so the count follows the kept channels."""
+        node = self.m.producers.get(name)
+        if node is None or node.op_type != "Expand" or self.m.uses(name) != 1:
+            return False
+        dims, shape = self.m.dims(node.input[0]), self.m.entries(node.input[1])
+        axis = track.axis
+        if dims is None or shape is None or len(shape) < -axis or shape[axis] != track.size:
+            return False
+        if len(dims) >= -axis and dims[axis] != 1:
+            return False
+        at = self._entry_at(node, 1, len(shape) + axis)
+        if at is None:
+            return False
+        self._constant_fixup(at, lambda kept, ids=track.ids: kept(ids), where)
+        return True
 
     def _expanded_constant(
         self, name: str, track: Track, reader: onnx.NodeProto

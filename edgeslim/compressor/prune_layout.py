@@ -648,6 +648,9 @@ class LayoutOps:
         arr = self.m.array(name)
         if arr is not None:  # a constant other Reshapes may share: this node's own copy
             return [(int(v), (node, 1, i)) for i, v in enumerate(arr.reshape(-1))]
+        read = self._shape_axes(name)
+        if read is not None:  # Reshape(x, Shape(y)): all sizes read at run time
+            return [(None, None)] * len(read)
         concat = self.m.producers.get(name)
         if concat is None or concat.op_type != "Concat" or attr(concat, "axis", 0) != 0:
             return None
@@ -667,6 +670,9 @@ class LayoutOps:
         """For each entry of a Reshape's target: (tensor, axis) where the entry is that
         tensor's size read at run time (a Concat of `Shape(x)` slices, as exports with
         dynamic shapes write [B*H, S, D] from K's own shape), else None."""
+        whole = self._shape_axes(node.input[1])
+        if whole is not None:
+            return list(whole)
         concat = self.m.producers.get(node.input[1])
         if (
             self.m.array(node.input[1]) is not None
