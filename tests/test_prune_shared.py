@@ -137,6 +137,35 @@ def test_group_norm_removes_whole_groups(opset: int):
     assert_exact(out.model, source, model, feeds)
 
 
+def test_group_norm_from_torchs_default_exporter_with_a_dynamic_batch():
+    """With a dynamic batch torch's dynamo exporter writes the way back as
+    Reshape(.., Shape(x, start=0)): all of x's shape, so the GroupNorm rule follows
+    it as before (PoolFormer so exported: 8 of 13 layers, now 13). Exact at two
+    batch sizes."""
+    torch.manual_seed(0)
+    model = torch.onnx.export(
+        SharedHead(group_norm=True).eval(),
+        (torch.randn(2, 3, 32, 32),),
+        dynamo=True,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    ).model_proto
+    g.constants_to_initializers(model)
+    assert any(n.op_type == "Shape" and n.attribute for n in model.graph.node)
+    config = PruneConfig(sparsity=0.5)
+    plan = planned(model, config, [])
+    assert len(plan.groups.reached_layers()) == 15
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert sum("GroupNorm groups of" in n for n in out.notes) == 1, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == plan.predicted
+    for batch in (1, 3):
+        feeds = {"input": RNG.normal(size=(batch, 3, 32, 32)).astype(np.float32)}
+        assert_exact(out.model, source, model, feeds)
+
+
 def as_dynamo_writes_it(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     """`model` as torch's dynamo exporter writes it from a static example: the batch
     fixed in the inputs and outputs and in every Reshape target that copied it (0),

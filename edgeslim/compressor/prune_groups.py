@@ -643,7 +643,9 @@ class Discovery(LayoutOps):
             shape is not None
             and shape.op_type == "Shape"
             and list(shape.input) == [x]
-            and not shape.attribute
+            # all of it: no start / end, or start=0 alone (torch's dynamo exporter)
+            and attr(shape, "start", 0) == 0
+            and attr(shape, "end") is None
             and m.uses(shape.output[0]) == 1
         ):
             return groups, norm, back
