@@ -486,9 +486,8 @@ def _computed_identity_gathers(model: onnx.ModelProto) -> int:
     for node, x in candidates:
         if not identity(node, x):
             continue
-        shape = onnx.helper.make_node(
-            "Shape", [x], [fresh_name(f"{node.name or node.output[0]}_shape", names)]
-        )
+        out = fresh_name(f"{node.name or node.output[0]}_shape", names)
+        shape = onnx.helper.make_node("Shape", [x], [out], name=out)
         graph.node.insert(list(graph.node).index(node), shape)
         idx = node.input[1]
         node.op_type = "Reshape"
@@ -502,7 +501,7 @@ def _computed_identity_gathers(model: onnx.ModelProto) -> int:
 def _drop_unread(graph: onnx.GraphProto, name: str) -> None:
     """Remove the node computing `name` where nothing reads it any more, and so on up
     through its inputs (the index arithmetic a rewrite left behind)."""
-    outputs = {o.name for o in graph.output}
+    outputs = {o.name for o in graph.output} | _read_in_subgraphs(graph)
     pending = [name]
     while pending:
         tensor = pending.pop()
@@ -514,6 +513,17 @@ def _drop_unread(graph: onnx.GraphProto, name: str) -> None:
             continue
         graph.node.remove(node)
         pending.extend(i for i in node.input if i)
+
+
+def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Names that nodes inside If / Loop / Scan bodies read (from the outer scope too)."""
+    return {
+        name
+        for sub in g.iter_graphs(graph)
+        if sub is not graph
+        for n in sub.node
+        for name in n.input
+    }
 
 
 # Ops whose all-constant integer results exporters leave in the graph (pads,
@@ -593,13 +603,7 @@ def fold_constant_layouts(model: onnx.ModelProto) -> int:
     inits = g.initializer_map(graph)
     readers = g.consumers(graph)
     outputs = {o.name for o in graph.output} | {i.name for i in graph.input}
-    nested = {
-        name
-        for sub in g.iter_graphs(graph)
-        if sub is not graph
-        for n in sub.node
-        for name in n.input
-    }
+    nested = _read_in_subgraphs(graph)
     keep, folded = [], 0
     for node in graph.node:
         data = node.input[0] if node.input else ""
