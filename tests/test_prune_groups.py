@@ -1112,6 +1112,44 @@ def test_a_bias_table_moved_to_the_heads_at_run_time_is_cut_with_them():
         assert_exact(out.model, source, model, feeds)
 
 
+class SizedGqa(FoldedGqa):
+    """FoldedGqa's repeat_kv with the batch and length read from x: TorchScript's
+    export of `expand(b, kv, r, s, d)` with dynamic axes writes the shape as
+    Where(shape == -1, 1, shape) over Reshape(Concat(..), [-1])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h, kv, d = x.shape[0], x.shape[1], 4, self.kv, 16
+        q = self.q(x).reshape(b, s, h, d).transpose(1, 2)
+        k = self.k(x).reshape(b, s, kv, d).transpose(1, 2).unsqueeze(2)
+        v = self.v(x).reshape(b, s, kv, d).transpose(1, 2).unsqueeze(2)
+        k = k.expand(b, kv, h // kv, s, d).reshape(b, h, s, d)
+        v = v.expand(b, kv, h // kv, s, d).reshape(b, h, s, d)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, -1)
+        y = (probs @ v).transpose(1, 2).reshape(b, s, h * d)
+        return self.head(torch.relu(self.o(y)))
+
+
+def test_repeat_kv_with_a_dynamic_batch_from_torchscript():
+    """The K/V heads' count in that computed Expand shape is a constant behind the
+    Reshape to [-1] (a vector reshaped to [-1] is itself), so it follows the kept
+    K/V heads. Before, the attention stayed whole (2/5 layers). Exact at two batch
+    sizes."""
+    torch.manual_seed(0)
+    model = export(SizedGqa(2), (torch.randn(2, 8, 32),), ["x"], 17)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("removed 1/2 K/V heads with their query heads") for n in out.notes), (
+        out.notes
+    )
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    for batch in (2, 3):
+        feeds = {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)}
+        assert_exact(out.model, source, model, feeds)
+
+
 class SizedAttention(FoldedGqa):
     """Attention of 4 heads with every size read from the tensors (`x.shape`,
     `k.shape`), as a dynamic-shape export writes it: K's fold to [B*H, S, D] and

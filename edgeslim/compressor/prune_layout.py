@@ -619,6 +619,10 @@ class LayoutOps:
             picked = 1 if cond[pos if len(cond) > 1 else 0] else 2
             width = len(self.m.entries(node.input[picked]) or [])
             return self._entry_at(node, picked, pos if width > 1 else 0, depth + 1)
+        if node.op_type == "Reshape" and self.m.rank(node.input[0]) == 1:
+            flat = self.m.array(node.input[1])  # a vector reshaped to [-1] is itself
+            if flat is not None and flat.reshape(-1).tolist() == [-1]:
+                return self._entry_at(node, 0, pos, depth + 1)
         return None
 
     def _same_dims(self, a: str, b: str) -> bool:
