@@ -204,6 +204,22 @@ def export(
     return onnx.load_from_string(buf.getvalue())
 
 
+def export_dynamo(module: torch.nn.Module, args: tuple, names: list[str]) -> onnx.ModelProto:
+    """`module` as torch's dynamo exporter (torch.onnx.export's default from torch 2.9)
+    writes it with a dynamic batch (and sequence length for input_ids) at its default
+    opset: `allowzero` on every Reshape, sizes read by `Shape` at run time."""
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    axes = {0: batch, 1: seq} if "input_ids" in names else {0: batch}
+    return torch.onnx.export(
+        module.eval(),
+        args,
+        dynamo=True,
+        input_names=names,
+        output_names=["output"],
+        dynamic_shapes=tuple(axes for _ in names),
+    ).model_proto
+
+
 # A YOLOv8n-style detector, written from the published architecture (nothing is
 # downloaded): Conv-BN-SiLU, C2f (a channel split, bottlenecks, one concat of all),
 # SPPF (chained max pools concatenated), an FPN/PAN neck of nearest upsampling and

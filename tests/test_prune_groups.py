@@ -39,6 +39,7 @@ from tests.archs import (
     PixelLogits,
     YoloV8n,
     export,
+    export_dynamo,
     phone_vision,
     tiny_bert,
     tiny_deberta_v3,
@@ -349,14 +350,7 @@ def test_normalize_as_torchs_default_exporter_writes_it_prunes_exactly():
     exported: 39 of 47 layers, now 47)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8)
-    model = torch.onnx.export(
-        ChannelStatistic("normalize").eval(),
-        (x,),
-        dynamo=True,
-        input_names=["x"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    ).model_proto
+    model = export_dynamo(ChannelStatistic("normalize"), (x,), ["x"])
     assert "Expand" in {n.op_type for n in model.graph.node}
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
@@ -1087,14 +1081,7 @@ def test_a_bias_table_moved_to_the_heads_at_run_time_is_cut_with_them():
     now 3.94x). Exact at two batch sizes."""
     torch.manual_seed(0)
     x = torch.randn(2, 49, 32)
-    model = torch.onnx.export(
-        BiasedAttention().eval(),
-        (x,),
-        dynamo=True,
-        input_names=["x"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    ).model_proto
+    model = export_dynamo(BiasedAttention(), (x,), ["x"])
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
     notes: list[str] = []
@@ -1279,17 +1266,9 @@ def test_grouped_query_attention_with_dynamic_shapes_from_torchs_default_exporte
     shapes (14/14, and 10/14 with one K/V head), exact at the export's shapes and
     at others."""
     torch.manual_seed(0)
-    module = tiny_llama(kv_heads=kv, attention="sdpa").eval()
+    module = tiny_llama(kv_heads=kv, attention="sdpa")
     ids = torch.randint(0, 100, (2, 8))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    model = torch.onnx.export(
-        module,
-        (ids, torch.ones_like(ids)),
-        dynamo=True,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["output"],
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-    ).model_proto
+    model = export_dynamo(module, (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"])
     g.constants_to_initializers(model)
     config = PruneConfig(sparsity=0.5)
     source = zero_removed(model, config)

@@ -23,7 +23,7 @@ from edgeslim.compressor import graph as g
 from edgeslim.compressor.datasets import Dataset
 from edgeslim.compressor.prune import Prune
 from edgeslim.compressor.simplify import Simplify
-from tests.archs import export, tiny_albert
+from tests.archs import export, export_dynamo, tiny_albert
 from tests.test_prune_groups import (
     RNG,
     assert_exact,
@@ -143,14 +143,7 @@ def test_group_norm_from_torchs_default_exporter_with_a_dynamic_batch():
     it as before (PoolFormer so exported: 8 of 13 layers, now 13). Exact at two
     batch sizes."""
     torch.manual_seed(0)
-    model = torch.onnx.export(
-        SharedHead(group_norm=True).eval(),
-        (torch.randn(2, 3, 32, 32),),
-        dynamo=True,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    ).model_proto
+    model = export_dynamo(SharedHead(group_norm=True), (torch.randn(2, 3, 32, 32),), ["input"])
     g.constants_to_initializers(model)
     assert any(n.op_type == "Shape" and n.attribute for n in model.graph.node)
     config = PruneConfig(sparsity=0.5)
@@ -211,32 +204,47 @@ def test_reshapes_with_allowzero_and_a_fixed_batch_are_followed():
     assert_exact(out.model, source, model, feeds)
 
 
+def pooled_as_strided(
+    flat: list[int], index: list[onnx.TensorProto], nodes: list[onnx.NodeProto], batch: int | str
+) -> onnx.ModelProto:
+    """Conv, ReLU, global pool, then dynamo's `as_strided` of the pooled map: Reshape
+    to `flat` and a Gather by the tensor "every" (from `index` and `nodes`), then a
+    1x1 conv; the batch is `batch` (a name: dynamic)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(size=(8,)).astype(np.float32)
+    w2 = rng.normal(size=(4, 8, 1, 1)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(np.array(flat, np.int64), "flat"),
+        numpy_helper.from_array(w2, "w2"),
+        *index,
+    ]
+    make = onnx.helper.make_node
+    nodes = [
+        *nodes,
+        make("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1] * 4),
+        make("Relu", ["c"], ["r"], name="relu"),
+        make("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        make("Reshape", ["p", "flat"], ["v"], name="view", allowzero=1),
+        make("Gather", ["v", "every"], ["s"], name="as_strided", axis=0),
+        make("Conv", ["s", "w2"], ["y"], name="conv2"),
+    ]
+    value = onnx.helper.make_tensor_value_info
+    x = value("x", onnx.TensorProto.FLOAT, [batch, 3, 8, 8])
+    y = value("y", onnx.TensorProto.FLOAT, [batch, 4, 1, 1])
+    graph = onnx.helper.make_graph(nodes, "dynamo", [x], [y], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
 def test_a_gather_of_every_element_in_order_is_followed_as_a_reshape():
     """torch's dynamo exporter writes ConvNeXt's `as_strided` on the pooled map as a
     flattening Reshape and a Gather of arange(C) shaped [1, C, 1, 1]: every element
     once, in order, so it is written as the Reshape it is and the channels follow
     (convnext_tiny so exported: 59 of 59 layers, 3.9x at 0.5, instead of 55, 2.5x)."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32), "b1"),
-        numpy_helper.from_array(np.array([8], np.int64), "flat"),
-        numpy_helper.from_array(np.arange(8, dtype=np.int64).reshape(1, 8, 1, 1), "every"),
-        numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "w2"),
-    ]
-    nodes = [
-        onnx.helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1] * 4),
-        onnx.helper.make_node("Relu", ["c"], ["r"], name="relu"),
-        onnx.helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
-        onnx.helper.make_node("Reshape", ["p", "flat"], ["v"], name="view", allowzero=1),
-        onnx.helper.make_node("Gather", ["v", "every"], ["s"], name="as_strided", axis=0),
-        onnx.helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2"),
-    ]
-    value = onnx.helper.make_tensor_value_info
-    x = value("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])
-    y = value("y", onnx.TensorProto.FLOAT, [1, 4, 1, 1])
-    graph = onnx.helper.make_graph(nodes, "dynamo", [x], [y], inits)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    every = np.arange(8, dtype=np.int64).reshape(1, 8, 1, 1)
+    model = pooled_as_strided([8], [numpy_helper.from_array(every, "every")], [], 1)
     config = PruneConfig(sparsity=0.5)
     notes: list[str] = []
     planned(model, config, notes)
@@ -256,38 +264,23 @@ def test_a_gather_of_every_element_computed_at_run_time_is_followed_as_a_reshape
     that reads its sizes from the pooled map itself, and the index arithmetic goes
     (convnext_tiny exported with a dynamic batch: 59 of 59 layers, 3.9x at 0.5,
     instead of 55, 2.5x). Exact at batch 1 and 3."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(size=(8,)).astype(np.float32), "b1"),
-        numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+    index = [
         numpy_helper.from_array(np.array(0, np.int64), "zero"),
         numpy_helper.from_array(np.array(1, np.int64), "one"),
         numpy_helper.from_array(np.array(8, np.int64), "width"),
         numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
         numpy_helper.from_array(np.arange(8, dtype=np.int64).reshape(1, 8, 1, 1), "within"),
-        numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "w2"),
     ]
     make = onnx.helper.make_node
-    nodes = [
+    arithmetic = [
         make("Shape", ["x"], ["lead"], start=0, end=1),
         make("Squeeze", ["lead"], ["batch"]),
         make("Range", ["zero", "batch", "one"], ["rows"]),
         make("Mul", ["rows", "width"], ["starts"]),
         make("Unsqueeze", ["starts", "axes"], ["starts4"]),
         make("Add", ["starts4", "within"], ["every"]),
-        make("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1] * 4),
-        make("Relu", ["c"], ["r"], name="relu"),
-        make("GlobalAveragePool", ["r"], ["p"], name="pool"),
-        make("Reshape", ["p", "flat"], ["v"], name="view", allowzero=1),
-        make("Gather", ["v", "every"], ["s"], name="as_strided", axis=0),
-        make("Conv", ["s", "w2"], ["y"], name="conv2"),
     ]
-    value = onnx.helper.make_tensor_value_info
-    x = value("x", onnx.TensorProto.FLOAT, ["batch", 3, 8, 8])
-    y = value("y", onnx.TensorProto.FLOAT, ["batch", 4, 1, 1])
-    graph = onnx.helper.make_graph(nodes, "dynamo", [x], [y], inits)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model = pooled_as_strided([-1], index, arithmetic, "batch")
     config = PruneConfig(sparsity=0.5)
     notes: list[str] = []
     planned(model, config, notes)

@@ -545,8 +545,6 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
     over constants: once folded, Pad's pads are a constant the pruner can read.
     Float results are never folded, so weights keep their exact values.
     """
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     inits = g.initializer_map(graph)
     outputs = {o.name for o in graph.output}
@@ -561,13 +559,7 @@ def fold_integer_constants(model: onnx.ModelProto) -> int:
             and not any(o in outputs for o in node.output)
             and _bounded(node, inits)
         )
-        values = None
-        if ready:
-            try:
-                feeds = {n: numpy_helper.to_array(inits[n]) for n in node.input if n}
-                values = ReferenceEvaluator(_single_node_model(model, node, feeds)).run(None, feeds)
-            except Exception:
-                values = None
+        values = _evaluated(model, node, inits) if ready else None
         if values is None or not all(
             np.issubdtype(np.asarray(v).dtype, np.integer) and np.size(v) <= FOLD_LIMIT
             for v in values
@@ -597,8 +589,6 @@ def fold_constant_layouts(model: onnx.ModelProto) -> int:
     table [N*N, H], then Reshape [N, N, -1], Transpose and Unsqueeze before the Add
     to the scores; folded, the bias is one constant [1, H, N, N] whose heads axis
     the head groups can cut. The source constant goes, so the file does not grow."""
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     inits = g.initializer_map(graph)
     readers = g.consumers(graph)
@@ -617,13 +607,7 @@ def fold_constant_layouts(model: onnx.ModelProto) -> int:
             and all(name in inits for name in node.input[1:] if name)
             and not any(o in outputs for o in node.output)
         )
-        values = None
-        if ready:
-            try:
-                feeds = {n: numpy_helper.to_array(inits[n]) for n in node.input if n}
-                values = ReferenceEvaluator(_single_node_model(model, node, feeds)).run(None, feeds)
-            except Exception:
-                values = None
+        values = _evaluated(model, node, inits) if ready else None
         if values is None or len(values) != 1:
             keep.append(node)
             continue
@@ -750,6 +734,20 @@ def _bounded(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     except (ValueError, TypeError, IndexError, OverflowError):
         return False
     return True
+
+
+def _evaluated(
+    model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
+) -> list | None:
+    """The outputs of `node` on its constant inputs (onnx's reference evaluator), or
+    None where it cannot be evaluated."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        feeds = {n: numpy_helper.to_array(inits[n]) for n in node.input if n}
+        return ReferenceEvaluator(_single_node_model(model, node, feeds)).run(None, feeds)
+    except Exception:
+        return None
 
 
 def _single_node_model(
