@@ -31,8 +31,14 @@ def _where(cond: int | None, a: int | None, b: int | None) -> int | None:
     return a if cond else b
 
 
-def _known(f: Callable[[int, int], int]) -> Callable[[int | None, int | None], int | None]:
-    return lambda a, b: None if a is None or b is None else int(f(a, b))
+def _known(
+    f: Callable[[int, int], int | None],
+) -> Callable[[int | None, int | None], int | None]:
+    def known(a: int | None, b: int | None) -> int | None:
+        value = None if a is None or b is None else f(a, b)
+        return None if value is None else int(value)
+
+    return known
 
 
 ELEMENTWISE_ENTRIES: dict[str, Callable[..., int | None]] = {
@@ -40,6 +46,7 @@ ELEMENTWISE_ENTRIES: dict[str, Callable[..., int | None]] = {
     "Add": _known(lambda a, b: a + b),
     "Sub": _known(lambda a, b: a - b),
     "Mul": _known(lambda a, b: a * b),
+    "Div": _known(lambda a, b: abs(a) // abs(b) * (1 if (a < 0) == (b < 0) else -1) if b else None),
     "Where": _where,
 }
 
@@ -317,6 +324,9 @@ class Track:
     """Negative axis of the channel dimension."""
     ids: np.ndarray
     rank: int | None
+    folded: bool = False
+    """The axis holds the batch too, outside the channels (heads folded into the
+    batch axis, see `prune_folded`): n copies of the ids in a row at run time."""
 
     def pos(self, where: str) -> int:
         if self.rank is None:

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
 from edgeslim.compressor import graph as g
+from edgeslim.compressor.prune_folded import FOLDED_READERS, FoldedHeads
 from edgeslim.compressor.prune_graph import (
     Block,
     Fixup,
@@ -196,7 +197,7 @@ def tied_weights(m: Model) -> dict[str, list[onnx.NodeProto]]:
     return tied
 
 
-class Discovery(LayoutOps):
+class Discovery(LayoutOps, FoldedHeads):
     """One forward pass over the main graph (which ONNX keeps topologically sorted)."""
 
     def __init__(self, m: Model) -> None:
@@ -231,6 +232,9 @@ class Discovery(LayoutOps):
         """Output ids of each tied weight, the same for every layer that shares it."""
         self.tied_slices: dict[tuple[str, int], tuple[np.ndarray, set[int]]] = {}
         """(tied weight, axis) -> its ids there, and the layers that slice it."""
+        self.folded_indices: dict[str, np.ndarray] = {}
+        """GatherElements indices expanded to the size of folded heads -> their ids."""
+        self.folded_gathered: set[str] = set()
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -315,6 +319,7 @@ class Discovery(LayoutOps):
                     f"its weight is shared by {len(self.tied[name])} layers and only "
                     f"{len(readers)} of them read channels that can follow",
                 )
+        self._unchecked_folded_indices()
         return self
 
     def _weight(self, node: onnx.NodeProto) -> np.ndarray | None:
@@ -333,6 +338,8 @@ class Discovery(LayoutOps):
             raise Block(f"it reaches custom op {node.domain}.{op} {label(node)}")
         if node.name in self.m.excluded:
             raise Block(f"consumer {label(node)} is excluded")
+        if any(t is not None and t.folded for t in ins) and op not in FOLDED_READERS:
+            raise Block(f"{where} reads heads folded into the batch axis")
         handler = HANDLERS.get(op)
         if handler is None:
             if op in ELEMENTWISE_UNARY:
@@ -486,6 +493,11 @@ class Discovery(LayoutOps):
         return {out: ins[0] for out in node.output if out}
 
     def _nary(self, node, ins, where):
+        folded = self._folded_operands(node, ins, where)
+        if folded is not None:
+            ranks = [self.m.rank(name) for name in node.input if name]
+            rank = None if None in ranks else max(r for r in ranks if r is not None)
+            return {node.output[0]: replace(folded, rank=rank)}
         tracked = [t for t in ins if t is not None]
         wide = [t for t in tracked if t.size > 1]
         narrow = [t for t in tracked if wide and t.size == 1 and t.axis == wide[0].axis]
@@ -1004,6 +1016,11 @@ class Discovery(LayoutOps):
         ra, rb = self.m.rank(node.input[0]), self.m.rank(node.input[1])
         if ra is None or rb is None or ra < 2 or rb < 2:
             raise Block(f"rank unknown at {where}")
+        folded = self._folded_operands(node, ins, where)
+        if folded is not None:
+            if folded.axis > -3:
+                raise Block(f"{where} multiplies over heads folded into the batch axis")
+            return {node.output[0]: replace(folded, rank=max(ra, rb))}
         if a is not None and b is not None and a.axis == -1 and b.axis == -2:
             if a.size != b.size:
                 raise Block(f"{where} contracts tensors whose channels do not line up")
@@ -1055,6 +1072,8 @@ class Discovery(LayoutOps):
         rank = t.rank
         if rank is None or int(attr(node, "axis", 0)) % rank == t.pos(where):
             raise Block(f"{where} gathers along the channels")
+        if t.folded:
+            return self._folded_gather(node, t, where)
         dims = self.m.dims(index, need=(t.axis,))
         if dims is None or len(dims) != rank or dims[t.axis] != t.size:
             raise Block(f"{where} has indices that cannot follow the channels")

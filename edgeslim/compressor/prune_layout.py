@@ -64,7 +64,7 @@ class LayoutOps:
             raise Block(f"rank unknown at {where}")
         perm = list(perm) if perm is not None else list(reversed(range(rank)))
         new = perm.index(t.pos(where))
-        return {node.output[0]: Track(new - rank, t.ids, rank)}
+        return {node.output[0]: Track(new - rank, t.ids, rank, t.folded)}
 
     def _flatten(self, node, ins, where, axis: int | None = None):
         """[d0..dk-1, dk..] -> [outer, inner]: each channel id repeats over the positions
@@ -92,10 +92,18 @@ class LayoutOps:
         t = ins[0]
         if t is None or ins[1] is not None:
             raise Block(f"it feeds the shape input of {where}")
+        if t.folded:
+            target = None if self._literal_zero(node) else self._shape_pieces(node)
+            if target is None:
+                raise Block(f"{where} has a target shape that cannot be followed")
+            return self._unfold_heads(node, t, target, where)
         try:
             return self._reshape_by_rule(node, t, ins, where)
         except Block:
             moved = self._through_other_axes(node, t, where)
+            if moved is None:
+                target = None if self._literal_zero(node) else self._shape_pieces(node)
+                moved = None if target is None else self._fold_heads(node, t, target, where)
             if moved is None:
                 raise
             return moved
@@ -469,6 +477,9 @@ class LayoutOps:
         if repeats is None or t.rank is None or len(repeats) != t.rank:
             raise Block(f"{where} has computed or misshapen repeats")
         if repeats[t.rank + t.axis] is None:
+            tiled = self._tiled_into_batch(t, repeats, where)
+            if tiled is not None:
+                return {node.output[0]: tiled}
             raise Block(f"{where} repeats the channels a computed number of times")
         if repeats[t.rank + t.axis] != 1:
             raise Block(f"{where} repeats the channels")
@@ -705,6 +716,9 @@ class LayoutOps:
             return None if bounds is None else inner[slice(*bounds)]
         if node is not None and node.op_type == "Unsqueeze":  # of one Gather: torch's export
             picked = self.m.producers.get(node.input[0])
+            if picked is not None and picked.op_type == "Squeeze":  # of a one-entry Slice
+                inner = self._shape_axes(picked.input[0])
+                return inner if inner is not None and len(inner) == 1 else None
             if picked is None or picked.op_type != "Gather" or self.m.rank(name) != 1:
                 return None
             inner, index = self._shape_axes(picked.input[0]), self._gathered(picked)
@@ -762,6 +776,18 @@ class LayoutOps:
             if not start <= pos < end:
                 return {}
             k = pos - start
+            if t.folded and all(
+                self._reads_other_dims(r, k, end - start)
+                or (
+                    r.op_type == "Gather"
+                    and [i % (end - start) for i in self._gathered(r) or []] == [k]
+                    and self._folded_size_read(r.output[0], t, where)
+                )
+                for r in readers
+            ):
+                return {}
+            if t.folded:
+                raise Block(f"{SHAPE_READ} {where}, with the heads folded into the batch")
             if all(
                 self._reads_other_dims(r, k, end - start)
                 or self._only_own_resize_sizes(r.output[0], node.input[0], pos)

@@ -1,0 +1,241 @@
+"""Structured pruning: attention heads folded into the batch axis.
+
+Exports with a dynamic batch often compute attention on [B*H, S, D] tensors
+(DeBERTa's `view(-1, S, D)` before its bmm): the heads share one axis with the
+batch, which sits outside them. A *folded* track (`Track.folded`) carries the
+head ids on that axis; at run time it holds n copies of them in a row, n being
+the batch (or a Tile's repeat count), so cutting heads leaves n * kept there.
+
+Only ops that treat every index of that axis alike may read it (checked in
+`Discovery.visit`): element-wise ops whose other operands have size 1 there,
+a MatMul of two such tensors, Softmax over another axis, Transpose, and
+GatherElements along another axis whose index was expanded to the folded size
+read at run time. A Reshape [-1, H, ...] brings the heads out again, with H
+following the kept heads. A `Shape` that reads the folded size may hand it on
+to a Div by H (which gives n again; H follows the kept count) or to the shape
+of an Expand that makes such an index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeslim.compressor.prune_graph import Block, Track
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgeslim.compressor.prune_graph import Model
+    from edgeslim.compressor.prune_groups import UnionFind
+
+# Ops that may read a folded track (Reshape and Shape only by the rules below).
+FOLDED_READERS = {
+    "Transpose", "MatMul", "Softmax", "LogSoftmax", "GatherElements", "Reshape", "Shape",
+    "Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Dropout", "Neg", "Exp",
+    "Sqrt", "Tanh", "Sigmoid", "Relu", "Clip", "Erf",
+}  # fmt: skip
+# How far a folded size read by Shape is followed through shape arithmetic.
+FOLDED_READ_DEPTH = 8
+
+
+class FoldedHeads:
+    """Rules for heads folded into the batch axis, mixed into Discovery."""
+
+    m: Model
+    chan: UnionFind
+    tracks: dict[str, Track]
+    folded_indices: dict[str, np.ndarray]
+    folded_gathered: set[str]
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None: ...
+
+    def block(self, ids: np.ndarray, reason: str) -> None: ...
+
+    def _constant_fixup(self, at, value, where) -> None: ...
+
+    def _sizes_read(self, node) -> list[tuple[str, int] | None]: ...
+
+    def _fold_heads(self, node, t: Track, target, where) -> dict[str, Track] | None:
+        """[B, H, S, D] -> [-1, S, D]: the axis before the heads folds into them. The
+        other entries must keep their axes' sizes (constants, or sizes read at run time
+        from axes that hold no heads); None if the Reshape is not this."""
+        if t.folded or t.rank is None or len(target) != t.rank - 1:
+            return None
+        pos = t.pos(where)
+        values = [v for v, _ in target]
+        if pos < 1 or values[pos - 1] != -1 or values.count(-1) != 1:
+            return None
+        inferred = self.m.shapes.get(node.input[0])
+        if inferred is not None and len(inferred) == t.rank and inferred[pos - 1] is not None:
+            return None  # a fixed size there (batch 1): a layout run follows it exactly
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        if dims is None or out is None or None in dims or None in out:
+            return None
+        merged = [*dims[: pos - 1], dims[pos - 1] * dims[pos], *dims[pos + 1 :]]
+        if out != merged or not self._sizes_kept(node, target, skip=pos - 1):
+            return None
+        return {node.output[0]: Track(pos - t.rank, t.ids, t.rank - 1, folded=True)}
+
+    def _unfold_heads(self, node, t: Track, target, where) -> dict[str, Track]:
+        """[B*H, S, S] -> [-1, H, S, S]: the heads come out of the batch axis, on an
+        axis of their own whose H follows the kept heads."""
+        pos = t.pos(where)
+        values = [v for v, _ in target]
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        if (
+            len(target) != t.rank + 1  # type: ignore[operator]
+            or values[pos] != -1
+            or values[pos + 1] != t.size
+            or target[pos + 1][1] is None
+            or dims is None
+            or out is None
+            or None in dims
+            or out != [*dims[:pos], dims[pos] // t.size, t.size, *dims[pos + 1 :]]
+            or not self._sizes_kept(node, target, skip=pos)
+        ):
+            raise Block(f"{where} takes the heads out of the batch axis in a way not followed")
+        self._constant_fixup(target[pos + 1][1], lambda kept, ids=t.ids: kept(ids), where)
+        rank = t.rank + 1  # type: ignore[operator]
+        return {node.output[0]: Track(pos + 1 - rank, t.ids, rank)}
+
+    def _sizes_kept(self, node, target, skip: int) -> bool:
+        """Whether every entry of a Reshape's target but `skip` is a constant or a size
+        read at run time from an axis that carries no channels."""
+        read = self._sizes_read(node)
+        for j, (value, _) in enumerate(target):
+            if j == skip or value is not None:
+                continue
+            if j >= len(read) or read[j] is None:
+                return False
+            name, k = read[j]
+            held = self.tracks.get(name)
+            if held is not None and held.rank is not None and held.rank + held.axis == k:
+                return False
+        return True
+
+    def _tiled_into_batch(self, t: Track, repeats: list, where) -> dict | None:
+        """Tile [H, S, D] by [n, 1, 1] with n computed at run time (DeBERTa's position
+        keys, repeated over the batch): n copies of the heads in a row, a folded track."""
+        pos = t.pos(where)
+        if (
+            t.folded
+            or repeats[pos] is not None
+            or any(r != 1 for j, r in enumerate(repeats) if j != pos)
+        ):
+            return None
+        return replace(t, folded=True)
+
+    def _folded_size_read(self, name: str, t: Track, where: str, depth: int = 0) -> bool:
+        """Whether the folded size in `name` (read by Shape, then picked, cast and
+        concatenated) only reaches a Div by the head count (the batch again: the count
+        then follows the kept heads) or the shape of an Expand whose output is a
+        GatherElements index (checked against its data when that is reached)."""
+        readers = self.m.consumers.get(name, [])
+        if name in self.m.outputs or depth > FOLDED_READ_DEPTH or self.m.uses(name) != len(readers):
+            return False
+        for r in readers:
+            op = r.op_type
+            if op in ("Equal", "Shape"):
+                continue  # Where's test for -1, or the vector's length
+            if op == "Div" and list(r.input).index(name) == 0:
+                h = self.m.array(r.input[1])
+                if h is None or h.size != 1 or int(h.reshape(-1)[0]) != t.size:
+                    return False
+                self._constant_fixup((r, 1, 0), lambda kept, ids=t.ids: kept(ids), where)
+                continue
+            if op == "Expand" and list(r.input) == [r.input[0], name] and r.input[0] != name:
+                index = r.output[0]
+                gathers = self.m.consumers.get(index, [])
+                if not gathers or any(
+                    gr.op_type != "GatherElements" or list(gr.input).index(index) != 1
+                    for gr in gathers
+                ):
+                    return False
+                self.folded_indices[index] = t.ids
+                continue
+            if op == "Where" and name == r.input[0]:
+                return False
+            vector = op == "Reshape" and name == r.input[0] and self.m.rank(name) in (0, 1)
+            passes = op in ("Gather", "Unsqueeze", "Squeeze", "Cast", "Concat", "Identity", "Where")
+            if not (vector or passes):
+                return False
+            if not self._folded_size_read(r.output[0], t, where, depth + 1):
+                return False
+        return True
+
+    def _folded_gather(self, node, t: Track, where) -> dict[str, Track]:
+        """GatherElements of folded scores by an index expanded to the folded size."""
+        index = node.input[1]
+        if index not in self.folded_indices:
+            self._index_by_head_count(index, t, where)
+        ids = self.folded_indices.get(index)
+        if ids is None or len(ids) != t.size or self.m.dims(index) != self.m.dims(node.input[0]):
+            raise Block(f"{where} has indices that cannot follow the heads in the batch axis")
+        # The index's size follows the heads it was read from (or the head count a
+        # shared constant holds: dynamo writes one index shape for every layer), so
+        # those heads and the gathered ones go together, head by head.
+        self.union(ids, t.ids)
+        self.folded_gathered.add(index)
+        return {node.output[0]: t}
+
+    def _index_by_head_count(self, index: str, t: Track, where: str) -> None:
+        """An index Expand(i, [H * n, S, S]) whose folded size is written as the head
+        count times a size read at run time (torch's dynamo exporter multiplies the
+        batch by H): H follows the kept heads. Every Expand to the same shape must then
+        make the index of a folded gather (checked at the end of discovery)."""
+        expand = self.m.producers.get(index)
+        if expand is None or expand.op_type != "Expand" or len(expand.input) != 2:
+            return
+        pos = t.pos(where)
+        dims, shape = self.m.dims(expand.input[0]), expand.input[1]
+        concat = self.m.producers.get(shape)
+        if dims is None or len(dims) != t.rank or dims[pos] != 1 or concat is None:
+            return
+        if concat.op_type != "Concat" or pos >= len(concat.input):
+            return
+        if any(self.m.dims(part) != [1] for part in concat.input):
+            return
+        part = self.m.producers.get(concat.input[pos])
+        if part is not None and part.op_type in ("Reshape", "Unsqueeze"):
+            part = self.m.producers.get(part.input[0]) if self.m.uses(part.output[0]) == 1 else None
+        if part is None or part.op_type != "Mul" or self.m.uses(part.output[0]) != 1:
+            return
+        consts = [self.m.array(name) for name in part.input]
+        at = [k for k, c in enumerate(consts) if c is not None and c.size == 1]
+        if len(at) != 1 or int(consts[at[0]].reshape(-1)[0]) != t.size:  # type: ignore[union-attr]
+            return
+        readers = self.m.consumers.get(shape, [])
+        if any(r.op_type != "Expand" or list(r.input).index(shape) != 1 for r in readers):
+            return
+        self._constant_fixup((part, at[0], 0), lambda kept, ids=t.ids: kept(ids), where)
+        for r in readers:
+            self.folded_indices.setdefault(r.output[0], t.ids)
+
+    def _unchecked_folded_indices(self) -> None:
+        """An Expand given a folded size must have made the index of a folded gather."""
+        for index, ids in self.folded_indices.items():
+            if index not in self.folded_gathered:
+                self.block(ids, f"{index} is expanded to the size of heads folded into the batch")
+
+    def _folded_operands(self, node: onnx.NodeProto, ins: list, where: str) -> Track | None:
+        """The folded track among `ins`, after checking that every tracked input is
+        folded alike and every other one has size 1 on that axis; None if none is."""
+        tracked = [t for t in ins if t is not None]
+        folded = [t for t in tracked if t.folded]
+        if not folded:
+            return None
+        ref = folded[0]
+        if any(not t.folded or t.axis != ref.axis or t.size != ref.size for t in tracked):
+            raise Block(f"{where} meets heads folded into the batch axis with other channels")
+        for t in tracked[1:]:
+            self.union(ref.ids, t.ids)  # head by head, as the copies line up
+        for name, t in zip(node.input, ins, strict=True):
+            if t is not None or not name:
+                continue
+            dims = self.m.dims(name)
+            if dims is None or (len(dims) >= -ref.axis and dims[ref.axis] != 1):
+                raise Block(f"{where} meets heads folded into the batch axis with {name}")
+        return ref

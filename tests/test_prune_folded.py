@@ -1,0 +1,114 @@
+"""Structured pruning of attention heads folded into the batch axis ([B*H, S, D]),
+as exports with a dynamic batch write DeBERTa's attention (`prune_folded`).
+
+Each case prunes a model whose removed units were zeroed first and checks that
+the result computes the zeroed model's outputs at several batch sizes and
+sequence lengths (the fold holds the batch, so one size proves little)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeslim.api.spec import PruneConfig
+from edgeslim.compressor import graph as g
+from edgeslim.compressor.prune import Prune
+from tests.archs import export, export_dynamo, tiny_deberta_v3
+from tests.test_prune_groups import assert_exact, planned, run, to_constant_nodes, zero_removed
+
+pytest.importorskip("transformers")
+
+RNG = np.random.default_rng(0)
+# (batch, sequence) pairs the pruned models must be exact at.
+SIZES = [(2, 16), (3, 16), (3, 11), (1, 7)]
+
+
+def word_embedding(model: onnx.ModelProto) -> str:
+    """The Gather of the word-embedding table: excluding it keeps the hidden width,
+    whose LayerNorms are not exact when channels go."""
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    return next(n.name for n in gathers if "word_embeddings" in n.input[0])
+
+
+EXPORTS = [("torchscript-14", True), ("torchscript-17", False), ("dynamo", False)]
+
+
+@pytest.mark.parametrize(("exporter", "constants"), EXPORTS)
+def test_deberta_v3_with_a_dynamic_batch_prunes_heads_folded_into_the_batch(
+    exporter: str, constants: bool
+):
+    """DeBERTa-v3 exported with a dynamic batch computes its scores on [B*H, S, S]:
+    the heads are folded into the batch axis through the score MatMuls, the position
+    scores (a Tile of the position keys over the batch, GatherElements by an index
+    expanded to B*H), the mask's way out to [B, H, S, S] and back, and probs @ V.
+    The heads stayed whole (3.08x at 0.5 from dynamo). Now they are cut, H following
+    the kept heads where the export writes it: the Reshapes out of the batch, the Div
+    that gives the batch back for the Tile (TorchScript), the H * B of the index
+    shape (dynamo, whose one index shape serves both layers, so their heads go
+    together head by head)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 16))
+    module = tiny_deberta_v3()
+    if exporter == "dynamo":
+        model = export_dynamo(module, (ids,), ["input_ids"])
+    else:
+        model = export(module, (ids,), ["input_ids"], int(exporter.split("-")[1]))
+    g.constants_to_initializers(model)
+
+    whole = Prune(PruneConfig(sparsity=0.5)).run(model, None)
+    assert any(n.startswith("structured: 18/18 layers pruned") for n in whole.notes), whole.notes
+    heads = [n for n in whole.notes if n.startswith("removed 2/4 heads of")]
+    assert len(heads) == (1 if exporter == "dynamo" else 2), whole.notes
+    assert not any("folded into the batch" in n for n in whole.notes), whole.notes
+
+    config = PruneConfig(sparsity=0.5, exclude_nodes=[word_embedding(model)])
+    source = zero_removed(model, config)
+    if constants:
+        source = to_constant_nodes(source)
+    out = Prune(config).run(source, None)
+    assert sum(n.startswith("removed 2/4 heads of") for n in out.notes) == len(heads), out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    for batch, seq in SIZES:
+        feeds = {"input_ids": RNG.integers(0, 100, (batch, seq))}
+        assert_exact(out.model, source, model, feeds)
+
+
+class BatchMixingAttention(torch.nn.Module):
+    """Attention on [B*H, S, D] whose scores are then summed along that axis
+    (cumsum), which mixes heads of different samples: no head can go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(32, 64)
+        self.k = torch.nn.Linear(32, 64)
+        self.v = torch.nn.Linear(32, 64)
+        self.o = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[0], x.shape[1]
+
+        def fold(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, 4, 16).transpose(1, 2).reshape(-1, s, 16)
+
+        scores = torch.bmm(fold(self.q(x)), fold(self.k(x)).transpose(1, 2))
+        probs = torch.softmax(torch.cumsum(scores, 0), -1)
+        y = torch.bmm(probs, fold(self.v(x))).view(-1, 4, s, 16).transpose(1, 2)
+        return self.o(y.reshape(b, s, 64))
+
+
+def test_heads_folded_into_the_batch_stay_whole_where_an_op_mixes_that_axis():
+    """An op outside the folded rules (here CumSum along the folded axis) blocks the
+    heads with a note naming it; the model still prunes its other groups and runs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    model = export(BatchMixingAttention(), (x,), ["x"], 17)
+    g.constants_to_initializers(model)
+    out = Prune(PruneConfig(sparsity=0.5)).run(model, None)
+    assert not any("heads of" in n for n in out.notes), out.notes
+    assert any("reads heads folded into the batch axis" in n for n in out.notes), out.notes
+    for batch in (2, 3):
+        y = run(out.model, {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)})
+        assert y.shape == (batch, 8, 32)
