@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # reinstalls and an unchanged checkout costs nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv demo test test-fast lint controlplane cluster bench bench-pruning bench-families bench-coverage bench-serving bench-split bench-operator bench-chaos crd clean
+.PHONY: venv demo test test-fast lint controlplane cluster bench bench-pruning bench-families bench-coverage bench-dynamic bench-serving bench-split bench-operator bench-chaos crd clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,11 @@ bench-families: venv
 # Torch-Pruning (about 7 minutes: its FocalNet run meets the 5-minute deadline).
 bench-coverage: venv
 	OMP_NUM_THREADS=1 $(BIN)/python bench/coverage.py $(ARGS)
+
+# Coverage only (no training) of exports with a dynamic batch and sequence, from
+# torch's TorchScript and dynamo exporters (DeBERTa, Llama, ConvNeXt, Swin).
+bench-dynamic: venv
+	OMP_NUM_THREADS=1 $(BIN)/python bench/dynamic_exports.py $(ARGS)
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py

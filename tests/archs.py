@@ -91,6 +91,25 @@ def tiny_deberta_v3() -> torch.nn.Module:
     return transformers.DebertaV2ForSequenceClassification(config)
 
 
+def tiny_deberta_v2() -> torch.nn.Module:
+    """A 2-layer DebertaV2ForSequenceClassification with the library's default attention
+    (no relative positions; heads split as view(..., H, -1)), width 64, 4 heads,
+    vocabulary 100, 3 labels; eager attention. Seed first."""
+    import transformers
+
+    config = transformers.DebertaV2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    config._attn_implementation = "eager"
+    return transformers.DebertaV2ForSequenceClassification(config)
+
+
 def tiny_llama(*, kv_heads: int, attention: str) -> torch.nn.Module:
     """A 2-layer Llama decoder (RMSNorm, rotary embeddings, 4 query heads of 16 sharing
     `kv_heads` K/V heads, SwiGLU FFN of 128) called as (input_ids, attention_mask) and

@@ -15,7 +15,7 @@ import torch
 from edgeslim.api.spec import PruneConfig
 from edgeslim.compressor import graph as g
 from edgeslim.compressor.prune import Prune
-from tests.archs import export, export_dynamo, tiny_deberta_v3
+from tests.archs import export, export_dynamo, tiny_deberta_v2, tiny_deberta_v3
 from tests.test_prune_groups import assert_exact, planned, run, to_constant_nodes, zero_removed
 
 pytest.importorskip("transformers")
@@ -32,12 +32,17 @@ def word_embedding(model: onnx.ModelProto) -> str:
     return next(n.name for n in gathers if "word_embeddings" in n.input[0])
 
 
-EXPORTS = [("torchscript-14", True), ("torchscript-17", False), ("dynamo", False)]
+EXPORTS = [
+    ("v3", "torchscript-14", True),
+    ("v3", "torchscript-17", False),
+    ("v3", "dynamo", False),
+    ("v2", "torchscript-17", False),
+]
 
 
-@pytest.mark.parametrize(("exporter", "constants"), EXPORTS)
-def test_deberta_v3_with_a_dynamic_batch_prunes_heads_folded_into_the_batch(
-    exporter: str, constants: bool
+@pytest.mark.parametrize(("version", "exporter", "constants"), EXPORTS)
+def test_deberta_with_a_dynamic_batch_prunes_heads_folded_into_the_batch(
+    version: str, exporter: str, constants: bool
 ):
     """DeBERTa-v3 exported with a dynamic batch computes its scores on [B*H, S, S]:
     the heads are folded into the batch axis through the score MatMuls, the position
@@ -47,10 +52,11 @@ def test_deberta_v3_with_a_dynamic_batch_prunes_heads_folded_into_the_batch(
     the kept heads where the export writes it: the Reshapes out of the batch, the Div
     that gives the batch back for the Tile (TorchScript), the H * B of the index
     shape (dynamo, whose one index shape serves both layers, so their heads go
-    together head by head)."""
+    together head by head). DeBERTa-v2's default attention (no relative positions)
+    folds the same way."""
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (2, 16))
-    module = tiny_deberta_v3()
+    module = tiny_deberta_v3() if version == "v3" else tiny_deberta_v2()
     if exporter == "dynamo":
         model = export_dynamo(module, (ids,), ["input_ids"])
     else:
@@ -58,7 +64,10 @@ def test_deberta_v3_with_a_dynamic_batch_prunes_heads_folded_into_the_batch(
     g.constants_to_initializers(model)
 
     whole = Prune(PruneConfig(sparsity=0.5)).run(model, None)
-    assert any(n.startswith("structured: 18/18 layers pruned") for n in whole.notes), whole.notes
+    layers = 18 if version == "v3" else 14
+    assert any(n.startswith(f"structured: {layers}/{layers} layers pruned") for n in whole.notes), (
+        whole.notes
+    )
     heads = [n for n in whole.notes if n.startswith("removed 2/4 heads of")]
     assert len(heads) == (1 if exporter == "dynamo" else 2), whole.notes
     assert not any("folded into the batch" in n for n in whole.notes), whole.notes

@@ -272,13 +272,22 @@ class QuantizeConfig(WireModel):
     default 4); activations stay float. Suits MatMul-heavy models (transformers)."""
     block_size: int | None = Field(default=None, ge=16, le=256)
     """weightOnly only: weights sharing one scale, a power of two (default 32)."""
+    reduce_range: bool | None = None
+    """dynamic and static only: int8 weights in 7 bits. onnxruntime's x86 kernels for
+    uint8 activations times int8 weights saturate on CPUs without VNNI (AVX2, AVX-512
+    without VNNI); 7-bit weights avoid that. Unset: on where the compressor itself runs
+    on such a CPU, since the evaluation that gates the artifact runs there; set it to
+    make the artifact independent of where it was made."""
 
     @model_validator(mode="after")
-    def _weight_only_settings(self) -> QuantizeConfig:
+    def _mode_settings(self) -> QuantizeConfig:
         if self.block_size is not None and self.block_size & (self.block_size - 1):
             raise ValueError(f"blockSize {self.block_size}: must be a power of two")
         if self.mode is not QuantizeMode.weight_only and (self.bits or self.block_size):
             raise ValueError("bits and blockSize apply to mode weightOnly only")
+        int8 = self.mode in (QuantizeMode.dynamic, QuantizeMode.static)
+        if self.reduce_range is not None and not int8:
+            raise ValueError("reduceRange applies to modes dynamic and static only")
         return self
 
 

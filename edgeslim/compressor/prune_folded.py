@@ -116,7 +116,7 @@ class FoldedHeads:
                 return False
         return True
 
-    def _tiled_into_batch(self, t: Track, repeats: list, where) -> dict | None:
+    def _tiled_into_batch(self, t: Track, repeats: list, where) -> Track | None:
         """Tile [H, S, D] by [n, 1, 1] with n computed at run time (DeBERTa's position
         keys, repeated over the batch): n copies of the heads in a row, a folded track."""
         pos = t.pos(where)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -109,6 +110,9 @@ class Quantize:
             in ("DequantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")
         )
         notes.append(f"{mode.value} int8: {quantized} quantization nodes inserted")
+        if self._reduce_range():
+            why = "" if self.config.reduce_range else " (this CPU has no VNNI: u8s8 saturates)"
+            notes.append(f"weights in 7 bits (reduceRange){why}")
         return StepOutput(model=out, notes=notes)
 
     def _common(self, per_channel: bool) -> dict:
@@ -116,7 +120,13 @@ class Quantize:
             "op_types_to_quantize": self.config.op_types or None,
             "nodes_to_exclude": self.config.exclude_nodes or None,
             "per_channel": per_channel,
+            "reduce_range": self._reduce_range(),
         }
+
+    def _reduce_range(self) -> bool:
+        if self.config.reduce_range is not None:
+            return self.config.reduce_range
+        return saturating_int8_cpu()
 
     def _dynamic(self, src: Path, dst: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -195,6 +205,21 @@ class Quantize:
             op_block_list=blocked,
             node_block_list=self.config.exclude_nodes or None,
         )
+
+
+def saturating_int8_cpu() -> bool:
+    """Whether this is an x86 CPU without VNNI, where onnxruntime's kernels for uint8
+    activations times int8 weights can overflow their 16-bit intermediate sums (see
+    onnxruntime's quantization docs, "reduce_range"). Read from /proc/cpuinfo; False
+    where that cannot be read (not Linux) or the CPU is not x86."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return bool(flags) and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
 def _calibration_cache(
