@@ -121,3 +121,53 @@ def test_heads_folded_into_the_batch_stay_whole_where_an_op_mixes_that_axis():
     for batch in (2, 3):
         y = run(out.model, {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)})
         assert y.shape == (batch, 8, 32)
+
+
+class TorchAttention(torch.nn.Module):
+    """torch's nn.MultiheadAttention (batch first, 4 heads of 8, one packed in-projection)
+    with a ReLU FFN and a residual around it: its heads are split into the batch axis
+    ([S, B, H*D] -> [S, B*H, D]), and merged back from it ([S, B*H, D] -> [S*B, H*D])
+    before the out-projection. `need_weights` (the default) takes the bmm path."""
+
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ff = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
+        )
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x, need_weights=self.need_weights)
+        return self.head(self.ff(y) + y)
+
+
+@pytest.mark.parametrize(
+    ("exporter", "need_weights"),
+    [("static", True), ("static", False), ("dynamo", True), ("dynamo", False)],
+)
+def test_multihead_attention_heads_split_into_the_batch_prune(exporter: str, need_weights: bool):
+    """nn.MultiheadAttention folds its heads into the batch axis right where it splits
+    them, and merges them back from there. Both are followed: the packed projection's
+    heads go (2 of 4), B*H follows them where a fixed batch writes it, and so does H*D
+    of the way back. Exact at the export's batch (fixed-size) or at three (dynamo).
+    Before, the heads stayed whole (4/5 layers)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    module = TorchAttention(need_weights)
+    if exporter == "dynamo":
+        model = export_dynamo(module, (x,), ["x"])
+    else:
+        model = export(module, (x,), ["x"], 17, static=True)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert any(n.startswith("structured: 5/5 layers pruned") for n in out.notes), out.notes
+    assert sum(n.startswith("removed 2/4 heads of") for n in out.notes) == 1, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    for batch in (2,) if exporter == "static" else (1, 2, 3):
+        feeds = {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)}
+        assert_exact(out.model, source, model, feeds)

@@ -18,6 +18,7 @@ of an Expand that makes such an index.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -68,9 +69,6 @@ class FoldedHeads:
         values = [v for v, _ in target]
         if pos < 1 or values[pos - 1] != -1 or values.count(-1) != 1:
             return None
-        inferred = self.m.shapes.get(node.input[0])
-        if inferred is not None and len(inferred) == t.rank and inferred[pos - 1] is not None:
-            return None  # a fixed size there (batch 1): a layout run follows it exactly
         dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
         if dims is None or out is None or None in dims or None in out:
             return None
@@ -79,20 +77,69 @@ class FoldedHeads:
             return None
         return {node.output[0]: Track(pos - t.rank, t.ids, t.rank - 1, folded=True)}
 
+    def _split_heads_into_batch(self, node, t: Track, target, where) -> dict[str, Track] | None:
+        """[S, B, H*D] -> [S, B*H, D], how nn.MultiheadAttention splits its heads: each
+        head's D channels become one unit, folded into the axis before. B*H is -1, or
+        (a fixed batch) a constant that then follows the kept heads; None if the
+        Reshape is not this."""
+        if t.folded or t.axis != -1 or t.rank is None or len(target) != t.rank or t.rank < 2:
+            return None
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        (n, n_at), (d, _) = target[-2], target[-1]
+        if dims is None or out is None or None in dims or None in out or not d or d < 2:
+            return None
+        heads = t.size // d
+        if t.size % d or heads < 2 or out != [*dims[:-2], dims[-2] * heads, d]:
+            return None
+        if n is None or (n != -1 and (n_at is None or n != dims[-2] * heads)):
+            return None
+        if not self._sizes_kept(node, target[:-1], skip=t.rank - 2):
+            return None
+        units = self._heads(t.ids, d)
+        if n != -1:  # a fixed batch: the constant B*H
+            self._constant_fixup(n_at, lambda kept, ids=units, b=dims[-2]: b * kept(ids), where)
+        return {node.output[0]: Track(-2, units, t.rank, folded=True)}
+
+    def _merge_folded_heads(self, node, t: Track, target, where) -> dict[str, Track] | None:
+        """[S, B*H, D] -> [S*B, H*D], nn.MultiheadAttention's way back: each head id
+        repeats over its D channels on the last axis, whose H*D follows the kept heads.
+        The leading entries regroup the rest (-1, constants, sizes read at run time)."""
+        dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
+        pos = t.pos(where)
+        if dims is None or out is None or None in dims or None in out:
+            return None
+        if pos != t.rank - 2 or len(target) != t.rank - 1:  # type: ignore[operator]
+            return None
+        d, (v, v_at) = dims[-1], target[-1]
+        if out[-1] != t.size * d or math.prod(out[:-1]) * t.size != math.prod(dims[:-1]):
+            return None
+        if v != -1 and (v != t.size * d or v_at is None):
+            return None
+        if not self._sizes_kept(node, target[:-1], skip=-1):
+            return None
+        if v != -1:
+            self._constant_fixup(v_at, lambda kept, ids=t.ids, d=d: kept(ids) * d, where)
+        rank = t.rank - 1  # type: ignore[operator]
+        return {node.output[0]: Track(-1, np.repeat(t.ids, d), rank)}
+
     def _unfold_heads(self, node, t: Track, target, where) -> dict[str, Track]:
         """[B*H, S, S] -> [-1, H, S, S]: the heads come out of the batch axis, on an
-        axis of their own whose H follows the kept heads."""
+        axis of their own whose H follows the kept heads (B may be written: a fixed
+        batch)."""
+        merged = self._merge_folded_heads(node, t, target, where)
+        if merged is not None:
+            return merged
         pos = t.pos(where)
         values = [v for v, _ in target]
         dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
         if (
             len(target) != t.rank + 1  # type: ignore[operator]
-            or values[pos] != -1
+            or dims is None
+            or None in dims
+            or values[pos] not in (-1, dims[pos] // t.size)
             or values[pos + 1] != t.size
             or target[pos + 1][1] is None
-            or dims is None
             or out is None
-            or None in dims
             or out != [*dims[:pos], dims[pos] // t.size, t.size, *dims[pos + 1 :]]
             or not self._sizes_kept(node, target, skip=pos)
         ):

@@ -104,6 +104,8 @@ class LayoutOps:
             if moved is None:
                 target = None if self._literal_zero(node) else self._shape_pieces(node)
                 moved = None if target is None else self._fold_heads(node, t, target, where)
+                if moved is None and target is not None:
+                    moved = self._split_heads_into_batch(node, t, target, where)
             if moved is None:
                 raise
             return moved
