@@ -14,7 +14,7 @@ import torch
 
 from edgeslim.api.spec import PruneConfig
 from edgeslim.compressor import graph as g
-from edgeslim.compressor.prune import Prune
+from edgeslim.compressor.prune import Prune, fold_shapes_if_it_helps
 from tests.archs import export, export_dynamo, tiny_deberta_v2, tiny_deberta_v3
 from tests.test_prune_groups import assert_exact, planned, run, to_constant_nodes, zero_removed
 
@@ -145,22 +145,34 @@ class TorchAttention(torch.nn.Module):
 
 @pytest.mark.parametrize(
     ("exporter", "need_weights"),
-    [("static", True), ("static", False), ("dynamo", True), ("dynamo", False)],
+    [
+        ("static", True),
+        ("static", False),
+        ("torchscript", True),
+        ("dynamo", True),
+        ("dynamo", False),
+    ],
 )
 def test_multihead_attention_heads_split_into_the_batch_prune(exporter: str, need_weights: bool):
     """nn.MultiheadAttention folds its heads into the batch axis right where it splits
     them, and merges them back from there. Both are followed: the packed projection's
     heads go (2 of 4), B*H follows them where a fixed batch writes it, and so does H*D
-    of the way back. Exact at the export's batch (fixed-size) or at three (dynamo).
-    Before, the heads stayed whole (4/5 layers)."""
+    of the way back. TorchScript with a dynamic batch unflattens the packed projection
+    by E read from the input's shape: the step then simplifies first (onnxslim folds
+    that fixed dim) and the same rules follow, B*H written as Mul(B, H). Exact at the
+    export's batch (fixed-size) or at three. Before, the heads stayed whole (4/5
+    layers)."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 32)
     module = TorchAttention(need_weights)
     if exporter == "dynamo":
         model = export_dynamo(module, (x,), ["x"])
     else:
-        model = export(module, (x,), ["x"], 17, static=True)
+        model = export(module, (x,), ["x"], 17, static=exporter == "static")
     g.constants_to_initializers(model)
+    folded: list[str] = []
+    model = fold_shapes_if_it_helps(model, set(), folded)  # what the step does first
+    assert any(n.startswith("simplified first") for n in folded) == (exporter == "torchscript")
     config = PruneConfig(sparsity=0.5)
     source = zero_removed(model, config)
     out = Prune(config).run(source, None)

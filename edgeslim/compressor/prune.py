@@ -357,9 +357,20 @@ def _reach(model: onnx.ModelProto, excluded: set[str]) -> tuple[int, bool]:
     _prepare(work, [])
     groups = pg.discover(work, excluded)
     by_shape = any(
-        grp.blocked is not None and grp.blocked.startswith(SHAPE_READ) for grp in groups.groups
+        grp.blocked is not None and grp.blocked.startswith(COMPUTED_SHAPE_BLOCKS)
+        for grp in groups.groups
     )
     return len(groups.reached_sides()), by_shape
+
+
+# Why a group stays whole where sizes computed at run time may be to blame: a Shape
+# reads its channel count, or a Reshape's target holds computed entries the rules
+# cannot see through (nn.MultiheadAttention's TorchScript export reads E from its
+# input to unflatten the packed projection).
+COMPUTED_SHAPE_BLOCKS = (
+    SHAPE_READ,
+    "Reshape ",
+)
 
 
 def fold_shapes_if_it_helps(

@@ -91,14 +91,44 @@ class FoldedHeads:
         heads = t.size // d
         if t.size % d or heads < 2 or out != [*dims[:-2], dims[-2] * heads, d]:
             return None
-        if n is None or (n != -1 and (n_at is None or n != dims[-2] * heads)):
+        times = self._times_heads(node, t.rank - 2, heads) if n is None else None
+        if n is None and times is None:
+            return None
+        if n is not None and n != -1 and (n_at is None or n != dims[-2] * heads):
             return None
         if not self._sizes_kept(node, target[:-1], skip=t.rank - 2):
             return None
         units = self._heads(t.ids, d)
-        if n != -1:  # a fixed batch: the constant B*H
+        if times is not None:  # B * H, B read at run time
+            self._constant_fixup(times, lambda kept, ids=units: kept(ids), where)
+        elif n != -1:  # a fixed batch: the constant B*H
             self._constant_fixup(n_at, lambda kept, ids=units, b=dims[-2]: b * kept(ids), where)
         return {node.output[0]: Track(-2, units, t.rank, folded=True)}
+
+    def _times_heads(self, node, pos: int, heads: int) -> tuple | None:
+        """Where the head count is written when entry `pos` of a Reshape's target is
+        Unsqueeze(Mul(n, H)), n computed (TorchScript's bsz * num_heads with a dynamic
+        batch): (Mul, input, 0) for a Fixup, else None. The Mul may size the Q, K and V
+        splits alike, whose heads are one unit each."""
+        concat = self.m.producers.get(node.input[1])
+        if concat is None or concat.op_type != "Concat" or pos >= len(concat.input):
+            return None
+        if any(self.m.dims(part) != [1] for part in concat.input):
+            return None
+        unsqueeze = self.m.producers.get(concat.input[pos])
+        mul = None if unsqueeze is None else self.m.producers.get(unsqueeze.input[0])
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or mul is None:
+            return None
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            return None
+        consts = [self.m.array(name) for name in mul.input]
+        at = [k for k, c in enumerate(consts) if c is not None]
+        if len(at) != 1 or consts[at[0]].size != 1 or int(consts[at[0]].reshape(-1)[0]) != heads:  # type: ignore[union-attr]
+            return None
+        sizes = self.m.consumers.get(mul.output[0], [])
+        if any(r.op_type != "Unsqueeze" for r in sizes):
+            return None
+        return (mul, at[0], 0)
 
     def _merge_folded_heads(self, node, t: Track, target, where) -> dict[str, Track] | None:
         """[S, B*H, D] -> [S*B, H*D], nn.MultiheadAttention's way back: each head id
