@@ -127,48 +127,61 @@ class TorchAttention(torch.nn.Module):
     """torch's nn.MultiheadAttention (batch first, 4 heads of 8, one packed in-projection)
     with a ReLU FFN and a residual around it: its heads are split into the batch axis
     ([S, B, H*D] -> [S, B*H, D]), and merged back from it ([S, B*H, D] -> [S*B, H*D])
-    before the out-projection. `need_weights` (the default) takes the bmm path."""
+    before the out-projection. `need_weights` (the default) takes the bmm path; with
+    `masked`, a key padding mask ([B, S] bool) is folded over the heads and added to
+    the scores."""
 
-    def __init__(self, need_weights: bool) -> None:
+    def __init__(self, need_weights: bool, masked: bool) -> None:
         super().__init__()
-        self.need_weights = need_weights
+        self.need_weights, self.masked = need_weights, masked
         self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
         self.ff = torch.nn.Sequential(
             torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
         )
         self.head = torch.nn.Linear(32, 5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self.attn(x, x, x, need_weights=self.need_weights)
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        mask = pad if self.masked else None
+        y, _ = self.attn(x, x, x, key_padding_mask=mask, need_weights=self.need_weights)
         return self.head(self.ff(y) + y)
 
 
 @pytest.mark.parametrize(
-    ("exporter", "need_weights"),
+    ("exporter", "need_weights", "masked"),
     [
-        ("static", True),
-        ("static", False),
-        ("torchscript", True),
-        ("dynamo", True),
-        ("dynamo", False),
+        ("static", True, False),
+        ("static", False, False),
+        ("static", True, True),
+        ("torchscript", True, False),
+        ("torchscript", True, True),
+        ("dynamo", True, False),
+        ("dynamo", False, False),
+        ("dynamo", True, True),
     ],
 )
-def test_multihead_attention_heads_split_into_the_batch_prune(exporter: str, need_weights: bool):
+def test_multihead_attention_heads_split_into_the_batch_prune(
+    exporter: str, need_weights: bool, masked: bool
+):
     """nn.MultiheadAttention folds its heads into the batch axis right where it splits
     them, and merges them back from there. Both are followed: the packed projection's
     heads go (2 of 4), B*H follows them where a fixed batch writes it, and so does H*D
     of the way back. TorchScript with a dynamic batch unflattens the packed projection
     by E read from the input's shape: the step then simplifies first (onnxslim folds
     that fixed dim) and the same rules follow, B*H written as Mul(B, H). Exact at the
-    export's batch (fixed-size) or at three. Before, the heads stayed whole (4/5
-    layers)."""
+    export's batch (fixed-size) or at three. A key padding mask, expanded over the
+    heads and folded to [B*H, 1, S], is copies of one slice per head: H of its Expand
+    (and B*H of its fold, where written) follows the kept heads. Before, the heads
+    stayed whole (4/5 layers)."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 32)
-    module = TorchAttention(need_weights)
+    module = TorchAttention(need_weights, masked)
+    args, names = (
+        ((x, torch.zeros(2, 8, dtype=torch.bool)), ["x", "pad"]) if masked else ((x,), ["x"])
+    )
     if exporter == "dynamo":
-        model = export_dynamo(module, (x,), ["x"])
+        model = export_dynamo(module, args, names)
     else:
-        model = export(module, (x,), ["x"], 17, static=exporter == "static")
+        model = export(module, args, names, 17, static=exporter == "static")
     g.constants_to_initializers(model)
     folded: list[str] = []
     model = fold_shapes_if_it_helps(model, set(), folded)  # what the step does first
@@ -182,4 +195,6 @@ def test_multihead_attention_heads_split_into_the_batch_prune(exporter: str, nee
     assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
     for batch in (2,) if exporter == "static" else (1, 2, 3):
         feeds = {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)}
+        if masked:
+            feeds["pad"] = np.arange(8) >= 5 + np.arange(batch)[:, None] % 3
         assert_exact(out.model, source, model, feeds)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeslim.compressor.prune_graph import Block, Track
+from edgeslim.compressor.prune_graph import Block, Track, label
 
 if TYPE_CHECKING:
     import onnx
@@ -50,6 +50,7 @@ class FoldedHeads:
     tracks: dict[str, Track]
     folded_indices: dict[str, np.ndarray]
     folded_gathered: set[str]
+    head_counts: dict[str, tuple[np.ndarray, set[str]]]
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None: ...
 
@@ -58,6 +59,10 @@ class FoldedHeads:
     def _constant_fixup(self, at, value, where) -> None: ...
 
     def _sizes_read(self, node) -> list[tuple[str, int] | None]: ...
+
+    def _shape_pieces(self, node): ...
+
+    def _entry_at(self, reader, index: int, pos: int, depth: int = 0): ...
 
     def _fold_heads(self, node, t: Track, target, where) -> dict[str, Track] | None:
         """[B, H, S, D] -> [-1, S, D]: the axis before the heads folds into them. The
@@ -91,13 +96,15 @@ class FoldedHeads:
         heads = t.size // d
         if t.size % d or heads < 2 or out != [*dims[:-2], dims[-2] * heads, d]:
             return None
-        times = self._times_heads(node, t.rank - 2, heads) if n is None else None
-        if n is None and times is None:
-            return None
         if n is not None and n != -1 and (n_at is None or n != dims[-2] * heads):
             return None
         if not self._sizes_kept(node, target[:-1], skip=t.rank - 2):
             return None
+        times = None
+        if n is None:
+            times = self._heads_times(node.input[1], t.rank - 2, heads, node.output[0], t.ids)
+            if times is None:
+                return None
         units = self._heads(t.ids, d)
         if times is not None:  # B * H, B read at run time
             self._constant_fixup(times, lambda kept, ids=units: kept(ids), where)
@@ -105,30 +112,55 @@ class FoldedHeads:
             self._constant_fixup(n_at, lambda kept, ids=units, b=dims[-2]: b * kept(ids), where)
         return {node.output[0]: Track(-2, units, t.rank, folded=True)}
 
-    def _times_heads(self, node, pos: int, heads: int) -> tuple | None:
-        """Where the head count is written when entry `pos` of a Reshape's target is
-        Unsqueeze(Mul(n, H)), n computed (TorchScript's bsz * num_heads with a dynamic
-        batch): (Mul, input, 0) for a Fixup, else None. The Mul may size the Q, K and V
-        splits alike, whose heads are one unit each."""
-        concat = self.m.producers.get(node.input[1])
+    def _heads_times(self, shape: str, pos: int, heads: int, claimant: str, ids) -> tuple | None:
+        """Where the head count is written when entry `pos` of the shape vector `shape`
+        is a Concat part Unsqueeze(Mul(n, H)) or Reshape(Mul(n, H), [-1]), n computed
+        (a batch read at run time: TorchScript's bsz * num_heads, dynamo's index shape):
+        (Mul, input, 0) for a Fixup, else None. The Mul may size several shapes (the Q,
+        K and V splits, every layer's index); each one it reaches must be claimed by a
+        rule for these heads (checked at the end of discovery)."""
+        concat = self.m.producers.get(shape)
         if concat is None or concat.op_type != "Concat" or pos >= len(concat.input):
             return None
         if any(self.m.dims(part) != [1] for part in concat.input):
             return None
-        unsqueeze = self.m.producers.get(concat.input[pos])
-        mul = None if unsqueeze is None else self.m.producers.get(unsqueeze.input[0])
-        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or mul is None:
+        vector = self.m.producers.get(concat.input[pos])
+        if vector is None or vector.op_type not in ("Unsqueeze", "Reshape"):
             return None
-        if mul.op_type != "Mul" or len(mul.input) != 2:
+        mul = self.m.producers.get(vector.input[0])
+        if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
             return None
         consts = [self.m.array(name) for name in mul.input]
-        at = [k for k, c in enumerate(consts) if c is not None]
-        if len(at) != 1 or consts[at[0]].size != 1 or int(consts[at[0]].reshape(-1)[0]) != heads:  # type: ignore[union-attr]
+        at = [k for k, c in enumerate(consts) if c is not None and c.size == 1]
+        if len(at) != 1 or int(consts[at[0]].reshape(-1)[0]) != heads:  # type: ignore[union-attr]
             return None
-        sizes = self.m.consumers.get(mul.output[0], [])
-        if any(r.op_type != "Unsqueeze" for r in sizes):
-            return None
+        self.head_counts.setdefault(mul.output[0], (ids, set()))[1].add(claimant)
         return (mul, at[0], 0)
+
+    def _unclaimed_head_counts(self) -> None:
+        """Every Reshape or Expand whose shape a fixed-up head count reaches must have
+        been claimed by a rule for those heads: nothing else may change size."""
+        for name, (ids, claimed) in self.head_counts.items():
+            stray = self._stray_size_reader(name, claimed, 0)
+            if stray is not None:
+                self.block(ids, f"the head count in {name} also sizes {stray}")
+
+    def _stray_size_reader(self, name: str, claimed: set[str], depth: int) -> str | None:
+        if depth > FOLDED_READ_DEPTH or name in self.m.outputs:
+            return name
+        for r in self.m.consumers.get(name, []):
+            if r.op_type in ("Reshape", "Expand") and name == r.input[1]:
+                if r.output[0] not in claimed:
+                    return label(r)
+                continue
+            if r.op_type in ("Equal", "Shape"):
+                continue
+            if r.op_type not in ("Unsqueeze", "Squeeze", "Concat", "Cast", "Reshape", "Where"):
+                return label(r)
+            stray = self._stray_size_reader(r.output[0], claimed, depth + 1)
+            if stray is not None:
+                return stray
+        return None
 
     def _merge_folded_heads(self, node, t: Track, target, where) -> dict[str, Track] | None:
         """[S, B*H, D] -> [S*B, H*D], nn.MultiheadAttention's way back: each head id
@@ -268,26 +300,17 @@ class FoldedHeads:
             return
         pos = t.pos(where)
         dims, shape = self.m.dims(expand.input[0]), expand.input[1]
-        concat = self.m.producers.get(shape)
-        if dims is None or len(dims) != t.rank or dims[pos] != 1 or concat is None:
-            return
-        if concat.op_type != "Concat" or pos >= len(concat.input):
-            return
-        if any(self.m.dims(part) != [1] for part in concat.input):
-            return
-        part = self.m.producers.get(concat.input[pos])
-        if part is not None and part.op_type in ("Reshape", "Unsqueeze"):
-            part = self.m.producers.get(part.input[0]) if self.m.uses(part.output[0]) == 1 else None
-        if part is None or part.op_type != "Mul" or self.m.uses(part.output[0]) != 1:
-            return
-        consts = [self.m.array(name) for name in part.input]
-        at = [k for k, c in enumerate(consts) if c is not None and c.size == 1]
-        if len(at) != 1 or int(consts[at[0]].reshape(-1)[0]) != t.size:  # type: ignore[union-attr]
+        if dims is None or len(dims) != t.rank or dims[pos] != 1:
             return
         readers = self.m.consumers.get(shape, [])
         if any(r.op_type != "Expand" or list(r.input).index(shape) != 1 for r in readers):
             return
-        self._constant_fixup((part, at[0], 0), lambda kept, ids=t.ids: kept(ids), where)
+        at = None
+        for r in readers:
+            at = self._heads_times(shape, pos, t.size, r.output[0], t.ids)
+        if at is None:
+            return
+        self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
         for r in readers:
             self.folded_indices.setdefault(r.output[0], t.ids)
 
@@ -313,6 +336,56 @@ class FoldedHeads:
             if t is not None or not name:
                 continue
             dims = self.m.dims(name)
-            if dims is None or (len(dims) >= -ref.axis and dims[ref.axis] != 1):
+            wide = dims is None or (len(dims) >= -ref.axis and dims[ref.axis] != 1)
+            if wide and not self._copies_over_heads(name, ref, where):
                 raise Block(f"{where} meets heads folded into the batch axis with {name}")
         return ref
+
+    def _copies_over_heads(self, name: str, t: Track, where: str) -> bool:
+        """Whether `name` (read once) folds copies of one slice per head into the batch
+        axis: Reshape(Expand(m, [.., H, ..]), [.., -1, ..]) with m of size 1 on the
+        heads axis, as nn.MultiheadAttention folds a key padding mask [B, 1, 1, S] over
+        its heads to [B*H, 1, S]. H of the Expand follows the kept heads, and so does
+        the folded entry where it is written (B*H for a fixed batch, Mul(B, H))."""
+        fold = self.m.producers.get(name)
+        while (  # a scale the same for every copy (baddbmm's beta) keeps them copies
+            fold is not None
+            and self.m.uses(name) == 1
+            and fold.op_type in ("Mul", "Div", "Add", "Sub", "Cast")
+            and all(self.m.dims(i) in ([], [1]) for i in fold.input[1:])
+            and all(self.m.array(i) is not None for i in fold.input[1:])
+        ):
+            name = fold.input[0]
+            fold = self.m.producers.get(name)
+        if fold is None or fold.op_type != "Reshape" or self.m.uses(name) != 1:
+            return False
+        expand = self.m.producers.get(fold.input[0])
+        if expand is None or expand.op_type != "Expand" or self.m.uses(fold.input[0]) != 1:
+            return False
+        rank, k = self.m.rank(name), t.pos(where)
+        dims, wide, out = (self.m.dims(n) for n in (expand.input[0], fold.input[0], name))
+        shape, target = self.m.entries(expand.input[1]), self._shape_pieces(fold)
+        if None in (rank, dims, wide, out, shape, target) or len(wide) != rank + 1:  # type: ignore[arg-type]
+            return False
+        h = k - rank  # the heads axis of the Expand (k + 1 of rank + 1), negative
+        if len(dims) < -h or dims[h] != 1 or wide[h] != t.size or len(shape) < -h:  # type: ignore[arg-type,index]
+            return False
+        if out != [*wide[:k], wide[k] * t.size, *wide[k + 2 :]]:  # type: ignore[index]
+            return False
+        at = self._entry_at(expand, 1, len(shape) + h)  # type: ignore[arg-type]
+        n, n_at = target[k]  # type: ignore[index]
+        if at is None or shape[h] != t.size or len(target) != rank:  # type: ignore[index]
+            return False
+        times = None
+        if n is None:
+            times = self._heads_times(fold.input[1], k, t.size, fold.output[0], t.ids)
+            if times is None:
+                return False
+        elif n != -1 and (n_at is None or n != wide[k] * t.size):  # type: ignore[index]
+            return False
+        self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
+        if times is not None:
+            self._constant_fixup(times, lambda kept, ids=t.ids: kept(ids), where)
+        elif n != -1:
+            self._constant_fixup(n_at, lambda kept, ids=t.ids, b=wide[k]: b * kept(ids), where)  # type: ignore[index]
+        return True

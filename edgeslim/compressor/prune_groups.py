@@ -235,6 +235,9 @@ class Discovery(LayoutOps, FoldedHeads):
         self.folded_indices: dict[str, np.ndarray] = {}
         """GatherElements indices expanded to the size of folded heads -> their ids."""
         self.folded_gathered: set[str] = set()
+        self.head_counts: dict[str, tuple[np.ndarray, set[str]]] = {}
+        """A Mul writing B * H that follows kept heads -> their ids, and the Reshapes
+        and Expands claimed for them."""
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -320,6 +323,7 @@ class Discovery(LayoutOps, FoldedHeads):
                     f"{len(readers)} of them read channels that can follow",
                 )
         self._unchecked_folded_indices()
+        self._unclaimed_head_counts()
         return self
 
     def _weight(self, node: onnx.NodeProto) -> np.ndarray | None:
