@@ -30,7 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgeslim.api.spec import PruneConfig
 from edgeslim.compressor import graph
 from edgeslim.compressor.prune import Prune
-from tests.archs import export, export_dynamo, tiny_deberta_v2, tiny_deberta_v3, tiny_llama
+from tests.archs import (
+    TorchAttention,
+    export,
+    export_dynamo,
+    tiny_deberta_v2,
+    tiny_deberta_v3,
+    tiny_llama,
+)
 
 
 def _vision(name: str) -> Callable[[], torch.nn.Module]:
@@ -48,6 +55,7 @@ ARCHS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[str, ...]]] = {
     "deberta-v2": (tiny_deberta_v2, ("input_ids",)),
     "llama-kv2": (lambda: tiny_llama(kv_heads=2, attention="sdpa"), ("input_ids", "mask")),
     "llama-kv1": (lambda: tiny_llama(kv_heads=1, attention="sdpa"), ("input_ids", "mask")),
+    "nn-mha": (lambda: TorchAttention(need_weights=True, masked=True), ("x", "pad")),
     "convnext_tiny": (_vision("convnext_tiny"), ("input",)),
     "swin_t": (_vision("swin_t"), ("input",)),
 }
@@ -58,6 +66,8 @@ def example(names: tuple[str, ...], batch: int, seq: int) -> tuple[np.ndarray, .
     values = {
         "input_ids": rng.integers(0, 100, (batch, seq)),
         "mask": np.ones((batch, seq), np.int64),
+        "x": rng.normal(size=(batch, seq, 32)).astype(np.float32),
+        "pad": np.arange(seq) >= seq - 1 - np.arange(batch)[:, None],
         "input": rng.normal(size=(batch, 3, 64, 64)).astype(np.float32),
     }
     return tuple(values[n] for n in names)
@@ -76,7 +86,8 @@ def prune_row(model: onnx.ModelProto, sparsity: float, names: tuple[str, ...]) -
     )
     shapes = []
     for batch in (2, 3):
-        feeds = dict(zip(names, example(names, batch, 12), strict=True))
+        seq = 12 if "input_ids" in names else 16  # only text has a dynamic sequence
+        feeds = dict(zip(names, example(names, batch, seq), strict=True))
         shapes.append(list(session.run(None, feeds)[0].shape))
     return f"{reached} | {before:,} | {after:,} | {before / after:.2f}x | {heads} | {shapes} |"
 

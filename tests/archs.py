@@ -239,6 +239,29 @@ def export_dynamo(module: torch.nn.Module, args: tuple, names: list[str]) -> onn
     ).model_proto
 
 
+class TorchAttention(torch.nn.Module):
+    """torch's nn.MultiheadAttention (batch first, 4 heads of 8, one packed in-projection)
+    with a ReLU FFN and a residual around it: its heads are split into the batch axis
+    ([S, B, H*D] -> [S, B*H, D]), and merged back from it ([S, B*H, D] -> [S*B, H*D])
+    before the out-projection. `need_weights` (the default) takes the bmm path; with
+    `masked`, a key padding mask ([B, S] bool) is folded over the heads and added to
+    the scores."""
+
+    def __init__(self, need_weights: bool, masked: bool) -> None:
+        super().__init__()
+        self.need_weights, self.masked = need_weights, masked
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.ff = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
+        )
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        mask = pad if self.masked else None
+        y, _ = self.attn(x, x, x, key_padding_mask=mask, need_weights=self.need_weights)
+        return self.head(self.ff(y) + y)
+
+
 # A YOLOv8n-style detector, written from the published architecture (nothing is
 # downloaded): Conv-BN-SiLU, C2f (a channel split, bottlenecks, one concat of all),
 # SPPF (chained max pools concatenated), an FPN/PAN neck of nearest upsampling and

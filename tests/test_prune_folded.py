@@ -15,7 +15,13 @@ import torch
 from edgeslim.api.spec import PruneConfig
 from edgeslim.compressor import graph as g
 from edgeslim.compressor.prune import Prune, fold_shapes_if_it_helps
-from tests.archs import export, export_dynamo, tiny_deberta_v2, tiny_deberta_v3
+from tests.archs import (
+    TorchAttention,
+    export,
+    export_dynamo,
+    tiny_deberta_v2,
+    tiny_deberta_v3,
+)
 from tests.test_prune_groups import assert_exact, planned, run, to_constant_nodes, zero_removed
 
 pytest.importorskip("transformers")
@@ -121,29 +127,6 @@ def test_heads_folded_into_the_batch_stay_whole_where_an_op_mixes_that_axis():
     for batch in (2, 3):
         y = run(out.model, {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)})
         assert y.shape == (batch, 8, 32)
-
-
-class TorchAttention(torch.nn.Module):
-    """torch's nn.MultiheadAttention (batch first, 4 heads of 8, one packed in-projection)
-    with a ReLU FFN and a residual around it: its heads are split into the batch axis
-    ([S, B, H*D] -> [S, B*H, D]), and merged back from it ([S, B*H, D] -> [S*B, H*D])
-    before the out-projection. `need_weights` (the default) takes the bmm path; with
-    `masked`, a key padding mask ([B, S] bool) is folded over the heads and added to
-    the scores."""
-
-    def __init__(self, need_weights: bool, masked: bool) -> None:
-        super().__init__()
-        self.need_weights, self.masked = need_weights, masked
-        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
-        self.ff = torch.nn.Sequential(
-            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
-        )
-        self.head = torch.nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-        mask = pad if self.masked else None
-        y, _ = self.attn(x, x, x, key_padding_mask=mask, need_weights=self.need_weights)
-        return self.head(self.ff(y) + y)
 
 
 @pytest.mark.parametrize(
