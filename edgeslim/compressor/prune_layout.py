@@ -92,8 +92,8 @@ class LayoutOps:
         t = ins[0]
         if t is None or ins[1] is not None:
             raise Block(f"it feeds the shape input of {where}")
+        target = None if self._literal_zero(node) else self._shape_pieces(node)
         if t.folded:
-            target = None if self._literal_zero(node) else self._shape_pieces(node)
             if target is None:
                 raise Block(f"{where} has a target shape that cannot be followed")
             return self._unfold_heads(node, t, target, where)
@@ -101,11 +101,9 @@ class LayoutOps:
             return self._reshape_by_rule(node, t, ins, where)
         except Block:
             moved = self._through_other_axes(node, t, where)
-            if moved is None:
-                target = None if self._literal_zero(node) else self._shape_pieces(node)
-                moved = None if target is None else self._fold_heads(node, t, target, where)
-                if moved is None and target is not None:
-                    moved = self._split_heads_into_batch(node, t, target, where)
+            if moved is None and target is not None:  # heads folded into the batch axis
+                moved = self._fold_heads(node, t, target, where)
+                moved = moved or self._split_heads_into_batch(node, t, target, where)
             if moved is None:
                 raise
             return moved
@@ -778,17 +776,17 @@ class LayoutOps:
             if not start <= pos < end:
                 return {}
             k = pos - start
-            if t.folded and all(
-                self._reads_other_dims(r, k, end - start)
-                or (
-                    r.op_type == "Gather"
-                    and [i % (end - start) for i in self._gathered(r) or []] == [k]
-                    and self._folded_size_read(r.output[0], t, where)
-                )
-                for r in readers
-            ):
-                return {}
             if t.folded:
+                if all(
+                    self._reads_other_dims(r, k, end - start)
+                    or (
+                        r.op_type == "Gather"
+                        and [i % (end - start) for i in self._gathered(r) or []] == [k]
+                        and self._folded_size_read(r.output[0], t, where)
+                    )
+                    for r in readers
+                ):
+                    return {}
                 raise Block(f"{SHAPE_READ} {where}, with the heads folded into the batch")
             if all(
                 self._reads_other_dims(r, k, end - start)
