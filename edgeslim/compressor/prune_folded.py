@@ -6,14 +6,20 @@ batch, which sits outside them. A *folded* track (`Track.folded`) carries the
 head ids on that axis; at run time it holds n copies of them in a row, n being
 the batch (or a Tile's repeat count), so cutting heads leaves n * kept there.
 
+Ways in: a Reshape [B, H, S, D] -> [-1, S, D]; a head split straight into the
+batch, [S, B, H*D] -> [S, B*H, D] (nn.MultiheadAttention); a Tile of a head-tracked
+tensor by a batch computed at run time (DeBERTa's position keys). Ways out: a
+Reshape [-1, H, S, S], or the merge [S, B*H, D] -> [S*B, H*D]. Where B*H, H or
+H*D is written (a fixed batch's constant, Mul(B, H)), it follows the kept heads.
+
 Only ops that treat every index of that axis alike may read it (checked in
-`Discovery.visit`): element-wise ops whose other operands have size 1 there,
-a MatMul of two such tensors, Softmax over another axis, Transpose, and
-GatherElements along another axis whose index was expanded to the folded size
-read at run time. A Reshape [-1, H, ...] brings the heads out again, with H
-following the kept heads. A `Shape` that reads the folded size may hand it on
-to a Div by H (which gives n again; H follows the kept count) or to the shape
-of an Expand that makes such an index.
+`Discovery.visit`): element-wise ops whose other operands have size 1 there or
+are copies of one slice per head (a padding mask expanded over the heads), a
+MatMul of two such tensors, Softmax over another axis, Transpose, and
+GatherElements along another axis whose index was expanded to the folded size.
+A `Shape` that reads the folded size may hand it on to a Div by H (which gives n
+again; H follows the kept count) or to the shape of an Expand that makes such an
+index.
 """
 
 from __future__ import annotations
