@@ -245,12 +245,12 @@ class TorchAttention(torch.nn.Module):
     ([S, B, H*D] -> [S, B*H, D]), and merged back from it ([S, B*H, D] -> [S*B, H*D])
     before the out-projection. `need_weights` (the default) takes the bmm path; with
     `masked`, a key padding mask ([B, S] bool) is folded over the heads and added to
-    the scores."""
+    the scores. With `batch_first=False` (torch's default) it reads [S, B, E]."""
 
-    def __init__(self, need_weights: bool, masked: bool) -> None:
+    def __init__(self, need_weights: bool, masked: bool, batch_first: bool = True) -> None:
         super().__init__()
         self.need_weights, self.masked = need_weights, masked
-        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first)
         self.ff = torch.nn.Sequential(
             torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
         )

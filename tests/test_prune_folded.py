@@ -181,3 +181,19 @@ def test_multihead_attention_heads_split_into_the_batch_prune(
         if masked:
             feeds["pad"] = np.arange(8) >= 5 + np.arange(batch)[:, None] % 3
         assert_exact(out.model, source, model, feeds)
+
+
+def test_sequence_first_multihead_attention_heads_prune():
+    """torch's default layout, [S, B, E] (batch_first=False), goes through the same
+    split into the batch and merge back, from a fixed-size export at batch 2."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 32)
+    model = export(TorchAttention(True, False, batch_first=False), (x,), ["x"], 17, static=True)
+    g.constants_to_initializers(model)
+    config = PruneConfig(sparsity=0.5)
+    source = zero_removed(model, config)
+    out = Prune(config).run(source, None)
+    assert sum(n.startswith("removed 2/4 heads of") for n in out.notes) == 1, out.notes
+    onnx.checker.check_model(out.model, full_check=True)
+    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    assert_exact(out.model, source, model, {"x": RNG.normal(size=(8, 2, 32)).astype(np.float32)})
