@@ -64,12 +64,10 @@ def tiny_albert(opset: int) -> torch.nn.Module:
     return transformers.AlbertForSequenceClassification(config)
 
 
-def tiny_deberta_v3() -> torch.nn.Module:
-    """A 2-layer DebertaV2ForSequenceClassification configured as DeBERTa-v3 ships
-    (relative attention with c2p and p2c, 8 log buckets, the keys shared with the
-    position projections, a LayerNorm'd relative embedding table), width 64, 4
-    heads, vocabulary 100, 3 labels; eager attention, so every opset exports it.
-    torch's random weights, so seed first."""
+def tiny_deberta(**attention: object) -> torch.nn.Module:
+    """A 2-layer DebertaV2ForSequenceClassification, width 64, 4 heads, vocabulary 100,
+    3 labels, eager attention (so every opset exports it), with `attention` settings
+    on top of the library's defaults. torch's random weights, so seed first."""
     import transformers
 
     config = transformers.DebertaV2Config(
@@ -80,6 +78,17 @@ def tiny_deberta_v3() -> torch.nn.Module:
         vocab_size=100,
         max_position_embeddings=32,
         num_labels=3,
+        **attention,
+    )
+    config._attn_implementation = "eager"
+    return transformers.DebertaV2ForSequenceClassification(config)
+
+
+def tiny_deberta_v3() -> torch.nn.Module:
+    """DeBERTa configured as DeBERTa-v3 ships: relative attention with c2p and p2c,
+    8 log buckets, the keys shared with the position projections, a LayerNorm'd
+    relative embedding table."""
+    return tiny_deberta(
         relative_attention=True,
         pos_att_type=["p2c", "c2p"],
         position_buckets=8,
@@ -87,27 +96,12 @@ def tiny_deberta_v3() -> torch.nn.Module:
         norm_rel_ebd="layer_norm",
         share_att_key=True,
     )
-    config._attn_implementation = "eager"
-    return transformers.DebertaV2ForSequenceClassification(config)
 
 
 def tiny_deberta_v2() -> torch.nn.Module:
-    """A 2-layer DebertaV2ForSequenceClassification with the library's default attention
-    (no relative positions; heads split as view(..., H, -1)), width 64, 4 heads,
-    vocabulary 100, 3 labels; eager attention. Seed first."""
-    import transformers
-
-    config = transformers.DebertaV2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=100,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    config._attn_implementation = "eager"
-    return transformers.DebertaV2ForSequenceClassification(config)
+    """DeBERTa with the library's default attention: no relative positions, heads
+    split as view(..., H, -1)."""
+    return tiny_deberta()
 
 
 def tiny_llama(*, kv_heads: int, attention: str) -> torch.nn.Module:

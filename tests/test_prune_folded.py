@@ -22,7 +22,7 @@ from tests.archs import (
     tiny_deberta_v2,
     tiny_deberta_v3,
 )
-from tests.test_prune_groups import assert_exact, planned, run, to_constant_nodes, zero_removed
+from tests.test_prune_groups import prune_zeroed_exact_on, run
 
 pytest.importorskip("transformers")
 
@@ -79,16 +79,9 @@ def test_deberta_with_a_dynamic_batch_prunes_heads_folded_into_the_batch(
     assert not any("folded into the batch" in n for n in whole.notes), whole.notes
 
     config = PruneConfig(sparsity=0.5, exclude_nodes=[word_embedding(model)])
-    source = zero_removed(model, config)
-    if constants:
-        source = to_constant_nodes(source)
-    out = Prune(config).run(source, None)
-    assert sum(n.startswith("removed 2/4 heads of") for n in out.notes) == len(heads), out.notes
-    onnx.checker.check_model(out.model, full_check=True)
-    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    for batch, seq in SIZES:
-        feeds = {"input_ids": RNG.integers(0, 100, (batch, seq))}
-        assert_exact(out.model, source, model, feeds)
+    feeds = [{"input_ids": RNG.integers(0, 100, (batch, seq))} for batch, seq in SIZES]
+    notes = prune_zeroed_exact_on(model, config, feeds, constants)
+    assert sum(n.startswith("removed 2/4 heads of") for n in notes) == len(heads), notes
 
 
 class BatchMixingAttention(torch.nn.Module):
@@ -169,18 +162,15 @@ def test_multihead_attention_heads_split_into_the_batch_prune(
     folded: list[str] = []
     model = fold_shapes_if_it_helps(model, set(), folded)  # what the step does first
     assert any(n.startswith("simplified first") for n in folded) == (exporter == "torchscript")
-    config = PruneConfig(sparsity=0.5)
-    source = zero_removed(model, config)
-    out = Prune(config).run(source, None)
-    assert any(n.startswith("structured: 5/5 layers pruned") for n in out.notes), out.notes
-    assert sum(n.startswith("removed 2/4 heads of") for n in out.notes) == 1, out.notes
-    onnx.checker.check_model(out.model, full_check=True)
-    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
+    feeds = []
     for batch in (2,) if exporter == "static" else (1, 2, 3):
-        feeds = {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)}
+        feed = {"x": RNG.normal(size=(batch, 8, 32)).astype(np.float32)}
         if masked:
-            feeds["pad"] = np.arange(8) >= 5 + np.arange(batch)[:, None] % 3
-        assert_exact(out.model, source, model, feeds)
+            feed["pad"] = np.arange(8) >= 5 + np.arange(batch)[:, None] % 3
+        feeds.append(feed)
+    notes = prune_zeroed_exact_on(model, PruneConfig(sparsity=0.5), feeds)
+    assert any(n.startswith("structured: 5/5 layers pruned") for n in notes), notes
+    assert sum(n.startswith("removed 2/4 heads of") for n in notes) == 1, notes
 
 
 def test_sequence_first_multihead_attention_heads_prune():
@@ -190,10 +180,6 @@ def test_sequence_first_multihead_attention_heads_prune():
     x = torch.randn(8, 2, 32)
     model = export(TorchAttention(True, False, batch_first=False), (x,), ["x"], 17, static=True)
     g.constants_to_initializers(model)
-    config = PruneConfig(sparsity=0.5)
-    source = zero_removed(model, config)
-    out = Prune(config).run(source, None)
-    assert sum(n.startswith("removed 2/4 heads of") for n in out.notes) == 1, out.notes
-    onnx.checker.check_model(out.model, full_check=True)
-    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    assert_exact(out.model, source, model, {"x": RNG.normal(size=(8, 2, 32)).astype(np.float32)})
+    feeds = [{"x": RNG.normal(size=(8, 2, 32)).astype(np.float32)}]
+    notes = prune_zeroed_exact_on(model, PruneConfig(sparsity=0.5), feeds)
+    assert sum(n.startswith("removed 2/4 heads of") for n in notes) == 1, notes

@@ -596,17 +596,29 @@ def slimmed_export(module: torch.nn.Module, size: int, opset: int) -> onnx.Model
 def prune_zeroed_exactly(
     model: onnx.ModelProto, config: PruneConfig, constants: bool, size: int, batch: int = 2
 ) -> list[str]:
+    """`prune_zeroed_exact_on` one batch of images of `size` (input "input")."""
+    images = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    return prune_zeroed_exact_on(model, config, [{"input": images}], constants)
+
+
+def prune_zeroed_exact_on(
+    model: onnx.ModelProto,
+    config: PruneConfig,
+    feeds: list[dict[str, np.ndarray]],
+    constants: bool = False,
+) -> list[str]:
     """Prune `model` with the units the pruner removes zeroed first (its weights as
     Constant nodes if `constants`): the result passes the checker, has the predicted
-    parameter count and computes the zeroed source's outputs. Its notes."""
+    parameter count and computes the zeroed source's outputs on every one of `feeds`.
+    Its notes."""
     source = zero_removed(model, config)
     if constants:
         source = to_constant_nodes(source)
     out = Prune(config).run(source, None)
     onnx.checker.check_model(out.model, full_check=True)
     assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    images = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
-    assert_exact(out.model, source, model, {"input": images})
+    for feed in feeds:
+        assert_exact(out.model, source, model, feed)
     return out.notes
 
 
@@ -1167,14 +1179,10 @@ def test_kv_fold_with_sizes_read_at_run_time(opset: int):
     x = torch.randn(2, 8, 32)
     model = export(SizedAttention(), (x,), ["x"], opset)
     g.constants_to_initializers(model)
-    config = PruneConfig(sparsity=0.5)
-    source = zero_removed(model, config)
-    out = Prune(config).run(source, None)
-    assert any(n.startswith("removed 2/4 heads of /q/MatMul") for n in out.notes), out.notes
-    onnx.checker.check_model(out.model, full_check=True)
-    assert g.weight_stats(out.model)[0] == planned(model, config, []).predicted
-    for shape in ((2, 8, 32), (3, 8, 32)):  # the batch is dynamic
-        assert_exact(out.model, source, model, {"x": RNG.normal(size=shape).astype(np.float32)})
+    shapes = ((2, 8, 32), (3, 8, 32))  # the batch is dynamic
+    feeds = [{"x": RNG.normal(size=shape).astype(np.float32)} for shape in shapes]
+    notes = prune_zeroed_exact_on(model, PruneConfig(sparsity=0.5), feeds)
+    assert any(n.startswith("removed 2/4 heads of /q/MatMul") for n in notes), notes
 
 
 @pytest.mark.parametrize(("opset", "kv"), [(14, 2), (17, 2), (17, 1)])

@@ -96,27 +96,39 @@ class FoldedHeads:
         if t.folded or t.axis != -1 or t.rank is None or len(target) != t.rank or t.rank < 2:
             return None
         dims, out = self.m.dims(node.input[0]), self.m.dims(node.output[0])
-        (n, n_at), (d, _) = target[-2], target[-1]
+        d = target[-1][0]
         if dims is None or out is None or None in dims or None in out or not d or d < 2:
             return None
         heads = t.size // d
         if t.size % d or heads < 2 or out != [*dims[:-2], dims[-2] * heads, d]:
             return None
-        if n is not None and n != -1 and (n_at is None or n != dims[-2] * heads):
-            return None
         if not self._sizes_kept(node, target[:-1], skip=t.rank - 2):
             return None
-        times = None
-        if n is None:
-            times = self._heads_times(node.input[1], t.rank - 2, heads, node.output[0], t.ids)
-            if times is None:
-                return None
+        entry = self._folded_entry(node, target, t.rank - 2, dims[-2], heads, t.ids)
+        if entry is None:
+            return None
         units = self._heads(t.ids, d)
-        if times is not None:  # B * H, B read at run time
-            self._constant_fixup(times, lambda kept, ids=units: kept(ids), where)
-        elif n != -1:  # a fixed batch: the constant B*H
-            self._constant_fixup(n_at, lambda kept, ids=units, b=dims[-2]: b * kept(ids), where)
+        self._entry_follows(entry, units, where)
         return {node.output[0]: Track(-2, units, t.rank, folded=True)}
+
+    def _folded_entry(self, reshape, target, pos: int, outer: int, heads: int, ids) -> tuple | None:
+        """How entry `pos` of a Reshape's `target` writes the folded size `outer` * H:
+        (where, factor) for the Fixup that keeps it outer * kept ((None, 0) for -1; the
+        constant of a fixed batch; H in Mul(n, H), factor 1), or None if it is none of
+        these. A Mul is claimed for these heads, so call this last."""
+        n, n_at = target[pos]
+        if n == -1:
+            return None, 0
+        if n is not None:
+            return (n_at, outer) if n_at is not None and n == outer * heads else None
+        times = self._heads_times(reshape.input[1], pos, heads, reshape.output[0], ids)
+        return None if times is None else (times, 1)
+
+    def _entry_follows(self, entry: tuple, ids, where: str) -> None:
+        """The Fixup of a `_folded_entry`: that many times the kept heads of `ids`."""
+        at, factor = entry
+        if at is not None:
+            self._constant_fixup(at, lambda kept, ids=ids, b=factor: b * kept(ids), where)
 
     def _heads_times(self, shape: str, pos: int, heads: int, claimant: str, ids) -> tuple | None:
         """Where the head count is written when entry `pos` of the shape vector `shape`
@@ -379,19 +391,11 @@ class FoldedHeads:
         if out != [*wide[:k], wide[k] * t.size, *wide[k + 2 :]]:  # type: ignore[index]
             return False
         at = self._entry_at(expand, 1, len(shape) + h)  # type: ignore[arg-type]
-        n, n_at = target[k]  # type: ignore[index]
         if at is None or shape[h] != t.size or len(target) != rank:  # type: ignore[index]
             return False
-        times = None
-        if n is None:
-            times = self._heads_times(fold.input[1], k, t.size, fold.output[0], t.ids)
-            if times is None:
-                return False
-        elif n != -1 and (n_at is None or n != wide[k] * t.size):  # type: ignore[index]
+        entry = self._folded_entry(fold, target, k, wide[k], t.size, t.ids)  # type: ignore[index]
+        if entry is None:
             return False
         self._constant_fixup(at, lambda kept, ids=t.ids: kept(ids), where)
-        if times is not None:
-            self._constant_fixup(times, lambda kept, ids=t.ids: kept(ids), where)
-        elif n != -1:
-            self._constant_fixup(n_at, lambda kept, ids=t.ids, b=wide[k]: b * kept(ids), where)  # type: ignore[index]
+        self._entry_follows(entry, t.ids, where)
         return True

@@ -9,6 +9,7 @@ activations and int8 weights: onnxruntime's recommended pairing on x86 CPUs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -207,6 +208,7 @@ class Quantize:
         )
 
 
+@functools.cache  # the CPU does not change; read once, not on every quantize call
 def saturating_int8_cpu() -> bool:
     """Whether this is an x86 CPU without VNNI, where onnxruntime's kernels for uint8
     activations times int8 weights can overflow their 16-bit intermediate sums (see
