@@ -2,7 +2,7 @@
 graph versus Torch-Pruning's DepGraph on the same torch module.
 
     python bench/pruning.py [--quick] [--arch resnet18 ...] [--sparsity 0.3 0.5 0.7]
-                            [--epochs N] [--lr LR] [--criterion l1|activation|taylor]
+                            [--epochs N] [--lr LR] [--criterion l1|l2|activation|taylor|fpgm]
                             [--seeds N] [--no-batch-norm] [--no-compensate-bias]
 
 Each architecture of `bench/archs.py` is trained briefly from scratch and exported
@@ -179,7 +179,7 @@ def edgeslim(
         criterion=criterion,
         compensate_bias=None if compensate_bias else False,
     )
-    if criterion != "l1":  # data-aware criteria calibrate on the training split
+    if criterion in ("activation", "taylor"):  # data-aware: calibrate on the training split
         prune = prune.model_copy(update={"calibration_dataset": str(folder / "train.npz")})
     spec = {
         "apiVersion": "edgeslim.io/v1alpha1",
@@ -356,7 +356,7 @@ def main() -> None:
     parser.add_argument(
         "--criterion",
         default="l1",
-        choices=["l1", "l2", "activation", "taylor"],
+        choices=["l1", "l2", "activation", "taylor", "fpgm"],
         help="edgeslim's importance criterion (Torch-Pruning: L1 magnitude)",
     )
     parser.add_argument(

@@ -117,6 +117,7 @@ class Criterion(StrEnum):
     l2 = "l2"
     activation = "activation"
     taylor = "taylor"
+    fpgm = "fpgm"
 
 
 class PruneScope(StrEnum):
@@ -136,7 +137,9 @@ class PruneConfig(WireModel):
     criterion: Criterion = Criterion.l1
     """Importance of a weight or channel: L1 or L2 norm of its weights, or (structured
     only) activation: Wanda-style |W| times the L2 norm of its input on calibration data,
-    or taylor: |weight x gradient| over calibration batches (needs the torch bridge)."""
+    taylor: |weight x gradient| over calibration batches (needs the torch bridge), or
+    fpgm: how far the channel's weights point from the others' in its group, so the most
+    redundant go first (unaffected by BatchNorm folded into the weights)."""
     scope: PruneScope = PruneScope.layer
     """One threshold for all layers or groups, ranked across the model (global), or the
     same sparsity in every layer or group (layer)."""
@@ -167,6 +170,7 @@ class PruneConfig(WireModel):
         if self.method is PruneMethod.magnitude and self.criterion in (
             Criterion.activation,
             Criterion.taylor,
+            Criterion.fpgm,
         ):
             raise ValueError(
                 f"criterion {self.criterion.value} ranks channels: it needs method structured"

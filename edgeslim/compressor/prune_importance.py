@@ -14,6 +14,9 @@ A unit's importance is aggregated over every member of its group:
   the calibration data scores 0 whatever its weights.
 * taylor: first-order |w * dL/dw| over every member slice (outputs, inputs,
   biases), accumulated over calibration batches run through the torch bridge.
+* fpgm: redundancy rather than size: the mean distance of the unit's direction
+  (each member's slice scaled to unit length) to the other units' in its group;
+  the units nearest the group's geometric median go first (`fpgm_scores`).
 
 `layer` scope removes the same share of units in every group; `global` scope
 ranks all units against each other after dividing each group's scores by its
@@ -245,6 +248,8 @@ def scores(
         if config.criterion is Criterion.taylor:
             return taylor_scores(groups, calibration.data)
         return activation_scores(groups, calibration)
+    if config.criterion is Criterion.fpgm:
+        return fpgm_scores(groups)
     return weight_scores(groups, l2=config.criterion is Criterion.l2)
 
 
@@ -305,3 +310,80 @@ def _select_global(
             taken[grp.root].append(unit)
             budget -= 1
     return {k: v for k, v in taken.items() if v}
+
+
+# Units each unit is compared with: the sum of distances to an evenly spaced sample
+# ranks units as the full sum does, and keeps a group of n units at n x 1024 work.
+FPGM_REFERENCES = 1024
+
+
+def _unit_rows(flat: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit ids, one row per unit: its channels' slices side by side, in channel order)."""
+    keys, inverse = np.unique(units, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse)
+    if (counts == counts[0]).all():
+        return keys, flat[order].reshape(len(keys), -1)
+    width = int(counts.max()) * flat.shape[1]  # uneven units: padded with zeros
+    rows = np.zeros((len(keys), width))
+    for k in range(len(keys)):
+        part = flat[inverse == k].reshape(-1)
+        rows[k, : len(part)] = part
+    return keys, rows
+
+
+def fpgm_scores(groups: Groups) -> dict[int, float]:
+    """unit -> mean distance of the unit's direction to the other units' in its group.
+
+    FPGM (He et al., 2019) removes the filters nearest the group's geometric median:
+    the ones the others can best stand in for. Here every member's slice of a unit
+    (producers' rows, consumers' columns) is first scaled to unit length, so only
+    directions are compared. An exporter folds each BatchNorm into the conv before
+    it, multiplying every row by its channel's gamma / std: the rows' norms then
+    mostly measure the pre-norm spread, which the norm had cancelled, and rank the
+    channels worse than chance after distillation (measured in the README); their
+    directions are what training left. Two units' squared distance is the mean over
+    the members holding both (a Slice or Split consumer holds a part of the group).
+    A unit whose output rows are all zero writes nothing and scores 0."""
+    m = groups.d.m
+    of_group = {u: grp.root for grp in groups.prunable for u in grp.units}
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    written: dict[int, float] = defaultdict(float)
+    for mem in groups.d.members.values():
+        if mem.role not in ("out", "in"):
+            continue
+        w = m.array(mem.node.input[mem.index]).astype(np.float64)
+        flat = np.moveaxis(w, mem.axis, 0).reshape(w.shape[mem.axis], -1)
+        keys, rows = _unit_rows(flat, groups.roots[mem.ids])
+        norms = np.linalg.norm(rows, axis=1)
+        if mem.role == "out":
+            for unit, v in zip(keys.tolist(), norms.tolist(), strict=True):
+                written[unit] += v
+        rows = rows / np.where(norms > 0, norms, 1.0)[:, None]
+        roots = np.array([of_group.get(u, -1) for u in keys.tolist()])
+        for root in np.unique(roots[roots >= 0]).tolist():
+            mine = roots == root
+            parts[root].append((keys[mine], rows[mine]))
+    out: dict[int, float] = {}
+    for grp in groups.prunable:
+        pos = {u: i for i, u in enumerate(grp.units)}
+        n = len(grp.units)
+        refs = np.unique(np.linspace(0, n - 1, min(n, FPGM_REFERENCES)).astype(int))
+        col = np.full(n, -1)
+        col[refs] = np.arange(len(refs))
+        square = np.zeros((n, len(refs)))
+        shared = np.zeros((n, len(refs)))
+        for keys, rows in parts[grp.root]:
+            at = np.array([pos[u] for u in keys.tolist()])
+            held = col[at] >= 0
+            length = (rows * rows).sum(1)  # 1, or 0 for an all-zero slice
+            gram = rows @ rows[held].T
+            dist = length[:, None] + length[held][None, :] - 2 * gram
+            square[np.ix_(at, col[at[held]])] += np.maximum(dist, 0)
+            shared[np.ix_(at, col[at[held]])] += 1
+        both = shared > 0
+        dist = np.sqrt(np.where(both, square, 0) / np.maximum(shared, 1))
+        mean = dist.sum(1) / np.maximum(both.sum(1), 1)
+        for u, v in zip(grp.units, mean.tolist(), strict=True):
+            out[u] = 0.0 if written.get(u, 1.0) == 0 else v
+    return out
