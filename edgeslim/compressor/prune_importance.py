@@ -381,6 +381,7 @@ def fpgm_scores(groups: Groups) -> dict[int, float]:
             dist = length[:, None] + length[held][None, :] - 2 * gram
             square[np.ix_(at, col[at[held]])] += np.maximum(dist, 0)
             shared[np.ix_(at, col[at[held]])] += 1
+        shared[refs, np.arange(len(refs))] = 0  # not a unit's distance to itself
         both = shared > 0
         dist = np.sqrt(np.where(both, square, 0) / np.maximum(shared, 1))
         mean = dist.sum(1) / np.maximum(both.sum(1), 1)
