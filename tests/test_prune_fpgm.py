@@ -19,18 +19,22 @@ from tests.test_prune_groups import ARCHS, build, export, prune_zeroed_exact_on,
 RNG = np.random.default_rng(0)
 
 
-def two_convs(first: np.ndarray, second: np.ndarray) -> onnx.ModelProto:
-    """conv(3 -> 8) -> ReLU -> conv(8 -> 4) -> global pool, with the given weights."""
+def two_convs(first: np.ndarray, second: np.ndarray, depthwise: bool = False) -> onnx.ModelProto:
+    """conv(3 -> 8) -> ReLU -> [depthwise conv ->] conv(8 -> 4) -> global pool, with
+    the given weights for the two dense convs."""
+    torch.manual_seed(0)
+    between = [torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)] if depthwise else []
     module = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),
         torch.nn.ReLU(),
+        *between,
         torch.nn.Conv2d(8, 4, 3, padding=1),
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
     )
     with torch.no_grad():
         module[0].weight.copy_(torch.from_numpy(first))
-        module[2].weight.copy_(torch.from_numpy(second))
+        module[-3].weight.copy_(torch.from_numpy(second))
     return export(module, (torch.randn(1, 3, 8, 8),), ["input"], 17)
 
 
@@ -76,10 +80,12 @@ def test_fpgm_ignores_a_positive_scale_per_channel_where_l1_does_not():
     assert np.abs(pruned(scaled, "l1") - pruned(model, "l1")).max() > 1e-2
 
 
-def test_fpgm_removes_near_copies_first_where_l1_keeps_them():
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_fpgm_removes_near_copies_first_where_l1_keeps_them(depthwise: bool):
     """Channels 0-3 are near-copies of one large filter (and read alike by conv2);
     4-7 are small but each its own. fpgm removes two of the copies, l1 two of the
-    small ones."""
+    small ones. Through a depthwise conv, whose channels each read their own input,
+    fpgm ranks the group as l1 does."""
     base = RNG.normal(size=(3, 3, 3))
     first = np.concatenate(
         [
@@ -90,7 +96,7 @@ def test_fpgm_removes_near_copies_first_where_l1_keeps_them():
     second = RNG.normal(size=(4, 8, 3, 3)).astype(np.float32)
     column = RNG.normal(size=(4, 3, 3))
     second[:, :4] = column[:, None] + 0.01 * RNG.normal(size=(4, 4, 3, 3))
-    model = two_convs(first, second)
+    model = two_convs(first, second, depthwise)
 
     def copies_kept(criterion: str) -> int:
         out = Prune(PruneConfig(sparsity=0.25, criterion=criterion)).run(model, None).model
@@ -98,7 +104,7 @@ def test_fpgm_removes_near_copies_first_where_l1_keeps_them():
         cos = rows @ base.reshape(-1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(base)
         return int((cos > 0.99).sum())
 
-    assert copies_kept("fpgm") == 2
+    assert copies_kept("fpgm") == (4 if depthwise else 2)
     assert copies_kept("l1") == 4
 
 

@@ -35,7 +35,7 @@ import onnx
 
 from edgeslim.api.spec import Criterion, PruneConfig, PruneScope
 from edgeslim.compressor.datasets import Dataset
-from edgeslim.compressor.prune_graph import unoptimized_session
+from edgeslim.compressor.prune_graph import attr, unoptimized_session
 from edgeslim.compressor.prune_groups import Group, Groups, Member, label
 
 
@@ -344,9 +344,25 @@ def fpgm_scores(groups: Groups) -> dict[int, float]:
     channels worse than chance after distillation (measured in the README); their
     directions are what training left. Two units' squared distance is the mean over
     the members holding both (a Slice or Split consumer holds a part of the group).
-    A unit whose output rows are all zero writes nothing and scores 0."""
+    A unit whose output rows are all zero writes nothing and scores 0.
+
+    Groups with a depthwise or grouped conv keep the group magnitude (l1): there
+    each channel's filter reads its own input, so a filter like the others is not one
+    they can stand in for. Measured on mobilenet_v3_small pruned to 0.7 (10 epochs
+    of distillation, seeds 0-2): 95.9 with fpgm everywhere, 95.9 with the depthwise
+    filters left out of the distances, 97.1 with l1 in those groups (l1 everywhere:
+    97.1)."""
     m = groups.d.m
-    of_group = {u: grp.root for grp in groups.prunable for u in grp.units}
+    grouped = {
+        int(root)
+        for mem in groups.d.members.values()
+        if mem.node.op_type == "Conv" and attr(mem.node, "group", 1) != 1
+        for root in np.unique(groups.group_of[mem.ids])
+    }
+    magnitude = weight_scores(groups, l2=False) if grouped else {}
+    of_group = {
+        u: grp.root for grp in groups.prunable if grp.root not in grouped for u in grp.units
+    }
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     written: dict[int, float] = defaultdict(float)
     for mem in groups.d.members.values():
@@ -366,6 +382,9 @@ def fpgm_scores(groups: Groups) -> dict[int, float]:
             parts[root].append((keys[mine], rows[mine]))
     out: dict[int, float] = {}
     for grp in groups.prunable:
+        if grp.root in grouped:
+            out.update({u: magnitude.get(u, 0.0) for u in grp.units})
+            continue
         pos = {u: i for i, u in enumerate(grp.units)}
         n = len(grp.units)
         refs = np.unique(np.linspace(0, n - 1, min(n, FPGM_REFERENCES)).astype(int))
