@@ -366,9 +366,12 @@ def fpgm_scores(groups: Groups) -> dict[int, float]:
     }
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     written: dict[int, float] = defaultdict(float)
+    ranked = set(of_group.values())
     for mem in groups.d.members.values():
         if mem.role not in ("out", "in"):
             continue
+        if ranked.isdisjoint(np.unique(groups.group_of[mem.ids]).tolist()):
+            continue  # no unit of a group ranked here (written only matters there too)
         w = m.array(mem.node.input[mem.index]).astype(np.float64)
         flat = np.moveaxis(w, mem.axis, 0).reshape(w.shape[mem.axis], -1)
         keys, rows = _unit_rows(flat, groups.roots[mem.ids])
